@@ -1,0 +1,150 @@
+"""The shared selective-scan operator of mamba-dense.
+
+``selective_scan`` runs a selective state-space scan along any number of routes through the
+tokens of a channels-last tensor, and merges the routes' outputs back onto the tokens:
+
+    >>> import torch
+    >>> from mamba_dense.kernels import selective_scan, routes
+    >>> b, h, w, d, n = 2, 4, 5, 8, 4
+    >>> route = routes.cross2d(h, w)                 # (K=4, S=h*w)
+    >>> K, L = route.shape[0], h * w
+    >>> x = torch.randn(b, L, d)
+    >>> dt, B, C = torch.randn(b, L, K, d), torch.randn(b, L, K, n), torch.randn(b, L, K, n)
+    >>> A = -torch.rand(K, d, n) - 0.1
+    >>> selective_scan(x, dt, A, B, C, route=route).shape
+    torch.Size([2, 20, 8])
+
+CUDA tensors run the Triton kernels (``kernels/triton_scan.py``); CPU tensors run the pure-PyTorch
+reference (``kernels/reference.py``). See ``selective_scan`` for the full contract.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import routes
+from .reference import selective_scan_ref
+
+__all__ = ["selective_scan", "selective_scan_ref", "routes", "validate_inputs"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def validate_inputs(x, dt, A, B, C, D, dt_bias, route, merge, out_dtype, check_values: bool = True) -> None:
+    """Raise ValueError naming the argument, the shape it got and the shape it needs."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise ValueError(f"x must be a tensor of shape (batch, L, D), got {_shape(x)}")
+    batch, L, Dm = x.shape
+    if not isinstance(route, torch.Tensor) or route.dim() != 2:
+        raise ValueError(f"route must be an int64 tensor of shape (K, S), got {_shape(route)}")
+    K = route.shape[0]
+    if not isinstance(A, torch.Tensor) or A.dim() != 3:
+        raise ValueError(f"A must be a tensor of shape (K, D, N) = ({K}, {Dm}, N), got {_shape(A)}")
+    N = A.shape[2]
+    need = {
+        "dt": (dt, (batch, L, K, Dm), "(batch, L, K, D)"),
+        "A": (A, (K, Dm, N), "(K, D, N)"),
+        "B": (B, (batch, L, K, N), "(batch, L, K, N)"),
+        "C": (C, (batch, L, K, N), "(batch, L, K, N)"),
+        "D": (D, (K, Dm), "(K, D)"),
+        "dt_bias": (dt_bias, (K, Dm), "(K, D)"),
+    }
+    for name, (t, shape, desc) in need.items():
+        if t is None and name in ("D", "dt_bias"):
+            continue
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {desc} = {shape}, got {_shape(t)}")
+    tensors = {"x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "dt_bias": dt_bias, "route": route}
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if name == "route":
+            if t.dtype != torch.long:
+                raise ValueError(f"route must have dtype torch.int64, got {t.dtype}")
+        elif t.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} has unsupported dtype {t.dtype}; use float32, float16, bfloat16 or float64")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous (got strides {t.stride()} for shape {tuple(t.shape)}); call .contiguous()")
+        if t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all inputs must share one device")
+    if merge not in ("sum", "none"):
+        raise ValueError(f"merge must be 'sum' or 'none', got {merge!r}")
+    if out_dtype is not None and out_dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"out_dtype must be a floating dtype or None, got {out_dtype}")
+    if route.numel() == 0 or x.numel() == 0 or N == 0:
+        raise ValueError(
+            f"empty input: x {tuple(x.shape)}, route {tuple(route.shape)}, N = {N}; every dimension must be >= 1"
+        )
+    if check_values and route.device.type != "meta":
+        lo, hi = int(route.min()), int(route.max())
+        if lo < -1 or hi >= L:
+            raise ValueError(
+                f"route indices must lie in [-1, L) with L = {L} tokens of x, got values in [{lo}, {hi}]"
+            )
+
+
+def _use_triton(x: torch.Tensor) -> bool:
+    if x.device.type == "cuda":
+        return True
+    return x.device.type == "cpu" and os.environ.get("MAMBA_DENSE_TRITON_CPU", "0") == "1"
+
+
+def selective_scan(
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    *,
+    route: torch.Tensor,
+    merge: str = "sum",
+    dt_softplus: bool = True,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Selective scan along K routes through the tokens, merged in the kernel.
+
+    Args:
+        x: (batch, L, D) tokens, channels-last.
+        dt: (batch, L, K, D) step sizes before bias/softplus, one per route.
+        A: (K, D, N) negative state matrices (diagonal).
+        B, C: (batch, L, K, N) input and output projections per route.
+        D: optional (K, D) skip weights; dt_bias: optional (K, D).
+        route: int64 (K, S); route k visits token ``route[k, s]`` at step s; -1 is a padding step
+            (a zero token: x = B = C = dt = 0, the state still decays, no output).
+        merge: "sum" adds the routes' outputs at each token -> (batch, L, D);
+            "none" returns them per route -> (batch, L, K, D). Tokens no route visits get 0.
+        dt_softplus: apply softplus to dt + dt_bias.
+        out_dtype: output dtype (default: x.dtype; pass torch.float32 for fp32 output).
+
+    Per route k and step s with t = route[k, s]:
+        delta = softplus(dt[t, k] + dt_bias[k]);  h = exp(delta * A[k]) * h + delta * B[t, k] * x[t]
+        out = <C[t, k], h> + D[k] * x[t]
+    State and accumulation are fp32 (fp64 for fp64 inputs) on every path.
+
+    Returns:
+        (batch, L, D) for merge="sum", (batch, L, K, D) for merge="none".
+    """
+    validate_inputs(x, dt, A, B, C, D, dt_bias, route, merge, out_dtype)
+    if _use_triton(x):
+        from .triton_scan import selective_scan_triton
+
+        return selective_scan_triton(
+            x, dt, A, B, C, D, dt_bias, route=route, merge=merge, dt_softplus=dt_softplus, out_dtype=out_dtype
+        )
+    odt = out_dtype or x.dtype
+    if torch.is_autocast_enabled("cpu") if hasattr(torch, "is_autocast_enabled") else False:
+        with torch.autocast("cpu", enabled=False):
+            return selective_scan_ref(
+                x, dt, A, B, C, D, dt_bias, route=route, merge=merge, dt_softplus=dt_softplus, out_dtype=odt
+            )
+    return selective_scan_ref(
+        x, dt, A, B, C, D, dt_bias, route=route, merge=merge, dt_softplus=dt_softplus, out_dtype=odt
+    )

@@ -1,0 +1,237 @@
+"""Scan routes: which token each scan visits at each step, computed from the actual shape.
+
+A route tensor is int64 of shape (K, S): route ``k`` visits token ``route[k, s]`` at step ``s``
+(tokens are numbered row-major over the feature map, ``t = i * W + j`` in 2D and
+``t = (d * H + i) * W + j`` in 3D); ``-1`` marks a padding step, which the scan treats as a
+zero token whose output is dropped. Every builder takes the real grid size, so the same
+model runs at any resolution; none is tied to one input size.
+
+Builders return tensors on the CPU; :func:`to_device` caches device copies.
+
+Example:
+    >>> r = cross2d(2, 3)
+    >>> r.tolist()
+    [[0, 1, 2, 3, 4, 5], [0, 3, 1, 4, 2, 5], [5, 4, 3, 2, 1, 0], [5, 2, 4, 1, 3, 0]]
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+__all__ = [
+    "raster",
+    "column",
+    "flip",
+    "stack",
+    "cross2d",
+    "window",
+    "localmamba",
+    "LOCALMAMBA_DIRECTIONS",
+    "bidirectional",
+    "axes3d",
+    "segmamba3d",
+    "with_registers",
+    "inverse",
+    "check_route",
+    "to_device",
+]
+
+
+def _check_grid(*dims: int) -> None:
+    for d in dims:
+        if not isinstance(d, int) or d < 1:
+            raise ValueError(f"grid sizes must be positive ints, got {dims}")
+
+
+def raster(h: int, w: int = 1) -> torch.Tensor:
+    """Row-major order over an (h, w) grid (or a 1D sequence of h tokens): shape (h*w,)."""
+    _check_grid(h, w)
+    return torch.arange(h * w, dtype=torch.long)
+
+
+def column(h: int, w: int) -> torch.Tensor:
+    """Column-major order over an (h, w) grid: top to bottom, then left to right."""
+    _check_grid(h, w)
+    return torch.arange(h * w, dtype=torch.long).view(h, w).t().reshape(-1)
+
+
+def flip(route: torch.Tensor) -> torch.Tensor:
+    """The same steps in reverse order (padding steps included)."""
+    return route.flip(-1)
+
+
+def stack(*routes: torch.Tensor) -> torch.Tensor:
+    """Stack 1D routes of equal length into a (K, S) route tensor."""
+    lens = {int(r.numel()) for r in routes}
+    if len(lens) != 1:
+        raise ValueError(f"routes to stack must have equal length, got lengths {sorted(lens)}")
+    return torch.stack([r.reshape(-1) for r in routes]).to(torch.long).contiguous()
+
+
+@functools.lru_cache(maxsize=256)
+def cross2d(h: int, w: int) -> torch.Tensor:
+    """VMamba's 4-way cross scan: row-major, column-major and both reversed, shape (4, h*w)."""
+    r, c = raster(h, w), column(h, w)
+    return stack(r, c, flip(r), flip(c))
+
+
+def window(h: int, w: int, size: int, column_first: bool = False) -> torch.Tensor:
+    """LocalMamba windowed scan.
+
+    The grid is zero-padded at the bottom/right to multiples of ``size``; windows are visited in
+    row-major order (column-major with ``column_first``) and the tokens inside each window in the
+    same order. Padded positions stay in the sequence as ``-1`` steps (the scan treats them as
+    zero tokens), exactly as LocalMamba's padded windows do. Length: ceil(h/size)*ceil(w/size)*size^2.
+    """
+    _check_grid(h, w, size)
+    hp, wp = -(-h // size) * size, -(-w // size) * size
+    ii = torch.arange(hp)[:, None].expand(hp, wp)
+    jj = torch.arange(wp)[None, :].expand(hp, wp)
+    tok = torch.where((ii < h) & (jj < w), ii * w + jj, torch.full_like(ii, -1))
+    g = tok.view(hp // size, size, wp // size, size)  # (Hg, wi, Wg, wj)
+    if column_first:
+        g = g.permute(2, 0, 3, 1)  # (Wg, Hg, wj, wi)
+    else:
+        g = g.permute(0, 2, 1, 3)  # (Hg, Wg, wi, wj)
+    return g.reshape(-1).contiguous()
+
+
+LOCALMAMBA_DIRECTIONS = ("h", "h_flip", "v", "v_flip", "w2", "w2_flip", "w7", "w7_flip")
+
+
+def _localmamba_one(name: str, h: int, w: int) -> torch.Tensor:
+    base, _, fl = name.partition("_")
+    if fl not in ("", "flip") or base not in ("h", "v", "w2", "w7"):
+        raise ValueError(f"unknown LocalMamba direction {name!r}; expected one of {LOCALMAMBA_DIRECTIONS}")
+    if base == "h":
+        r = raster(h, w)
+    elif base == "v":
+        r = column(h, w)
+    else:
+        r = window(h, w, int(base[1:]))
+    return flip(r) if fl else r
+
+
+@functools.lru_cache(maxsize=512)
+def localmamba(h: int, w: int, directions: tuple[str, ...]) -> torch.Tensor:
+    """Routes for LocalMamba directions (``h``, ``v``, ``w2``, ``w7``, each optionally ``_flip``).
+
+    Windowed routes are longer than h*w when the grid is not a multiple of the window; all routes
+    are padded with trailing ``-1`` steps to the longest one.
+    """
+    rs = [_localmamba_one(d, h, w) for d in directions]
+    S = max(r.numel() for r in rs)
+    rs = [torch.cat([r, torch.full((S - r.numel(),), -1, dtype=torch.long)]) for r in rs]
+    return stack(*rs)
+
+
+def bidirectional(n: int) -> torch.Tensor:
+    """Vim's forward and backward scans over n tokens, shape (2, n)."""
+    r = raster(n)
+    return stack(r, flip(r))
+
+
+def _grid3d(d: int, h: int, w: int) -> torch.Tensor:
+    _check_grid(d, h, w)
+    return torch.arange(d * h * w, dtype=torch.long).view(d, h, w)
+
+
+def axes3d(d: int, h: int, w: int, reverse: bool = True) -> torch.Tensor:
+    """3D orders with each axis fastest (W, H, D), and, with ``reverse``, each reversed: (6 or 3, d*h*w)."""
+    g = _grid3d(d, h, w)
+    rs = [g.reshape(-1), g.permute(0, 2, 1).reshape(-1), g.permute(1, 2, 0).reshape(-1)]
+    if reverse:
+        rs += [flip(r) for r in rs]
+    return stack(*rs)
+
+
+def segmamba3d(d: int, h: int, w: int) -> torch.Tensor:
+    """SegMamba's tri-oriented scan: forward raster, reversed raster, inter-slice (depth fastest)."""
+    g = _grid3d(d, h, w)
+    fwd = g.reshape(-1)
+    return stack(fwd, flip(fwd), g.permute(1, 2, 0).reshape(-1))
+
+
+def with_registers(route: torch.Tensor, num_tokens: int, num_registers: int) -> torch.Tensor:
+    """Splice register tokens into each route (Mamba(R)).
+
+    Registers are tokens ``num_tokens .. num_tokens + R - 1`` (appended after the image tokens in
+    the token tensor). In every route, register ``r`` is visited right before step
+    ``round((r + 1) * S / (R + 1))``, i.e. evenly spaced through the sequence and never at an end.
+    A flipped route is handled by splicing into the un-flipped order: use
+    ``flip(with_registers(route, ...))`` when you want mirrored positions.
+    """
+    if route.dim() == 1:
+        return with_registers(route[None], num_tokens, num_registers)[0]
+    if num_registers < 0:
+        raise ValueError(f"num_registers must be >= 0, got {num_registers}")
+    if num_registers == 0:
+        return route
+    K, S = route.shape
+    R = num_registers
+    pos = [round((r + 1) * S / (R + 1)) for r in range(R)]
+    parts, prev = [], 0
+    for r, p in enumerate(pos):
+        parts.append(route[:, prev:p])
+        parts.append(torch.full((K, 1), num_tokens + r, dtype=torch.long))
+        prev = p
+    parts.append(route[:, prev:])
+    return torch.cat(parts, dim=1).contiguous()
+
+
+def inverse(route: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Inverse permutation: ``inv[k, t]`` is the step at which route k visits token t (-1 if never).
+
+    Works for any grid shape (H != W included) and ignores padding steps.
+    """
+    if route.dim() == 1:
+        return inverse(route[None], num_tokens)[0]
+    K, S = route.shape
+    inv = torch.full((K, num_tokens), -1, dtype=torch.long, device=route.device)
+    steps = torch.arange(S, device=route.device).expand(K, S)
+    valid = route >= 0
+    kk = torch.arange(K, device=route.device)[:, None].expand(K, S)
+    inv[kk[valid], route[valid]] = steps[valid]
+    return inv
+
+
+def check_route(route: torch.Tensor, num_tokens: int) -> None:
+    """Raise ValueError if a route is malformed (wrong rank/dtype, index outside [-1, L), repeats)."""
+    if not isinstance(route, torch.Tensor) or route.dim() != 2:
+        shape = tuple(route.shape) if isinstance(route, torch.Tensor) else type(route).__name__
+        raise ValueError(f"route must be an int64 tensor of shape (K, S), got {shape}")
+    if route.dtype != torch.long:
+        raise ValueError(f"route must have dtype torch.int64, got {route.dtype}")
+    if route.numel() == 0:
+        raise ValueError(f"route must have K >= 1 and S >= 1, got shape {tuple(route.shape)}")
+    lo, hi = int(route.min()), int(route.max())
+    if lo < -1 or hi >= num_tokens:
+        raise ValueError(
+            f"route indices must lie in [-1, L) with L = {num_tokens} tokens, got values in [{lo}, {hi}]"
+        )
+    r = route.clamp(min=-1)
+    srt, _ = torch.sort(r, dim=1)
+    dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
+    if bool(dup.any()):
+        raise ValueError("each route must visit a token at most once (a repeated index was found)")
+
+
+_DEVICE_CACHE: dict = {}
+
+
+def to_device(route: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """Device copy of a (CPU) route, cached by identity so encoders don't re-upload every step."""
+    device = torch.device(device)
+    if route.device == device:
+        return route
+    key = (id(route), route.data_ptr(), tuple(route.shape), str(device))
+    hit = _DEVICE_CACHE.get(key)
+    if hit is not None and hit[0] is route:
+        return hit[1]
+    if len(_DEVICE_CACHE) > 1024:
+        _DEVICE_CACHE.clear()
+    moved = route.to(device, non_blocking=False)
+    _DEVICE_CACHE[key] = (route, moved)
+    return moved
