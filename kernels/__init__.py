@@ -25,6 +25,7 @@ import os
 import torch
 
 from . import routes
+from . import _op  # noqa: F401  (registers mamba_dense::scan_fwd / scan_bwd)
 from .reference import selective_scan_ref
 
 __all__ = ["selective_scan", "selective_scan_ref", "routes", "validate_inputs"]
@@ -90,9 +91,21 @@ def validate_inputs(x, dt, A, B, C, D, dt_bias, route, merge, out_dtype, check_v
 
 
 def _use_triton(x: torch.Tensor) -> bool:
-    if x.device.type == "cuda":
+    """CUDA (and meta, for shape inference) -> the registered Triton op; CPU -> the reference.
+
+    ``MAMBA_DENSE_TRITON_CPU=1`` together with ``TRITON_INTERPRET=1`` runs the Triton kernels on
+    CPU tensors through Triton's interpreter (used by the tests).
+    """
+    if x.device.type in ("cuda", "meta"):
         return True
     return x.device.type == "cpu" and os.environ.get("MAMBA_DENSE_TRITON_CPU", "0") == "1"
+
+
+def _compiling() -> bool:
+    try:
+        return bool(torch.compiler.is_compiling())
+    except AttributeError:  # pragma: no cover - old torch
+        return False
 
 
 def selective_scan(
@@ -132,19 +145,14 @@ def selective_scan(
     Returns:
         (batch, L, D) for merge="sum", (batch, L, K, D) for merge="none".
     """
-    validate_inputs(x, dt, A, B, C, D, dt_bias, route, merge, out_dtype)
+    validate_inputs(x, dt, A, B, C, D, dt_bias, route, merge, out_dtype, check_values=not _compiling())
     if _use_triton(x):
-        from .triton_scan import selective_scan_triton
+        from ._op import selective_scan_op
 
-        return selective_scan_triton(
-            x, dt, A, B, C, D, dt_bias, route=route, merge=merge, dt_softplus=dt_softplus, out_dtype=out_dtype
-        )
+        return selective_scan_op(x, dt, A, B, C, D, dt_bias, route, merge, dt_softplus, out_dtype)
     odt = out_dtype or x.dtype
-    if torch.is_autocast_enabled("cpu") if hasattr(torch, "is_autocast_enabled") else False:
-        with torch.autocast("cpu", enabled=False):
-            return selective_scan_ref(
-                x, dt, A, B, C, D, dt_bias, route=route, merge=merge, dt_softplus=dt_softplus, out_dtype=odt
-            )
-    return selective_scan_ref(
-        x, dt, A, B, C, D, dt_bias, route=route, merge=merge, dt_softplus=dt_softplus, out_dtype=odt
-    )
+    # The reference computes in fp32/fp64 itself; keep CPU autocast from re-casting its internals.
+    with torch.autocast("cpu", enabled=False):
+        return selective_scan_ref(
+            x, dt, A, B, C, D, dt_bias, route=route, merge=merge, dt_softplus=dt_softplus, out_dtype=odt
+        )

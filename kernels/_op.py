@@ -1,0 +1,140 @@
+"""``torch.library`` registration of the Triton scan: custom ops, fake kernels and autograd.
+
+``mamba_dense::scan_fwd`` and ``mamba_dense::scan_bwd`` are opaque to ``torch.compile`` (no
+graph break inside them), have fake implementations (meta device, FakeTensor tracing) and are
+tied together with ``register_autograd`` so ``torch.autograd.gradcheck`` runs through them.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def tile_size(N: int, Dm: int, dtype: torch.dtype) -> int:
+    from .triton_scan import _config
+
+    return _config(N, Dm, dtype)[0]
+
+
+def _merge_str(merge_none: bool) -> str:
+    return "none" if merge_none else "sum"
+
+
+@torch.library.custom_op("mamba_dense::scan_fwd", mutates_args=())
+def scan_fwd(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    dt_bias: Optional[Tensor],
+    route: Tensor,
+    merge_none: bool,
+    dt_softplus: bool,
+    out_dtype: torch.dtype,
+    save_states: bool,
+) -> tuple[Tensor, Tensor]:
+    from .triton_scan import scan_fwd as _fwd
+
+    return _fwd(x, dt, A, B, C, D, dt_bias, route, _merge_str(merge_none), dt_softplus, out_dtype, save_states)
+
+
+@scan_fwd.register_fake
+def _(x, dt, A, B, C, D, dt_bias, route, merge_none, dt_softplus, out_dtype, save_states):
+    batch, L, Dm = x.shape
+    K, S = route.shape
+    N = A.shape[2]
+    shape = (batch, L, K, Dm) if merge_none else (batch, L, Dm)
+    y = x.new_empty(shape, dtype=out_dtype)
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if save_states:
+        T = tile_size(N, Dm, x.dtype)
+        states = x.new_empty((batch, K, -(-S // T), N, Dm), dtype=cdt)
+    else:
+        states = x.new_empty((0,), dtype=cdt)
+    return y, states
+
+
+@torch.library.custom_op("mamba_dense::scan_bwd", mutates_args=())
+def scan_bwd(
+    dy: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Optional[Tensor],
+    dt_bias: Optional[Tensor],
+    route: Tensor,
+    states: Tensor,
+    merge_none: bool,
+    dt_softplus: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    from .triton_scan import scan_bwd as _bwd
+
+    dx, ddt, dA, dB, dC, dD, dbias = _bwd(
+        dy, x, dt, A, B, C, D, dt_bias, route, states, _merge_str(merge_none), dt_softplus
+    )
+    K, Dm = A.shape[0], A.shape[1]
+    if dD is None:
+        dD = x.new_zeros((K, Dm), dtype=A.dtype)
+    if dbias is None:
+        dbias = x.new_zeros((K, Dm), dtype=A.dtype)
+    return dx, ddt, dA, dB, dC, dD, dbias
+
+
+@scan_bwd.register_fake
+def _(dy, x, dt, A, B, C, D, dt_bias, route, states, merge_none, dt_softplus):
+    K, Dm = A.shape[0], A.shape[1]
+    dD = torch.empty_like(D) if D is not None else x.new_empty((K, Dm), dtype=A.dtype)
+    db = torch.empty_like(dt_bias) if dt_bias is not None else x.new_empty((K, Dm), dtype=A.dtype)
+    return (
+        torch.empty_like(x), torch.empty_like(dt), torch.empty_like(A),
+        torch.empty_like(B), torch.empty_like(C), dD, db,
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, dt, A, B, C, D, dt_bias, route, merge_none, dt_softplus, out_dtype, save_states = inputs
+    _, states = output
+    ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, route, states)
+    ctx.merge_none = merge_none
+    ctx.dt_softplus = dt_softplus
+    ctx.has_D = D is not None
+    ctx.has_bias = dt_bias is not None
+    ctx.save_states = save_states
+
+
+def _backward(ctx, dy, dstates):
+    x, dt, A, B, C, D, dt_bias, route, states = ctx.saved_tensors
+    if not ctx.save_states:
+        raise RuntimeError(
+            "selective_scan was run without saving states (no input required grad at forward time); "
+            "cannot backpropagate through it"
+        )
+    dx, ddt, dA, dB, dC, dD, dbias = scan_bwd(
+        dy.contiguous(), x, dt, A, B, C, D, dt_bias, route, states, ctx.merge_none, ctx.dt_softplus
+    )
+    return (
+        dx, ddt, dA, dB, dC,
+        dD if ctx.has_D else None, dbias if ctx.has_bias else None,
+        None, None, None, None, None,
+    )
+
+
+scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def selective_scan_op(x, dt, A, B, C, D, dt_bias, route, merge, dt_softplus, out_dtype):
+    """Call the registered op; states are saved only when a gradient can flow."""
+    need_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, dt, A, B, C, D, dt_bias)
+    )
+    y, _ = scan_fwd(
+        x, dt, A, B, C, D, dt_bias, route, merge == "none", dt_softplus, out_dtype or x.dtype, need_grad
+    )
+    return y

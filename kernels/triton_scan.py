@@ -1,0 +1,467 @@
+"""Triton selective scan over routes: forward, chunk carry, and backward.
+
+Layout (all contiguous, channels-last):
+    x (b, L, D)   dt (b, L, K, D)   B, C (b, L, K, N)   A (K, D, N)   D, dt_bias (K, D)   route (K, S)
+
+A program owns one (batch, route, channel block) and walks its route in tiles of T steps. Each
+tile gathers its tokens through ``route`` (one contiguous channel vector per token), builds the
+per-step affine maps h -> a*h + u for a [T, NP, BD] block of (step, state, channel), scans them
+with ``tl.associative_scan`` along the steps, and carries the state to the next tile.
+
+Parallelism over L: when (batch x routes x channel blocks) is too small to fill the GPU, the
+forward runs in three phases: chunk-local scans from a zero state (phase 1), a carry pass over
+chunk ends (phase 2), and the output pass from the carried states (phase 3). Either way the
+state at every tile start is stored; the backward recomputes each tile from it and runs the
+reverse scan tile by tile (no per-step state is kept).
+
+Merge (deterministic, no float atomics): routes are processed one launch after another; the
+first writes the fp32 accumulator, the next ones read-add-write it, the last one writes the
+output dtype. A route visits each token at most once, so no two programs of one launch touch
+the same element. The same scheme merges dx in the backward.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+# --------------------------------------------------------------------------------------------
+# device helpers
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _combine(a1, b1, a2, b2):
+    # compose h -> a1*h + b1, then h -> a2*h + b2
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _softplus(v):
+    return tl.where(v > 20.0, v, tl.log(1.0 + tl.exp(tl.minimum(v, 20.0))))
+
+
+@triton.jit
+def _load_tile(
+    x_ptr, dt_ptr, B_ptr, route_ptr, bias,
+    b64, k, s0, L, S, K, Dm, N,
+    offs_t, d, dmask, n, nmask,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CT: tl.constexpr,
+):
+    """Gather one tile of T steps: tokens, x, raw dt, delta, B. Tail steps (s >= S) get delta = 0."""
+    s = s0 + offs_t
+    smask = s < S
+    tok = tl.load(route_ptr + k * S + s, mask=smask, other=-1)
+    valid = tok >= 0
+    row = b64 * L + tl.where(valid, tok, 0).to(tl.int64)  # token row in (b, L)
+    m2 = valid[:, None] & dmask[None, :]
+    xv = tl.load(x_ptr + row[:, None] * Dm + d[None, :], mask=m2, other=0.0).to(CT)
+    rk = row * K + k
+    dtv = tl.load(dt_ptr + rk[:, None] * Dm + d[None, :], mask=m2, other=0.0).to(CT)
+    pre = dtv
+    if HAS_BIAS:
+        pre = pre + bias[None, :]
+    if SOFTPLUS:
+        delta = _softplus(pre)
+    else:
+        delta = pre
+    delta = tl.where(smask[:, None], delta, 0.0)
+    Bv = tl.load(B_ptr + rk[:, None] * N + n[None, :], mask=valid[:, None] & nmask[None, :], other=0.0).to(CT)
+    return s, smask, valid, row, rk, xv, pre, delta, Bv
+
+
+# --------------------------------------------------------------------------------------------
+# forward
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, route_ptr,
+    out_ptr, acc_ptr, states_ptr, dsum_ptr,
+    L, S, Dm, N, K, k0, KL, n_tiles, tiles_per_prog,
+    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    MODE: tl.constexpr,  # 0: per-route out (b,L,K,D); 1: acc = y; 2: acc += y; 3: out = acc + y; 4: out = y
+    PHASE: tl.constexpr,  # 0: outputs; 1: chunk-end states with zero start (for the carry pass)
+    HAS_H0: tl.constexpr, STORE_STATES: tl.constexpr,
+    T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, CT: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    pid_bk = tl.program_id(2)
+    b = pid_bk // KL
+    k = k0 + pid_bk % KL
+    b64 = b.to(tl.int64)
+    d = pid_d * BD + tl.arange(0, BD)
+    dmask = d < Dm
+    n = tl.arange(0, NP)
+    nmask = n < N
+    offs_t = tl.arange(0, T)
+    A = tl.load(A_ptr + (k * Dm + d[None, :]) * N + n[:, None], mask=nmask[:, None] & dmask[None, :], other=0.0).to(CT)
+    bias = tl.zeros([BD], dtype=CT)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + k * Dm + d, mask=dmask, other=0.0).to(CT)
+    Dv = tl.zeros([BD], dtype=CT)
+    if HAS_D:
+        Dv = tl.load(D_ptr + k * Dm + d, mask=dmask, other=0.0).to(CT)
+    # states: (b, K, n_tiles, N, D)
+    st_base = (b64 * K + k) * n_tiles
+    st_off = n[:, None] * Dm + d[None, :]
+    st_mask = nmask[:, None] & dmask[None, :]
+    c_begin = pid_c * tiles_per_prog
+    c_end = tl.minimum(c_begin + tiles_per_prog, n_tiles)
+    h = tl.zeros([NP, BD], dtype=CT)
+    if HAS_H0:
+        h = tl.load(states_ptr + (st_base + c_begin) * N * Dm + st_off, mask=st_mask, other=0.0).to(CT)
+    last = (offs_t == T - 1)[:, None, None]
+    dsum = tl.zeros([BD], dtype=CT)
+    for c in range(c_begin, c_end):
+        if STORE_STATES:
+            tl.store(states_ptr + (st_base + c) * N * Dm + st_off, h, mask=st_mask)
+        s, smask, valid, row, rk, xv, pre, delta, Bv = _load_tile(
+            x_ptr, dt_ptr, B_ptr, route_ptr, bias, b64, k, c * T, L, S, K, Dm, N,
+            offs_t, d, dmask, n, nmask, HAS_BIAS, SOFTPLUS, CT,
+        )
+        a = tl.exp(delta[:, None, :] * A[None, :, :])  # (T, NP, BD)
+        u = (delta * xv)[:, None, :] * Bv[:, :, None]
+        a_cum, h_loc = tl.associative_scan((a, u), 0, _combine)
+        h_all = h_loc + a_cum * h[None, :, :]
+        h = tl.sum(tl.where(last, h_all, 0.0), axis=0)
+        if PHASE == 1:
+            dsum += tl.sum(delta, axis=0)
+        else:
+            Cv = tl.load(C_ptr + rk[:, None] * N + n[None, :], mask=valid[:, None] & nmask[None, :], other=0.0).to(CT)
+            y = tl.sum(h_all * Cv[:, :, None], axis=1)  # (T, BD)
+            if HAS_D:
+                y += Dv[None, :] * xv
+            m2 = valid[:, None] & dmask[None, :]
+            if MODE == 0:
+                tl.store(out_ptr + rk[:, None] * Dm + d[None, :], y.to(out_ptr.dtype.element_ty), mask=m2)
+            else:
+                yoff = row[:, None] * Dm + d[None, :]
+                if MODE == 1:
+                    tl.store(acc_ptr + yoff, y, mask=m2)
+                elif MODE == 2:
+                    prev = tl.load(acc_ptr + yoff, mask=m2, other=0.0)
+                    tl.store(acc_ptr + yoff, prev + y, mask=m2)
+                elif MODE == 3:
+                    prev = tl.load(acc_ptr + yoff, mask=m2, other=0.0)
+                    tl.store(out_ptr + yoff, (prev + y).to(out_ptr.dtype.element_ty), mask=m2)
+                else:
+                    tl.store(out_ptr + yoff, y.to(out_ptr.dtype.element_ty), mask=m2)
+    if PHASE == 1:
+        # chunk-end state (from a zero start) and summed delta -> slot of the chunk's first tile
+        tl.store(states_ptr + (st_base + c_begin) * N * Dm + st_off, h, mask=st_mask)
+        tl.store(dsum_ptr + (st_base + c_begin) * Dm + d, dsum, mask=dmask)
+
+
+@triton.jit
+def _carry_kernel(
+    states_ptr, dsum_ptr, A_ptr, n_tiles, Dm, N, K, tiles_per_chunk,
+    BLK: tl.constexpr, CT: tl.constexpr,
+):
+    """Turn chunk-end states (zero start) into chunk-start states, in place.
+
+    Chunks are groups of ``tiles_per_chunk`` tiles; phase 1 wrote each chunk's end state into the
+    slot of its first tile; phase 2 writes the carried start state into that same slot.
+    """
+    pid = tl.program_id(0)
+    pid_bk = tl.program_id(1)
+    k = pid_bk % K
+    idx = pid * BLK + tl.arange(0, BLK)  # over (N, D)
+    mask = idx < N * Dm
+    nn = idx // Dm
+    dd = idx % Dm
+    A = tl.load(A_ptr + (k * Dm + dd) * N + nn, mask=mask, other=0.0).to(CT)
+    base = pid_bk.to(tl.int64) * n_tiles
+    h = tl.zeros([BLK], dtype=CT)
+    for c in range(0, n_tiles, tiles_per_chunk):
+        hend = tl.load(states_ptr + (base + c) * N * Dm + idx, mask=mask, other=0.0).to(CT)
+        ds = tl.load(dsum_ptr + (base + c) * Dm + dd, mask=mask, other=0.0).to(CT)
+        tl.store(states_ptr + (base + c) * N * Dm + idx, h, mask=mask)
+        h = tl.exp(A * ds) * h + hend
+
+
+# --------------------------------------------------------------------------------------------
+# backward
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, route_ptr, states_ptr, dy_ptr,
+    dx_ptr, dxacc_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
+    batch, L, S, Dm, N, K, k0, KL, n_tiles, n_dblk,
+    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    DY_PER_ROUTE: tl.constexpr,  # dy is (b, L, K, D) (merge="none") instead of (b, L, D)
+    DXMODE: tl.constexpr,  # 1: acc = dx; 2: acc += dx; 3: out = acc + dx; 4: out = dx
+    T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, CT: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_bk = tl.program_id(2)
+    b = pid_bk // KL
+    k = k0 + pid_bk % KL
+    b64 = b.to(tl.int64)
+    d = pid_d * BD + tl.arange(0, BD)
+    dmask = d < Dm
+    n = tl.arange(0, NP)
+    nmask = n < N
+    offs_t = tl.arange(0, T)
+    nd_mask = nmask[:, None] & dmask[None, :]
+    A = tl.load(A_ptr + (k * Dm + d[None, :]) * N + n[:, None], mask=nd_mask, other=0.0).to(CT)
+    bias = tl.zeros([BD], dtype=CT)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + k * Dm + d, mask=dmask, other=0.0).to(CT)
+    Dv = tl.zeros([BD], dtype=CT)
+    if HAS_D:
+        Dv = tl.load(D_ptr + k * Dm + d, mask=dmask, other=0.0).to(CT)
+    st_base = (b64 * K + k) * n_tiles
+    st_off = n[:, None] * Dm + d[None, :]
+    first = (offs_t == 0)[:, None, None]
+    g = tl.zeros([NP, BD], dtype=CT)  # dL/dh at the step after the current tile
+    dA_acc = tl.zeros([NP, BD], dtype=CT)
+    dD_acc = tl.zeros([BD], dtype=CT)
+    dbias_acc = tl.zeros([BD], dtype=CT)
+    for ci in range(0, n_tiles):
+        c = n_tiles - 1 - ci
+        h0 = tl.load(states_ptr + (st_base + c) * N * Dm + st_off, mask=nd_mask, other=0.0).to(CT)
+        s, smask, valid, row, rk, xv, pre, delta, Bv = _load_tile(
+            x_ptr, dt_ptr, B_ptr, route_ptr, bias, b64, k, c * T, L, S, K, Dm, N,
+            offs_t, d, dmask, n, nmask, HAS_BIAS, SOFTPLUS, CT,
+        )
+        # decay of the following step (s + 1): the reverse scan needs a_{s+1}
+        _s1, _sm1, _v1, _r1, _rk1, _x1, _p1, delta_n, _B1 = _load_tile(
+            x_ptr, dt_ptr, B_ptr, route_ptr, bias, b64, k, c * T + 1, L, S, K, Dm, N,
+            offs_t, d, dmask, n, nmask, HAS_BIAS, SOFTPLUS, CT,
+        )
+        m2 = valid[:, None] & dmask[None, :]
+        Cv = tl.load(C_ptr + rk[:, None] * N + n[None, :], mask=valid[:, None] & nmask[None, :], other=0.0).to(CT)
+        if DY_PER_ROUTE:
+            dyv = tl.load(dy_ptr + rk[:, None] * Dm + d[None, :], mask=m2, other=0.0).to(CT)
+        else:
+            dyv = tl.load(dy_ptr + row[:, None] * Dm + d[None, :], mask=m2, other=0.0).to(CT)
+        # recompute forward states of this tile
+        a = tl.exp(delta[:, None, :] * A[None, :, :])
+        bx = Bv[:, :, None] * xv[:, None, :]  # B_s x_s (T, NP, BD)
+        u = delta[:, None, :] * bx
+        a_cum, h_loc = tl.associative_scan((a, u), 0, _combine)
+        h_all = h_loc + a_cum * h0[None, :, :]
+        # reverse scan: dh_s = C_s dy_s + a_{s+1} dh_{s+1}, with dh after the tile = g
+        a_n = tl.exp(delta_n[:, None, :] * A[None, :, :])
+        e = Cv[:, :, None] * dyv[:, None, :]
+        p_cum, q = tl.associative_scan((a_n, e), 0, _combine, reverse=True)
+        dh = q + p_cum * g[None, :, :]
+        g = tl.sum(tl.where(first, dh, 0.0), axis=0)
+        # gradients
+        hprev_a = h_all - u  # a_s * h_{s-1}
+        gd = dh * delta[:, None, :]
+        dxv = tl.sum(gd * Bv[:, :, None], axis=1) + Dv[None, :] * dyv
+        ddelta = tl.sum(dh * (A[None, :, :] * hprev_a + bx), axis=1)
+        dA_acc += tl.sum(dh * hprev_a * delta[:, None, :], axis=0)
+        dBv = tl.sum(gd * xv[:, None, :], axis=2)  # (T, NP)
+        dCv = tl.sum(h_all * dyv[:, None, :], axis=2)
+        if HAS_D:
+            dD_acc += tl.sum(dyv * xv, axis=0)
+        if SOFTPLUS:
+            dpre = ddelta * tl.sigmoid(pre)
+        else:
+            dpre = ddelta
+        dpre = tl.where(smask[:, None] & dmask[None, :], dpre, 0.0)
+        if HAS_BIAS:
+            dbias_acc += tl.sum(dpre, axis=0)
+        tl.store(ddt_ptr + rk[:, None] * Dm + d[None, :], dpre.to(ddt_ptr.dtype.element_ty), mask=m2)
+        # dB, dC partials per channel block: (n_dblk, b, L, K, N)
+        bc_off = rk[:, None] * N + n[None, :]
+        bc_base = pid_d.to(tl.int64) * batch * L * K * N
+        bc_mask = valid[:, None] & nmask[None, :]
+        tl.store(dB_ptr + bc_base + bc_off, dBv, mask=bc_mask)
+        tl.store(dC_ptr + bc_base + bc_off, dCv, mask=bc_mask)
+        xoff = row[:, None] * Dm + d[None, :]
+        if DXMODE == 1:
+            tl.store(dxacc_ptr + xoff, dxv, mask=m2)
+        elif DXMODE == 2:
+            prev = tl.load(dxacc_ptr + xoff, mask=m2, other=0.0)
+            tl.store(dxacc_ptr + xoff, prev + dxv, mask=m2)
+        elif DXMODE == 3:
+            prev = tl.load(dxacc_ptr + xoff, mask=m2, other=0.0)
+            tl.store(dx_ptr + xoff, (prev + dxv).to(dx_ptr.dtype.element_ty), mask=m2)
+        else:
+            tl.store(dx_ptr + xoff, dxv.to(dx_ptr.dtype.element_ty), mask=m2)
+    # per (b, k) partial parameter gradients: dA (b, K, N, D), dD / dbias (b, K, D)
+    pk = (b64 * K + k)
+    tl.store(dA_ptr + pk * N * Dm + st_off, dA_acc, mask=nd_mask)
+    if HAS_D:
+        tl.store(dD_ptr + pk * Dm + d, dD_acc, mask=dmask)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + pk * Dm + d, dbias_acc, mask=dmask)
+
+
+# --------------------------------------------------------------------------------------------
+# host side
+# --------------------------------------------------------------------------------------------
+
+_ROUTE_INFO: dict = {}
+
+
+def route_coverage(route: torch.Tensor, L: int) -> tuple[bool, ...]:
+    """Per route: does it visit every one of the L tokens? Cached per route tensor (one sync)."""
+    key = (route.data_ptr(), tuple(route.shape), route.device, route._version, L)
+    hit = _ROUTE_INFO.get(key)
+    if hit is not None:
+        return hit
+    cnt = (route >= 0).sum(1)
+    # routes visit each token at most once (checked by the route builders), so count == L <=> cover
+    info = tuple(bool(v) for v in (cnt == L).tolist())
+    if len(_ROUTE_INFO) > 4096:
+        _ROUTE_INFO.clear()
+    _ROUTE_INFO[key] = info
+    return info
+
+
+def _config(N: int, Dm: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(T, BD, num_warps) for a state size."""
+    NP = triton.next_power_of_2(N)
+    if dtype == torch.float64:
+        return 16, 16, 4
+    if NP == 1:
+        T, BD = 64, 32
+    elif NP <= 4:
+        T, BD = 32, 32
+    else:
+        T, BD = 16, 16
+    BD = min(BD, max(16, triton.next_power_of_2(Dm)))
+    return T, BD, 4
+
+
+def _ct(dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, out_dtype, save_states: bool = True, chunk_parallel=None, tiles_per_chunk=None):
+    """Forward. Returns (y, states) where states are the fp32 states at every tile start."""
+    batch, L, Dm = x.shape
+    K, S = route.shape
+    N = A.shape[2]
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    T, BD, warps = _config(N, Dm, x.dtype)
+    NP = triton.next_power_of_2(N)
+    n_tiles = triton.cdiv(S, T)
+    n_dblk = triton.cdiv(Dm, BD)
+    odt = out_dtype or x.dtype
+    dev = x.device
+    n_sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+    if chunk_parallel is None:
+        programs = batch * (K if merge == "none" else 1) * n_dblk
+        chunk_parallel = programs < 2 * n_sm and n_tiles >= 8
+    if save_states or chunk_parallel:
+        states = torch.empty(batch, K, n_tiles, N, Dm, device=dev, dtype=cdt)
+    else:
+        states = torch.empty(1, device=dev, dtype=cdt)
+    dummy = states
+    D_ = D if D is not None else dummy
+    bias_ = dt_bias if dt_bias is not None else dummy
+    common = dict(
+        HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
+        T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps,
+    )
+    cover = route_coverage(route, L)
+    if not chunk_parallel:
+        tiles_per_chunk = n_tiles
+    else:
+        # phases 1 + 2: chunk-start states for every route at once
+        if tiles_per_chunk is None:
+            want = max(1, (4 * n_sm) // max(1, batch * K * n_dblk))
+            tiles_per_chunk = max(1, triton.cdiv(n_tiles, want))
+        n_chunks = triton.cdiv(n_tiles, tiles_per_chunk)
+        dsum = torch.empty(batch, K, n_tiles, Dm, device=dev, dtype=cdt)
+        # phase 1: each chunk from a zero state; end state -> slot of the chunk's first tile
+        _fwd_kernel[(n_dblk, n_chunks, batch * K)](
+            x, dt, A, B, C, D_, bias_, route, dummy, dummy, states, dsum,
+            L, S, Dm, N, K, 0, K, n_tiles, tiles_per_chunk,
+            MODE=0, PHASE=1, HAS_H0=False, STORE_STATES=False, **common,
+        )
+        BLK = 256
+        _carry_kernel[(triton.cdiv(N * Dm, BLK), batch * K)](
+            states, dsum, A, n_tiles, Dm, N, K, tiles_per_chunk, BLK=BLK, CT=_ct(x.dtype),
+        )
+    grid_c = triton.cdiv(n_tiles, tiles_per_chunk)
+    phase3 = dict(PHASE=0, HAS_H0=chunk_parallel, STORE_STATES=save_states)
+    if merge == "none":
+        out = (torch.empty if all(cover) else torch.zeros)(batch, L, K, Dm, device=dev, dtype=odt)
+        _fwd_kernel[(n_dblk, grid_c, batch * K)](
+            x, dt, A, B, C, D_, bias_, route, out, dummy, states, dummy,
+            L, S, Dm, N, K, 0, K, n_tiles, tiles_per_chunk, MODE=0, **phase3, **common,
+        )
+        return out, states
+    out = torch.empty(batch, L, Dm, device=dev, dtype=odt)
+    if K == 1 and cover[0]:
+        modes = [4]
+        acc = dummy
+    elif all(cover[:1]) and all(cover[-1:]):
+        modes = [1] + [2] * (K - 2) + [3]
+        acc = torch.empty(batch, L, Dm, device=dev, dtype=cdt) if K > 1 else dummy
+    else:
+        modes = [2] * K
+        acc = torch.zeros(batch, L, Dm, device=dev, dtype=cdt)
+    for k, mode in enumerate(modes):
+        _fwd_kernel[(n_dblk, grid_c, batch)](
+            x, dt, A, B, C, D_, bias_, route, out, acc, states, dummy,
+            L, S, Dm, N, K, k, 1, n_tiles, tiles_per_chunk, MODE=mode, **phase3, **common,
+        )
+    if modes[-1] == 2:
+        out.copy_(acc)
+    if not save_states:
+        states = states.new_empty(0)
+    return out, states
+
+
+def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softplus: bool):
+    batch, L, Dm = x.shape
+    K, S = route.shape
+    N = A.shape[2]
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    T, BD, warps = _config(N, Dm, x.dtype)
+    NP = triton.next_power_of_2(N)
+    n_tiles = triton.cdiv(S, T)
+    n_dblk = triton.cdiv(Dm, BD)
+    dev = x.device
+    dy = dy.contiguous()
+    cover = route_coverage(route, L)
+    dummy = states
+    D_ = D if D is not None else dummy
+    bias_ = dt_bias if dt_bias is not None else dummy
+    ddt = (torch.empty_like if all(cover) else torch.zeros_like)(dt)
+    dBp = torch.zeros(n_dblk, batch, L, K, N, device=dev, dtype=cdt)
+    dCp = torch.zeros(n_dblk, batch, L, K, N, device=dev, dtype=cdt)
+    dAp = torch.empty(batch, K, N, Dm, device=dev, dtype=cdt)
+    dDp = torch.empty(batch, K, Dm, device=dev, dtype=cdt)
+    dbp = torch.empty(batch, K, Dm, device=dev, dtype=cdt)
+    dx = torch.empty_like(x)
+    if K == 1 and cover[0]:
+        modes, dxacc = [4], dummy
+    elif cover[0] and cover[-1]:
+        modes = [1] + [2] * (K - 2) + [3]
+        dxacc = torch.empty(batch, L, Dm, device=dev, dtype=cdt)
+    else:
+        modes = [2] * K
+        dxacc = torch.zeros(batch, L, Dm, device=dev, dtype=cdt)
+    for k, mode in enumerate(modes):
+        _bwd_kernel[(n_dblk, 1, batch)](
+            x, dt, A, B, C, D_, bias_, route, states, dy,
+            dx, dxacc, ddt, dBp, dCp, dAp, dDp, dbp,
+            batch, L, S, Dm, N, K, k, 1, n_tiles, n_dblk,
+            HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
+            DY_PER_ROUTE=(merge == "none"), DXMODE=mode,
+            T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps,
+        )
+    if modes[-1] == 2:
+        dx.copy_(dxacc)
+    dB = dBp.sum(0).to(B.dtype)
+    dC = dCp.sum(0).to(C.dtype)
+    dA = dAp.sum(0).transpose(1, 2).contiguous().to(A.dtype)  # (K, D, N)
+    dD = dDp.sum(0).to(D.dtype) if D is not None else None
+    dbias = dbp.sum(0).to(dt_bias.dtype) if dt_bias is not None else None
+    return dx, ddt, dA, dB, dC, dD, dbias
