@@ -22,7 +22,7 @@ the same element. The same scheme merges dx in the backward.
 
 from __future__ import annotations
 
-import math
+import os
 
 import torch
 import triton
@@ -49,7 +49,7 @@ def _load_tile(
     x_ptr, dt_ptr, B_ptr, route_ptr, bias,
     b64, k, s0, L, S, K, Dm, N,
     offs_t, d, dmask, n, nmask,
-    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CT: tl.constexpr, LOAD_XB: tl.constexpr = True,
 ):
     """Gather one tile of T steps: tokens, x, raw dt, delta, B. Tail steps (s >= S) get delta = 0."""
     s = s0 + offs_t
@@ -58,9 +58,14 @@ def _load_tile(
     valid = tok >= 0
     row = b64 * L + tl.where(valid, tok, 0).to(tl.int64)  # token row in (b, L)
     m2 = valid[:, None] & dmask[None, :]
-    xv = tl.load(x_ptr + row[:, None] * Dm + d[None, :], mask=m2, other=0.0).to(CT)
     rk = row * K + k
     dtv = tl.load(dt_ptr + rk[:, None] * Dm + d[None, :], mask=m2, other=0.0).to(CT)
+    if LOAD_XB:
+        xv = tl.load(x_ptr + row[:, None] * Dm + d[None, :], mask=m2, other=0.0).to(CT)
+        Bv = tl.load(B_ptr + rk[:, None] * N + n[None, :], mask=valid[:, None] & nmask[None, :], other=0.0).to(CT)
+    else:
+        xv = tl.zeros_like(dtv)
+        Bv = tl.zeros_like(dtv)
     pre = dtv
     if HAS_BIAS:
         pre = pre + bias[None, :]
@@ -69,7 +74,6 @@ def _load_tile(
     else:
         delta = pre
     delta = tl.where(smask[:, None], delta, 0.0)
-    Bv = tl.load(B_ptr + rk[:, None] * N + n[None, :], mask=valid[:, None] & nmask[None, :], other=0.0).to(CT)
     return s, smask, valid, row, rk, xv, pre, delta, Bv
 
 
@@ -160,13 +164,14 @@ def _fwd_kernel(
 
 @triton.jit
 def _carry_kernel(
-    states_ptr, dsum_ptr, A_ptr, n_tiles, Dm, N, K, tiles_per_chunk,
-    BLK: tl.constexpr, CT: tl.constexpr,
+    buf_ptr, dsum_ptr, A_ptr, n_chunks, slot_stride, n_slots, Dm, N, K,
+    REVERSE: tl.constexpr, BLK: tl.constexpr, CT: tl.constexpr,
 ):
-    """Turn chunk-end states (zero start) into chunk-start states, in place.
+    """Carry states across chunks, in place: buf[c] <- state entering chunk c.
 
-    Chunks are groups of ``tiles_per_chunk`` tiles; phase 1 wrote each chunk's end state into the
-    slot of its first tile; phase 2 writes the carried start state into that same slot.
+    Phase 1 left in slot ``c * slot_stride`` the chunk's own contribution (end state from a zero
+    start, or for the reverse scan the chunk-start gradient from a zero carry) and in ``dsum`` the
+    summed delta whose exp(A * dsum) carries the incoming state across the chunk.
     """
     pid = tl.program_id(0)
     pid_bk = tl.program_id(1)
@@ -176,13 +181,17 @@ def _carry_kernel(
     nn = idx // Dm
     dd = idx % Dm
     A = tl.load(A_ptr + (k * Dm + dd) * N + nn, mask=mask, other=0.0).to(CT)
-    base = pid_bk.to(tl.int64) * n_tiles
+    base = pid_bk.to(tl.int64) * n_slots
     h = tl.zeros([BLK], dtype=CT)
-    for c in range(0, n_tiles, tiles_per_chunk):
-        hend = tl.load(states_ptr + (base + c) * N * Dm + idx, mask=mask, other=0.0).to(CT)
+    for i in range(0, n_chunks):
+        if REVERSE:
+            c = (n_chunks - 1 - i) * slot_stride
+        else:
+            c = i * slot_stride
+        own = tl.load(buf_ptr + (base + c) * N * Dm + idx, mask=mask, other=0.0).to(CT)
         ds = tl.load(dsum_ptr + (base + c) * Dm + dd, mask=mask, other=0.0).to(CT)
-        tl.store(states_ptr + (base + c) * N * Dm + idx, h, mask=mask)
-        h = tl.exp(A * ds) * h + hend
+        tl.store(buf_ptr + (base + c) * N * Dm + idx, h, mask=mask)
+        h = tl.exp(A * ds) * h + own
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,14 +202,17 @@ def _carry_kernel(
 @triton.jit
 def _bwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, route_ptr, states_ptr, dy_ptr,
-    dx_ptr, dxacc_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr,
-    batch, L, S, Dm, N, K, k0, KL, n_tiles, n_dblk,
+    dx_ptr, dxacc_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, g_ptr, gsum_ptr,
+    batch, L, S, Dm, N, K, k0, KL, n_tiles, tiles_per_prog, n_chunks,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     DY_PER_ROUTE: tl.constexpr,  # dy is (b, L, K, D) (merge="none") instead of (b, L, D)
     DXMODE: tl.constexpr,  # 1: acc = dx; 2: acc += dx; 3: out = acc + dx; 4: out = dx
+    PHASE: tl.constexpr,  # 0: gradients; 1: chunk-start dh from a zero carry (for the carry pass)
+    HAS_G0: tl.constexpr,  # start from the carried dh in g_ptr (chunk-parallel)
     T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, CT: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
+    pid_c = tl.program_id(1)
     pid_bk = tl.program_id(2)
     b = pid_bk // KL
     k = k0 + pid_bk % KL
@@ -220,22 +232,27 @@ def _bwd_kernel(
         Dv = tl.load(D_ptr + k * Dm + d, mask=dmask, other=0.0).to(CT)
     st_base = (b64 * K + k) * n_tiles
     st_off = n[:, None] * Dm + d[None, :]
+    g_slot = (b64 * K + k) * n_chunks + pid_c  # (b, K, n_chunks, ...) buffers
     first = (offs_t == 0)[:, None, None]
     g = tl.zeros([NP, BD], dtype=CT)  # dL/dh at the step after the current tile
+    if HAS_G0:
+        g = tl.load(g_ptr + g_slot * N * Dm + st_off, mask=nd_mask, other=0.0).to(CT)
     dA_acc = tl.zeros([NP, BD], dtype=CT)
     dD_acc = tl.zeros([BD], dtype=CT)
     dbias_acc = tl.zeros([BD], dtype=CT)
-    for ci in range(0, n_tiles):
-        c = n_tiles - 1 - ci
-        h0 = tl.load(states_ptr + (st_base + c) * N * Dm + st_off, mask=nd_mask, other=0.0).to(CT)
+    gsum = tl.zeros([BD], dtype=CT)
+    c_begin = pid_c * tiles_per_prog
+    c_end = tl.minimum(c_begin + tiles_per_prog, n_tiles)
+    for ci in range(c_begin, c_end):
+        c = c_end - 1 - (ci - c_begin)
         s, smask, valid, row, rk, xv, pre, delta, Bv = _load_tile(
             x_ptr, dt_ptr, B_ptr, route_ptr, bias, b64, k, c * T, L, S, K, Dm, N,
-            offs_t, d, dmask, n, nmask, HAS_BIAS, SOFTPLUS, CT,
+            offs_t, d, dmask, n, nmask, HAS_BIAS, SOFTPLUS, CT, PHASE == 0,
         )
         # decay of the following step (s + 1): the reverse scan needs a_{s+1}
         _s1, _sm1, _v1, _r1, _rk1, _x1, _p1, delta_n, _B1 = _load_tile(
             x_ptr, dt_ptr, B_ptr, route_ptr, bias, b64, k, c * T + 1, L, S, K, Dm, N,
-            offs_t, d, dmask, n, nmask, HAS_BIAS, SOFTPLUS, CT,
+            offs_t, d, dmask, n, nmask, HAS_BIAS, SOFTPLUS, CT, False,
         )
         m2 = valid[:, None] & dmask[None, :]
         Cv = tl.load(C_ptr + rk[:, None] * N + n[None, :], mask=valid[:, None] & nmask[None, :], other=0.0).to(CT)
@@ -243,60 +260,67 @@ def _bwd_kernel(
             dyv = tl.load(dy_ptr + rk[:, None] * Dm + d[None, :], mask=m2, other=0.0).to(CT)
         else:
             dyv = tl.load(dy_ptr + row[:, None] * Dm + d[None, :], mask=m2, other=0.0).to(CT)
-        # recompute forward states of this tile
-        a = tl.exp(delta[:, None, :] * A[None, :, :])
-        bx = Bv[:, :, None] * xv[:, None, :]  # B_s x_s (T, NP, BD)
-        u = delta[:, None, :] * bx
-        a_cum, h_loc = tl.associative_scan((a, u), 0, _combine)
-        h_all = h_loc + a_cum * h0[None, :, :]
         # reverse scan: dh_s = C_s dy_s + a_{s+1} dh_{s+1}, with dh after the tile = g
         a_n = tl.exp(delta_n[:, None, :] * A[None, :, :])
         e = Cv[:, :, None] * dyv[:, None, :]
         p_cum, q = tl.associative_scan((a_n, e), 0, _combine, reverse=True)
         dh = q + p_cum * g[None, :, :]
         g = tl.sum(tl.where(first, dh, 0.0), axis=0)
-        # gradients
-        hprev_a = h_all - u  # a_s * h_{s-1}
-        gd = dh * delta[:, None, :]
-        dxv = tl.sum(gd * Bv[:, :, None], axis=1) + Dv[None, :] * dyv
-        ddelta = tl.sum(dh * (A[None, :, :] * hprev_a + bx), axis=1)
-        dA_acc += tl.sum(dh * hprev_a * delta[:, None, :], axis=0)
-        dBv = tl.sum(gd * xv[:, None, :], axis=2)  # (T, NP)
-        dCv = tl.sum(h_all * dyv[:, None, :], axis=2)
+        if PHASE == 1:
+            gsum += tl.sum(delta_n, axis=0)
+        else:
+            # recompute forward states of this tile
+            h0 = tl.load(states_ptr + (st_base + c) * N * Dm + st_off, mask=nd_mask, other=0.0).to(CT)
+            a = tl.exp(delta[:, None, :] * A[None, :, :])
+            bx = Bv[:, :, None] * xv[:, None, :]  # B_s x_s (T, NP, BD)
+            u = delta[:, None, :] * bx
+            a_cum, h_loc = tl.associative_scan((a, u), 0, _combine)
+            h_all = h_loc + a_cum * h0[None, :, :]
+            hprev_a = h_all - u  # a_s * h_{s-1}
+            gd = dh * delta[:, None, :]
+            dxv = tl.sum(gd * Bv[:, :, None], axis=1) + Dv[None, :] * dyv
+            ddelta = tl.sum(dh * (A[None, :, :] * hprev_a + bx), axis=1)
+            dA_acc += tl.sum(dh * hprev_a * delta[:, None, :], axis=0)
+            dBv = tl.sum(gd * xv[:, None, :], axis=2)  # (T, NP)
+            dCv = tl.sum(h_all * dyv[:, None, :], axis=2)
+            if HAS_D:
+                dD_acc += tl.sum(dyv * xv, axis=0)
+            if SOFTPLUS:
+                dpre = ddelta * tl.sigmoid(pre)
+            else:
+                dpre = ddelta
+            dpre = tl.where(smask[:, None] & dmask[None, :], dpre, 0.0)
+            if HAS_BIAS:
+                dbias_acc += tl.sum(dpre, axis=0)
+            tl.store(ddt_ptr + rk[:, None] * Dm + d[None, :], dpre.to(ddt_ptr.dtype.element_ty), mask=m2)
+            # dB, dC partials per channel block: (n_dblk, b, L, K, N)
+            bc_off = rk[:, None] * N + n[None, :]
+            bc_base = pid_d.to(tl.int64) * batch * L * K * N
+            bc_mask = valid[:, None] & nmask[None, :]
+            tl.store(dB_ptr + bc_base + bc_off, dBv, mask=bc_mask)
+            tl.store(dC_ptr + bc_base + bc_off, dCv, mask=bc_mask)
+            xoff = row[:, None] * Dm + d[None, :]
+            if DXMODE == 1:
+                tl.store(dxacc_ptr + xoff, dxv, mask=m2)
+            elif DXMODE == 2:
+                prev = tl.load(dxacc_ptr + xoff, mask=m2, other=0.0)
+                tl.store(dxacc_ptr + xoff, prev + dxv, mask=m2)
+            elif DXMODE == 3:
+                prev = tl.load(dxacc_ptr + xoff, mask=m2, other=0.0)
+                tl.store(dx_ptr + xoff, (prev + dxv).to(dx_ptr.dtype.element_ty), mask=m2)
+            else:
+                tl.store(dx_ptr + xoff, dxv.to(dx_ptr.dtype.element_ty), mask=m2)
+    if PHASE == 1:
+        tl.store(g_ptr + g_slot * N * Dm + st_off, g, mask=nd_mask)
+        tl.store(gsum_ptr + g_slot * Dm + d, gsum, mask=dmask)
+    else:
+        # per (b, chunk, k) partial parameter gradients: dA (b, n_chunks, K, N, D), dD / dbias (b, n_chunks, K, D)
+        pk = (b64 * n_chunks + pid_c) * K + k
+        tl.store(dA_ptr + pk * N * Dm + st_off, dA_acc, mask=nd_mask)
         if HAS_D:
-            dD_acc += tl.sum(dyv * xv, axis=0)
-        if SOFTPLUS:
-            dpre = ddelta * tl.sigmoid(pre)
-        else:
-            dpre = ddelta
-        dpre = tl.where(smask[:, None] & dmask[None, :], dpre, 0.0)
+            tl.store(dD_ptr + pk * Dm + d, dD_acc, mask=dmask)
         if HAS_BIAS:
-            dbias_acc += tl.sum(dpre, axis=0)
-        tl.store(ddt_ptr + rk[:, None] * Dm + d[None, :], dpre.to(ddt_ptr.dtype.element_ty), mask=m2)
-        # dB, dC partials per channel block: (n_dblk, b, L, K, N)
-        bc_off = rk[:, None] * N + n[None, :]
-        bc_base = pid_d.to(tl.int64) * batch * L * K * N
-        bc_mask = valid[:, None] & nmask[None, :]
-        tl.store(dB_ptr + bc_base + bc_off, dBv, mask=bc_mask)
-        tl.store(dC_ptr + bc_base + bc_off, dCv, mask=bc_mask)
-        xoff = row[:, None] * Dm + d[None, :]
-        if DXMODE == 1:
-            tl.store(dxacc_ptr + xoff, dxv, mask=m2)
-        elif DXMODE == 2:
-            prev = tl.load(dxacc_ptr + xoff, mask=m2, other=0.0)
-            tl.store(dxacc_ptr + xoff, prev + dxv, mask=m2)
-        elif DXMODE == 3:
-            prev = tl.load(dxacc_ptr + xoff, mask=m2, other=0.0)
-            tl.store(dx_ptr + xoff, (prev + dxv).to(dx_ptr.dtype.element_ty), mask=m2)
-        else:
-            tl.store(dx_ptr + xoff, dxv.to(dx_ptr.dtype.element_ty), mask=m2)
-    # per (b, k) partial parameter gradients: dA (b, K, N, D), dD / dbias (b, K, D)
-    pk = (b64 * K + k)
-    tl.store(dA_ptr + pk * N * Dm + st_off, dA_acc, mask=nd_mask)
-    if HAS_D:
-        tl.store(dD_ptr + pk * Dm + d, dD_acc, mask=dmask)
-    if HAS_BIAS:
-        tl.store(dbias_ptr + pk * Dm + d, dbias_acc, mask=dmask)
+            tl.store(dbias_ptr + pk * Dm + d, dbias_acc, mask=dmask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -304,6 +328,18 @@ def _bwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 _ROUTE_INFO: dict = {}
+
+
+def _empty(*shape, device, dtype) -> torch.Tensor:
+    """torch.empty, filled with NaN when MAMBA_DENSE_POISON=1 (tests catch unwritten elements)."""
+    t = torch.empty(*shape, device=device, dtype=dtype)
+    if os.environ.get("MAMBA_DENSE_POISON", "0") == "1":
+        t.fill_(float("nan"))
+    return t
+
+
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    return _empty(*t.shape, device=t.device, dtype=t.dtype)
 
 
 def route_coverage(route: torch.Tensor, L: int) -> tuple[bool, ...]:
@@ -340,8 +376,38 @@ def _ct(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, out_dtype, save_states: bool = True, chunk_parallel=None, tiles_per_chunk=None):
-    """Forward. Returns (y, states) where states are the fp32 states at every tile start."""
+def _num_sms(dev: torch.device) -> int:
+    if dev.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(dev).multi_processor_count
+
+
+# Programs per launch we aim for: a few resident programs per SM hide the gather latency.
+PROGRAMS_PER_SM = 8
+
+
+def _tiles_per_chunk(n_tiles: int, programs: int, n_sm: int, override: int | None = None) -> int:
+    """Tiles one program walks; fewer than n_tiles means chunk-parallel (3 phases)."""
+    if override is not None:
+        return max(1, min(int(override), n_tiles))
+    want_chunks = max(1, -(-PROGRAMS_PER_SM * n_sm // max(1, programs)))
+    if want_chunks <= 1 or n_tiles < 4:
+        return n_tiles
+    return max(2, -(-n_tiles // want_chunks))
+
+
+def _merge_modes(K: int, cover: tuple[bool, ...]) -> tuple[list[int], bool]:
+    """Launch modes for the serial route merge, and whether the accumulator needs zeros."""
+    if K == 1 and cover[0]:
+        return [4], False
+    if cover[0] and cover[-1]:
+        return [1] + [2] * (K - 2) + [3], False
+    return [2] * K, True
+
+
+def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, out_dtype,
+             save_states: bool = True, tiles_per_chunk: int | None = None):
+    """Forward. Returns (y, states): states are the fp32 states entering every tile (for backward)."""
     batch, L, Dm = x.shape
     K, S = route.shape
     N = A.shape[2]
@@ -352,14 +418,14 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
     n_dblk = triton.cdiv(Dm, BD)
     odt = out_dtype or x.dtype
     dev = x.device
-    n_sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
-    if chunk_parallel is None:
-        programs = batch * (K if merge == "none" else 1) * n_dblk
-        chunk_parallel = programs < 2 * n_sm and n_tiles >= 8
-    if save_states or chunk_parallel:
-        states = torch.empty(batch, K, n_tiles, N, Dm, device=dev, dtype=cdt)
+    per_launch = batch * (K if merge == "none" else 1) * n_dblk
+    tpc = _tiles_per_chunk(n_tiles, per_launch, _num_sms(dev), tiles_per_chunk)
+    n_chunks = triton.cdiv(n_tiles, tpc)
+    chunked = n_chunks > 1
+    if save_states or chunked:
+        states = _empty(batch, K, n_tiles, N, Dm, device=dev, dtype=cdt)
     else:
-        states = torch.empty(1, device=dev, dtype=cdt)
+        states = _empty(1, device=dev, dtype=cdt)
     dummy = states
     D_ = D if D is not None else dummy
     bias_ = dt_bias if dt_bias is not None else dummy
@@ -368,57 +434,45 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
         T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps,
     )
     cover = route_coverage(route, L)
-    if not chunk_parallel:
-        tiles_per_chunk = n_tiles
-    else:
-        # phases 1 + 2: chunk-start states for every route at once
-        if tiles_per_chunk is None:
-            want = max(1, (4 * n_sm) // max(1, batch * K * n_dblk))
-            tiles_per_chunk = max(1, triton.cdiv(n_tiles, want))
-        n_chunks = triton.cdiv(n_tiles, tiles_per_chunk)
-        dsum = torch.empty(batch, K, n_tiles, Dm, device=dev, dtype=cdt)
-        # phase 1: each chunk from a zero state; end state -> slot of the chunk's first tile
+    if chunked:
+        # phase 1: every chunk of every route from a zero state -> slot of the chunk's first tile
+        dsum = _empty(batch, K, n_tiles, Dm, device=dev, dtype=cdt)
         _fwd_kernel[(n_dblk, n_chunks, batch * K)](
             x, dt, A, B, C, D_, bias_, route, dummy, dummy, states, dsum,
-            L, S, Dm, N, K, 0, K, n_tiles, tiles_per_chunk,
+            L, S, Dm, N, K, 0, K, n_tiles, tpc,
             MODE=0, PHASE=1, HAS_H0=False, STORE_STATES=False, **common,
         )
+        # phase 2: carry across chunks
         BLK = 256
         _carry_kernel[(triton.cdiv(N * Dm, BLK), batch * K)](
-            states, dsum, A, n_tiles, Dm, N, K, tiles_per_chunk, BLK=BLK, CT=_ct(x.dtype),
+            states, dsum, A, n_chunks, tpc, n_tiles, Dm, N, K, REVERSE=False, BLK=BLK, CT=_ct(x.dtype),
         )
-    grid_c = triton.cdiv(n_tiles, tiles_per_chunk)
-    phase3 = dict(PHASE=0, HAS_H0=chunk_parallel, STORE_STATES=save_states)
+    phase3 = dict(PHASE=0, HAS_H0=chunked, STORE_STATES=save_states)
     if merge == "none":
-        out = (torch.empty if all(cover) else torch.zeros)(batch, L, K, Dm, device=dev, dtype=odt)
-        _fwd_kernel[(n_dblk, grid_c, batch * K)](
+        out = (_empty if all(cover) else torch.zeros)(batch, L, K, Dm, device=dev, dtype=odt)
+        _fwd_kernel[(n_dblk, n_chunks, batch * K)](
             x, dt, A, B, C, D_, bias_, route, out, dummy, states, dummy,
-            L, S, Dm, N, K, 0, K, n_tiles, tiles_per_chunk, MODE=0, **phase3, **common,
+            L, S, Dm, N, K, 0, K, n_tiles, tpc, MODE=0, **phase3, **common,
         )
-        return out, states
-    out = torch.empty(batch, L, Dm, device=dev, dtype=odt)
-    if K == 1 and cover[0]:
-        modes = [4]
-        acc = dummy
-    elif all(cover[:1]) and all(cover[-1:]):
-        modes = [1] + [2] * (K - 2) + [3]
-        acc = torch.empty(batch, L, Dm, device=dev, dtype=cdt) if K > 1 else dummy
     else:
-        modes = [2] * K
-        acc = torch.zeros(batch, L, Dm, device=dev, dtype=cdt)
-    for k, mode in enumerate(modes):
-        _fwd_kernel[(n_dblk, grid_c, batch)](
-            x, dt, A, B, C, D_, bias_, route, out, acc, states, dummy,
-            L, S, Dm, N, K, k, 1, n_tiles, tiles_per_chunk, MODE=mode, **phase3, **common,
-        )
-    if modes[-1] == 2:
-        out.copy_(acc)
+        out = _empty(batch, L, Dm, device=dev, dtype=odt)
+        modes, zero = _merge_modes(K, cover)
+        need_acc = modes != [4]
+        acc = (torch.zeros if zero else _empty)(batch, L, Dm, device=dev, dtype=cdt) if need_acc else dummy
+        for k, mode in enumerate(modes):
+            _fwd_kernel[(n_dblk, n_chunks, batch)](
+                x, dt, A, B, C, D_, bias_, route, out, acc, states, dummy,
+                L, S, Dm, N, K, k, 1, n_tiles, tpc, MODE=mode, **phase3, **common,
+            )
+        if modes[-1] == 2:
+            out.copy_(acc)
     if not save_states:
         states = states.new_empty(0)
     return out, states
 
 
-def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softplus: bool):
+def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softplus: bool,
+             tiles_per_chunk: int | None = None):
     batch, L, Dm = x.shape
     K, S = route.shape
     N = A.shape[2]
@@ -430,38 +484,53 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
     dev = x.device
     dy = dy.contiguous()
     cover = route_coverage(route, L)
+    tpc = _tiles_per_chunk(n_tiles, batch * n_dblk, _num_sms(dev), tiles_per_chunk)
+    n_chunks = triton.cdiv(n_tiles, tpc)
+    chunked = n_chunks > 1
     dummy = states
     D_ = D if D is not None else dummy
     bias_ = dt_bias if dt_bias is not None else dummy
-    ddt = (torch.empty_like if all(cover) else torch.zeros_like)(dt)
-    dBp = torch.zeros(n_dblk, batch, L, K, N, device=dev, dtype=cdt)
-    dCp = torch.zeros(n_dblk, batch, L, K, N, device=dev, dtype=cdt)
-    dAp = torch.empty(batch, K, N, Dm, device=dev, dtype=cdt)
-    dDp = torch.empty(batch, K, Dm, device=dev, dtype=cdt)
-    dbp = torch.empty(batch, K, Dm, device=dev, dtype=cdt)
-    dx = torch.empty_like(x)
-    if K == 1 and cover[0]:
-        modes, dxacc = [4], dummy
-    elif cover[0] and cover[-1]:
-        modes = [1] + [2] * (K - 2) + [3]
-        dxacc = torch.empty(batch, L, Dm, device=dev, dtype=cdt)
-    else:
-        modes = [2] * K
-        dxacc = torch.zeros(batch, L, Dm, device=dev, dtype=cdt)
-    for k, mode in enumerate(modes):
-        _bwd_kernel[(n_dblk, 1, batch)](
+    ddt = (_empty_like if all(cover) else torch.zeros_like)(dt)
+    alloc_bc = _empty if all(cover) else torch.zeros
+    dBp = alloc_bc(n_dblk, batch, L, K, N, device=dev, dtype=cdt)
+    dCp = alloc_bc(n_dblk, batch, L, K, N, device=dev, dtype=cdt)
+    dAp = _empty(batch, n_chunks, K, N, Dm, device=dev, dtype=cdt)
+    dDp = _empty(batch, n_chunks, K, Dm, device=dev, dtype=cdt)
+    dbp = _empty(batch, n_chunks, K, Dm, device=dev, dtype=cdt)
+    dx = _empty_like(x)
+    kw = dict(
+        HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
+        DY_PER_ROUTE=(merge == "none"), T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps,
+    )
+    gbuf = gsum = dummy
+    if chunked:
+        gbuf = _empty(batch, K, n_chunks, N, Dm, device=dev, dtype=cdt)
+        gsum = _empty(batch, K, n_chunks, Dm, device=dev, dtype=cdt)
+        _bwd_kernel[(n_dblk, n_chunks, batch * K)](
             x, dt, A, B, C, D_, bias_, route, states, dy,
-            dx, dxacc, ddt, dBp, dCp, dAp, dDp, dbp,
-            batch, L, S, Dm, N, K, k, 1, n_tiles, n_dblk,
-            HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
-            DY_PER_ROUTE=(merge == "none"), DXMODE=mode,
-            T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps,
+            dx, dummy, ddt, dBp, dCp, dAp, dDp, dbp, gbuf, gsum,
+            batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks,
+            DXMODE=4, PHASE=1, HAS_G0=False, **kw,
+        )
+        BLK = 256
+        _carry_kernel[(triton.cdiv(N * Dm, BLK), batch * K)](
+            gbuf, gsum, A, n_chunks, 1, n_chunks, Dm, N, K, REVERSE=True, BLK=BLK, CT=_ct(x.dtype),
+        )
+    modes, zero = _merge_modes(K, cover)
+    need_acc = modes != [4]
+    dxacc = (torch.zeros if zero else _empty)(batch, L, Dm, device=dev, dtype=cdt) if need_acc else dummy
+    for k, mode in enumerate(modes):
+        _bwd_kernel[(n_dblk, n_chunks, batch)](
+            x, dt, A, B, C, D_, bias_, route, states, dy,
+            dx, dxacc, ddt, dBp, dCp, dAp, dDp, dbp, gbuf, gsum,
+            batch, L, S, Dm, N, K, k, 1, n_tiles, tpc, n_chunks,
+            DXMODE=mode, PHASE=0, HAS_G0=chunked, **kw,
         )
     if modes[-1] == 2:
         dx.copy_(dxacc)
-    dB = dBp.sum(0).to(B.dtype)
-    dC = dCp.sum(0).to(C.dtype)
-    dA = dAp.sum(0).transpose(1, 2).contiguous().to(A.dtype)  # (K, D, N)
-    dD = dDp.sum(0).to(D.dtype) if D is not None else None
-    dbias = dbp.sum(0).to(dt_bias.dtype) if dt_bias is not None else None
+    dB = (dBp[0] if n_dblk == 1 else dBp.sum(0)).to(B.dtype)
+    dC = (dCp[0] if n_dblk == 1 else dCp.sum(0)).to(C.dtype)
+    dA = dAp.sum((0, 1)).transpose(1, 2).contiguous().to(A.dtype)  # (K, D, N)
+    dD = dDp.sum((0, 1)).to(D.dtype) if D is not None else None
+    dbias = dbp.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
     return dx, ddt, dA, dB, dC, dD, dbias

@@ -1,0 +1,231 @@
+"""Selective-scan operator on the GPU: correctness against an fp64 reference, then timing.
+
+To run (on a CUDA machine, from the repo root):
+    python benchmarks/scan.py --check --bench [--mamba-ssm-src .bench_deps/mamba_ssm_selective_scan] \
+        [--out results_dir]
+
+--check: fp32 and bf16 inputs at real sequence lengths (reduced batch), forward and all gradients
+         against the fp64 reference (kernels/reference.py run on the GPU in float64), relative
+         Frobenius error; outputs poisoned with NaN (MAMBA_DENSE_POISON=1) so an unwritten
+         element fails; fresh random inputs each run (seeded from the clock, seed printed).
+--bench: the issue's shapes S1..S5, bf16 inputs, forward and forward+backward medians
+         (triton.testing.do_bench), achieved bandwidth, ratio to the byte floor
+         (minimal bytes / 3.0 TB/s), side by side with mamba_ssm's CUDA selective_scan when its
+         csrc/selective_scan sources are given (built here for sm_90 with torch.utils.cpp_extension;
+         it is given its best case: inputs already laid out as (b, K*D, L), no cross-scan copies).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bootstrap  # noqa: E402,F401  (mamba_dense importable without an install)
+
+COPY_RATE = 3.0e12  # bytes/s, measured device-to-device copy of an H100 (read + write)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    if not torch.isfinite(a).all():
+        return float("nan")
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def make_inputs(batch, L, K, D, N, dtype, device, gen):
+    def r(*s, scale=1.0):
+        return (torch.randn(*s, generator=gen, device=device) * scale)
+
+    x = r(batch, L, D).to(dtype)
+    dt = (r(batch, L, K, D, scale=0.5) - 1.0).to(dtype)
+    B = r(batch, L, K, N).to(dtype)
+    C = r(batch, L, K, N).to(dtype)
+    A = -torch.exp(r(K, D, N, scale=0.5))  # negative, fp32 parameter as in the models
+    Dp = r(K, D)
+    bias = r(K, D, scale=0.3)
+    return x, dt, A, B, C, Dp, bias
+
+
+def check(device, seed, out_rows):
+    from mamba_dense.kernels import routes, selective_scan, selective_scan_ref
+
+    os.environ["MAMBA_DENSE_POISON"] = "1"
+    gen = torch.Generator(device=device).manual_seed(seed)
+    cases = [
+        # name, batch, route builder, L, D, N, merge
+        ("cross2d 56x56 D96 N1", 2, lambda: routes.cross2d(56, 56), 56 * 56, 96, 1, "sum"),
+        ("cross2d 256x256 D96 N1 (chunk-parallel)", 1, lambda: routes.cross2d(256, 256), 65536, 96, 1, "sum"),
+        ("cross2d 56x56 D192 N16", 2, lambda: routes.cross2d(56, 56), 56 * 56, 192, 16, "sum"),
+        ("localmamba 30x45 D64 N16 merge=none", 2,
+         lambda: routes.localmamba(30, 45, ("h_flip", "v", "w2", "w7_flip")), 30 * 45, 64, 16, "none"),
+        ("segmamba3d 32^3 D48 N1", 1, lambda: routes.segmamba3d(32, 32, 32), 32 ** 3, 48, 1, "sum"),
+        ("segmamba3d 16^3 D48 N16", 2, lambda: routes.segmamba3d(16, 16, 16), 16 ** 3, 48, 16, "sum"),
+        ("registers bidirectional L=197+4 D40 N4", 3,
+         lambda: routes.with_registers(routes.bidirectional(197), 197, 4), 201, 40, 4, "sum"),
+    ]
+    worst = {}
+    for name, batch, rb, L, D, N, merge in cases:
+        route = rb().to(device)
+        K = route.shape[0]
+        for dtype in (torch.float32, torch.bfloat16):
+            x, dt, A, B, C, Dp, bias = make_inputs(batch, L, K, D, N, dtype, device, gen)
+            leaves = [x, dt, A, B, C, Dp, bias]
+            # reference in fp64 from the same (rounded) inputs
+            ref_in = [t.detach().double().requires_grad_() for t in leaves]
+            y_ref = selective_scan_ref(*ref_in, route=route, merge=merge)
+            dy = torch.randn(y_ref.shape, generator=gen, device=device, dtype=torch.float64)
+            g_ref = torch.autograd.grad(y_ref, ref_in, dy)
+            ins = [t.detach().clone().requires_grad_() for t in leaves]
+            y = selective_scan(*ins, route=route, merge=merge)
+            g = torch.autograd.grad(y, ins, dy.to(y.dtype))
+            torch.cuda.synchronize()
+            errs = {"y": rel(y, y_ref)}
+            for nm, a, b in zip(("dx", "ddt", "dA", "dB", "dC", "dD", "dbias"), g, g_ref):
+                errs[nm] = rel(a, b)
+            tol = 1e-4 if dtype == torch.float32 else 2e-2
+            ok = all(e == e and e < tol for e in errs.values())
+            row = {"case": name, "dtype": str(dtype), "tol": tol, "ok": ok, **errs}
+            out_rows.append(row)
+            print(f"{'PASS' if ok else 'FAIL'} {name:45s} {str(dtype):15s} " +
+                  " ".join(f"{k}={v:.1e}" for k, v in errs.items()), flush=True)
+            worst[(name, str(dtype))] = ok
+            del y_ref, g_ref, y, g, ins, ref_in
+            torch.cuda.empty_cache()
+    os.environ["MAMBA_DENSE_POISON"] = "0"
+    return all(worst.values())
+
+
+def build_mamba_ssm(src: str):
+    from torch.utils.cpp_extension import load
+
+    src = Path(src)
+    files = [str(src / "selective_scan.cpp")] + sorted(str(p) for p in src.glob("selective_scan_*.cu"))
+    flags = [
+        "-O3", "-std=c++17", "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
+        "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        "-U__CUDA_NO_BFLOAT162_OPERATORS__", "-U__CUDA_NO_BFLOAT162_CONVERSIONS__",
+        "--expt-relaxed-constexpr", "--expt-extended-lambda", "--use_fast_math",
+        "-gencode", "arch=compute_90,code=sm_90",
+    ]
+    t0 = time.time()
+    mod = load(name="selective_scan_cuda", sources=files, extra_cuda_cflags=flags,
+               extra_cflags=["-O3", "-std=c++17"], extra_include_paths=[str(src)], verbose=False)
+    print(f"built mamba_ssm selective_scan_cuda in {time.time() - t0:.0f} s", flush=True)
+    return mod
+
+
+SHAPES = [
+    # name, batch, L, K, D, N, route
+    ("S1 VMamba-T st1 224 b64", 64, 3136, 4, 96, 1, ("cross2d", 56, 56)),
+    ("S2 VMamba-T st1 512 b16", 16, 16384, 4, 96, 1, ("cross2d", 128, 128)),
+    ("S3 VMamba-T st1 1024 b1", 1, 65536, 4, 96, 1, ("cross2d", 256, 256)),
+    ("S4 vanilla st1 b32 N16", 32, 3136, 4, 192, 16, ("cross2d", 56, 56)),
+    ("S5 volume 64^3 b2 N1", 2, 262144, 3, 48, 1, ("segmamba3d", 64, 64, 64)),
+    ("S5 volume 64^3 b2 N16", 2, 262144, 3, 48, 16, ("segmamba3d", 64, 64, 64)),
+]
+
+
+def floor_bytes(batch, L, K, D, N, es=2):
+    x = batch * L * D * es
+    dt = batch * L * K * D * es
+    bc = 2 * batch * L * K * N * es
+    fwd = x + dt + bc + x  # read x, dt, B, C; write y
+    bwd = (x + dt + bc + x) + (x + dt + bc)  # read x, dt, B, C, dy; write dx, ddt, dB, dC
+    return fwd, fwd + bwd
+
+
+def bench(device, mss, out_rows):
+    import triton
+
+    from mamba_dense.kernels import routes, selective_scan
+
+    gen = torch.Generator(device=device).manual_seed(1234)
+    print(f"\n{'shape':28s} {'fwd ms':>8s} {'floor':>7s} {'x':>5s} {'GB/s':>6s} | {'f+b ms':>8s} {'floor':>7s} {'x':>5s}"
+          f" | {'mss fwd':>8s} {'mss f+b':>8s} {'spd fwd':>7s} {'spd f+b':>7s}", flush=True)
+    for name, batch, L, K, D, N, rdesc in SHAPES:
+        route = getattr(routes, rdesc[0])(*rdesc[1:]).to(device)
+        x, dt, A, B, C, Dp, bias = make_inputs(batch, L, K, D, N, torch.bfloat16, device, gen)
+        fb, fbb = floor_bytes(batch, L, K, D, N)
+        with torch.no_grad():
+            t_f = triton.testing.do_bench(lambda: selective_scan(x, dt, A, B, C, Dp, bias, route=route),
+                                          warmup=50, rep=300, return_mode="median")
+        ins = [t.detach().requires_grad_() for t in (x, dt, A, B, C, Dp, bias)]
+        dy = torch.randn(batch, L, D, device=device, dtype=torch.bfloat16, generator=gen)
+
+        def fwbw():
+            y = selective_scan(*ins, route=route)
+            torch.autograd.grad(y, ins, dy)
+
+        t_fb = triton.testing.do_bench(fwbw, warmup=50, rep=300, return_mode="median")
+        row = dict(shape=name, fwd_ms=t_f, fwd_floor_ms=fb / COPY_RATE * 1e3, fwdbwd_ms=t_fb,
+                   fwdbwd_floor_ms=fbb / COPY_RATE * 1e3, fwd_GBps=fb / (t_f * 1e-3) / 1e9)
+        m_f = m_fb = float("nan")
+        if mss is not None:
+            u = x.transpose(1, 2).reshape(batch, 1, D, L).expand(batch, K, D, L).reshape(batch, K * D, L).contiguous()
+            de = dt.permute(0, 2, 3, 1).reshape(batch, K * D, L).contiguous()
+            Bm = B.permute(0, 2, 3, 1).contiguous()  # (b, K, N, L)
+            Cm = C.permute(0, 2, 3, 1).contiguous()
+            Am = A.reshape(K * D, N).contiguous()
+            Dm_ = Dp.reshape(-1).contiguous()
+            bm = bias.reshape(-1).contiguous()
+            m_f = triton.testing.do_bench(lambda: mss.fwd(u, de, Am, Bm, Cm, Dm_, None, bm, True),
+                                          warmup=50, rep=300, return_mode="median")
+            out, xs, *_ = mss.fwd(u, de, Am, Bm, Cm, Dm_, None, bm, True)
+            dout = torch.randn_like(out)
+
+            def mfb():
+                o, xs_, *_ = mss.fwd(u, de, Am, Bm, Cm, Dm_, None, bm, True)
+                mss.bwd(u, de, Am, Bm, Cm, Dm_, None, bm, dout, xs_, None, None, True, False)
+
+            m_fb = triton.testing.do_bench(mfb, warmup=50, rep=300, return_mode="median")
+        row.update(mss_fwd_ms=m_f, mss_fwdbwd_ms=m_fb)
+        out_rows.append(row)
+        print(f"{name:28s} {t_f:8.3f} {row['fwd_floor_ms']:7.3f} {t_f / row['fwd_floor_ms']:5.2f} "
+              f"{row['fwd_GBps']:6.0f} | {t_fb:8.3f} {row['fwdbwd_floor_ms']:7.3f} {t_fb / row['fwdbwd_floor_ms']:5.2f}"
+              f" | {m_f:8.3f} {m_fb:8.3f} {m_f / t_f:7.2f} {m_fb / t_fb:7.2f}", flush=True)
+        del x, dt, B, C, ins, dy
+        torch.cuda.empty_cache()
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--check", action="store_true")
+    ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--mamba-ssm-src", default=None)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    device = torch.device("cuda")
+    import triton
+
+    info = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                date=time.strftime("%Y-%m-%d %H:%M:%S"), cmd=" ".join(sys.argv))
+    print(info, flush=True)
+    res = {"info": info, "check": [], "bench": []}
+    ok = True
+    if args.check:
+        seed = int(time.time()) % 100000
+        print(f"check seed {seed}")
+        ok = check(device, seed, res["check"])
+        print("CHECK", "PASSED" if ok else "FAILED", flush=True)
+    if args.bench:
+        mss = None
+        if args.mamba_ssm_src:
+            try:
+                mss = build_mamba_ssm(args.mamba_ssm_src)
+            except Exception as e:  # report and go on without the peer
+                print(f"mamba_ssm build failed: {type(e).__name__}: {str(e)[-2000:]}", flush=True)
+        bench(device, mss, res["bench"])
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "scan_results.json").write_text(json.dumps(res, indent=1, default=str))
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

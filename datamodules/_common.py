@@ -1,0 +1,184 @@
+"""Machinery shared by the datamodules: reading files with clear errors, listing, loaders.
+
+Every reader here opens files read-only; nothing in a dataset directory is ever written.
+Errors name the file, the field and the fix (``DataError``), instead of surfacing a
+traceback from inside PIL, pycocotools or nibabel.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "DataError",
+    "default_cache_dir",
+    "list_files",
+    "make_loader",
+    "read_json",
+    "read_label_png",
+    "read_rgb",
+    "WorkerSeeded",
+]
+
+# ImageNet statistics for images scaled to [0, 1] (== mmseg's 123.675/58.395 etc. on 0..255).
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+class DataError(ValueError):
+    """Bad data on disk: the message names the file, the field and the fix."""
+
+    def __init__(self, path: str | os.PathLike, field: str, problem: str, fix: str) -> None:
+        self.path, self.field = str(path), field
+        super().__init__(f"{path}: {field}: {problem}. Fix: {fix}")
+
+
+def default_cache_dir() -> Path:
+    """``$MAMBA_DENSE_CACHE``, else ``$XDG_CACHE_HOME/mamba_dense``, else ``~/.cache/mamba_dense``."""
+    if os.environ.get("MAMBA_DENSE_CACHE"):
+        return Path(os.environ["MAMBA_DENSE_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mamba_dense"
+
+
+def is_junk(name: str) -> bool:
+    """macOS AppleDouble files (``._x``), hidden files and editor leftovers."""
+    return name.startswith(".") or name.endswith("~")
+
+
+def list_files(folder: Path, suffixes: Sequence[str]) -> list[Path]:
+    """Sorted files in ``folder`` whose name ends with one of ``suffixes``, junk skipped."""
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{folder}: folder not found. Fix: check `root` and the dataset layout "
+            f"(expected this folder to hold the {'/'.join(suffixes)} files)"
+        )
+    lowered = tuple(s.lower() for s in suffixes)
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and not is_junk(p.name) and p.name.lower().endswith(lowered)
+    )
+
+
+def read_json(path: Path, what: str) -> Any:
+    """Parse a JSON file; missing or malformed files raise with the fix spelled out."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} not found. Fix: check `root` and the file name")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(
+            path, f"line {e.lineno} column {e.colno}", f"malformed JSON ({e.msg})",
+            f"repair or re-extract the {what}",
+        ) from None
+    except UnicodeDecodeError as e:
+        raise DataError(path, "encoding", f"not UTF-8 text ({e.reason})", f"re-extract the {what}") from None
+
+
+def _open_image(path: Path) -> Image.Image:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found. Fix: restore it or remove its entry")
+    try:
+        img = Image.open(path)
+        img.load()  # decode now so a truncated file fails here, with its name
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(
+            path, "pixel data", f"cannot decode the image ({e})",
+            "re-extract or re-download this file, or remove it and its label",
+        ) from None
+    return img
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8. Grayscale, palette, RGBA and CMYK files are converted; EXIF is ignored
+    (annotations of ADE20K and COCO refer to the stored pixel grid)."""
+    img = _open_image(path)
+    if img.mode == "I;16" or img.mode == "I":
+        arr = np.asarray(img, dtype=np.float64)
+        arr = (255.0 * arr / max(arr.max(), 1.0)).astype(np.uint8)
+        return np.repeat(arr[..., None], 3, axis=2)
+    return np.asarray(img.convert("RGB"))
+
+
+def read_label_png(path: Path) -> np.ndarray:
+    """(H, W) uint8/uint16 class-index map from a single-channel (L, P, I;16) PNG."""
+    img = _open_image(path)
+    if img.mode in ("L", "P", "I;16", "I"):
+        arr = np.asarray(img)
+        if arr.dtype.kind == "i" and arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise DataError(path, "pixel values", "outside 0..65535", "store class indices as 8 or 16 bit")
+        return arr.astype(np.uint8 if arr.size == 0 or arr.max() < 256 else np.int64)
+    if img.mode in ("RGB", "RGBA"):
+        arr = np.asarray(img)
+        if np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2]):
+            return arr[..., 0].copy()
+        raise DataError(
+            path, "image mode", f"{img.mode} colour label (expected one channel of class indices)",
+            "convert the colour-coded map to an 8-bit L or P PNG of class indices",
+        )
+    raise DataError(path, "image mode", f"unsupported label mode {img.mode!r}", "save labels as 8-bit L PNGs")
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    drop_last: bool = False,
+) -> DataLoader:
+    """A DataLoader with the settings every datamodule here uses."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        collate_fn=collate_fn,
+        drop_last=drop_last,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+    )
+
+
+def check_outside(path: Path, root: Path, what: str) -> None:
+    """Refuse a cache/output folder inside a dataset folder (datasets stay read-only)."""
+    p, r = path.resolve(), root.resolve()
+    if p == r or r in p.parents:
+        raise ValueError(
+            f"{what}={path} lies inside the dataset folder {root}; dataset folders are never written. "
+            f"Fix: choose a {what} outside {root}"
+        )
+
+
+class WorkerSeeded:
+    """Mixin for datasets with random augmentation: draws one seed per DataLoader worker (from the
+    worker's seed) or, in the main process, from torch's generator, so workers never repeat each
+    other's augmentations and ``lightning.seed_everything`` makes runs repeatable."""
+
+    _seed_key: tuple[Any, ...] | None = None
+    _rng: np.random.Generator
+
+    def _seeded_transforms(self) -> list[Any]:
+        return []
+
+    def rng(self) -> np.random.Generator:
+        info = torch.utils.data.get_worker_info()
+        key = (os.getpid(), None if info is None else (info.id, info.seed))
+        if key != self._seed_key:
+            seed = info.seed if info is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+            seed %= 2**32
+            self._seed_key, self._rng = key, np.random.default_rng(seed)
+            for t in self._seeded_transforms():
+                t.set_random_seed(seed)
+        return self._rng

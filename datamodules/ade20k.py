@@ -1,0 +1,362 @@
+"""ADE20K semantic segmentation (and any dataset in the same folder layout).
+
+Layout (``root`` may be the folder holding ``ADEChallengeData2016/`` or that folder itself)::
+
+    ADEChallengeData2016/
+      images/{training,validation}/*.jpg
+      annotations/{training,validation}/*.png     one channel, class index per pixel
+
+Batches are dicts: ``image`` (B, 3, H, W) float32 normalized with ImageNet mean/std,
+``mask`` (B, H, W) int64 with 255 = ignore (unlabelled pixels and padding), ``name`` (list of
+file stems) and ``size`` (B, 2) int64, the (H, W) of the image before padding.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ._ade20k_meta import ADE20K_CLASSES, ADE20K_PALETTE
+from ._common import (
+    IMAGENET_MEAN, IMAGENET_STD, DataError, WorkerSeeded, default_cache_dir, list_files, make_loader, read_label_png,
+    read_rgb,
+)
+from .synthetic import SHAPE_CLASSES, write_ade20k_like
+from .transforms import PhotoMetricDistortion, RandomCropCatMax, RescaleToFit
+
+__all__ = ["ADE20KDataModule", "ShapesDataModule", "SegmentationFolder", "collate_segmentation", "read_class_names"]
+
+IGNORE_INDEX = 255
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """Class names from a text file: one name per line, or ADE20K's ``objectInfo150.txt``
+    (tab-separated with a ``Idx ... Name`` header; the first synonym of each name is kept)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: class names file not found. Fix: pass an existing `class_names_file`")
+    lines = [ln.rstrip("\n") for ln in path.read_text(encoding="utf-8").splitlines()]
+    lines = [ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
+    if lines and lines[0].split()[0].lower() == "idx":
+        return [ln.split("\t")[-1].split(",")[0].strip() for ln in lines[1:]]
+    return [ln.strip() for ln in lines]
+
+
+def _palette(num_classes: int) -> list[tuple[int, int, int]]:
+    if num_classes == len(ADE20K_PALETTE):
+        return list(ADE20K_PALETTE)
+    rng = np.random.default_rng(0)
+    return [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(num_classes)]
+
+
+class SegmentationFolder(WorkerSeeded, Dataset):
+    """Image/label pairs from two folders, paired by file stem.
+
+    Args:
+        image_dir, label_dir: folders of images and single-channel label PNGs.
+        num_classes: classes after ``reduce_zero_label``.
+        reduce_zero_label: file value 0 -> 255 (ignore), k -> k - 1 (ADE20K convention).
+        transform: albumentations pipeline on uint8 HWC image + mask, ending in ``A.Normalize``.
+        pad_to: pad (H, W) up to at least this size (train crops), or None.
+        size_divisor: pad H and W up to a multiple of this (whole-image validation), or None.
+        img_suffix, seg_suffix: file endings.
+
+    Returns (per item):
+        dict(image=(3, H, W) float32, mask=(H, W) int64, name=str, size=(2,) int64 before padding).
+    """
+
+    def __init__(
+        self, image_dir: Path, label_dir: Path, num_classes: int, reduce_zero_label: bool,
+        transform: A.Compose, pad_to: tuple[int, int] | None = None, size_divisor: int | None = None,
+        img_suffix: str = ".jpg", seg_suffix: str = ".png",
+    ) -> None:
+        self.num_classes, self.reduce_zero_label = num_classes, reduce_zero_label
+        self.transform, self.pad_to, self.size_divisor = transform, pad_to, size_divisor
+        images = list_files(Path(image_dir), [img_suffix])
+        if not images:
+            raise FileNotFoundError(f"{image_dir}: no *{img_suffix} images. Fix: check `root` and `img_suffix`")
+        self.pairs = [(p, Path(label_dir) / (p.name[: -len(img_suffix)] + seg_suffix)) for p in images]
+        missing = [str(lbl) for _, lbl in self.pairs if not lbl.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{len(missing)} label file(s) missing, e.g. {missing[:3]}. Fix: restore them, or remove the "
+                f"matching images from {image_dir} (labels are paired by name with suffix {seg_suffix!r})"
+            )
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def _seeded_transforms(self) -> list[Any]:
+        return [self.transform]
+
+    def remap(self, label: np.ndarray, path: Path) -> np.ndarray:
+        """Raw file values -> int64 train ids with 255 ignore; out-of-range values raise."""
+        label = label.astype(np.int64)
+        raw_max = self.num_classes if self.reduce_zero_label else self.num_classes - 1
+        bad = np.unique(label[(label > raw_max) & (label != IGNORE_INDEX)])
+        if bad.size:
+            raise DataError(
+                path, "pixel values",
+                f"label values {bad[:8].tolist()} outside 0..{raw_max} (num_classes={self.num_classes}, "
+                f"reduce_zero_label={self.reduce_zero_label})",
+                "set `num_classes`/`reduce_zero_label` to match this dataset, or correct the label file",
+            )
+        if self.reduce_zero_label:
+            ignore = (label == 0) | (label == IGNORE_INDEX)
+            label = label - 1
+            label[ignore] = IGNORE_INDEX
+        return label
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Raw (H, W, 3) uint8 image and remapped (H, W) int64 label, sizes checked."""
+        img_path, lbl_path = self.pairs[index]
+        image, label = read_rgb(img_path), read_label_png(lbl_path)
+        if image.shape[:2] != label.shape[:2]:
+            raise DataError(
+                lbl_path, "size",
+                f"label is {label.shape[1]}x{label.shape[0]} but image {img_path.name} is "
+                f"{image.shape[1]}x{image.shape[0]} (WxH)",
+                "regenerate the label at the image's resolution (or pair the right files)",
+            )
+        return image, self.remap(label, lbl_path)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        self.rng()  # reseed the augmentation once per worker
+        image, label = self.load(index)
+        out = self.transform(image=image, mask=label.astype(np.uint8))
+        image, mask = out["image"], out["mask"].astype(np.int64)
+        h, w = mask.shape
+        th, tw = h, w
+        if self.pad_to is not None:
+            th, tw = max(th, self.pad_to[0]), max(tw, self.pad_to[1])
+        if self.size_divisor:
+            d = self.size_divisor
+            th, tw = -(-th // d) * d, -(-tw // d) * d
+        if (th, tw) != (h, w):  # pad bottom/right: image with 0 (after normalization), mask with ignore
+            image = np.pad(image, ((0, th - h), (0, tw - w), (0, 0)))
+            mask = np.pad(mask, ((0, th - h), (0, tw - w)), constant_values=IGNORE_INDEX)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float(),
+            "mask": torch.from_numpy(np.ascontiguousarray(mask)),
+            "name": self.pairs[index][0].stem,
+            "size": torch.tensor([h, w], dtype=torch.int64),
+        }
+
+
+def collate_segmentation(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack samples, padding bottom/right to the largest (H, W) (image 0, mask 255)."""
+    th = max(b["image"].shape[1] for b in batch)
+    tw = max(b["image"].shape[2] for b in batch)
+    images = torch.zeros(len(batch), 3, th, tw)
+    masks = torch.full((len(batch), th, tw), IGNORE_INDEX, dtype=torch.int64)
+    for i, b in enumerate(batch):
+        _, h, w = b["image"].shape
+        images[i, :, :h, :w] = b["image"]
+        masks[i, :h, :w] = b["mask"]
+    return {
+        "image": images,
+        "mask": masks,
+        "name": [b["name"] for b in batch],
+        "size": torch.stack([b["size"] for b in batch]),
+    }
+
+
+def _resolve_root(root: Path) -> Path:
+    for cand in (root / "ADEChallengeData2016", root):
+        if (cand / "images").is_dir() and (cand / "annotations").is_dir():
+            return cand
+    raise FileNotFoundError(
+        f"{root}: no ADE20K layout found (looked for ADEChallengeData2016/{{images,annotations}} and "
+        f"{{images,annotations}}). Fix: point `root` at the folder that holds them"
+    )
+
+
+class ADE20KDataModule(L.LightningDataModule):
+    """ADE20K (SceneParsing 150) with the mmseg recipe, or any dataset in the same layout.
+
+    Training: ``RescaleToFit(scale, ratio_range)`` (mmseg RandomResize), random crop of
+    ``crop_size`` with ``cat_max_ratio``, horizontal flip, photometric distortion, ImageNet
+    normalization, padding to the crop (image 0, mask 255). Validation/test: whole images
+    rescaled to fit ``scale`` (short side 512 for ADE20K) keeping the ratio, padded bottom/right
+    to a multiple of ``size_divisor`` with 255 in the mask, so padding never counts in the metric.
+    The metric is computed at that resized resolution on nearest-resized labels.
+
+    Normalization: ``image = (rgb / 255 - mean) / std`` with ``self.mean``/``self.std`` (ImageNet).
+
+    Args:
+        root: folder holding ``ADEChallengeData2016/`` (or that folder itself).
+        crop_size: training crop, int or (H, W).
+        batch_size: training batch size.
+        num_workers: DataLoader workers.
+        val_batch_size: validation/test batch size (whole images of different sizes are padded
+            to the largest in the batch with ignore labels).
+        scale: (long, short) bound of the resize, (2048, 512) for ADE20K.
+        ratio_range: random ratio applied to ``scale`` in training.
+        cat_max_ratio: max share of one class in a training crop (1.0 disables).
+        size_divisor: validation padding multiple.
+        num_classes: classes after ``reduce_zero_label`` (150 for ADE20K).
+        reduce_zero_label: file value 0 is "other" -> ignored, k -> k - 1.
+        class_names_file: names, one per line or ADE20K's ``objectInfo150.txt``; default ADE20K's
+            names when ``num_classes == 150``, else ``class_<k>``.
+        img_suffix, seg_suffix: file endings of images and labels.
+        train_split, val_split, test_split: sub-folder names under images/ and annotations/.
+
+    Returns:
+        Batches ``{"image": (B,3,H,W) float32, "mask": (B,H,W) int64, "name": list[str], "size": (B,2)}``.
+
+    Example:
+        >>> dm = ADE20KDataModule("data/ade", crop_size=512, batch_size=16)
+        >>> dm.setup("fit"); batch = next(iter(dm.train_dataloader()))
+    """
+
+    def __init__(
+        self,
+        root: str,
+        crop_size: int | tuple[int, int] = 512,
+        batch_size: int = 16,
+        num_workers: int = 4,
+        val_batch_size: int = 1,
+        scale: tuple[int, int] = (2048, 512),
+        ratio_range: tuple[float, float] = (0.5, 2.0),
+        cat_max_ratio: float = 0.75,
+        size_divisor: int = 32,
+        num_classes: int = 150,
+        reduce_zero_label: bool = True,
+        class_names_file: str | None = None,
+        img_suffix: str = ".jpg",
+        seg_suffix: str = ".png",
+        train_split: str = "training",
+        val_split: str = "validation",
+        test_split: str = "validation",
+    ) -> None:
+        super().__init__()
+        if not 0 < num_classes < IGNORE_INDEX:
+            raise ValueError(f"num_classes={num_classes}: expected 1..254 (255 is the ignore label). "
+                             "Fix: `num_classes`")
+        self.save_hyperparameters()
+        self.root = Path(root).expanduser()
+        self.crop_size = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
+        self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
+        self.scale, self.ratio_range = tuple(scale), tuple(ratio_range)
+        self.cat_max_ratio, self.size_divisor = cat_max_ratio, size_divisor
+        self.num_classes, self.reduce_zero_label = num_classes, reduce_zero_label
+        self.img_suffix, self.seg_suffix = img_suffix, seg_suffix
+        self.splits = {"train": train_split, "val": val_split, "test": test_split}
+        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+        self.ignore_index = IGNORE_INDEX
+        self.class_names = self._class_names(class_names_file)
+        self.palette = _palette(num_classes)
+        self.datasets: dict[str, SegmentationFolder] = {}
+
+    def _class_names(self, class_names_file: str | None) -> list[str]:
+        if class_names_file is None:
+            if self.num_classes == len(ADE20K_CLASSES):
+                return list(ADE20K_CLASSES)
+            return [f"class_{k}" for k in range(self.num_classes)]
+        names = read_class_names(class_names_file)
+        if len(names) != self.num_classes:
+            raise DataError(
+                class_names_file, "number of names", f"{len(names)} names for num_classes={self.num_classes}",
+                "list exactly one name per class (after reduce_zero_label), or fix `num_classes`",
+            )
+        return names
+
+    def train_transform(self) -> A.Compose:
+        return A.Compose([
+            RescaleToFit(self.scale, self.ratio_range),
+            RandomCropCatMax(*self.crop_size, cat_max_ratio=self.cat_max_ratio, ignore_index=IGNORE_INDEX),
+            A.HorizontalFlip(p=0.5),
+            PhotoMetricDistortion(),
+            A.Normalize(mean=self.mean, std=self.std, max_pixel_value=255.0),
+        ])
+
+    def eval_transform(self) -> A.Compose:
+        return A.Compose([RescaleToFit(self.scale), A.Normalize(mean=self.mean, std=self.std, max_pixel_value=255.0)])
+
+    def _dataset(self, split: str) -> SegmentationFolder:
+        base = _resolve_root(self.root)
+        sub = self.splits[split]
+        train = split == "train"
+        return SegmentationFolder(
+            base / "images" / sub, base / "annotations" / sub, self.num_classes, self.reduce_zero_label,
+            self.train_transform() if train else self.eval_transform(),
+            pad_to=self.crop_size if train else None, size_divisor=None if train else self.size_divisor,
+            img_suffix=self.img_suffix, seg_suffix=self.seg_suffix,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}
+        for split in wanted.get(stage or "", ["train", "val", "test"]):
+            self._get(split)
+
+    def _get(self, split: str) -> SegmentationFolder:
+        if split not in self.datasets:
+            self.datasets[split] = self._dataset(split)
+        return self.datasets[split]
+
+    def train_dataloader(self) -> DataLoader:
+        return make_loader(self._get("train"), self.batch_size, True, self.num_workers, collate_segmentation,
+                           drop_last=len(self._get("train")) > self.batch_size)
+
+    def val_dataloader(self) -> DataLoader:
+        return make_loader(self._get("val"), self.val_batch_size, False, self.num_workers, collate_segmentation)
+
+    def test_dataloader(self) -> DataLoader:
+        return make_loader(self._get("test"), self.val_batch_size, False, self.num_workers, collate_segmentation)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+
+class ShapesDataModule(ADE20KDataModule):
+    """The demo dataset: coloured shapes (circle, square, triangle, star) on gradient
+    backgrounds, written in the ADE20K layout by ``prepare_data`` and read by the ADE20K reader.
+
+    Five classes: 0 background, 1..4 shapes (``reduce_zero_label=False``). The dataset is
+    written once (deterministic for a given ``seed``) into ``root``, default
+    ``~/.cache/mamba_dense/datasets/shapes``; an existing one is reused as it is.
+
+    Args:
+        root: folder to write/read (``root/ADEChallengeData2016``); None for the cache default.
+        crop_size, batch_size, num_workers, val_batch_size: as in ``ADE20KDataModule``.
+        num_train, num_val: images written per split.
+        seed: seed of the writer.
+
+    Example:
+        >>> dm = ShapesDataModule(batch_size=8)
+        >>> dm.prepare_data(); dm.setup("fit")
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        crop_size: int = 128,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        val_batch_size: int = 4,
+        num_train: int = 64,
+        num_val: int = 16,
+        seed: int = 0,
+    ) -> None:
+        root = root if root is not None else str(default_cache_dir() / "datasets" / "shapes")
+        super().__init__(
+            root, crop_size=crop_size, batch_size=batch_size, num_workers=num_workers,
+            val_batch_size=val_batch_size, scale=(4 * crop_size, crop_size), num_classes=1 + len(SHAPE_CLASSES),
+            reduce_zero_label=False,
+        )
+        self.num_train, self.num_val, self.seed = num_train, num_val, seed
+        self.class_names = ["background", *SHAPE_CLASSES]
+
+    def prepare_data(self) -> None:
+        write_ade20k_like(self.root, num_train=self.num_train, num_val=self.num_val,
+                          num_classes=len(SHAPE_CLASSES), seed=self.seed)
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare_data()  # no-op when present; covers `setup` called without `prepare_data`
+        super().setup(stage)

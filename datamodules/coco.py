@@ -1,0 +1,425 @@
+"""COCO instance segmentation for torchvision's Mask R-CNN.
+
+Layout (``root``)::
+
+    train2017/*.jpg  val2017/*.jpg  annotations/instances_{train,val}2017.json
+
+Batches are ``(images, targets)``: a list of (3, H, W) float32 images in [0, 1], NOT normalized
+(torchvision's ``GeneralizedRCNNTransform`` normalizes, and resizes, inside the model), and a
+list of target dicts: ``boxes`` (N, 4) float32 xyxy, ``labels`` (N,) int64 in 1..C (0 is the
+background), ``masks`` (N, H, W) uint8, ``image_id`` () int64, ``iscrowd`` (N,) int64,
+``area`` (N,) float32, ``orig_size`` / ``size`` (2,) int64 (H, W) on disk / as returned.
+
+Resizing happens once: by default (``resize=False``) the model resizes, built with
+``**datamodule.maskrcnn_transform_kwargs()`` (multi-scale ``min_size`` for training); with
+``resize=True`` the datamodule resizes and those kwargs switch the model's training resize off
+(at test time the model's resize is then the identity, same scale and cap).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import albumentations as A
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pycocotools import mask as mask_utils
+from pycocotools.coco import COCO
+from torch.utils.data import DataLoader, Dataset
+
+from ._common import (
+    IMAGENET_MEAN, IMAGENET_STD, DataError, WorkerSeeded, default_cache_dir, make_loader, read_json, read_rgb,
+)
+from .synthetic import write_coco_like
+from .transforms import ResizeShortestEdge
+
+__all__ = ["COCOInstanceDataModule", "CocoInstances", "SyntheticCOCODataModule", "collate_detection", "load_coco"]
+
+_REQUIRED = {"images": ("id", "file_name", "height", "width"),
+             "annotations": ("id", "image_id", "category_id", "bbox"),
+             "categories": ("id", "name")}
+
+
+def load_coco(ann_file: Path) -> COCO:
+    """Parse and check a COCO instances file; returns an indexed ``pycocotools`` COCO object."""
+    doc = read_json(ann_file, "COCO annotation file")
+    if not isinstance(doc, dict):
+        raise DataError(ann_file, "top level", "not a JSON object", "use a COCO instances_*.json file")
+    for key, fields in _REQUIRED.items():
+        if not isinstance(doc.get(key), list):
+            raise DataError(ann_file, key, "missing or not a list",
+                            "use an instances_*.json file (captions/keypoints-only files lack it)")
+        for i, entry in enumerate(doc[key]):
+            missing = [f for f in fields if f not in entry]
+            if missing:
+                raise DataError(ann_file, f"{key}[{i}] (id={entry.get('id')})", f"missing field(s) {missing}",
+                                "repair the entry or regenerate the annotation file")
+    image_ids = {im["id"] for im in doc["images"]}
+    cat_ids = {c["id"] for c in doc["categories"]}
+    for a in doc["annotations"]:
+        if a["image_id"] not in image_ids or a["category_id"] not in cat_ids:
+            bad = "image_id" if a["image_id"] not in image_ids else "category_id"
+            raise DataError(ann_file, f"annotations[id={a['id']}].{bad}", f"unknown {bad} {a[bad]}",
+                            "remove the annotation or add the missing image/category")
+        a.setdefault("iscrowd", 0)
+        a.setdefault("area", float(a["bbox"][2] * a["bbox"][3]))
+    ann_ids = [a["id"] for a in doc["annotations"]]
+    if 0 in ann_ids or len(set(ann_ids)) != len(ann_ids):
+        # NOTE: COCOeval uses 0 as "unmatched", so a ground truth with id 0 can never be matched,
+        # and duplicate ids corrupt the index. Renumber in memory (the file is left untouched).
+        warnings.warn(f"{ann_file}: annotations[].id contains 0 or duplicates; renumbered 1..N in memory "
+                      "so COCOeval can match them (fix the file to silence this)", stacklevel=2)
+        for k, a in enumerate(doc["annotations"], start=1):
+            a["id"] = k
+    coco = COCO()
+    coco.dataset = doc
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+        coco.createIndex()
+    return coco
+
+
+def _decode(ann: dict[str, Any], h: int, w: int, ann_file: Path) -> np.ndarray | None:
+    """(H, W) uint8 mask of a polygon / RLE annotation; None when no valid polygon remains."""
+    seg = ann.get("segmentation")
+    where = f"annotations[id={ann['id']}].segmentation"
+    if isinstance(seg, list):
+        # NOTE: pycocotools reads a 4-number "polygon" as a box; keep real polygons only
+        polys = [p for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
+        if not polys:
+            return None
+        rle = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
+    elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
+        if list(seg["size"]) != [h, w]:
+            raise DataError(ann_file, where + ".size", f"{seg['size']} but the image is {[h, w]} (H, W)",
+                            "regenerate the RLE at the image resolution")
+        rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else seg
+    else:
+        raise DataError(ann_file, where, f"unsupported segmentation {type(seg).__name__}",
+                        "use polygons (list of lists) or RLE ({'counts', 'size'})")
+    with warnings.catch_warnings():  # pycocotools + numpy 2: harmless "copy keyword" DeprecationWarning
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return mask_utils.decode(rle)
+
+
+class CocoInstances(WorkerSeeded, Dataset):
+    """Images and instance targets of one COCO annotation file.
+
+    Args:
+        coco: parsed annotations (``load_coco``).
+        ann_file: its path (for error messages).
+        image_dir: folder of the images named in ``file_name``.
+        cat_id_to_label: COCO category id -> contiguous label 1..C.
+        train: drop crowd regions from targets and skip images without usable annotations.
+        transform: albumentations pipeline (boxes as ``pascal_voc`` with an ``ann_index`` field).
+        min_box_size: boxes thinner than this (pixels) are dropped, before and after transforms.
+    """
+
+    def __init__(self, coco: COCO, ann_file: Path, image_dir: Path, cat_id_to_label: dict[int, int],
+                 train: bool, transform: A.Compose, min_box_size: float = 1.0) -> None:
+        self.coco, self.ann_file, self.image_dir = coco, ann_file, image_dir
+        self.cat_id_to_label, self.train, self.transform = cat_id_to_label, train, transform
+        self.min_box_size = min_box_size
+        ids = sorted(coco.imgs)
+        if train:
+            ids = [i for i in ids if any(self._usable(a) for a in coco.imgToAnns.get(i, []))]
+        self.ids = ids
+
+    def _usable(self, ann: dict[str, Any]) -> bool:
+        if self.train and ann.get("iscrowd", 0):
+            return False
+        _, _, w, h = ann["bbox"]
+        return w >= self.min_box_size and h >= self.min_box_size
+
+    def _seeded_transforms(self) -> list[Any]:
+        return [self.transform]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self.rng()
+        image_id = self.ids[index]
+        info = self.coco.imgs[image_id]
+        path = self.image_dir / info["file_name"]
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: listed in {self.ann_file} images[id={image_id}].file_name but not "
+                                    "found. Fix: check the image folder argument (train_images/val_images) or "
+                                    "restore the file")
+        image = read_rgb(path)
+        h, w = image.shape[:2]
+        if (h, w) != (info["height"], info["width"]):
+            raise DataError(self.ann_file, f"images[id={image_id}].height/width",
+                            f"{info['height']}x{info['width']} but {info['file_name']} is {h}x{w} (HxW)",
+                            "fix the entry or restore the original image (EXIF-rotated copies do not match)")
+        boxes, labels, crowd, masks = [], [], [], []
+        for ann in self.coco.imgToAnns.get(image_id, []):
+            if not self._usable(ann):
+                continue
+            m = _decode(ann, h, w, self.ann_file)
+            if m is None:
+                continue
+            x, y, bw, bh = (float(v) for v in ann["bbox"])
+            box = [max(0.0, x), max(0.0, y), min(float(w), x + bw), min(float(h), y + bh)]
+            if box[2] - box[0] < self.min_box_size or box[3] - box[1] < self.min_box_size:
+                continue
+            boxes.append(box)
+            labels.append(self.cat_id_to_label[ann["category_id"]])
+            crowd.append(int(ann.get("iscrowd", 0)))
+            masks.append(m)
+        data: dict[str, Any] = {"image": image, "bboxes": np.array(boxes, np.float32).reshape(-1, 4),
+                                "ann_index": list(range(len(boxes)))}
+        if masks:  # albumentations cannot stack an empty mask list
+            data["masks"] = np.stack(masks)
+        out = self.transform(**data)
+        keep = [int(i) for i in out["ann_index"]]  # albumentations may drop boxes, never their masks
+        new_h, new_w = out["image"].shape[:2]
+        out_masks = out["masks"][keep] if masks else np.zeros((0, new_h, new_w), np.uint8)
+        out_boxes = np.asarray(out["bboxes"], np.float32).reshape(-1, 4)
+        target = {
+            "boxes": torch.from_numpy(out_boxes),
+            "labels": torch.tensor([labels[i] for i in keep], dtype=torch.int64),
+            "masks": torch.from_numpy(np.ascontiguousarray(out_masks, dtype=np.uint8)),
+            "image_id": torch.tensor(image_id, dtype=torch.int64),
+            "iscrowd": torch.tensor([crowd[i] for i in keep], dtype=torch.int64),
+            "area": torch.from_numpy(out_masks.sum(axis=(1, 2)).astype(np.float32)),
+            "orig_size": torch.tensor([h, w], dtype=torch.int64),
+            "size": torch.tensor([new_h, new_w], dtype=torch.int64),
+        }
+        img = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1))).float().div_(255.0)
+        return img, target
+
+
+def collate_detection(batch: list[tuple[torch.Tensor, dict[str, torch.Tensor]]]) -> tuple[list, list]:
+    """Variable-size images stay a list: ``(list[image], list[target])`` as torchvision expects."""
+    return [b[0] for b in batch], [b[1] for b in batch]
+
+
+class COCOInstanceDataModule(L.LightningDataModule):
+    """COCO instances (or any file in that format) for Mask R-CNN.
+
+    Annotation files are parsed with ``json`` and indexed by pycocotools; polygons and RLE
+    (crowd regions) decode to masks. Training targets drop crowd regions, degenerate boxes and
+    images left without annotations; validation keeps every image and flags crowd regions with
+    ``iscrowd=1`` (drop them before computing a loss; COCOeval reads ``coco_gt(split)``).
+    Category ids map to contiguous labels 1..C (``cat_id_to_label``) and back
+    (``label_to_cat_id``, used by ``to_coco_results``).
+
+    Augmentation: horizontal flip; with ``resize=True`` also detectron2-style multi-scale
+    short-side resize (``train_scales``, capped at ``max_size``) in training and ``test_scale``
+    at evaluation; boxes and masks stay aligned when albumentations drops a box.
+
+    Args:
+        root: dataset folder; annotation/image paths below are relative to it (or absolute).
+        train_ann, val_ann, test_ann: annotation files (test defaults to val).
+        train_images, val_images, test_images: image folders (test defaults to val's).
+        batch_size, val_batch_size, num_workers: loader settings.
+        resize: resize in the datamodule (else leave it to the model, see module doc).
+        train_scales: short-side sizes for multi-scale training (1x/3x recipes: 640..800).
+        test_scale: evaluation short side.
+        max_size: long-side cap.
+        hflip_prob: horizontal flip probability in training.
+        min_box_size: boxes thinner than this many pixels are dropped.
+
+    Attributes:
+        num_classes: number of categories C (Mask R-CNN needs ``num_classes + 1`` with background).
+        class_names: C names in label order (label k -> ``class_names[k - 1]``).
+        mean, std: ImageNet statistics the model's transform should normalize with.
+
+    Example:
+        >>> dm = COCOInstanceDataModule("data/coco", batch_size=2)
+        >>> model = torchvision.models.detection.maskrcnn_resnet50_fpn(
+        ...     num_classes=dm.num_classes + 1, **dm.maskrcnn_transform_kwargs())  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        root: str,
+        train_ann: str = "annotations/instances_train2017.json",
+        val_ann: str = "annotations/instances_val2017.json",
+        test_ann: str | None = None,
+        train_images: str = "train2017",
+        val_images: str = "val2017",
+        test_images: str | None = None,
+        batch_size: int = 2,
+        val_batch_size: int = 2,
+        num_workers: int = 4,
+        resize: bool = False,
+        train_scales: tuple[int, ...] = (640, 672, 704, 736, 768, 800),
+        test_scale: int = 800,
+        max_size: int = 1333,
+        hflip_prob: float = 0.5,
+        min_box_size: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = Path(root).expanduser()
+        self.files = {"train": (train_ann, train_images), "val": (val_ann, val_images),
+                      "test": (test_ann or val_ann, test_images or val_images)}
+        self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
+        self.resize, self.train_scales = resize, tuple(train_scales)
+        self.test_scale, self.max_size = test_scale, max_size
+        self.hflip_prob, self.min_box_size = hflip_prob, min_box_size
+        self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+        self._gt: dict[str, COCO] = {}
+        self._categories: list[dict[str, Any]] | None = None
+        self.datasets: dict[str, CocoInstances] = {}
+
+    def _path(self, rel: str) -> Path:
+        p = Path(rel).expanduser()
+        return p if p.is_absolute() else self.root / p
+
+    def coco_gt(self, split: str = "val") -> COCO:
+        """The pycocotools COCO object of ``split`` ("train", "val" or "test"), for COCOeval."""
+        if split not in self._gt:
+            ann_file = self._path(self.files[split][0])
+            coco = load_coco(ann_file)
+            cats = sorted(coco.dataset["categories"], key=lambda c: c["id"])
+            if self._categories is None:
+                self._categories = cats
+            elif [(c["id"], c["name"]) for c in cats] != [(c["id"], c["name"]) for c in self._categories]:
+                raise DataError(ann_file, "categories", "differ from the other split's categories",
+                                "use annotation files of the same dataset (same category ids and names)")
+            self._gt[split] = coco
+        return self._gt[split]
+
+    def _cats(self) -> list[dict[str, Any]]:
+        if self._categories is None:
+            for split in ("val", "train", "test"):
+                if self._path(self.files[split][0]).is_file():
+                    self.coco_gt(split)
+                    break
+            else:
+                self.coco_gt("val")  # raises FileNotFoundError naming the file
+        assert self._categories is not None
+        return self._categories
+
+    @property
+    def cat_id_to_label(self) -> dict[int, int]:
+        return {c["id"]: k + 1 for k, c in enumerate(self._cats())}
+
+    @property
+    def label_to_cat_id(self) -> dict[int, int]:
+        return {k + 1: c["id"] for k, c in enumerate(self._cats())}
+
+    @property
+    def num_classes(self) -> int:
+        return len(self._cats())
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c["name"] for c in self._cats()]
+
+    def maskrcnn_transform_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for torchvision's ``MaskRCNN`` so images are resized exactly once."""
+        kw: dict[str, Any] = {"max_size": self.max_size, "image_mean": list(self.mean), "image_std": list(self.std)}
+        if self.resize:
+            return {**kw, "min_size": self.test_scale, "_skip_resize": True}
+        if self.train_scales[-1] != self.test_scale:
+            warnings.warn(f"torchvision evaluates at min_size[-1]={self.train_scales[-1]}, not test_scale="
+                          f"{self.test_scale}; put test_scale last in train_scales", stacklevel=2)
+        return {**kw, "min_size": self.train_scales}
+
+    def _transform(self, train: bool) -> A.Compose:
+        steps: list[Any] = []
+        if self.resize:
+            steps.append(ResizeShortestEdge(self.train_scales if train else (self.test_scale,), self.max_size))
+        if train and self.hflip_prob > 0:
+            steps.append(A.HorizontalFlip(p=self.hflip_prob))
+        bbox = A.BboxParams(format="pascal_voc", label_fields=["ann_index"],
+                            min_width=self.min_box_size, min_height=self.min_box_size, clip=True)
+        return A.Compose(steps or [A.NoOp()], bbox_params=bbox)
+
+    def _get(self, split: str) -> CocoInstances:
+        if split not in self.datasets:
+            coco = self.coco_gt(split)
+            self.datasets[split] = CocoInstances(
+                coco, self._path(self.files[split][0]), self._path(self.files[split][1]), self.cat_id_to_label,
+                train=split == "train", transform=self._transform(split == "train"), min_box_size=self.min_box_size,
+            )
+        return self.datasets[split]
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}
+        for split in wanted.get(stage or "", ["train", "val", "test"]):
+            self._get(split)
+
+    def train_dataloader(self) -> DataLoader:
+        return make_loader(self._get("train"), self.batch_size, True, self.num_workers, collate_detection)
+
+    def val_dataloader(self) -> DataLoader:
+        return make_loader(self._get("val"), self.val_batch_size, False, self.num_workers, collate_detection)
+
+    def test_dataloader(self) -> DataLoader:
+        return make_loader(self._get("test"), self.val_batch_size, False, self.num_workers, collate_detection)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def to_coco_results(self, outputs: Sequence[dict[str, torch.Tensor]], targets: Sequence[dict[str, torch.Tensor]],
+                        mask_threshold: float = 0.5) -> list[dict[str, Any]]:
+        """Mask R-CNN outputs -> COCO result dicts (original image coordinates, COCO category ids),
+        ready for ``coco_gt(split).loadRes``.
+
+        Args:
+            outputs: per image ``boxes`` (N, 4) xyxy, ``labels`` (N,), ``scores`` (N,) and optionally
+                ``masks`` (N, 1, H, W) or (N, H, W) probabilities, in the coordinates of the input image.
+            targets: the matching targets of the batch (for ``image_id``, ``size``, ``orig_size``).
+            mask_threshold: binarization threshold of the mask probabilities.
+
+        Returns:
+            list of dicts with image_id, category_id, bbox (xywh), score and segmentation (RLE).
+        """
+        to_cat = self.label_to_cat_id
+        results: list[dict[str, Any]] = []
+        for out, tgt in zip(outputs, targets):
+            (h, w), (oh, ow) = tgt["size"].tolist(), tgt["orig_size"].tolist()
+            boxes = out["boxes"].detach().float().cpu() * torch.tensor([ow / w, oh / h, ow / w, oh / h])
+            masks = out.get("masks")
+            if masks is not None:
+                masks = masks.detach().float().cpu()
+                masks = masks[:, None] if masks.dim() == 3 else masks
+                if masks.shape[-2:] != (oh, ow) and len(masks):
+                    masks = F.interpolate(masks, size=(oh, ow), mode="bilinear", align_corners=False)
+                masks = (masks[:, 0] > mask_threshold).numpy().astype(np.uint8)
+            for i in range(len(boxes)):
+                x0, y0, x1, y1 = boxes[i].tolist()
+                res = {"image_id": int(tgt["image_id"]), "category_id": to_cat[int(out["labels"][i])],
+                       "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(out["scores"][i])}
+                if masks is not None:
+                    rle = mask_utils.encode(np.asfortranarray(masks[i]))
+                    rle["counts"] = rle["counts"].decode("ascii")
+                    res["segmentation"] = rle
+                results.append(res)
+        return results
+
+
+class SyntheticCOCODataModule(COCOInstanceDataModule):
+    """Small synthetic COCO-format dataset of shapes, written by ``prepare_data`` into ``root``
+    (default ``~/.cache/mamba_dense/datasets/coco_shapes``) and read by the COCO reader.
+
+    Args:
+        root: dataset folder (written once, reused as it is).
+        batch_size, val_batch_size, num_workers: loader settings.
+        resize: see ``COCOInstanceDataModule``; the synthetic defaults use 128-160 px scales.
+        num_train, num_val, seed: writer settings.
+    """
+
+    def __init__(self, root: str | None = None, batch_size: int = 2, val_batch_size: int = 2, num_workers: int = 0,
+                 resize: bool = False, num_train: int = 12, num_val: int = 4, seed: int = 0) -> None:
+        root = root if root is not None else str(default_cache_dir() / "datasets" / "coco_shapes")
+        super().__init__(root, batch_size=batch_size, val_batch_size=val_batch_size, num_workers=num_workers,
+                         resize=resize, train_scales=(128, 144, 160), test_scale=160, max_size=256)
+        self.num_train, self.num_val, self.seed = num_train, num_val, seed
+
+    def prepare_data(self) -> None:
+        write_coco_like(self.root, num_train=self.num_train, num_val=self.num_val, seed=self.seed)
+
+    def _cats(self) -> list[dict[str, Any]]:
+        self.prepare_data()  # categories are read from the files it writes
+        return super()._cats()

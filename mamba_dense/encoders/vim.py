@@ -1,0 +1,594 @@
+"""Vim (Vision Mamba) and Mamba(R) (Vim with register tokens): plain, stride-16 encoders.
+
+Papers and code read for the configuration (not copied):
+- Vim: Zhu et al. 2024, "Vision Mamba: Efficient Visual Representation Learning with Bidirectional
+  State Space Model" (hustvl/Vim, ``vim/models_mamba.py``, ``mamba-1p1p1/.../mamba_simple.py``).
+- Mamba(R): Wang et al. 2024, "Mamba(R): Vision Mamba ALSO Needs Registers"
+  (wangf3014/Mamba-Reg, ``models_mamba.py``, ``mamba_custom.py``, ``utils.get_cls_idx``).
+
+Both are a patch-16 stem, absolute position embeddings and 24 pre-norm blocks
+``x + mixer(RMSNorm(x))`` whose mixer is a bidirectional Mamba-1 (``bimamba_type="v2"``: the
+backward scan has its own conv, x_proj, dt_proj, A and D; in_proj/out_proj are shared and the two
+outputs are averaged). Here the mixer is :class:`~mamba_dense.layers.seq_mixer.RouteMamba` with
+K = 2 routes through the tokens, run by ONE call of the shared scan operator.
+
+Token layout and routes. The token tensor is ``[image tokens (raster, M), cls (Vim only),
+registers (Mamba(R) only, R)]``; tokens are never physically reordered. The scan order is a route:
+Vim's middle class token is visited at step M // 2 of the forward route; registers are spliced in
+by ``routes.with_registers`` (evenly spaced, never at an end); the backward route is the forward
+one reversed, so registers are met in mirrored positions, as in Mamba(R) where the backward scan
+is the flipped sequence. Class token and registers are dropped before features become maps.
+
+Encoder contract (timm): ``feature_info`` has one entry per block (reduction 16, like timm's
+ViT); ``features_only=True`` takes 4 evenly spaced blocks (5, 11, 17, 23 for depth 24, the blocks
+Vim's UperNet uses). ``forward_intermediates`` returns (B, C, ceil(H/16), ceil(W/16)) maps: the
+image is zero-padded at the bottom/right to a multiple of 16, and the position embedding (learned
+for the 14 x 14 grid of 224 px) is resampled bicubically to the actual grid.
+
+Deviations from the official code (see also the ``NOTE`` comments):
+- Registers sit at ``round((r + 1) * S / (R + 1))`` (``routes.with_registers``); Mamba(R) uses
+  ``(r + 1) * (S // (R + 1))``. For 196 tokens and 12 registers, registers 6..11 sit one step
+  later than in the official model.
+- Position embeddings are stored split: ``pos_embed`` (image grid), ``cls_pos_embed`` (Vim's
+  middle token), ``reg_pos_embed`` (Mamba(R)); :func:`checkpoint_filter_fn` converts official
+  checkpoints.
+- Stochastic depth is the usual per-block ``x + drop_path(mixer(norm(x)))``; Vim applies block
+  i's drop path inside block i + 1 (same rates, shifted by one) and one more before the final norm.
+- The residual stream is kept in the activation dtype (Vim: ``residual_in_fp32=True``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import torch
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, PatchEmbed, lecun_normal_, resample_abs_pos_embed, trunc_normal_
+from timm.models import build_model_with_cfg
+from timm.models._features import feature_take_indices
+from timm.models._registry import generate_default_cfgs
+from torch.utils.checkpoint import checkpoint
+
+from mamba_dense.kernels import routes as _routes
+from mamba_dense.layers.seq_mixer import RouteMamba
+
+from ._registry import register_encoder
+
+__all__ = ["Vim", "VimBlock", "vim_route", "checkpoint_filter_fn"]
+
+
+# ---------------------------------------------------------------------------------------------
+# blocks
+
+
+class VimBlock(nn.Module):
+    """Pre-norm residual block ``x + DropPath(RouteMamba(norm(x), route))``.
+
+    Args:
+        dim: width C. d_state, d_conv, expand, dt_rank: the Mamba mixer's settings.
+        drop_path: stochastic depth rate. norm_eps: norm epsilon. rms_norm: RMSNorm (Vim) or LayerNorm.
+
+    Shapes: (B, L, C), route (2, S) -> (B, L, C).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: float = 2,
+        dt_rank: int | str = "auto",
+        drop_path: float = 0.0,
+        norm_eps: float = 1e-5,
+        rms_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        self.norm = nn.RMSNorm(dim, eps=norm_eps) if rms_norm else nn.LayerNorm(dim, eps=norm_eps)
+        self.mixer = RouteMamba(
+            dim, num_routes=2, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank, divide_out=True
+        )
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        return x + self.drop_path(self.mixer(self.norm(x), route))
+
+
+@functools.lru_cache(maxsize=128)
+def vim_route(num_patches: int, cls_token: bool = True, num_registers: int = 0) -> torch.Tensor:
+    """Vim / Mamba(R) scan routes over the token layout ``[patches (M), cls?, registers (R)]``.
+
+    Row 0 is the forward order: patches in raster order, the class token (token M) at step M // 2,
+    registers spliced in evenly by ``routes.with_registers``. Row 1 is row 0 reversed. With neither
+    class token nor registers this is ``routes.bidirectional(M)``.
+
+    Returns:
+        int64 (2, M + cls + R) on the CPU (cached: the same tensor object for the same arguments).
+
+    Example:
+        >>> vim_route(4, cls_token=True).tolist()
+        [[0, 1, 4, 2, 3], [3, 2, 4, 1, 0]]
+    """
+    if not cls_token and num_registers == 0:
+        return _routes.bidirectional(num_patches)
+    seq = _routes.raster(num_patches)
+    if cls_token:
+        half = num_patches // 2
+        seq = torch.cat([seq[:half], torch.tensor([num_patches]), seq[half:]])
+    seq = _routes.with_registers(seq, num_patches + int(cls_token), num_registers)
+    return _routes.stack(seq, _routes.flip(seq))
+
+
+def _even_blocks(depth: int, n: int = 4) -> tuple[int, ...]:
+    """n evenly spaced block indices ending at the last block: (5, 11, 17, 23) for depth 24."""
+    n = min(n, depth)
+    return tuple(round(depth * (i + 1) / n) - 1 for i in range(n))
+
+
+# ---------------------------------------------------------------------------------------------
+# model
+
+
+class Vim(nn.Module):
+    """Vision Mamba encoder (Vim, and Mamba(R) with ``num_registers``).
+
+    Args:
+        img_size: pretraining size; sets the stored position-embedding grid (img_size / patch_size).
+        patch_size: 16.
+        in_chans: image channels.
+        num_classes: classifier outputs (0: no classifier).
+        embed_dim: width C (Vim-T 192, Vim-S 384, Vim-B 768).
+        depth: blocks (24).
+        d_state, d_conv, expand, dt_rank: Mamba mixer settings (16, 4, 2, "auto" = ceil(C / 16)).
+        cls_token: Vim's learnable class token, visited in the middle of the scan.
+        num_registers: Mamba(R) register tokens (12 in Mamba(R)-T/S/B); 0 for Vim.
+        register_reduce: Mamba(R) head: each register is projected C -> C / register_reduce before
+            the registers are concatenated for the classifier (T 1, S 2, B 4).
+        global_pool: "token" (class token), "registers" (Mamba(R)), "avg" or "" (default: from the
+            tokens present).
+        drop_rate: dropout after the position embedding and before the classifier.
+        drop_path_rate: stochastic depth, linearly increasing over the blocks.
+        norm_eps: norm epsilon (1e-5). rms_norm: RMSNorm (True, as released) or LayerNorm.
+
+    Returns:
+        ``forward`` -> logits (B, num_classes); ``forward_features`` -> (B, L, C) normalised tokens;
+        ``forward_intermediates`` -> maps (B, C, ceil(H/16), ceil(W/16)).
+
+    Example:
+        >>> m = Vim(embed_dim=32, depth=2, num_classes=0, num_registers=2)
+        >>> [f.shape for f in m.forward_intermediates(torch.randn(1, 3, 40, 64), intermediates_only=True)]
+        [torch.Size([1, 32, 3, 4]), torch.Size([1, 32, 3, 4])]
+    """
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 224,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        num_classes: int = 1000,
+        embed_dim: int = 192,
+        depth: int = 24,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: float = 2,
+        dt_rank: int | str = "auto",
+        cls_token: bool = True,
+        num_registers: int = 0,
+        register_reduce: int = 1,
+        global_pool: str | None = None,
+        drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        norm_eps: float = 1e-5,
+        rms_norm: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_registers < 0:
+            raise ValueError(f"num_registers must be >= 0, got {num_registers}")
+        if embed_dim % register_reduce:
+            raise ValueError(f"embed_dim {embed_dim} must be divisible by register_reduce {register_reduce}")
+        self.num_classes = num_classes
+        self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
+        self.has_cls_token = cls_token
+        self.num_registers = num_registers
+        self.register_reduce = register_reduce
+        self.patch_size = patch_size
+        self.grad_checkpointing = False
+        if global_pool is None:
+            global_pool = "registers" if num_registers else ("token" if cls_token else "avg")
+        self._check_pool(global_pool)
+        self.global_pool = global_pool
+
+        self.patch_embed = PatchEmbed(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            output_fmt="NHWC",
+            strict_img_size=False,
+            dynamic_img_pad=True,
+        )
+        self.pos_grid = tuple(self.patch_embed.grid_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.pos_grid[0] * self.pos_grid[1], embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if cls_token else None
+        self.cls_pos_embed = nn.Parameter(torch.zeros(1, 1, embed_dim)) if cls_token else None
+        self.reg_token = nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
+        self.reg_pos_embed = nn.Parameter(torch.zeros(1, num_registers, embed_dim)) if num_registers else None
+        self.pos_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
+
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # python floats: meta-safe
+        self.blocks = nn.ModuleList(
+            VimBlock(embed_dim, d_state, d_conv, expand, dt_rank, dpr[i], norm_eps, rms_norm) for i in range(depth)
+        )
+        self.norm = nn.RMSNorm(embed_dim, eps=norm_eps) if rms_norm else nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)]
+        self.default_out_indices = _even_blocks(depth)
+
+        # Mamba(R) head: per-register projection, concat, norm.
+        reg_dim = embed_dim // register_reduce
+        if num_registers and register_reduce > 1:
+            self.neck = nn.Linear(embed_dim, reg_dim, bias=False)
+            norm_cls = nn.RMSNorm if rms_norm else nn.LayerNorm
+            self.norm_neck = norm_cls(num_registers * reg_dim, eps=norm_eps)
+        else:
+            self.neck = self.norm_neck = None
+        self.head_drop = nn.Dropout(drop_rate) if drop_rate > 0 else nn.Identity()
+        self.head = nn.Linear(self._pooled_dim(), num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    # -- init / housekeeping --------------------------------------------------------------------
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Vim's init: lecun-normal patch conv, trunc-normal(.02) tokens and head, zero Linear biases,
+        out_proj kaiming-uniform / sqrt(depth) (GPT-2 style rescale); SSM params as in Mamba."""
+        lecun_normal_(self.patch_embed.proj.weight)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        for p in (self.pos_embed, self.cls_token, self.cls_pos_embed, self.reg_token, self.reg_pos_embed):
+            if p is not None:
+                trunc_normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+        for blk in self.blocks:
+            w = blk.mixer.out_proj.weight
+            nn.init.kaiming_uniform_(w, a=math.sqrt(5))
+            w.div_(math.sqrt(len(self.blocks)))
+        for m in (self.neck, self.head):
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        """Tokens, position embeddings and the SSMs' A_logs / Ds (flagged ``_no_weight_decay``)."""
+        names = {"pos_embed", "cls_token", "cls_pos_embed", "reg_token", "reg_pos_embed"}
+        return names | {n for n, p in self.named_parameters() if getattr(p, "_no_weight_decay", False)}
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return dict(
+            stem=r"^cls_token|^cls_pos_embed|^reg_token|^reg_pos_embed|^pos_embed|^patch_embed",
+            blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+        )
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def _check_pool(self, pool: str) -> None:
+        ok = {"", "avg"}
+        ok |= {"token"} if self.has_cls_token else set()
+        ok |= {"registers"} if self.num_registers else set()
+        if pool not in ok:
+            raise ValueError(f"global_pool={pool!r} is not available for this model; choose one of {sorted(ok)}")
+
+    def _pooled_dim(self) -> int:
+        if self.global_pool == "registers":
+            return self.num_registers * (self.embed_dim // self.register_reduce)
+        return self.embed_dim
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        if global_pool is not None:
+            self._check_pool(global_pool)
+            self.global_pool = global_pool
+        self.head = nn.Linear(self._pooled_dim(), num_classes) if num_classes > 0 else nn.Identity()
+
+    # -- tokens ---------------------------------------------------------------------------------
+
+    def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Image -> token tensor (B, M + cls + R, C) with position embeddings, and the grid (gh, gw)."""
+        x = self.patch_embed(x)  # (B, gh, gw, C); zero-padded to a multiple of the patch size
+        B, gh, gw, C = x.shape
+        pos = self.pos_embed
+        if (gh, gw) != self.pos_grid:
+            pos = resample_abs_pos_embed(pos, new_size=(gh, gw), old_size=self.pos_grid, num_prefix_tokens=0)
+        tokens = [x.reshape(B, gh * gw, C) + pos]
+        if self.cls_token is not None:
+            tokens.append((self.cls_token + self.cls_pos_embed).expand(B, -1, -1))
+        if self.reg_token is not None:
+            tokens.append((self.reg_token + self.reg_pos_embed).expand(B, -1, -1))
+        x = torch.cat(tokens, dim=1) if len(tokens) > 1 else tokens[0]
+        return self.pos_drop(x), (gh, gw)
+
+    def route_for(self, num_patches: int) -> torch.Tensor:
+        """The (2, S) scan routes for a grid of ``num_patches`` patches (CPU, cached)."""
+        return vim_route(num_patches, self.has_cls_token, self.num_registers)
+
+    def _run_block(self, blk: nn.Module, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint(blk, x, route, use_reentrant=False)
+        return blk(x, route)
+
+    # -- features -------------------------------------------------------------------------------
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Block outputs as feature maps (timm contract).
+
+        Args:
+            x: (B, in_chans, H, W), any H, W (zero-padded to a multiple of 16 at the bottom/right).
+            indices: blocks to take: None = all, int n = last n, sequence = those blocks.
+            norm: apply the final norm to each taken output.
+            stop_early: skip the blocks after the last taken one.
+            output_fmt: "NCHW" -> (B, C, gh, gw) maps; "NLC" -> (B, gh * gw, C) patch tokens.
+            intermediates_only: return only the list of features.
+
+        Returns:
+            features, or (final normalised tokens (B, L, C), features). Class token and registers
+            are dropped from the features; gh, gw = ceil(H / 16), ceil(W / 16).
+        """
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        B = x.shape[0]
+        x, (gh, gw) = self._embed(x)
+        M = gh * gw
+        route = self.route_for(M)
+        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
+        feats = []
+        for i, blk in enumerate(blocks):
+            x = self._run_block(blk, x, route)
+            if i in take_indices:
+                y = (self.norm(x) if norm else x)[:, :M]  # drop cls / registers (they follow the patches)
+                if output_fmt == "NCHW":
+                    y = y.reshape(B, gh, gw, -1).permute(0, 3, 1, 2).contiguous()
+                feats.append(y)
+        if intermediates_only:
+            return feats
+        return self.norm(x), feats
+
+    def prune_intermediate_layers(
+        self, indices: int | list[int] | tuple[int, ...] = 1, prune_norm: bool = False, prune_head: bool = True
+    ) -> list[int]:
+        """Drop the blocks after the last taken one (and the norm / classifier if asked)."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.neck = self.norm_neck = None
+            self.reset_classifier(0, "")
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, in_chans, H, W) -> normalised tokens (B, M + cls + R, C)."""
+        x, (gh, gw) = self._embed(x)
+        route = self.route_for(gh * gw)
+        for blk in self.blocks:
+            x = self._run_block(blk, x, route)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        R = self.num_registers
+        if self.global_pool == "registers":
+            x = x[:, x.shape[1] - R :]  # (B, R, C), register order
+            if self.neck is not None:
+                x = self.neck(x)
+            x = x.flatten(1)
+            if self.norm_neck is not None:
+                x = self.norm_neck(x)
+        elif self.global_pool == "token":
+            x = x[:, x.shape[1] - R - 1]
+        elif self.global_pool == "avg":
+            x = x[:, : x.shape[1] - R - int(self.has_cls_token)].mean(1)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint filter
+
+
+_DIRECTIONS = ("", "_b")  # official suffix of route 0 (forward) and route 1 (backward)
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: Vim) -> dict[str, torch.Tensor]:
+    """Official Vim / Mamba(R) checkpoint -> this model's state dict.
+
+    Stacks the per-direction mixer tensors (``conv1d``/``conv1d_b``, ``x_proj``/``x_proj_b``,
+    ``dt_proj``/``dt_proj_b``, ``A_log``/``A_b_log``, ``D``/``D_b``) into the route-indexed
+    parameters, renames ``layers.i`` -> ``blocks.i`` and ``norm_f`` -> ``norm``, splits Vim's
+    position embedding (the class token's entry sits in the middle, at index M // 2) and maps
+    Mamba(R)'s ``cls_token``/``pos_embed_cls`` to ``reg_token``/``reg_pos_embed``. The image
+    position embedding is resampled to the model's grid when they differ.
+    """
+    sd = state_dict.get("model", state_dict)
+    if any(k.startswith("blocks.") for k in sd):  # already ours
+        return dict(sd)
+    out: dict[str, torch.Tensor] = {}
+    mixer: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in sd.items():
+        if k.startswith("rope."):
+            continue
+        if k.startswith("layers."):
+            _, i, rest = k.split(".", 2)
+            if rest.startswith("mixer."):
+                mixer.setdefault(int(i), {})[rest[len("mixer.") :]] = v
+            else:
+                out[f"blocks.{i}.{rest}"] = v
+        elif k.startswith("norm_f."):
+            out["norm." + k[len("norm_f.") :]] = v
+        elif k in ("pos_embed", "cls_token", "pos_embed_cls"):
+            continue  # below
+        else:
+            out[k] = v
+    for i, m in mixer.items():
+        p = f"blocks.{i}.mixer."
+        out[p + "in_proj.weight"] = m["in_proj.weight"]
+        out[p + "out_proj.weight"] = m["out_proj.weight"]
+        for extra in ("in_proj.bias", "out_proj.bias"):
+            if extra in m:
+                out[p + extra] = m[extra]
+        out[p + "conv1d_weight"] = torch.stack([m[f"conv1d{s}.weight"][:, 0] for s in _DIRECTIONS])
+        if "conv1d.bias" in m:
+            out[p + "conv1d_bias"] = torch.stack([m[f"conv1d{s}.bias"] for s in _DIRECTIONS])
+        out[p + "ssm.x_proj_weight"] = torch.stack([m[f"x_proj{s}.weight"] for s in _DIRECTIONS])
+        out[p + "ssm.dt_projs_weight"] = torch.stack([m[f"dt_proj{s}.weight"] for s in _DIRECTIONS])
+        out[p + "ssm.dt_projs_bias"] = torch.stack([m[f"dt_proj{s}.bias"] for s in _DIRECTIONS])
+        out[p + "ssm.A_logs"] = torch.stack([m["A_log"], m["A_b_log"]])
+        out[p + "ssm.Ds"] = torch.stack([m["D"], m["D_b"]])
+
+    pos = sd["pos_embed"]
+    if model.has_cls_token:
+        m0 = pos.shape[1] - 1
+        half = m0 // 2
+        out["cls_pos_embed"] = pos[:, half : half + 1]
+        out["cls_token"] = sd["cls_token"]
+        pos = torch.cat([pos[:, :half], pos[:, half + 1 :]], dim=1)
+    if model.num_registers:
+        out["reg_token"] = sd["cls_token"]
+        out["reg_pos_embed"] = sd["pos_embed_cls"]
+    old = int(math.isqrt(pos.shape[1]))
+    if (old, old) != model.pos_grid:
+        pos = resample_abs_pos_embed(pos, new_size=model.pos_grid, old_size=(old, old), num_prefix_tokens=0)
+    out["pos_embed"] = pos
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# configs
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return dict(
+        url="",
+        num_classes=1000,
+        input_size=(3, 224, 224),
+        pool_size=None,
+        crop_pct=0.875,
+        interpolation="bicubic",
+        fixed_input_size=False,
+        mean=IMAGENET_DEFAULT_MEAN,
+        std=IMAGENET_DEFAULT_STD,
+        first_conv="patch_embed.proj",
+        classifier="head",
+        **kwargs,
+    )
+
+
+_PAPER = dict(vim="arXiv:2401.09417 (hustvl/Vim)", reg="arXiv:2405.14858 (wangf3014/Mamba-Reg)")
+
+default_cfgs = generate_default_cfgs(
+    {
+        "vim_tiny": _cfg(paper_ids=_PAPER["vim"]),
+        "vim_small": _cfg(paper_ids=_PAPER["vim"]),
+        "vim_tiny_reg": _cfg(paper_ids=_PAPER["reg"]),
+        "vim_small_reg": _cfg(paper_ids=_PAPER["reg"]),
+        "vim_base_reg": _cfg(paper_ids=_PAPER["reg"]),
+        "mambar_tiny": _cfg(paper_ids=_PAPER["reg"]),
+        "mambar_small": _cfg(paper_ids=_PAPER["reg"]),
+        "mambar_base": _cfg(paper_ids=_PAPER["reg"]),
+    }
+)
+
+
+def _create_vim(variant: str, pretrained: bool = False, **kwargs: Any) -> Vim:
+    if pretrained:
+        cfgs = (kwargs.get("pretrained_cfg_overlay") or {}, kwargs.get("pretrained_cfg") or {})
+        if not any(isinstance(c, dict) and c.get("file") for c in cfgs):
+            raise ValueError(
+                f"{variant}: weights are never downloaded; pass the official checkpoint as a file: "
+                f"timm.create_model({variant!r}, pretrained=True, pretrained_cfg_overlay=dict(file='/path/ckpt.pth'))"
+            )
+    depth = kwargs.get("depth", 24)
+    out_indices = kwargs.pop("out_indices", _even_blocks(depth))
+    return build_model_with_cfg(
+        Vim,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
+        **kwargs,
+    )
+
+
+# Vim: middle class token, no registers. Mamba(R): 12 registers, no class token.
+_VIM_T = dict(embed_dim=192, depth=24, cls_token=True)
+_VIM_S = dict(embed_dim=384, depth=24, cls_token=True)
+_REG_T = dict(embed_dim=192, depth=24, cls_token=False, num_registers=12, register_reduce=1)
+_REG_S = dict(embed_dim=384, depth=24, cls_token=False, num_registers=12, register_reduce=2)
+_REG_B = dict(embed_dim=768, depth=24, cls_token=False, num_registers=12, register_reduce=4)
+
+
+@register_encoder
+def vim_tiny(pretrained: bool = False, **kwargs: Any) -> Vim:
+    """Vim-T: C 192, depth 24, middle class token (~7M params)."""
+    return _create_vim("vim_tiny", pretrained, **dict(_VIM_T, **kwargs))
+
+
+@register_encoder
+def vim_small(pretrained: bool = False, **kwargs: Any) -> Vim:
+    """Vim-S: C 384, depth 24, middle class token (~26M params)."""
+    return _create_vim("vim_small", pretrained, **dict(_VIM_S, **kwargs))
+
+
+@register_encoder
+def vim_tiny_reg(pretrained: bool = False, **kwargs: Any) -> Vim:
+    """Mamba(R)-T: Vim-T with 12 registers and the register head (~9M params)."""
+    return _create_vim("vim_tiny_reg", pretrained, **dict(_REG_T, **kwargs))
+
+
+@register_encoder
+def vim_small_reg(pretrained: bool = False, **kwargs: Any) -> Vim:
+    """Mamba(R)-S: Vim-S with 12 registers, register head reduced 384 -> 192 (~28M params)."""
+    return _create_vim("vim_small_reg", pretrained, **dict(_REG_S, **kwargs))
+
+
+@register_encoder
+def vim_base_reg(pretrained: bool = False, **kwargs: Any) -> Vim:
+    """Mamba(R)-B: C 768, 12 registers, register head reduced 768 -> 192 (~99M params)."""
+    return _create_vim("vim_base_reg", pretrained, **dict(_REG_B, **kwargs))
+
+
+@register_encoder
+def mambar_tiny(pretrained: bool = False, **kwargs: Any) -> Vim:
+    """Alias of :func:`vim_tiny_reg` under the paper's name."""
+    return _create_vim("mambar_tiny", pretrained, **dict(_REG_T, **kwargs))
+
+
+@register_encoder
+def mambar_small(pretrained: bool = False, **kwargs: Any) -> Vim:
+    """Alias of :func:`vim_small_reg` under the paper's name."""
+    return _create_vim("mambar_small", pretrained, **dict(_REG_S, **kwargs))
+
+
+@register_encoder
+def mambar_base(pretrained: bool = False, **kwargs: Any) -> Vim:
+    """Alias of :func:`vim_base_reg` under the paper's name."""
+    return _create_vim("mambar_base", pretrained, **dict(_REG_B, **kwargs))

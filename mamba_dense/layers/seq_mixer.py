@@ -1,0 +1,218 @@
+"""RouteMamba: the Mamba-1 token mixer with one causal conv and one SSM per route.
+
+This is the mixer of Vim (bidirectional, ``bimamba_type="v2"``), Mamba(R) (the same, with register
+tokens spliced into the routes) and SegMamba's tri-oriented Mamba (``bimamba_type="v3"``)::
+
+    x (B, L, C) -> in_proj -> u, z                                         (B, L, E) each
+    for every route k:  u_k = SiLU(causal_conv1d_k(u, in the order route k visits the tokens))
+                        y_k = SSM_k(u_k) along route k                 (own x_proj/dt_proj/A/D)
+    y = (sum_k y_k) * SiLU(z) [/ K]  -> out_proj                          (B, L, C)
+
+The conv of route k is causal *along route k*: for a flipped route (Vim's backward scan) it is
+causal in the backward direction, i.e. the classic ``flip -> causal conv -> flip``; with registers
+spliced into the route it runs through the registers exactly where the scan visits them.
+
+All K scans run in ONE call of :func:`mamba_dense.kernels.selective_scan`. Because the conv makes
+the scanned input differ per route, while the operator reads one ``x`` per token, the K convolved
+copies are laid side by side as K * L tokens and route k is shifted to its own copy
+(``route[k] + k * L``). Each route still visits L tokens, so the scan's work is unchanged; the
+price is that the per-route inputs dt/B/C are (B, K*L, K, .) with only the k-th block of copy k
+ever read (K-fold memory for those three tensors). See ``NOTE(per-route x)`` below.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mamba_dense.kernels import routes as _routes
+from mamba_dense.kernels import selective_scan
+
+from .ssm import SSMCore
+
+__all__ = ["RouteMamba", "route_conv1d", "route_plan"]
+
+
+_PLAN_CACHE: dict = {}
+
+
+def route_plan(route: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inverse, stacked) helpers for a (K, S) route over ``num_tokens`` tokens, cached by identity.
+
+    Returns:
+        inv: (K, L) step at which route k visits token t, -1 if never (``routes.inverse``).
+        stacked: (K, S) the route shifted to the k-th copy of the tokens, ``route[k] + k * L``
+            (padding steps stay -1), for a scan over K side-by-side copies of the L tokens.
+    """
+    key = (id(route), tuple(route.shape), num_tokens)
+    hit = _PLAN_CACHE.get(key)
+    if hit is not None and hit[0] is route:
+        return hit[1], hit[2]
+    r = route.cpu()
+    inv = _routes.inverse(r, num_tokens)
+    offs = torch.arange(r.shape[0], dtype=torch.long)[:, None] * num_tokens
+    stacked = torch.where(r >= 0, r + offs, r).contiguous()
+    if len(_PLAN_CACHE) > 512:
+        _PLAN_CACHE.clear()
+    _PLAN_CACHE[key] = (route, inv, stacked)
+    return inv, stacked
+
+
+def route_conv1d(
+    u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, route: torch.Tensor, inv: torch.Tensor
+) -> torch.Tensor:
+    """Depthwise conv along each route, causal in the route's visiting order.
+
+    Args:
+        u: (B, L, E) tokens.
+        weight: (K, E, k) one depthwise kernel per route (``nn.Conv1d`` layout, tap k-1 = current step).
+        bias: (K, E) or None.
+        route: (K, S) int64 on u's device; -1 steps read zeros.
+        inv: (K, L) from :func:`route_plan`, on u's device.
+
+    Returns:
+        (B, K, L, E): route k's conv output, back at token positions (0 where route k never visits).
+    """
+    B, L, E = u.shape
+    K, S = route.shape
+    ksz = weight.shape[-1]
+    valid = (route >= 0).to(u.dtype)[None, :, :, None]
+    seq = u[:, route.clamp(min=0)] * valid  # (B, K, S, E) in visiting order
+    seq = seq.permute(0, 1, 3, 2).reshape(B, K * E, S)
+    out = F.conv1d(
+        seq,
+        weight.reshape(K * E, 1, ksz).to(u.dtype),
+        None if bias is None else bias.reshape(K * E).to(u.dtype),
+        padding=ksz - 1,
+        groups=K * E,
+    )[..., :S]
+    out = out.view(B, K, E, S).permute(0, 1, 3, 2)  # (B, K, S, E)
+    idx = inv.clamp(min=0)[None, :, :, None].expand(B, K, L, E)
+    seen = (inv >= 0).to(u.dtype)[None, :, :, None]
+    return out.gather(2, idx) * seen
+
+
+def _block_diagonal(t: torch.Tensor) -> torch.Tensor:
+    """(B, K, L, F) -> (B, K*L, K, F) with copy k's tokens holding t[:, k] in slot k, zeros elsewhere."""
+    B, K, L, Fd = t.shape
+    out = t.new_zeros(B, K, L, K, Fd)
+    for k in range(K):
+        out[:, k, :, k] = t[:, k]
+    return out.view(B, K * L, K, Fd)
+
+
+class RouteMamba(nn.Module):
+    """Mamba-1 mixer with a causal conv and an SSM per route, all routes in one scan call.
+
+    Args:
+        dim: block width C.
+        num_routes: K (2 for Vim's bidirectional scan, 3 for SegMamba's ToM).
+        d_state: N (16 in Vim, Mamba(R), SegMamba).
+        d_conv: conv width (4).
+        expand: E = expand * C (2).
+        dt_rank: "auto" = ceil(C / 16), or an int.
+        conv_bias: bias of the per-route convs (True in Mamba).
+        bias: bias of in_proj / out_proj (False in Mamba).
+        divide_out: divide the sum of the K route outputs by K before out_proj (Vim and Mamba(R)
+            do, ``if_divide_out=True``; SegMamba does not).
+
+    Parameters, per route k (stacked over K so ``mamba_dense.convert`` maps the official
+    ``conv1d``/``conv1d_b``/``conv1d_s``, ``x_proj``/``x_proj_b``, ... onto slot k):
+    ``conv1d_weight`` (K, E, d_conv), ``conv1d_bias`` (K, E), and the SSM's
+    ``ssm.x_proj_weight`` (K, R + 2N, E), ``ssm.dt_projs_weight`` (K, E, R),
+    ``ssm.dt_projs_bias`` (K, E), ``ssm.A_logs`` (K, E, N), ``ssm.Ds`` (K, E).
+
+    Shapes: forward(x (B, L, C), route (K, S) over the L tokens) -> (B, L, C).
+
+    Example:
+        >>> from mamba_dense.kernels import routes
+        >>> m = RouteMamba(16, num_routes=2, d_state=4)
+        >>> m(torch.randn(2, 10, 16), routes.bidirectional(10)).shape
+        torch.Size([2, 10, 16])
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        num_routes: int,
+        d_state: int = 16,
+        d_conv: int = 4,
+        expand: float = 2,
+        dt_rank: int | str = "auto",
+        conv_bias: bool = True,
+        bias: bool = False,
+        divide_out: bool = False,
+    ) -> None:
+        super().__init__()
+        self.dim, self.num_routes, self.d_conv = dim, num_routes, d_conv
+        self.d_inner = E = int(expand * dim)
+        self.divide_out = divide_out
+        self.in_proj = nn.Linear(dim, 2 * E, bias=bias)
+        self.conv1d_weight = nn.Parameter(torch.empty(num_routes, E, d_conv))
+        self.conv1d_bias = nn.Parameter(torch.empty(num_routes, E)) if conv_bias else None
+        self.act = nn.SiLU()
+        self.ssm = SSMCore(E, num_routes, d_state=d_state, dt_rank=dt_rank, d_model=dim)
+        self.out_proj = nn.Linear(E, dim, bias=bias)
+        self.reset_conv_parameters()
+
+    @torch.no_grad()
+    def reset_conv_parameters(self) -> None:
+        """``nn.Conv1d``'s default init for a depthwise kernel (fan_in = d_conv)."""
+        bound = 1.0 / math.sqrt(self.d_conv)
+        nn.init.uniform_(self.conv1d_weight, -bound, bound)
+        if self.conv1d_bias is not None:
+            nn.init.uniform_(self.conv1d_bias, -bound, bound)
+
+    def scan_routes(self, u: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        """Per-route conv + SiLU + SSM of u (B, L, E): -> (B, K, L, E), before the gate.
+
+        Route k's output sits at the token positions of route k (D * x skip included).
+        """
+        B, L, E = u.shape
+        K = self.num_routes
+        if route.shape[0] != K:
+            raise ValueError(f"route has {route.shape[0]} routes but this RouteMamba was built with num_routes={K}")
+        inv, stacked = route_plan(route, L)
+        dev = u.device
+        route_d = _routes.to_device(route, dev)
+        uk = self.act(route_conv1d(u, self.conv1d_weight, self.conv1d_bias, route_d, _routes.to_device(inv, dev)))
+
+        # Per-route projections of each route's own input (B, K, L, .).
+        ssm = self.ssm
+        N, R = ssm.d_state, ssm.dt_rank
+        x_dbl = torch.einsum("bkle,kce->bklc", uk, ssm.x_proj_weight.to(u.dtype))
+        dt_lr, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=-1)
+        dt = torch.einsum("bklr,ker->bkle", dt_lr, ssm.dt_projs_weight.to(u.dtype))
+
+        # NOTE(per-route x): the operator takes one x per token, so the K inputs are K copies of the
+        # tokens (B, K*L, E) and route k is shifted onto copy k. dt/B/C must then be (B, K*L, K, .)
+        # although only block (copy k, route k) is read. A per-route x in the operator
+        # (x of shape (B, L, K, E)) would remove this K-fold overhead.
+        dtype = u.dtype
+        A = (-torch.exp(ssm.A_logs.float())).to(dtype).contiguous()
+        y = selective_scan(
+            uk.reshape(B, K * L, E),
+            _block_diagonal(dt),
+            A,
+            _block_diagonal(Bs),
+            _block_diagonal(Cs),
+            ssm.Ds.to(dtype).contiguous(),
+            ssm.dt_projs_bias.to(dtype).contiguous(),
+            route=_routes.to_device(stacked, dev),
+            merge="sum",
+            dt_softplus=True,
+        )
+        return y.view(B, K, L, E)
+
+    def forward(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+        u, z = self.in_proj(x).chunk(2, dim=-1)
+        y = self.scan_routes(u.contiguous(), route).sum(1)
+        if self.divide_out:
+            y = y / self.num_routes
+        return self.out_proj(y * self.act(z))
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, d_inner={self.d_inner}, routes={self.num_routes}, d_conv={self.d_conv}"

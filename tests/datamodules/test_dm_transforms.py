@@ -1,0 +1,108 @@
+"""Augmentations (mmseg / detectron2 recipes) and the shared reading helpers."""
+
+from __future__ import annotations
+
+import albumentations as A
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from mamba_dense.datamodules._common import DataError, WorkerSeeded, read_label_png, read_rgb
+from mamba_dense.datamodules._volume import intensity_augment, random_flip, sample_patch
+from mamba_dense.datamodules.transforms import PhotoMetricDistortion, RandomCropCatMax, RescaleToFit, ResizeShortestEdge
+
+
+def _run(t, h, w, **extra):
+    return A.Compose([t], seed=0)(image=np.zeros((h, w, 3), np.uint8), mask=np.zeros((h, w), np.uint8), **extra)
+
+
+def test_rescale_to_fit_matches_mmseg():
+    assert _run(RescaleToFit((2048, 512)), 512, 683)["image"].shape[:2] == (512, 683)
+    assert _run(RescaleToFit((2048, 512)), 364, 500)["image"].shape[:2] == (512, 703)
+    assert _run(RescaleToFit((2048, 512)), 1000, 5000)["image"].shape[:2] == (410, 2048)  # long side caps
+    for _ in range(20):
+        out = _run(RescaleToFit((2048, 512), (0.5, 2.0)), 256, 256)
+        assert 256 <= out["image"].shape[0] <= 1024 and out["mask"].shape == out["image"].shape[:2]
+
+
+def test_resize_shortest_edge():
+    t = A.Compose([ResizeShortestEdge((640, 800), 1333)], seed=0)
+    sizes = {t(image=np.zeros((480, 640, 3), np.uint8))["image"].shape[0] for _ in range(30)}
+    assert sizes == {640, 800}
+    assert t(image=np.zeros((100, 1000, 3), np.uint8))["image"].shape[:2] == (133, 1333)
+
+
+def test_cat_max_ratio_crop():
+    mask = np.zeros((100, 100), np.uint8)
+    mask[:, 70:] = 1  # only ~1/3 of the 50x50 crops have < 75% of class 0
+
+    def balanced_share(cat_max_ratio: float) -> float:
+        ratios = []
+        for seed in range(40):
+            out = A.Compose([RandomCropCatMax(50, 50, cat_max_ratio=cat_max_ratio)], seed=seed)(
+                image=np.zeros((100, 100, 3), np.uint8), mask=mask)
+            assert out["image"].shape == (50, 50, 3) and out["mask"].shape == (50, 50)
+            _, counts = np.unique(out["mask"], return_counts=True)
+            ratios.append(counts.max() / counts.sum())
+        return float(np.mean(np.array(ratios) < 0.75))
+
+    assert balanced_share(0.75) > 0.9  # up to 10 tries, as in mmseg
+    assert balanced_share(1.0) < 0.6  # check disabled: plain random crops
+    small = A.Compose([RandomCropCatMax(64, 64)], seed=0)(image=np.zeros((30, 40, 3), np.uint8),
+                                                          mask=np.zeros((30, 40), np.uint8))
+    assert small["image"].shape == (30, 40, 3)  # never larger than the image: padding comes later
+
+
+def test_photometric_distortion():
+    img = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    t = PhotoMetricDistortion(p=1.0)
+    assert np.array_equal(t.apply(img), img)  # no step drawn: identity
+    out = t.apply(img, brightness=10.0, contrast=1.2, saturation=0.8, hue=5, contrast_first=False)
+    assert out.dtype == np.uint8 and out.shape == img.shape and not np.array_equal(out, img)
+    a = A.Compose([PhotoMetricDistortion()], seed=3)(image=img)["image"]
+    b = A.Compose([PhotoMetricDistortion()], seed=3)(image=img)["image"]
+    assert np.array_equal(a, b)
+    with pytest.raises(TypeError, match="before A.Normalize"):
+        t.apply(img.astype(np.float32))
+
+
+class _Draws(WorkerSeeded, Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return torch.tensor(self.rng().random())
+
+
+def test_workers_draw_different_augmentations():
+    draws = torch.cat(list(DataLoader(_Draws(), batch_size=1, num_workers=2)))
+    assert len(set(draws.tolist())) == 4  # without reseeding, forked workers would repeat each other
+
+
+def test_volume_patch_and_flip():
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(2, 10, 12, 14)).astype(np.float32)
+    label = np.zeros((10, 12, 14), np.int64)
+    label[8, 1, 2] = 1
+    img_p, lab_p = sample_patch(image, label, (16, 8, 8), rng, {1: np.array([[8, 1, 2]])})
+    assert img_p.shape == (2, 16, 8, 8) and lab_p.shape == (16, 8, 8) and lab_p.sum() == 1
+    img_f, lab_f = random_flip(img_p, lab_p, rng, p=1.0)
+    assert np.array_equal(img_f, img_p[:, ::-1, ::-1, ::-1]) and np.array_equal(lab_f, lab_p[::-1, ::-1, ::-1])
+    aug = intensity_augment(img_p, np.random.default_rng(1))
+    assert aug.shape == img_p.shape and aug.dtype == np.float32 and np.isfinite(aug).all()
+
+
+def test_readers(tmp_path):
+    Image.fromarray(np.full((4, 5), 7, np.uint8)).convert("P").save(tmp_path / "p.png")
+    assert read_label_png(tmp_path / "p.png").shape == (4, 5)
+    Image.fromarray(np.full((4, 5), 300, np.uint16)).save(tmp_path / "i16.png")
+    assert read_label_png(tmp_path / "i16.png").max() == 300
+    Image.new("CMYK", (5, 4)).save(tmp_path / "c.jpg")
+    assert read_rgb(tmp_path / "c.jpg").shape == (4, 5, 3)
+    (tmp_path / "x.jpg").write_bytes(b"not an image")
+    with pytest.raises(DataError, match=r"x\.jpg: pixel data: cannot decode"):
+        read_rgb(tmp_path / "x.jpg")
+    with pytest.raises(FileNotFoundError, match="file not found"):
+        read_rgb(tmp_path / "absent.jpg")

@@ -1,0 +1,295 @@
+"""Vim / Mamba(R): routes, route-vs-classic equivalence, feature contract, timm, counts, conversion."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+
+from mamba_dense.encoders import vim as vim_mod
+from mamba_dense.encoders.vim import Vim, checkpoint_filter_fn, vim_route
+from mamba_dense.kernels import routes, selective_scan
+from mamba_dense.layers.seq_mixer import RouteMamba
+
+
+def _tiny(**kw) -> Vim:
+    args = dict(embed_dim=32, depth=4, d_state=4, num_classes=0, img_size=64)
+    args.update(kw)
+    return Vim(**args)
+
+
+# ---------------------------------------------------------------------------------------------
+# routes
+
+
+@pytest.mark.parametrize("cls_token,R", [(False, 0), (True, 0), (False, 3), (True, 12)])
+@pytest.mark.parametrize("M", [6, 35])
+def test_vim_route_layout(M, cls_token, R):
+    route = vim_route(M, cls_token, R)
+    L = M + int(cls_token) + R
+    assert route.shape == (2, L) and route.dtype == torch.long
+    routes.check_route(route, L)
+    assert sorted(route[0].tolist()) == list(range(L))  # every token, once
+    assert torch.equal(route[1], route[0].flip(0))  # backward = forward reversed
+    fwd = route[0].tolist()
+    patches = [t for t in fwd if t < M]
+    assert patches == list(range(M))  # patches in raster order
+    if cls_token:
+        before_cls = fwd[: fwd.index(M)]
+        assert sum(t < M for t in before_cls) == M // 2  # Vim's middle class token
+    if R:
+        steps = [fwd.index(M + int(cls_token) + r) for r in range(R)]
+        assert steps == sorted(steps)  # registers in order
+        assert 0 < steps[0] and steps[-1] < L - 1  # never at an end
+        gaps = [b - a for a, b in zip([-1] + steps, steps + [L])]
+        assert max(gaps) - min(gaps) <= 2  # evenly spaced
+    if not cls_token and not R:
+        assert torch.equal(route, routes.bidirectional(M))
+
+
+# ---------------------------------------------------------------------------------------------
+# the route-based mixer equals the classic flip -> conv -> scan -> flip Mamba
+
+
+def _classic_direction(m: RouteMamba, u: torch.Tensor, seq: torch.Tensor, k: int, flip: bool) -> torch.Tensor:
+    """Route k of ``m`` computed the classic way: the tokens are physically put in ``seq`` order
+    (as Mamba(R) does with registers), flipped for the backward scan, causal conv1d, SiLU, the
+    route's x_proj / dt_proj, and ONE single-route raster scan; then flipped / un-permuted back."""
+    B, L, E = u.shape
+    s = u[:, seq]
+    if flip:
+        s = s.flip(1)
+    c = F.conv1d(s.transpose(1, 2), m.conv1d_weight[k][:, None], m.conv1d_bias[k], padding=m.d_conv - 1, groups=E)
+    c = F.silu(c[..., :L]).transpose(1, 2).contiguous()
+    ssm = m.ssm
+    R, N = ssm.dt_rank, ssm.d_state
+    dt_lr, Bs, Cs = (c @ ssm.x_proj_weight[k].T).split([R, N, N], -1)
+    dt = dt_lr @ ssm.dt_projs_weight[k].T
+    y = selective_scan(
+        c,
+        dt[:, :, None].contiguous(),
+        -torch.exp(ssm.A_logs[k : k + 1]),
+        Bs[:, :, None].contiguous(),
+        Cs[:, :, None].contiguous(),
+        ssm.Ds[k : k + 1],
+        ssm.dt_projs_bias[k : k + 1],
+        route=routes.raster(L)[None],
+    )
+    if flip:
+        y = y.flip(1)
+    out = torch.empty_like(y)
+    out[:, seq] = y
+    return out
+
+
+@pytest.mark.parametrize("cls_token,R", [(False, 0), (True, 0), (False, 4), (True, 3)])
+def test_bidirectional_equals_flip_scan_flip(cls_token, R):
+    torch.manual_seed(0)
+    M, C = 13, 8
+    L = M + int(cls_token) + R
+    m = RouteMamba(C, num_routes=2, d_state=4, divide_out=True).double()
+    with torch.no_grad():  # non-trivial A, D so every term is exercised
+        m.ssm.A_logs.add_(0.3 * torch.randn_like(m.ssm.A_logs))
+        m.ssm.Ds.add_(0.5 * torch.randn_like(m.ssm.Ds))
+    x = torch.randn(2, L, C, dtype=torch.float64)
+    route = vim_route(M, cls_token, R)
+    u, z = m.in_proj(x).chunk(2, dim=-1)
+    per_route = m.scan_routes(u.contiguous(), route)  # (B, 2, L, E)
+
+    seq = route[0]  # the physical Mamba(R)/Vim sequence order
+    fwd = _classic_direction(m, u, seq, 0, flip=False)
+    bwd = _classic_direction(m, u, seq, 1, flip=True)
+    torch.testing.assert_close(per_route[:, 0], fwd, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(per_route[:, 1], bwd, rtol=1e-9, atol=1e-9)
+
+    # and the whole mixer is Vim's v2: out_proj((y_f + y_b) / 2 * SiLU(z))
+    expect = m.out_proj((fwd + bwd) / 2 * F.silu(z))
+    torch.testing.assert_close(m(x, route), expect, rtol=1e-9, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# encoder contract
+
+
+@pytest.mark.parametrize("hw", [(32, 48), (33, 50)])
+@pytest.mark.parametrize("cls_token,R", [(True, 0), (False, 4), (True, 2)])
+def test_forward_backward_and_shapes(hw, cls_token, R):
+    torch.manual_seed(0)
+    m = _tiny(cls_token=cls_token, num_registers=R, num_classes=5)
+    x = torch.randn(2, 3, *hw)
+    idx = m.default_out_indices
+    final, feats = m.forward_intermediates(x, indices=idx)
+    gh, gw = -(-hw[0] // 16), -(-hw[1] // 16)
+    assert final.shape == (2, gh * gw + int(cls_token) + R, 32)
+    assert len(feats) == len(idx)
+    for f, i in zip(feats, idx):
+        info = m.feature_info[i]
+        assert info["reduction"] == 16 and info["module"] == f"blocks.{i}"
+        assert f.shape == (2, info["num_chs"], gh, gw)
+    logits = m(x)
+    assert logits.shape == (2, 5)
+    (logits.sum() + sum(f.square().mean() for f in feats)).backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    if R:
+        assert m.reg_token.grad.abs().sum() > 0
+    if cls_token:
+        assert m.cls_token.grad.abs().sum() > 0
+
+
+def test_registers_in_routes_and_dropped_from_features():
+    torch.manual_seed(0)
+    R = 5
+    m = _tiny(cls_token=True, num_registers=R).eval()
+    x = torch.randn(1, 3, 48, 64)
+    M = 3 * 4
+    route = m.route_for(M)
+    reg_ids = set(range(M + 1, M + 1 + R))
+    assert reg_ids <= set(route[0].tolist()) and reg_ids <= set(route[1].tolist())
+    final, nlc = m.forward_intermediates(x, indices=[1, 3], output_fmt="NLC")
+    nchw = m.forward_intermediates(x, indices=[1, 3], intermediates_only=True)
+    assert nlc[0].shape == (1, M, 32)  # only the patch tokens
+    torch.testing.assert_close(nchw[1], nlc[1].reshape(1, 3, 4, 32).permute(0, 3, 1, 2))
+    normed = m.forward_intermediates(x, indices=[3], norm=True, intermediates_only=True, output_fmt="NLC")[0]
+    torch.testing.assert_close(normed, final[:, :M])  # last block + norm == final tokens' patches
+    # the registers do take part: changing them changes the patch features
+    with torch.no_grad():
+        m.reg_token.add_(1.0)
+    nlc2 = m.forward_intermediates(x, indices=[3], output_fmt="NLC", intermediates_only=True)
+    assert not torch.allclose(nlc2[0], nlc[1])
+
+
+def test_stop_early_prune_and_errors():
+    m = _tiny()
+    x = torch.randn(1, 3, 32, 32)
+    a = m.forward_intermediates(x, indices=[1], intermediates_only=True)
+    b = m.forward_intermediates(x, indices=[1], stop_early=True, intermediates_only=True)
+    torch.testing.assert_close(a[0], b[0])
+    with pytest.raises(ValueError, match="output_fmt"):
+        m.forward_intermediates(x, output_fmt="NHWC")
+    with pytest.raises(ValueError, match="global_pool"):
+        _tiny(cls_token=False, global_pool="token")
+    kept = m.prune_intermediate_layers([0, 2])
+    assert kept == [0, 2] and len(m.blocks) == 3
+
+
+def test_pos_embed_resampled_to_any_grid():
+    m = _tiny(img_size=32)  # stored grid 2 x 2
+    assert m.pos_embed.shape == (1, 4, 32)
+    feats = m.forward_intermediates(torch.randn(1, 3, 80, 17), indices=1, intermediates_only=True)
+    assert feats[0].shape == (1, 32, 5, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# timm, meta, parameter counts
+
+
+def test_timm_features_only():
+    m = timm.create_model("vim_small", features_only=True)
+    assert m.feature_info.channels() == [384] * 4
+    assert m.feature_info.reduction() == [16] * 4
+    assert list(m.out_indices) == [5, 11, 17, 23]
+    feats = m(torch.randn(1, 3, 32, 48))
+    assert [tuple(f.shape) for f in feats] == [(1, 384, 2, 3)] * 4
+
+    r = timm.create_model("vim_tiny_reg", features_only=True, out_indices=(3, 23), num_registers=4, depth=24)
+    feats = r(torch.randn(1, 3, 33, 47))
+    assert [tuple(f.shape) for f in feats] == [(1, 192, 3, 3)] * 2
+
+
+@pytest.mark.parametrize(
+    "name,published_m",
+    [("vim_tiny", 7), ("vim_small", 26), ("vim_tiny_reg", 9), ("vim_small_reg", 28), ("vim_base_reg", 99)],
+)
+def test_param_counts_and_meta(name, published_m):
+    with torch.device("meta"):
+        m = timm.create_model(name)
+    assert all(p.device.type == "meta" for p in m.parameters())
+    n = sum(p.numel() for p in m.parameters()) / 1e6
+    assert abs(n - published_m) / published_m < 0.05, f"{name}: {n:.2f}M vs published {published_m}M"
+
+
+def test_mambar_aliases_registered():
+    for n in ("mambar_tiny", "mambar_small", "mambar_base", "vim_small_reg"):
+        assert n in timm.list_models("*")
+    assert vim_mod.default_cfgs  # pretrained cfgs registered (no download URLs)
+    nwd = _tiny().no_weight_decay()
+    assert {"pos_embed", "cls_token", "blocks.0.mixer.ssm.A_logs", "blocks.0.mixer.ssm.Ds"} <= nwd
+
+
+# ---------------------------------------------------------------------------------------------
+# official checkpoint layout -> ours
+
+
+def _official_state(model: Vim, rng: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random tensors under the official hustvl/Vim and Mamba-Reg key names and shapes."""
+    C = model.embed_dim
+    mix = model.blocks[0].mixer
+    E, N, R, k = mix.d_inner, mix.ssm.d_state, mix.ssm.dt_rank, mix.d_conv
+    M = model.pos_grid[0] * model.pos_grid[1]
+
+    def r(*s):
+        return torch.randn(*s, generator=rng)
+
+    sd = {"patch_embed.proj.weight": r(C, 3, 16, 16), "patch_embed.proj.bias": r(C), "norm_f.weight": r(C)}
+    for i in range(len(model.blocks)):
+        p = f"layers.{i}."
+        sd[p + "norm.weight"] = r(C)
+        sd[p + "mixer.in_proj.weight"] = r(2 * E, C)
+        sd[p + "mixer.out_proj.weight"] = r(C, E)
+        for s in ("", "_b"):
+            sd[p + f"mixer.conv1d{s}.weight"] = r(E, 1, k)
+            sd[p + f"mixer.conv1d{s}.bias"] = r(E)
+            sd[p + f"mixer.x_proj{s}.weight"] = r(R + 2 * N, E)
+            sd[p + f"mixer.dt_proj{s}.weight"] = r(E, R)
+            sd[p + f"mixer.dt_proj{s}.bias"] = r(E)
+        sd[p + "mixer.A_log"], sd[p + "mixer.A_b_log"] = r(E, N), r(E, N)
+        sd[p + "mixer.D"], sd[p + "mixer.D_b"] = r(E), r(E)
+    if model.has_cls_token:  # Vim: cls in the middle of the sequence, pos_embed (1, M + 1, C)
+        sd["cls_token"], sd["pos_embed"] = r(1, 1, C), r(1, M + 1, C)
+        sd["head.weight"], sd["head.bias"] = r(model.num_classes, C), r(model.num_classes)
+    else:  # Mamba-Reg: registers are called cls_token, pos_embed covers the patches only
+        Rg = model.num_registers
+        sd["cls_token"], sd["pos_embed_cls"], sd["pos_embed"] = r(1, Rg, C), r(1, Rg, C), r(1, M, C)
+        red = C // model.register_reduce
+        sd["neck.weight"], sd["norm_neck.weight"] = r(red, C), r(Rg * red)
+        sd["head.weight"], sd["head.bias"] = r(model.num_classes, Rg * red), r(model.num_classes)
+    return sd
+
+
+@pytest.mark.parametrize("kind", ["vim", "mambar"])
+def test_checkpoint_filter_loads_official_layout(kind):
+    kw = dict(cls_token=True) if kind == "vim" else dict(cls_token=False, num_registers=4, register_reduce=2)
+    model = _tiny(num_classes=7, depth=2, **kw)
+    sd = _official_state(model, torch.Generator().manual_seed(0))
+    ours = checkpoint_filter_fn({"model": sd}, model)
+    model.load_state_dict(ours, strict=True)
+    mix = model.blocks[1].mixer
+    torch.testing.assert_close(mix.conv1d_weight[1], sd["layers.1.mixer.conv1d_b.weight"][:, 0])
+    torch.testing.assert_close(mix.ssm.A_logs[1], sd["layers.1.mixer.A_b_log"])
+    if kind == "vim":
+        M = model.pos_grid[0] * model.pos_grid[1]
+        torch.testing.assert_close(model.cls_pos_embed, sd["pos_embed"][:, M // 2 : M // 2 + 1])
+        torch.testing.assert_close(model.pos_embed[:, M // 2], sd["pos_embed"][:, M // 2 + 1])
+    else:
+        torch.testing.assert_close(model.reg_token, sd["cls_token"])
+
+
+def test_timm_pretrained_from_file_only(tmp_path):
+    ref = timm.create_model("vim_tiny", depth=2, img_size=64)  # official layout at a 4 x 4 grid
+    sd = _official_state(ref, torch.Generator().manual_seed(1))
+    path = tmp_path / "vim_t.pth"
+    torch.save({"model": sd}, path)
+    m = timm.create_model("vim_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), depth=2, img_size=96)
+    assert m.pos_embed.shape == (1, 36, 192)  # resampled 4 x 4 -> 6 x 6 by the filter
+    torch.testing.assert_close(m.blocks[1].mixer.ssm.Ds[1], sd["layers.1.mixer.D_b"])
+    with pytest.raises(ValueError, match="never downloaded"):
+        timm.create_model("vim_tiny", pretrained=True, depth=1)
+
+
+def test_in_package_registry():
+    import mamba_dense.encoders as enc
+
+    assert {"vim_tiny", "vim_small", "vim_small_reg"} <= set(enc.list_encoders("vim*"))
+    assert enc.get_encoder_entry("vim_small_reg").spatial_dims == 2
