@@ -93,11 +93,12 @@ def _fwd_kernel(
     HAS_H0: tl.constexpr, STORE_STATES: tl.constexpr,
     T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, CT: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
+    # grid: (KL * n_dblk, n_chunks, batch); the routes of one channel block are adjacent programs
+    pid0 = tl.program_id(0)
     pid_c = tl.program_id(1)
-    pid_bk = tl.program_id(2)
-    b = pid_bk // KL
-    k = k0 + pid_bk % KL
+    b = tl.program_id(2)
+    k = k0 + pid0 % KL
+    pid_d = pid0 // KL
     b64 = b.to(tl.int64)
     d = pid_d * BD + tl.arange(0, BD)
     dmask = d < Dm
@@ -194,6 +195,32 @@ def _carry_kernel(
         h = tl.exp(A * ds) * h + own
 
 
+@triton.jit
+def _sum_routes_kernel(buf_ptr, out_ptr, rows, K, Dm, BR: tl.constexpr, BDS: tl.constexpr, CT: tl.constexpr):
+    """out[r, d] = sum_k buf[r, k, d] in a fixed order (deterministic), accumulated in CT."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    d = tl.program_id(1) * BDS + tl.arange(0, BDS)
+    m = (r < rows)[:, None] & (d < Dm)[None, :]
+    r64 = r.to(tl.int64)
+    acc = tl.zeros([BR, BDS], dtype=CT)
+    for k in range(0, K):
+        acc += tl.load(buf_ptr + (r64[:, None] * K + k) * Dm + d[None, :], mask=m, other=0.0).to(CT)
+    tl.store(out_ptr + r64[:, None] * Dm + d[None, :], acc.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def sum_routes(buf: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """(b, L, K, D) -> (b, L, D), summing the K routes in order."""
+    b, L, K, Dm = buf.shape
+    out = _empty(b, L, Dm, device=buf.device, dtype=out_dtype)
+    rows = b * L
+    BDS = min(128, triton.next_power_of_2(Dm))
+    BR = max(1, 2048 // BDS)
+    _sum_routes_kernel[(triton.cdiv(rows, BR), triton.cdiv(Dm, BDS))](
+        buf, out, rows, K, Dm, BR=BR, BDS=BDS, CT=_ct(buf.dtype), num_warps=4,
+    )
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # backward
 # --------------------------------------------------------------------------------------------
@@ -206,16 +233,17 @@ def _bwd_kernel(
     batch, L, S, Dm, N, K, k0, KL, n_tiles, tiles_per_prog, n_chunks,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     DY_PER_ROUTE: tl.constexpr,  # dy is (b, L, K, D) (merge="none") instead of (b, L, D)
-    DXMODE: tl.constexpr,  # 1: acc = dx; 2: acc += dx; 3: out = acc + dx; 4: out = dx
+    DXMODE: tl.constexpr,  # 0: per-route dx (b,L,K,D); 1: acc = dx; 2: acc += dx; 3: out = acc + dx; 4: out = dx
     PHASE: tl.constexpr,  # 0: gradients; 1: chunk-start dh from a zero carry (for the carry pass)
     HAS_G0: tl.constexpr,  # start from the carried dh in g_ptr (chunk-parallel)
     T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, CT: tl.constexpr,
 ):
-    pid_d = tl.program_id(0)
+    # grid: (KL * n_dblk, n_chunks, batch); the routes of one channel block are adjacent programs
+    pid0 = tl.program_id(0)
     pid_c = tl.program_id(1)
-    pid_bk = tl.program_id(2)
-    b = pid_bk // KL
-    k = k0 + pid_bk % KL
+    b = tl.program_id(2)
+    k = k0 + pid0 % KL
+    pid_d = pid0 // KL
     b64 = b.to(tl.int64)
     d = pid_d * BD + tl.arange(0, BD)
     dmask = d < Dm
@@ -300,7 +328,9 @@ def _bwd_kernel(
             tl.store(dB_ptr + bc_base + bc_off, dBv, mask=bc_mask)
             tl.store(dC_ptr + bc_base + bc_off, dCv, mask=bc_mask)
             xoff = row[:, None] * Dm + d[None, :]
-            if DXMODE == 1:
+            if DXMODE == 0:
+                tl.store(dx_ptr + rk[:, None] * Dm + d[None, :], dxv.to(dx_ptr.dtype.element_ty), mask=m2)
+            elif DXMODE == 1:
                 tl.store(dxacc_ptr + xoff, dxv, mask=m2)
             elif DXMODE == 2:
                 prev = tl.load(dxacc_ptr + xoff, mask=m2, other=0.0)
@@ -358,18 +388,24 @@ def route_coverage(route: torch.Tensor, L: int) -> tuple[bool, ...]:
 
 
 def _config(N: int, Dm: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(T, BD, num_warps) for a state size."""
+    """(T, BD, num_warps) for a state size (MAMBA_DENSE_SCAN_CFG="T,BD,warps" overrides, for tuning)."""
     NP = triton.next_power_of_2(N)
+    env = os.environ.get("MAMBA_DENSE_SCAN_CFG")
+    if env:
+        T, BD, W = (int(v) for v in env.split(","))
+        return T, BD, W
     if dtype == torch.float64:
         return 16, 16, 4
+    # Measured on an H100 (benchmarks/scan_tune.py, S1): for N = 1, small tiles with one warp and
+    # many resident programs gave the best forward+backward (2.9 ms vs 4.2 ms for T=64, 4 warps).
     if NP == 1:
-        T, BD = 64, 32
+        T, BD, W = 16, 32, 1
     elif NP <= 4:
-        T, BD = 32, 32
+        T, BD, W = 16, 32, 2
     else:
-        T, BD = 16, 16
+        T, BD, W = 16, 16, 4
     BD = min(BD, max(16, triton.next_power_of_2(Dm)))
-    return T, BD, 4
+    return T, BD, W
 
 
 def _ct(dtype):
@@ -383,17 +419,28 @@ def _num_sms(dev: torch.device) -> int:
 
 
 # Programs per launch we aim for: a few resident programs per SM hide the gather latency.
-PROGRAMS_PER_SM = 8
+PROGRAMS_PER_SM = int(os.environ.get("MAMBA_DENSE_PROGRAMS_PER_SM", "32"))
 
 
 def _tiles_per_chunk(n_tiles: int, programs: int, n_sm: int, override: int | None = None) -> int:
     """Tiles one program walks; fewer than n_tiles means chunk-parallel (3 phases)."""
     if override is not None:
         return max(1, min(int(override), n_tiles))
-    want_chunks = max(1, -(-PROGRAMS_PER_SM * n_sm // max(1, programs)))
+    pps = int(os.environ.get("MAMBA_DENSE_PROGRAMS_PER_SM", PROGRAMS_PER_SM))
+    want_chunks = max(1, -(-pps * n_sm // max(1, programs)))
     if want_chunks <= 1 or n_tiles < 4:
         return n_tiles
     return max(2, -(-n_tiles // want_chunks))
+
+
+def _merge_strategy() -> str:
+    """How routes are merged (both deterministic): "buffer" (default) writes per-route outputs and
+    sums them in a second pass; "serial" runs one launch per route with a read-add-write of an fp32
+    accumulator (less memory, less parallelism). Set MAMBA_DENSE_MERGE to choose."""
+    v = os.environ.get("MAMBA_DENSE_MERGE", "buffer")
+    if v not in ("buffer", "serial"):
+        raise ValueError(f"MAMBA_DENSE_MERGE must be 'buffer' or 'serial', got {v!r}")
+    return v
 
 
 def _merge_modes(K: int, cover: tuple[bool, ...]) -> tuple[list[int], bool]:
@@ -418,7 +465,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
     n_dblk = triton.cdiv(Dm, BD)
     odt = out_dtype or x.dtype
     dev = x.device
-    per_launch = batch * (K if merge == "none" else 1) * n_dblk
+    per_launch = batch * n_dblk * (K if (merge == "none" or _merge_strategy() == "buffer") else 1)
     tpc = _tiles_per_chunk(n_tiles, per_launch, _num_sms(dev), tiles_per_chunk)
     n_chunks = triton.cdiv(n_tiles, tpc)
     chunked = n_chunks > 1
@@ -437,7 +484,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
     if chunked:
         # phase 1: every chunk of every route from a zero state -> slot of the chunk's first tile
         dsum = _empty(batch, K, n_tiles, Dm, device=dev, dtype=cdt)
-        _fwd_kernel[(n_dblk, n_chunks, batch * K)](
+        _fwd_kernel[(K * n_dblk, n_chunks, batch)](
             x, dt, A, B, C, D_, bias_, route, dummy, dummy, states, dsum,
             L, S, Dm, N, K, 0, K, n_tiles, tpc,
             MODE=0, PHASE=1, HAS_H0=False, STORE_STATES=False, **common,
@@ -448,12 +495,20 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
             states, dsum, A, n_chunks, tpc, n_tiles, Dm, N, K, REVERSE=False, BLK=BLK, CT=_ct(x.dtype),
         )
     phase3 = dict(PHASE=0, HAS_H0=chunked, STORE_STATES=save_states)
-    if merge == "none":
-        out = (_empty if all(cover) else torch.zeros)(batch, L, K, Dm, device=dev, dtype=odt)
-        _fwd_kernel[(n_dblk, n_chunks, batch * K)](
+    if merge == "none" or _merge_strategy() == "buffer":
+        # all routes in one launch, per-route outputs at their tokens; merge="sum" then adds the
+        # K routes in a fixed order (deterministic) with fp32 accumulation
+        if merge == "none":
+            bdt = odt
+        else:
+            bdt = odt if odt in (torch.bfloat16, torch.float32, torch.float64) else torch.float32
+        out = (_empty if all(cover) else torch.zeros)(batch, L, K, Dm, device=dev, dtype=bdt)
+        _fwd_kernel[(K * n_dblk, n_chunks, batch)](
             x, dt, A, B, C, D_, bias_, route, out, dummy, states, dummy,
             L, S, Dm, N, K, 0, K, n_tiles, tpc, MODE=0, **phase3, **common,
         )
+        if merge == "sum":
+            out = sum_routes(out, odt)
     else:
         out = _empty(batch, L, Dm, device=dev, dtype=odt)
         modes, zero = _merge_modes(K, cover)
@@ -484,7 +539,8 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
     dev = x.device
     dy = dy.contiguous()
     cover = route_coverage(route, L)
-    tpc = _tiles_per_chunk(n_tiles, batch * n_dblk, _num_sms(dev), tiles_per_chunk)
+    per_launch = batch * n_dblk * (K if _merge_strategy() == "buffer" else 1)
+    tpc = _tiles_per_chunk(n_tiles, per_launch, _num_sms(dev), tiles_per_chunk)
     n_chunks = triton.cdiv(n_tiles, tpc)
     chunked = n_chunks > 1
     dummy = states
@@ -506,7 +562,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
     if chunked:
         gbuf = _empty(batch, K, n_chunks, N, Dm, device=dev, dtype=cdt)
         gsum = _empty(batch, K, n_chunks, Dm, device=dev, dtype=cdt)
-        _bwd_kernel[(n_dblk, n_chunks, batch * K)](
+        _bwd_kernel[(K * n_dblk, n_chunks, batch)](
             x, dt, A, B, C, D_, bias_, route, states, dy,
             dx, dummy, ddt, dBp, dCp, dAp, dDp, dbp, gbuf, gsum,
             batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks,
@@ -516,18 +572,33 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
         _carry_kernel[(triton.cdiv(N * Dm, BLK), batch * K)](
             gbuf, gsum, A, n_chunks, 1, n_chunks, Dm, N, K, REVERSE=True, BLK=BLK, CT=_ct(x.dtype),
         )
-    modes, zero = _merge_modes(K, cover)
-    need_acc = modes != [4]
-    dxacc = (torch.zeros if zero else _empty)(batch, L, Dm, device=dev, dtype=cdt) if need_acc else dummy
-    for k, mode in enumerate(modes):
-        _bwd_kernel[(n_dblk, n_chunks, batch)](
+    if _merge_strategy() == "buffer":
+        xdt = x.dtype if x.dtype in (torch.bfloat16, torch.float32, torch.float64) else torch.float32
+        if K == 1 and cover[0]:
+            dxbuf = dx
+        else:
+            dxbuf = (_empty if all(cover) else torch.zeros)(batch, L, K, Dm, device=dev, dtype=xdt)
+        _bwd_kernel[(K * n_dblk, n_chunks, batch)](
             x, dt, A, B, C, D_, bias_, route, states, dy,
-            dx, dxacc, ddt, dBp, dCp, dAp, dDp, dbp, gbuf, gsum,
-            batch, L, S, Dm, N, K, k, 1, n_tiles, tpc, n_chunks,
-            DXMODE=mode, PHASE=0, HAS_G0=chunked, **kw,
+            dxbuf, dummy, ddt, dBp, dCp, dAp, dDp, dbp, gbuf, gsum,
+            batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks,
+            DXMODE=0, PHASE=0, HAS_G0=chunked, **kw,
         )
-    if modes[-1] == 2:
-        dx.copy_(dxacc)
+        if dxbuf is not dx:
+            dx = sum_routes(dxbuf, x.dtype)
+    else:
+        modes, zero = _merge_modes(K, cover)
+        need_acc = modes != [4]
+        dxacc = (torch.zeros if zero else _empty)(batch, L, Dm, device=dev, dtype=cdt) if need_acc else dummy
+        for k, mode in enumerate(modes):
+            _bwd_kernel[(n_dblk, n_chunks, batch)](
+                x, dt, A, B, C, D_, bias_, route, states, dy,
+                dx, dxacc, ddt, dBp, dCp, dAp, dDp, dbp, gbuf, gsum,
+                batch, L, S, Dm, N, K, k, 1, n_tiles, tpc, n_chunks,
+                DXMODE=mode, PHASE=0, HAS_G0=chunked, **kw,
+            )
+        if modes[-1] == 2:
+            dx.copy_(dxacc)
     dB = (dBp[0] if n_dblk == 1 else dBp.sum(0)).to(B.dtype)
     dC = (dCp[0] if n_dblk == 1 else dCp.sum(0)).to(C.dtype)
     dA = dAp.sum((0, 1)).transpose(1, 2).contiguous().to(A.dtype)  # (K, D, N)

@@ -1,0 +1,65 @@
+"""timm glue shared by the 2D families: default pretrained cfgs and ``build_model_with_cfg``.
+
+``features_only=True`` wraps the model in timm's ``FeatureGetterNet``, which calls the model's own
+``forward_intermediates`` (so the any-size rule of ``_features.py`` holds for features too).
+Pretrained weights come from a local file only: ``timm.create_model(name, pretrained=True,
+pretrained_cfg_overlay=dict(file="/path/ckpt.pth"))``; each family's ``checkpoint_filter_fn``
+maps the official key names onto ours.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch.nn as nn
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.models import build_model_with_cfg
+
+__all__ = ["encoder_cfg", "build_encoder"]
+
+
+def encoder_cfg(**kwargs: Any) -> dict[str, Any]:
+    """A timm pretrained cfg with no download location (weights load from a file path only)."""
+    return {
+        "url": "",
+        "num_classes": 1000,
+        "input_size": (3, 224, 224),
+        "pool_size": (7, 7),
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "first_conv": "stem.conv1",
+        "classifier": "head",
+        "license": "mit",
+        **kwargs,
+    }
+
+
+def build_encoder(
+    model_cls: Callable[..., nn.Module],
+    variant: str,
+    pretrained: bool = False,
+    pretrained_filter_fn: Callable | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """``timm.models.build_model_with_cfg`` with the 4-stage feature getter as feature adapter.
+
+    ``pretrained=True`` needs a local file (no downloads): ``pretrained_cfg_overlay=dict(file=path)``.
+    """
+    if pretrained:
+        cfgs = (kwargs.get("pretrained_cfg_overlay") or {}, kwargs.get("pretrained_cfg") or {})
+        if not any(isinstance(c, dict) and c.get("file") for c in cfgs):
+            raise ValueError(
+                f"{variant}: weights are never downloaded; pass the official checkpoint as a file, e.g. "
+                f"timm.create_model({variant!r}, pretrained=True, pretrained_cfg_overlay=dict(file='/path/ckpt.pth')) "
+                "(smp: encoder_weights=True plus the same pretrained_cfg_overlay), or use pretrained=False"
+            )
+    return build_model_with_cfg(
+        model_cls,
+        variant,
+        pretrained,
+        pretrained_filter_fn=pretrained_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
+        **kwargs,
+    )

@@ -1,0 +1,138 @@
+"""Per-route selective-SSM parameters and the call to the shared scan operator.
+
+:class:`SSMCore` owns, for K routes over D channels with state size N and dt rank R:
+
+=================  ===============  ==================================================
+``x_proj_weight``  (K, R + 2N, D)   token -> (dt_low_rank, B, C), one projection per route
+``dt_projs_weight`` (K, D, R)       low-rank dt -> per-channel dt
+``dt_projs_bias``  (K, D)           dt bias, init so softplus(bias) ~ logU[dt_min, dt_max]
+``A_logs``         (K, D, N)        A = -exp(A_logs); init log(1..N) (S4D-real)
+``Ds``             (K, D)           skip, init 1
+=================  ===============  ==================================================
+
+and calls :func:`mamba_dense.kernels.selective_scan` once for all routes. The projections are
+computed token-major on the (batch, L, D) tensor: every route reads the same token, so the
+per-route dt/B/C of token t do not depend on where the route visits t and no (batch, K, D, L)
+copy of the input is ever built. The routes (``kernels.routes``) decide the visiting order and
+the kernel merges the routes' outputs back onto the tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mamba_dense.kernels import routes as _routes
+from mamba_dense.kernels import selective_scan
+
+__all__ = ["SSMCore", "auto_dt_rank", "dt_bias_init_", "A_log_init_"]
+
+
+def auto_dt_rank(d_model: int) -> int:
+    """Mamba/VMamba's ``dt_rank="auto"``: ceil(d_model / 16) (d_model is the block width, not d_inner)."""
+    return math.ceil(d_model / 16)
+
+
+@torch.no_grad()
+def dt_bias_init_(bias: torch.Tensor, dt_min: float = 1e-3, dt_max: float = 0.1, floor: float = 1e-4) -> torch.Tensor:
+    """Fill ``bias`` so that softplus(bias) = dt with log(dt) ~ U[log dt_min, log dt_max], dt >= floor."""
+    dt = torch.exp(torch.rand_like(bias) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=floor)
+    return bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+
+
+@torch.no_grad()
+def A_log_init_(A_logs: torch.Tensor) -> torch.Tensor:
+    """S4D-real init along the last dim: A_logs[..., n] = log(n + 1)."""
+    n = A_logs.shape[-1]
+    return A_logs.copy_(torch.log(torch.arange(1, n + 1, dtype=A_logs.dtype, device=A_logs.device)).expand_as(A_logs))
+
+
+class SSMCore(nn.Module):
+    """K per-route selective SSMs over D channels, run by the shared scan operator.
+
+    Args:
+        d_inner: channels D of the scanned tokens.
+        num_routes: K, the number of routes the scan will be given (each has its own parameters).
+        d_state: N.
+        dt_rank: R, or "auto" for ceil(d_model / 16).
+        d_model: block width used by ``dt_rank="auto"`` (default: d_inner).
+        dt_min, dt_max, dt_init_floor, dt_scale: dt initialisation (Mamba defaults).
+
+    Shapes:
+        forward(x (B, L, D), route (K, S) int64) -> (B, L, D) for merge="sum",
+        (B, L, K, D) for merge="none" (tokens no route visits get 0).
+
+    Example:
+        >>> from mamba_dense.kernels import routes
+        >>> core = SSMCore(d_inner=8, num_routes=4, d_state=2)
+        >>> core(torch.randn(2, 3 * 5, 8), routes.cross2d(3, 5)).shape
+        torch.Size([2, 15, 8])
+    """
+
+    def __init__(
+        self,
+        d_inner: int,
+        num_routes: int,
+        d_state: int = 16,
+        dt_rank: int | str = "auto",
+        d_model: int | None = None,
+        dt_min: float = 1e-3,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        dt_scale: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.d_inner, self.num_routes, self.d_state = d_inner, num_routes, d_state
+        self.dt_rank = auto_dt_rank(d_model or d_inner) if dt_rank == "auto" else int(dt_rank)
+        K, D, N, R = num_routes, d_inner, d_state, self.dt_rank
+        self.dt_min, self.dt_max, self.dt_init_floor, self.dt_scale = dt_min, dt_max, dt_init_floor, dt_scale
+        self.x_proj_weight = nn.Parameter(torch.empty(K, R + 2 * N, D))
+        self.dt_projs_weight = nn.Parameter(torch.empty(K, D, R))
+        self.dt_projs_bias = nn.Parameter(torch.empty(K, D))
+        self.A_logs = nn.Parameter(torch.empty(K, D, N))
+        self.Ds = nn.Parameter(torch.empty(K, D))
+        for p in (self.A_logs, self.Ds):
+            p._no_weight_decay = True  # type: ignore[attr-defined]
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Official Mamba/VMamba init: x_proj as nn.Linear default, dt_proj U(+-R^-0.5 * scale), A, D."""
+        bound = 1.0 / math.sqrt(self.d_inner)  # nn.Linear's kaiming_uniform(a=sqrt(5)) bound
+        nn.init.uniform_(self.x_proj_weight, -bound, bound)
+        std = self.dt_rank**-0.5 * self.dt_scale
+        nn.init.uniform_(self.dt_projs_weight, -std, std)
+        dt_bias_init_(self.dt_projs_bias, self.dt_min, self.dt_max, self.dt_init_floor)
+        A_log_init_(self.A_logs)
+        nn.init.ones_(self.Ds)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-route dt (B, L, K, D), B and C (B, L, K, N) of the tokens x (B, L, D)."""
+        b, L, _ = x.shape
+        K, N, R = self.num_routes, self.d_state, self.dt_rank
+        x_dbl = F.linear(x, self.x_proj_weight.reshape(-1, self.d_inner).to(x.dtype)).view(b, L, K, R + 2 * N)
+        dt_lr, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=-1)
+        dt = torch.einsum("blkr,kdr->blkd", dt_lr, self.dt_projs_weight.to(x.dtype))
+        return dt.contiguous(), Bs.contiguous(), Cs.contiguous()
+
+    def forward(self, x: torch.Tensor, route: torch.Tensor, merge: str = "sum") -> torch.Tensor:
+        if route.shape[0] != self.num_routes:
+            raise ValueError(
+                f"route has {route.shape[0]} routes but this SSMCore was built with num_routes={self.num_routes}"
+            )
+        x = x.contiguous()
+        dt, Bs, Cs = self.project(x)
+        dtype = x.dtype
+        # NOTE: the operator computes in fp32 internally; under autocast it wants one dtype for all inputs.
+        A = (-torch.exp(self.A_logs.float())).to(dtype).contiguous()
+        return selective_scan(
+            x, dt, A, Bs, Cs,
+            self.Ds.to(dtype).contiguous(), self.dt_projs_bias.to(dtype).contiguous(),
+            route=_routes.to_device(route, x.device), merge=merge, dt_softplus=True,
+        )
+
+    def extra_repr(self) -> str:
+        return f"d_inner={self.d_inner}, routes={self.num_routes}, d_state={self.d_state}, dt_rank={self.dt_rank}"
