@@ -44,6 +44,8 @@ def validate_inputs(x, dt, A, B, C, D, dt_bias, route, merge, out_dtype, check_v
     batch, L, Dm = x.shape
     if not isinstance(route, torch.Tensor) or route.dim() != 2:
         raise ValueError(f"route must be an int64 tensor of shape (K, S), got {_shape(route)}")
+    if route.dtype != torch.long:
+        raise ValueError(f"route must have dtype torch.int64, got {route.dtype}")
     K = route.shape[0]
     if not isinstance(A, torch.Tensor) or A.dim() != 3:
         raise ValueError(f"A must be a tensor of shape (K, D, N) = ({K}, {Dm}, N), got {_shape(A)}")

@@ -1,0 +1,92 @@
+"""Operator contract: VMamba-style cross scan equivalence, meta device, and bad-input errors."""
+
+import pytest
+import torch
+
+from mamba_dense.kernels import routes, selective_scan
+
+from _scan_loop_oracle import scan_loop
+
+
+def test_vmamba_cross_scan_equivalence_non_square():
+    # VMamba's way: copy x into 4 cross-scan sequences (B, K, D, L), scan each, scatter-add back.
+    g = torch.Generator().manual_seed(0)
+    b, h, w, d, n, K = 2, 3, 5, 4, 2, 4
+    L = h * w
+    x = torch.randn(b, L, d, generator=g, dtype=torch.float64)
+    dt = torch.randn(b, L, K, d, generator=g, dtype=torch.float64)
+    A = -torch.rand(K, d, n, generator=g, dtype=torch.float64) - 0.1
+    B = torch.randn(b, L, K, n, generator=g, dtype=torch.float64)
+    C = torch.randn(b, L, K, n, generator=g, dtype=torch.float64)
+    Dp = torch.randn(K, d, generator=g, dtype=torch.float64)
+    bias = torch.randn(K, d, generator=g, dtype=torch.float64)
+
+    img = torch.arange(L).view(h, w)
+    orders = [img.reshape(-1), img.t().reshape(-1)]
+    orders += [o.flip(0) for o in orders]
+    y = torch.zeros(b, L, d, dtype=torch.float64)
+    for k, order in enumerate(orders):
+        xs, dts = x[:, order], dt[:, order, k:k + 1]
+        Bs, Cs = B[:, order, k:k + 1], C[:, order, k:k + 1]
+        seq = torch.arange(L)[None]
+        ys = scan_loop(xs, dts, A[k:k + 1], Bs, Cs, Dp[k:k + 1], bias[k:k + 1], route=seq)
+        y[:, order] += ys  # cross-merge: back to token positions
+    ours = selective_scan(x, dt, A, B, C, Dp, bias, route=routes.cross2d(h, w))
+    torch.testing.assert_close(ours, y, rtol=1e-9, atol=1e-12)
+
+
+def test_meta_device_shapes_and_backward():
+    r = routes.cross2d(3, 4)
+    with torch.device("meta"):
+        x = torch.randn(2, 12, 8, requires_grad=True)
+        dt, B, C = torch.randn(2, 12, 4, 8), torch.randn(2, 12, 4, 2), torch.randn(2, 12, 4, 2)
+        A = -torch.rand(4, 8, 2)
+    y = selective_scan(x, dt, A, B, C, route=r.to("meta"))
+    assert y.device.type == "meta" and y.shape == (2, 12, 8)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    y = selective_scan(x, dt, A, B, C, route=r.to("meta"), merge="none", out_dtype=torch.float32)
+    assert y.shape == (2, 12, 4, 8) and y.dtype == torch.float32
+
+
+def _ok():
+    x = torch.randn(1, 6, 4)
+    return dict(x=x, dt=torch.randn(1, 6, 2, 4), A=-torch.rand(2, 4, 3), B=torch.randn(1, 6, 2, 3),
+                C=torch.randn(1, 6, 2, 3), D=None, dt_bias=None, route=routes.bidirectional(6))
+
+
+def _call(kw):
+    kw = dict(kw)
+    route = kw.pop("route")
+    merge = kw.pop("merge", "sum")
+    return selective_scan(kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"], kw["D"], kw["dt_bias"], route=route, merge=merge)
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (dict(x=torch.randn(6, 4)), ["x", "(batch, L, D)", "(6, 4)"]),
+        (dict(dt=torch.randn(1, 6, 4)), ["dt", "(1, 6, 2, 4)", "(1, 6, 4)"]),
+        (dict(A=-torch.rand(2, 5, 3)), ["A", "(2, 4, 3)", "(2, 5, 3)"]),
+        (dict(B=torch.randn(1, 6, 2, 4)), ["B", "(1, 6, 2, 3)"]),
+        (dict(C=torch.randn(1, 7, 2, 3)), ["C", "(1, 6, 2, 3)"]),
+        (dict(D=torch.randn(4)), ["D", "(2, 4)"]),
+        (dict(dt_bias=torch.randn(3, 4)), ["dt_bias", "(2, 4)"]),
+        (dict(route=torch.tensor([[0, 1, 6], [5, 4, 3]])), ["route", "[-1, L)", "6"]),
+        (dict(route=torch.tensor([[0, -2, 1], [5, 4, 3]])), ["route", "[-1, L)"]),
+        (dict(route=torch.tensor([[0.0, 1.0]])), ["route", "int64"]),
+        (dict(route=torch.tensor([0, 1])), ["route", "(K, S)"]),
+        (dict(x=torch.randn(1, 4, 6).transpose(1, 2)), ["x", "contiguous"]),
+        (dict(x=torch.randint(0, 3, (1, 6, 4))), ["x", "dtype"]),
+        (dict(B=torch.randn(1, 6, 2, 3, device="meta")), ["B", "device"]),
+        (dict(merge="mean"), ["merge", "mean"]),
+    ],
+)
+def test_bad_input_names_argument_and_shape(change, words):
+    kw = _ok()
+    kw.update(change)
+    with pytest.raises(ValueError) as e:
+        _call(kw)
+    msg = str(e.value)
+    for w in words:
+        assert w in msg, (w, msg)

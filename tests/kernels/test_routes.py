@@ -1,0 +1,93 @@
+"""Route builders: shapes, permutations, windows with padding, 3D orders, registers, inverses."""
+
+import pytest
+import torch
+
+from mamba_dense.kernels import routes
+
+
+def _is_perm(r, n):
+    v = r[r >= 0]
+    return v.numel() == n and torch.equal(torch.sort(v).values, torch.arange(n))
+
+
+@pytest.mark.parametrize("h,w", [(1, 1), (2, 3), (5, 4), (7, 7), (3, 11)])
+def test_cross2d(h, w):
+    r = routes.cross2d(h, w)
+    assert r.shape == (4, h * w) and r.dtype == torch.long
+    for k in range(4):
+        assert _is_perm(r[k], h * w)
+    grid = torch.arange(h * w).view(h, w)
+    assert torch.equal(r[0], grid.reshape(-1))
+    assert torch.equal(r[1], grid.t().reshape(-1))
+    assert torch.equal(r[2], r[0].flip(0)) and torch.equal(r[3], r[1].flip(0))
+
+
+@pytest.mark.parametrize("h,w,k", [(5, 7, 2), (7, 7, 7), (9, 4, 7), (1, 3, 2)])
+@pytest.mark.parametrize("column_first", [False, True])
+def test_window_pads_and_keeps_padding_in_sequence(h, w, k, column_first):
+    r = routes.window(h, w, k, column_first=column_first)
+    hp, wp = -(-h // k) * k, -(-w // k) * k
+    assert r.numel() == hp * wp
+    assert int((r < 0).sum()) == hp * wp - h * w
+    assert _is_perm(r, h * w)
+    # the first window holds exactly the tokens of the top-left k x k block (padding where outside)
+    first = r[: k * k]
+    expect = {i * w + j for i in range(min(k, h)) for j in range(min(k, w))}
+    assert set(first[first >= 0].tolist()) == expect
+
+
+def test_localmamba_directions_padded_to_same_length():
+    r = routes.localmamba(5, 9, ("h", "w7_flip", "v", "w2"))
+    assert r.shape[0] == 4 and r.shape[1] == 7 * 14
+    for k in range(4):
+        assert _is_perm(r[k], 45)
+    with pytest.raises(ValueError, match="unknown LocalMamba direction"):
+        routes.localmamba(4, 4, ("diag",))
+
+
+@pytest.mark.parametrize("h,w", [(3, 5), (6, 2), (4, 4)])
+def test_inverse_non_square(h, w):
+    r = routes.localmamba(h, w, ("h", "v_flip", "w2", "w7_flip"))
+    inv = routes.inverse(r, h * w)
+    for k in range(r.shape[0]):
+        # route[k, inv[k, t]] == t for every token
+        assert torch.equal(r[k, inv[k]], torch.arange(h * w))
+    # the column-scan inverse must map each token back to its own (i, j) position on H != W
+    v = routes.column(h, w)
+    back = torch.arange(h * w)[v][routes.inverse(v, h * w)]
+    assert torch.equal(back, torch.arange(h * w))
+
+
+def test_3d_orders():
+    d, h, w = 2, 3, 4
+    r = routes.axes3d(d, h, w)
+    assert r.shape == (6, d * h * w)
+    g = torch.arange(d * h * w).view(d, h, w)
+    assert torch.equal(r[0], g.reshape(-1))
+    assert torch.equal(r[2][:d], g[:, 0, 0])  # depth fastest: first steps walk through slices
+    assert torch.equal(r[3], r[0].flip(0))
+    s = routes.segmamba3d(d, h, w)
+    assert s.shape == (3, d * h * w) and torch.equal(s[2], r[2])
+    for k in range(3):
+        assert _is_perm(s[k], d * h * w)
+
+
+def test_registers_evenly_spaced_never_at_ends():
+    base = routes.bidirectional(20)
+    r = routes.with_registers(base, 20, 3)
+    assert r.shape == (2, 23)
+    pos = [int((r[0] == 20 + i).nonzero()) for i in range(3)]
+    assert pos == sorted(pos) and pos[0] > 0 and pos[-1] < 22
+    gaps = torch.diff(torch.tensor([-1] + pos + [23]))
+    assert int(gaps.max() - gaps.min()) <= 1
+    assert routes.with_registers(base, 20, 0) is base
+    assert _is_perm(r[1], 23)
+
+
+def test_check_route_rejects_repeats_and_range():
+    routes.check_route(routes.cross2d(2, 2), 4)
+    with pytest.raises(ValueError, match="at most once"):
+        routes.check_route(torch.tensor([[0, 1, 1]]), 3)
+    with pytest.raises(ValueError, match=r"\[-1, L\)"):
+        routes.check_route(torch.tensor([[0, 3]]), 3)
