@@ -39,14 +39,18 @@ def _shape(t) -> str:
 
 def validate_inputs(x, dt, A, B, C, D, dt_bias, route, merge, out_dtype, check_values: bool = True) -> None:
     """Raise ValueError naming the argument, the shape it got and the shape it needs."""
-    if not isinstance(x, torch.Tensor) or x.dim() != 3:
-        raise ValueError(f"x must be a tensor of shape (batch, L, D), got {_shape(x)}")
-    batch, L, Dm = x.shape
+    if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4):
+        raise ValueError(f"x must be a tensor of shape (batch, L, D) or (batch, L, K, D), got {_shape(x)}")
+    batch, L, Dm = x.shape[0], x.shape[1], x.shape[-1]
     if not isinstance(route, torch.Tensor) or route.dim() != 2:
         raise ValueError(f"route must be an int64 tensor of shape (K, S), got {_shape(route)}")
     if route.dtype != torch.long:
         raise ValueError(f"route must have dtype torch.int64, got {route.dtype}")
     K = route.shape[0]
+    if x.dim() == 4 and x.shape[2] != K:
+        raise ValueError(
+            f"x of shape (batch, L, K, D) must have K = {K} (the number of routes), got {tuple(x.shape)}"
+        )
     if not isinstance(A, torch.Tensor) or A.dim() != 3:
         raise ValueError(f"A must be a tensor of shape (K, D, N) = ({K}, {Dm}, N), got {_shape(A)}")
     N = A.shape[2]
@@ -127,7 +131,8 @@ def selective_scan(
     """Selective scan along K routes through the tokens, merged in the kernel.
 
     Args:
-        x: (batch, L, D) tokens, channels-last.
+        x: (batch, L, D) tokens, channels-last; or (batch, L, K, D) for a different input per route
+            (e.g. after a per-direction convolution, as in Vim and SegMamba); dx is then per route.
         dt: (batch, L, K, D) step sizes before bias/softplus, one per route.
         A: (K, D, N) negative state matrices (diagonal).
         B, C: (batch, L, K, N) input and output projections per route.

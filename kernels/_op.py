@@ -45,7 +45,7 @@ def scan_fwd(
 
 @scan_fwd.register_fake
 def _(x, dt, A, B, C, D, dt_bias, route, merge_none, dt_softplus, out_dtype, save_states):
-    batch, L, Dm = x.shape
+    batch, L, Dm = x.shape[0], x.shape[1], x.shape[-1]
     K, S = route.shape
     N = A.shape[2]
     shape = (batch, L, K, Dm) if merge_none else (batch, L, Dm)

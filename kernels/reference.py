@@ -61,14 +61,14 @@ def selective_scan_ref(
     chunk: int = 64,
 ) -> torch.Tensor:
     """Reference selective scan. Shapes as in :func:`mamba_dense.kernels.selective_scan`."""
-    batch, L, Dm = x.shape
+    batch, L, Dm = x.shape[0], x.shape[1], x.shape[-1]
     K, S = route.shape
     N = A.shape[-1]
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     route = route.to(device=x.device, dtype=torch.long)
     valid = route >= 0  # (K, S)
 
-    xs = gather_routes(x.to(cdt), route, per_route=False)  # (b, K, S, D)
+    xs = gather_routes(x.to(cdt), route, per_route=x.dim() == 4)  # (b, K, S, D)
     dts = gather_routes(dt.to(cdt), route, per_route=True)  # (b, K, S, D)
     Bs = gather_routes(B.to(cdt), route, per_route=True)  # (b, K, S, N)
     Cs = gather_routes(C.to(cdt), route, per_route=True)  # (b, K, S, N)

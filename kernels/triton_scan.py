@@ -50,6 +50,7 @@ def _load_tile(
     b64, k, s0, L, S, K, Dm, N,
     offs_t, d, dmask, n, nmask,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CT: tl.constexpr, LOAD_XB: tl.constexpr = True,
+    X_PER_ROUTE: tl.constexpr = False,
 ):
     """Gather one tile of T steps: tokens, x, raw dt, delta, B. Tail steps (s >= S) get delta = 0."""
     s = s0 + offs_t
@@ -61,7 +62,10 @@ def _load_tile(
     rk = row * K + k
     dtv = tl.load(dt_ptr + rk[:, None] * Dm + d[None, :], mask=m2, other=0.0).to(CT)
     if LOAD_XB:
-        xv = tl.load(x_ptr + row[:, None] * Dm + d[None, :], mask=m2, other=0.0).to(CT)
+        if X_PER_ROUTE:
+            xv = tl.load(x_ptr + rk[:, None] * Dm + d[None, :], mask=m2, other=0.0).to(CT)
+        else:
+            xv = tl.load(x_ptr + row[:, None] * Dm + d[None, :], mask=m2, other=0.0).to(CT)
         Bv = tl.load(B_ptr + rk[:, None] * N + n[None, :], mask=valid[:, None] & nmask[None, :], other=0.0).to(CT)
     else:
         xv = tl.zeros_like(dtv)
@@ -92,6 +96,7 @@ def _fwd_kernel(
     PHASE: tl.constexpr,  # 0: outputs; 1: chunk-end states with zero start (for the carry pass)
     HAS_H0: tl.constexpr, STORE_STATES: tl.constexpr,
     T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, CT: tl.constexpr,
+    X_PER_ROUTE: tl.constexpr = False,
 ):
     # grid: (KL * n_dblk, n_chunks, batch); the routes of one channel block are adjacent programs
     pid0 = tl.program_id(0)
@@ -128,7 +133,7 @@ def _fwd_kernel(
             tl.store(states_ptr + (st_base + c) * N * Dm + st_off, h, mask=st_mask)
         s, smask, valid, row, rk, xv, pre, delta, Bv = _load_tile(
             x_ptr, dt_ptr, B_ptr, route_ptr, bias, b64, k, c * T, L, S, K, Dm, N,
-            offs_t, d, dmask, n, nmask, HAS_BIAS, SOFTPLUS, CT,
+            offs_t, d, dmask, n, nmask, HAS_BIAS, SOFTPLUS, CT, True, X_PER_ROUTE,
         )
         a = tl.exp(delta[:, None, :] * A[None, :, :])  # (T, NP, BD)
         u = (delta * xv)[:, None, :] * Bv[:, :, None]
@@ -237,6 +242,7 @@ def _bwd_kernel(
     PHASE: tl.constexpr,  # 0: gradients; 1: chunk-start dh from a zero carry (for the carry pass)
     HAS_G0: tl.constexpr,  # start from the carried dh in g_ptr (chunk-parallel)
     T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, CT: tl.constexpr,
+    X_PER_ROUTE: tl.constexpr = False,  # x is (b, L, K, D): one input per route (dx likewise)
 ):
     # grid: (KL * n_dblk, n_chunks, batch); the routes of one channel block are adjacent programs
     pid0 = tl.program_id(0)
@@ -275,7 +281,7 @@ def _bwd_kernel(
         c = c_end - 1 - (ci - c_begin)
         s, smask, valid, row, rk, xv, pre, delta, Bv = _load_tile(
             x_ptr, dt_ptr, B_ptr, route_ptr, bias, b64, k, c * T, L, S, K, Dm, N,
-            offs_t, d, dmask, n, nmask, HAS_BIAS, SOFTPLUS, CT, PHASE == 0,
+            offs_t, d, dmask, n, nmask, HAS_BIAS, SOFTPLUS, CT, PHASE == 0, X_PER_ROUTE,
         )
         # decay of the following step (s + 1): the reverse scan needs a_{s+1}
         _s1, _sm1, _v1, _r1, _rk1, _x1, _p1, delta_n, _B1 = _load_tile(
@@ -454,8 +460,12 @@ def _merge_modes(K: int, cover: tuple[bool, ...]) -> tuple[list[int], bool]:
 
 def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, out_dtype,
              save_states: bool = True, tiles_per_chunk: int | None = None):
-    """Forward. Returns (y, states): states are the fp32 states entering every tile (for backward)."""
-    batch, L, Dm = x.shape
+    """Forward. Returns (y, states): states are the fp32 states entering every tile (for backward).
+
+    x is (b, L, D), or (b, L, K, D) for one input per route.
+    """
+    x_per_route = x.dim() == 4
+    batch, L, Dm = x.shape[0], x.shape[1], x.shape[-1]
     K, S = route.shape
     N = A.shape[2]
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -478,7 +488,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
     bias_ = dt_bias if dt_bias is not None else dummy
     common = dict(
         HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
-        T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps,
+        T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps, X_PER_ROUTE=x_per_route,
     )
     cover = route_coverage(route, L)
     if chunked:
@@ -528,7 +538,8 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
 
 def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softplus: bool,
              tiles_per_chunk: int | None = None):
-    batch, L, Dm = x.shape
+    x_per_route = x.dim() == 4
+    batch, L, Dm = x.shape[0], x.shape[1], x.shape[-1]
     K, S = route.shape
     N = A.shape[2]
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -539,7 +550,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
     dev = x.device
     dy = dy.contiguous()
     cover = route_coverage(route, L)
-    per_launch = batch * n_dblk * (K if _merge_strategy() == "buffer" else 1)
+    per_launch = batch * n_dblk * (K if (x_per_route or _merge_strategy() == "buffer") else 1)
     tpc = _tiles_per_chunk(n_tiles, per_launch, _num_sms(dev), tiles_per_chunk)
     n_chunks = triton.cdiv(n_tiles, tpc)
     chunked = n_chunks > 1
@@ -557,6 +568,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
     kw = dict(
         HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         DY_PER_ROUTE=(merge == "none"), T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps,
+        X_PER_ROUTE=x_per_route,
     )
     gbuf = gsum = dummy
     if chunked:
@@ -572,9 +584,11 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
         _carry_kernel[(triton.cdiv(N * Dm, BLK), batch * K)](
             gbuf, gsum, A, n_chunks, 1, n_chunks, Dm, N, K, REVERSE=True, BLK=BLK, CT=_ct(x.dtype),
         )
-    if _merge_strategy() == "buffer":
+    if x_per_route or _merge_strategy() == "buffer":
         xdt = x.dtype if x.dtype in (torch.bfloat16, torch.float32, torch.float64) else torch.float32
-        if K == 1 and cover[0]:
+        if x_per_route:
+            dx = dxbuf = (_empty_like if all(cover) else torch.zeros_like)(x)  # per-route dx, no merge
+        elif K == 1 and cover[0]:
             dxbuf = dx
         else:
             dxbuf = (_empty if all(cover) else torch.zeros)(batch, L, K, Dm, device=dev, dtype=xdt)

@@ -95,15 +95,6 @@ def route_conv1d(
     return out.gather(2, idx) * seen
 
 
-def _block_diagonal(t: torch.Tensor) -> torch.Tensor:
-    """(B, K, L, F) -> (B, K*L, K, F) with copy k's tokens holding t[:, k] in slot k, zeros elsewhere."""
-    B, K, L, Fd = t.shape
-    out = t.new_zeros(B, K, L, K, Fd)
-    for k in range(K):
-        out[:, k, :, k] = t[:, k]
-    return out.view(B, K * L, K, Fd)
-
-
 class RouteMamba(nn.Module):
     """Mamba-1 mixer with a causal conv and an SSM per route, all routes in one scan call.
 
@@ -180,32 +171,31 @@ class RouteMamba(nn.Module):
         route_d = _routes.to_device(route, dev)
         uk = self.act(route_conv1d(u, self.conv1d_weight, self.conv1d_bias, route_d, _routes.to_device(inv, dev)))
 
-        # Per-route projections of each route's own input (B, K, L, .).
+        # Per-route projections of each route's own input, token-major (B, L, K, .).
         ssm = self.ssm
         N, R = ssm.d_state, ssm.dt_rank
-        x_dbl = torch.einsum("bkle,kce->bklc", uk, ssm.x_proj_weight.to(u.dtype))
+        xk = uk.transpose(1, 2).contiguous()  # (B, L, K, E): one input per route
+        x_dbl = torch.einsum("blke,kce->blkc", xk, ssm.x_proj_weight.to(u.dtype))
         dt_lr, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=-1)
-        dt = torch.einsum("bklr,ker->bkle", dt_lr, ssm.dt_projs_weight.to(u.dtype))
+        dt = torch.einsum("blkr,ker->blke", dt_lr, ssm.dt_projs_weight.to(u.dtype))
 
-        # NOTE(per-route x): the operator takes one x per token, so the K inputs are K copies of the
-        # tokens (B, K*L, E) and route k is shifted onto copy k. dt/B/C must then be (B, K*L, K, .)
-        # although only block (copy k, route k) is read. A per-route x in the operator
-        # (x of shape (B, L, K, E)) would remove this K-fold overhead.
-        dtype = u.dtype
-        A = (-torch.exp(ssm.A_logs.float())).to(dtype).contiguous()
+        # The operator takes a per-route x (B, L, K, E) directly, so each route scans its own conv
+        # output; parameters stay >= fp32 under autocast (the operator accepts mixed dtypes).
+        pdt = torch.promote_types(ssm.A_logs.dtype, torch.float32)
+        A = (-torch.exp(ssm.A_logs.to(pdt))).contiguous()
         y = selective_scan(
-            uk.reshape(B, K * L, E),
-            _block_diagonal(dt),
+            xk,
+            dt.contiguous(),
             A,
-            _block_diagonal(Bs),
-            _block_diagonal(Cs),
-            ssm.Ds.to(dtype).contiguous(),
-            ssm.dt_projs_bias.to(dtype).contiguous(),
-            route=_routes.to_device(stacked, dev),
-            merge="sum",
+            Bs.contiguous(),
+            Cs.contiguous(),
+            ssm.Ds.to(pdt).contiguous(),
+            ssm.dt_projs_bias.to(pdt).contiguous(),
+            route=route_d,
+            merge="none",
             dt_softplus=True,
-        )
-        return y.view(B, K, L, E)
+        )  # (B, L, K, E)
+        return y.transpose(1, 2)
 
     def forward(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
         u, z = self.in_proj(x).chunk(2, dim=-1)

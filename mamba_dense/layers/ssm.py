@@ -125,12 +125,13 @@ class SSMCore(nn.Module):
             )
         x = x.contiguous()
         dt, Bs, Cs = self.project(x)
-        dtype = x.dtype
-        # NOTE: the operator computes in fp32 internally; under autocast it wants one dtype for all inputs.
-        A = (-torch.exp(self.A_logs.float())).to(dtype).contiguous()
+        # NOTE: the operator computes in fp32 (fp64 for fp64 inputs) and accepts mixed dtypes, so the
+        # parameters A, D and dt_bias stay at least fp32 under autocast while x, dt, B, C are bf16/fp16.
+        pdt = torch.promote_types(self.A_logs.dtype, torch.float32)
+        A = (-torch.exp(self.A_logs.to(pdt))).contiguous()
         return selective_scan(
             x, dt, A, Bs, Cs,
-            self.Ds.to(dtype).contiguous(), self.dt_projs_bias.to(dtype).contiguous(),
+            self.Ds.to(pdt).contiguous(), self.dt_projs_bias.to(pdt).contiguous(),
             route=_routes.to_device(route, x.device), merge=merge, dt_softplus=True,
         )
 

@@ -101,3 +101,18 @@ def test_gradcheck_reference_all_inputs():
     args = [a.requires_grad_() for a in args]
     for merge in ("sum", "none"):
         assert torch.autograd.gradcheck(lambda *a: selective_scan_ref(*a, route=route, merge=merge, chunk=2), args)
+
+
+def test_per_route_x_equals_separate_single_route_scans():
+    g = torch.Generator().manual_seed(4)
+    route = routes.bidirectional(9)
+    x = torch.randn(1, 9, 2, 3, generator=g, dtype=torch.float64)
+    dt = torch.randn(1, 9, 2, 3, generator=g, dtype=torch.float64)
+    A = -torch.rand(2, 3, 4, generator=g, dtype=torch.float64) - 0.1
+    B, C = torch.randn(1, 9, 2, 4, generator=g, dtype=torch.float64), torch.randn(1, 9, 2, 4, generator=g, dtype=torch.float64)
+    y = selective_scan_ref(x, dt, A, B, C, route=route)
+    parts = [
+        scan_loop(x[:, :, k], dt[:, :, k:k + 1], A[k:k + 1], B[:, :, k:k + 1], C[:, :, k:k + 1], route=route[k:k + 1])
+        for k in range(2)
+    ]
+    torch.testing.assert_close(y, parts[0] + parts[1])
