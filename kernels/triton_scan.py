@@ -393,25 +393,31 @@ def route_coverage(route: torch.Tensor, L: int) -> tuple[bool, ...]:
     return info
 
 
-def _config(N: int, Dm: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(T, BD, num_warps) for a state size (MAMBA_DENSE_SCAN_CFG="T,BD,warps" overrides, for tuning)."""
+def _config(N: int, Dm: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(T, BD_forward, BD_backward, num_warps) for a state size.
+
+    T (steps per tile) is shared by forward and backward (states are saved per tile); the channel
+    block may differ. Chosen from the H100 sweep in benchmarks/RESULTS.md (benchmarks/scan_tune.py):
+    one warp per program and small tiles keep registers low enough for useful occupancy.
+    MAMBA_DENSE_SCAN_CFG="T,BD,warps" or "T,BDf,BDb,warps" overrides (for tuning).
+    """
     NP = triton.next_power_of_2(N)
     env = os.environ.get("MAMBA_DENSE_SCAN_CFG")
     if env:
-        T, BD, W = (int(v) for v in env.split(","))
-        return T, BD, W
+        vals = [int(v) for v in env.split(",")]
+        if len(vals) == 3:
+            return vals[0], vals[1], vals[1], vals[2]
+        return vals[0], vals[1], vals[2], vals[3]
     if dtype == torch.float64:
-        return 16, 16, 4
-    # Measured on an H100 (benchmarks/scan_tune.py, S1): for N = 1, small tiles with one warp and
-    # many resident programs gave the best forward+backward (2.9 ms vs 4.2 ms for T=64, 4 warps).
+        return 16, 16, 16, 4
     if NP == 1:
-        T, BD, W = 16, 32, 1
+        T, BDf, BDb = 32, 16, 16
     elif NP <= 4:
-        T, BD, W = 16, 32, 2
+        T, BDf, BDb = 16, 16, 16
     else:
-        T, BD, W = 16, 16, 4
-    BD = min(BD, max(16, triton.next_power_of_2(Dm)))
-    return T, BD, W
+        T, BDf, BDb = 8, 16, 8
+    cap = max(8, triton.next_power_of_2(Dm))
+    return T, min(BDf, cap), min(BDb, cap), 1
 
 
 def _ct(dtype):
@@ -424,18 +430,20 @@ def _num_sms(dev: torch.device) -> int:
     return torch.cuda.get_device_properties(dev).multi_processor_count
 
 
-# Programs per launch we aim for: a few resident programs per SM hide the gather latency.
-PROGRAMS_PER_SM = int(os.environ.get("MAMBA_DENSE_PROGRAMS_PER_SM", "32"))
+# Chunk-parallel policy: a launch with fewer than MIN programs per SM is split along L into chunks
+# until it has about TARGET programs per SM (H100 sweep: splitting a launch that already has
+# enough programs costs more in the extra phase than it gains).
+MIN_PROGRAMS_PER_SM = int(os.environ.get("MAMBA_DENSE_MIN_PROGRAMS_PER_SM", "4"))
+TARGET_PROGRAMS_PER_SM = 32
 
 
 def _tiles_per_chunk(n_tiles: int, programs: int, n_sm: int, override: int | None = None) -> int:
     """Tiles one program walks; fewer than n_tiles means chunk-parallel (3 phases)."""
     if override is not None:
         return max(1, min(int(override), n_tiles))
-    pps = int(os.environ.get("MAMBA_DENSE_PROGRAMS_PER_SM", PROGRAMS_PER_SM))
-    want_chunks = max(1, -(-pps * n_sm // max(1, programs)))
-    if want_chunks <= 1 or n_tiles < 4:
+    if programs >= MIN_PROGRAMS_PER_SM * n_sm or n_tiles < 4:
         return n_tiles
+    want_chunks = -(-TARGET_PROGRAMS_PER_SM * n_sm // max(1, programs))
     return max(2, -(-n_tiles // want_chunks))
 
 
@@ -469,7 +477,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
     K, S = route.shape
     N = A.shape[2]
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    T, BD, warps = _config(N, Dm, x.dtype)
+    T, BD, _, warps = _config(N, Dm, x.dtype)
     NP = triton.next_power_of_2(N)
     n_tiles = triton.cdiv(S, T)
     n_dblk = triton.cdiv(Dm, BD)
@@ -543,7 +551,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
     K, S = route.shape
     N = A.shape[2]
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    T, BD, warps = _config(N, Dm, x.dtype)
+    T, _, BD, warps = _config(N, Dm, x.dtype)
     NP = triton.next_power_of_2(N)
     n_tiles = triton.cdiv(S, T)
     n_dblk = triton.cdiv(Dm, BD)
