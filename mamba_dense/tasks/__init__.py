@@ -1,1 +1,18 @@
-"""tasks."""
+"""LightningModules for dense prediction, their inference helpers, metrics and callbacks."""
+
+from .callbacks import OverlayLogger
+from .inference import sliding_window_inference
+from .instance import InstanceSegmentationTask
+from .metrics import COCOEvaluator, segmentation_scores
+from .semantic import SemanticSegmentationTask
+from .volumetric import VolumetricSegmentationTask
+
+__all__ = [
+    "COCOEvaluator",
+    "InstanceSegmentationTask",
+    "OverlayLogger",
+    "SemanticSegmentationTask",
+    "segmentation_scores",
+    "sliding_window_inference",
+    "VolumetricSegmentationTask",
+]

@@ -1,0 +1,48 @@
+"""`mamba-dense`: LightningCLI over our tasks and datamodules.
+
+Examples:
+    mamba-dense fit --config configs/demo/shapes.yaml
+    mamba-dense test --config configs/ade20k/upernet_vmamba_tiny.yaml --ckpt_path runs/ade20k/.../last.ckpt
+    mamba-dense predict --config configs/demo/shapes.yaml --ckpt_path <ckpt> --model.init_args.predict_dir out/
+
+Models and datamodules are given by class_path (subclass mode), so any LightningModule or
+LightningDataModule importable by its dotted path works (`mamba_dense.tasks.SemanticSegmentationTask`,
+`mamba_dense.datamodules.ade20k.ShapesDataModule`, ...); classes already imported also resolve by
+their short names. Imports come from `lightning.pytorch` only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningCLI
+
+import mamba_dense.datamodules  # noqa: F401  (classes imported here resolve by short name)
+import mamba_dense.tasks  # noqa: F401
+
+
+class MambaDenseCLI(LightningCLI):
+    """LightningCLI with our defaults: configs overwrite their saved copy in the log directory."""
+
+
+def build_cli(args: Sequence[str] | None = None, run: bool = True) -> MambaDenseCLI:
+    """The CLI, parsed from `args` (default sys.argv) and run unless `run=False`; for in-process use."""
+    return MambaDenseCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=list(args) if args is not None else None,
+        run=run,
+    )
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Entry point of the `mamba-dense` console script."""
+    build_cli(args)
+
+
+if __name__ == "__main__":
+    main()

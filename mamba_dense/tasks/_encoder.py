@@ -1,0 +1,140 @@
+"""Encoders by timm name, reduced to the stride 4/8/16/32 maps that the heads read."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import sys
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+import mamba_dense.encoders  # noqa: F401  (registers vmamba_tiny, localvmamba_tiny, ... in timm)
+
+REDUCTIONS = (4, 8, 16, 32)
+
+
+class Encoder(nn.Module):
+    """`timm.create_model(name, features_only=True)` returning the maps at strides 4, 8, 16, 32.
+
+    Args:
+        name: any timm model name with `features_only` support (ours or timm's, e.g. "resnet18").
+        weights: path to a local state dict / official checkpoint (nothing is downloaded).
+        drop_path_rate: stochastic depth rate; None keeps the encoder default.
+        out_indices: feature indices to return; None picks those at strides 4/8/16/32.
+        **kwargs: further encoder constructor arguments (e.g. dims, depths).
+
+    Attributes:
+        channels: channels of the returned maps; reductions: their strides.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        weights: str | None = None,
+        drop_path_rate: float | None = None,
+        out_indices: Sequence[int] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if not timm.is_model(name):
+            close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
+            raise ValueError(f"Unknown encoder {name!r} (not registered in timm). Similar names: {close}.")
+        kw: dict[str, Any] = dict(features_only=True, pretrained=False, **kwargs)
+        if drop_path_rate is not None:
+            kw["drop_path_rate"] = drop_path_rate
+        if out_indices is not None:
+            kw["out_indices"] = tuple(out_indices)
+        try:
+            self.model = timm.create_model(name, **kw)
+        except TypeError as err:
+            raise ValueError(f"Encoder {name!r} rejected its arguments {sorted(kwargs)}: {err}") from err
+        reductions = list(self.model.feature_info.reduction())
+        channels = list(self.model.feature_info.channels())
+        if out_indices is None:
+            missing = [r for r in REDUCTIONS if r not in reductions]
+            if missing:
+                raise ValueError(
+                    f"Encoder {name!r} has feature reductions {reductions}; the heads need {list(REDUCTIONS)} "
+                    f"(missing {missing}). Pass encoder_out_indices explicitly if the strides differ."
+                )
+            self.select = [reductions.index(r) for r in REDUCTIONS]
+        else:
+            self.select = list(range(len(reductions)))
+        self.channels = [channels[i] for i in self.select]
+        self.reductions = [reductions[i] for i in self.select]
+        if weights is not None:
+            load_encoder_weights(self.model, weights, name)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = self.model(x)
+        return [feats[i] for i in self.select]
+
+
+def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # NOTE: official training checkpoints also pickle their config objects; the file is the
+        # user's own choice, so fall back to a full load.
+        warnings.warn(f"{path}: not a plain tensor checkpoint, loading it with weights_only=False.", stacklevel=3)
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict (or a dict holding 'state_dict'/'model'), got {type(state).__name__}.")
+    return state
+
+
+def load_encoder_weights(model: nn.Module, path: str, name: str) -> None:
+    """Load a local checkpoint into the features-only encoder `model` of timm model `name`.
+
+    Uses `mamba_dense.convert.load_encoder_weights` when that module exists. Otherwise the
+    state dict goes through the family's `checkpoint_filter_fn` (official key names -> ours)
+    and must then match, except for modules the features-only wrapper dropped (classifier, final
+    norm) and dense-only feature norms; mismatches raise, listing the keys.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"encoder_weights={path!r} is not a file (weights load from a local path only). "
+            "To evaluate a trained checkpoint without the pretraining file, set encoder_weights: null."
+        )
+    try:
+        convert = importlib.import_module("mamba_dense.convert")
+    except ModuleNotFoundError as err:
+        if err.name != "mamba_dense.convert":
+            raise
+        convert = None
+    if convert is not None and hasattr(convert, "load_encoder_weights"):
+        convert.load_encoder_weights(model, path)
+        return
+    # FeatureGetterNet wraps the full model as `.model`; FeatureListNet keeps the original names.
+    target = model.model if isinstance(getattr(model, "model", None), nn.Module) else model
+    state = _read_checkpoint(path)
+    filter_fn = getattr(sys.modules[timm.models.model_entrypoint(name).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        state = filter_fn(state, target)
+    try:
+        missing, unexpected = target.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(
+            f"encoder_weights={path!r} does not fit encoder {name!r}: {err}. "
+            "Check the encoder variant and encoder_kwargs (dims, depths) against the checkpoint."
+        ) from err
+    # Keys of whole top-level modules that the features-only wrapper pruned (classifier, final
+    # norm) are expected; so are per-feature norms that classification checkpoints lack.
+    kept = {k.split(".", 1)[0] for k in target.state_dict()}
+    unexpected = [k for k in unexpected if k.split(".", 1)[0] in kept]
+    missing = [k for k in missing if not k.startswith("feature_norms.")]
+    if missing or unexpected:
+        raise ValueError(
+            f"encoder_weights={path!r} does not match encoder {name!r}: {len(missing)} missing keys "
+            f"{missing[:10]}, {len(unexpected)} unexpected keys {unexpected[:10]}. "
+            "Check the encoder variant and encoder_kwargs (dims, depths) against the checkpoint."
+        )

@@ -1,0 +1,363 @@
+"""Semantic segmentation task: encoder + UPerNet / semantic FPN (+ auxiliary FCN), ADE20K recipe."""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Sequence
+from functools import partial
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from segmentation_models_pytorch.losses import DiceLoss
+from torch import nn
+from torchmetrics.classification import MulticlassJaccardIndex
+
+from mamba_dense.heads import FCNHead, FPNHead, UPerNetHead
+
+from ._encoder import Encoder
+from ._optim import param_groups, warmup_poly
+from .inference import resize_logits, sliding_window_inference
+from .metrics import per_class_table, segmentation_scores
+from .visualize import IMAGENET_MEAN, IMAGENET_STD, overlay, save_label_png, save_rgb_png, to_uint8_image
+
+HEADS: dict[str, type[nn.Module]] = {"upernet": UPerNetHead, "fpn": FPNHead}
+RUNTIME_OPTIONS = ("inference_mode", "window_size", "window_stride", "window_blend", "predict_dir")
+
+
+def _build(cls: type[nn.Module], what: str, *args: Any, **kwargs: Any) -> nn.Module:
+    try:
+        return cls(*args, **kwargs)
+    except TypeError as err:
+        accepted = [p for p in inspect.signature(cls).parameters if p not in ("in_channels", "num_classes")]
+        raise ValueError(f"{what}: {err}. {cls.__name__} accepts {accepted}.") from err
+
+
+class SemanticSegmentationTask(pl.LightningModule):
+    """Encoder + UPerNet or semantic-FPN decoder trained with cross-entropy (ADE20K recipe).
+
+    Batches are dicts: "image" (B, 3, H, W) normalized float, "mask" (B, H, W) int64 with
+    `ignore_index` for unlabeled pixels and padding, optional "name" (B,) and "size" (B, 2): the
+    (h, w) of each image before batch padding (as `ADE20KDataModule` gives). Evaluation runs image by image on the valid region,
+    so scores do not depend on the evaluation batch size.
+
+    Args:
+        num_classes: number of classes (150 for ADE20K with reduce_zero_label).
+        encoder: timm name of the encoder ("vmamba_tiny", "localvmamba_tiny", "himamba_tiny",
+            or any timm model with features_only, e.g. "resnet18").
+        head: "upernet" (PSP + FPN fusion, 512 channels) or "fpn" (semantic FPN).
+        encoder_weights: local path to encoder weights (state dict or official checkpoint).
+        encoder_kwargs: extra encoder arguments (e.g. {"dims": 32, "depths": [1, 1, 2, 1]}).
+        encoder_out_indices: feature indices to use; default the stride 4/8/16/32 maps.
+        drop_path_rate: encoder stochastic depth (None: encoder default).
+        head_kwargs: extra head arguments (UPerNetHead: channels, pool_scales, norm, dropout;
+            FPNHead: pyramid_channels, segmentation_channels, dropout, merge_policy).
+        aux_head: add the auxiliary FCN head on the stride-16 map (training only).
+        aux_weight: its loss weight (0.4).
+        ignore_index: label ignored by loss and metrics.
+        dice_weight: weight of an added Dice loss (0 = cross-entropy only).
+        lr, weight_decay, betas: AdamW (6e-5, 0.01, (0.9, 0.999)); no decay on norms, biases,
+            A_logs, Ds and position embeddings.
+        warmup_iters, warmup_ratio: linear warmup (1500 iterations from 1e-6 x lr).
+        poly_power, min_lr: poly decay over all training steps.
+        inference_mode: "whole" image or "slide" window at evaluation and prediction.
+        window_size, window_stride, window_blend: sliding-window settings ("mean" or "gaussian").
+        size_divisor: inputs are zero-padded to a multiple of this inside `forward`.
+        class_names: names for the per-class table (else the datamodule's `class_names`).
+        image_mean, image_std: the data's normalization, to draw overlays (default: the
+            datamodule's `mean`/`std`, else ImageNet's).
+        predict_dir: where `predict` writes PNGs (default: <log dir>/predictions).
+
+    Example:
+        >>> task = SemanticSegmentationTask(num_classes=4, encoder="resnet18", head="fpn")
+        >>> task(torch.randn(1, 3, 64, 64)).shape
+        torch.Size([1, 4, 64, 64])
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        encoder: str = "vmamba_tiny",
+        head: Literal["upernet", "fpn"] = "upernet",
+        encoder_weights: str | None = None,
+        encoder_kwargs: dict[str, Any] | None = None,
+        encoder_out_indices: list[int] | None = None,
+        drop_path_rate: float | None = None,
+        head_kwargs: dict[str, Any] | None = None,
+        aux_head: bool = True,
+        aux_weight: float = 0.4,
+        ignore_index: int = 255,
+        dice_weight: float = 0.0,
+        lr: float = 6e-5,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_iters: int = 1500,
+        warmup_ratio: float = 1e-6,
+        poly_power: float = 1.0,
+        min_lr: float = 0.0,
+        inference_mode: Literal["whole", "slide"] = "whole",
+        window_size: int | tuple[int, int] = 512,
+        window_stride: int | tuple[int, int] = 341,
+        window_blend: Literal["mean", "gaussian"] = "mean",
+        size_divisor: int = 32,
+        class_names: list[str] | None = None,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+        predict_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        # NOTE: evaluation-time options stay out of the checkpoint's hyperparameters: LightningCLI
+        # lets checkpoint hyperparameters override the command line, and these must stay settable
+        # at `test`/`predict` time (e.g. --model.init_args.inference_mode=slide).
+        self.save_hyperparameters(ignore=list(RUNTIME_OPTIONS))
+        self.inference_mode, self.window_size, self.window_stride = inference_mode, window_size, window_stride
+        self.window_blend, self._predict_dir = window_blend, predict_dir
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
+        if head not in HEADS:
+            raise ValueError(f"Unknown head {head!r}; expected one of {sorted(HEADS)}.")
+        if inference_mode not in ("whole", "slide"):
+            raise ValueError(f"inference_mode must be 'whole' or 'slide', got {inference_mode!r}.")
+        if 0 <= ignore_index < num_classes:
+            raise ValueError(f"ignore_index={ignore_index} is a class index (num_classes={num_classes}); use 255.")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names for num_classes={num_classes}.")
+
+        self.encoder = Encoder(
+            encoder,
+            weights=encoder_weights,
+            drop_path_rate=drop_path_rate,
+            out_indices=encoder_out_indices,
+            **(encoder_kwargs or {}),
+        )
+        channels = self.encoder.channels
+        self.decode_head = _build(HEADS[head], f"head_kwargs for head={head!r}", channels, num_classes, **(head_kwargs or {}))
+        self.aux_head = None
+        if aux_head:
+            if len(channels) < 3:
+                raise ValueError("aux_head needs a stride-16 map (the third encoder feature).")
+            norm = (head_kwargs or {}).get("norm", "batchnorm") if head == "upernet" else "batchnorm"
+            self.aux_head = FCNHead(channels[2], num_classes, norm=norm)
+        self.dice = DiceLoss(mode="multiclass", ignore_index=ignore_index) if dice_weight > 0 else None
+        metric = partial(MulticlassJaccardIndex, num_classes, average="macro", ignore_index=ignore_index, validate_args=False)
+        self.val_iou = metric()
+        self.test_iou = metric()
+        self.scores: dict[str, dict[str, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> logits (B, num_classes, H, W) of the main head."""
+        return self._logits(images, with_aux=False)[0]
+
+    def _logits(self, images: torch.Tensor, with_aux: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h, w = images.shape[-2:]
+        d = self.hparams.size_divisor
+        x = F.pad(images, (0, (-w) % d, 0, (-h) % d)) if (h % d or w % d) else images
+        feats = self.encoder(x)
+        logits = resize_logits(self.decode_head(feats), x.shape[-2:])[..., :h, :w]
+        aux = None
+        if with_aux and self.aux_head is not None:
+            aux = resize_logits(self.aux_head(feats[2]), x.shape[-2:])[..., :h, :w]
+        return logits, aux
+
+    def inference(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits for evaluation/prediction with the configured whole / sliding-window mode."""
+        if self.inference_mode == "slide":
+            return sliding_window_inference(
+                self.forward, images, self.hparams.num_classes, self.window_size, self.window_stride, self.window_blend
+            )
+        return self.forward(images)
+
+    # ------------------------------------------------------------------ steps
+
+    def _check_mask(self, mask: torch.Tensor) -> None:
+        hp = self.hparams
+        bad = (mask != hp.ignore_index) & ((mask < 0) | (mask >= hp.num_classes))
+        if bool(bad.any()):
+            raise ValueError(
+                f"mask holds label {int(mask[bad].max())} outside [0, {hp.num_classes}) and != ignore_index="
+                f"{hp.ignore_index}. Check num_classes (ADE20K: 150 with reduce_zero_label=True)."
+            )
+
+    def _loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        logits = resize_logits(logits, mask.shape[-2:])
+        loss = F.cross_entropy(logits, mask, ignore_index=self.hparams.ignore_index)
+        if self.dice is not None:
+            loss = loss + self.hparams.dice_weight * self.dice(logits, mask)
+        return loss
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        images, masks = batch["image"], batch["mask"].long()
+        self._check_mask(masks)
+        logits, aux = self._logits(images, with_aux=True)
+        loss = self._loss(logits, masks)
+        self.log("train/loss_ce", loss, batch_size=len(images))
+        if aux is not None:
+            aux_loss = self.hparams.aux_weight * self._loss(aux, masks)
+            self.log("train/loss_aux", aux_loss, batch_size=len(images))
+            loss = loss + aux_loss
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
+        return loss
+
+    @staticmethod
+    def valid_sizes(batch: dict[str, Any]) -> list[tuple[int, int]]:
+        """(h, w) of each image before batch padding: batch["size"], else the full size."""
+        images = batch["image"]
+        sizes = batch.get("size")
+        if sizes is None:
+            return [tuple(images.shape[-2:])] * len(images)
+        return [(int(s[0]), int(s[1])) for s in sizes]
+
+    def _eval_step(self, batch: dict[str, Any], metric: MulticlassJaccardIndex, prefix: str) -> dict[str, Any]:
+        images, masks = batch["image"], batch["mask"].long()
+        self._check_mask(masks)
+        preds, losses = [], []
+        for i, (h, w) in enumerate(self.valid_sizes(batch)):
+            logits = self.inference(images[i : i + 1, :, :h, :w])
+            mask = masks[i : i + 1]
+            if mask.shape[-2:] == images.shape[-2:]:
+                mask = mask[..., :h, :w]  # padded alike; else the mask is at its own (original) size
+            logits = resize_logits(logits, mask.shape[-2:])
+            pred = logits.argmax(1)
+            metric.update(pred, mask)
+            if bool((mask != self.hparams.ignore_index).any()):
+                losses.append(F.cross_entropy(logits, mask, ignore_index=self.hparams.ignore_index))
+            preds.append(pred[0])
+        if losses:
+            self.log(f"{prefix}/loss", torch.stack(losses).mean(), batch_size=len(images))
+        return {"preds": preds}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, self.val_iou, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, self.test_iou, "test")
+
+    def _epoch_scores(self, metric: MulticlassJaccardIndex, prefix: str) -> dict[str, torch.Tensor] | None:
+        if not metric.update_called:
+            return None
+        miou = metric.compute()
+        with metric.sync_context():
+            confmat = metric.confmat.clone()
+        metric.reset()
+        scores = segmentation_scores(confmat)
+        self.log(f"{prefix}/mIoU", miou, prog_bar=True)
+        self.log(f"{prefix}/mAcc", scores["mAcc"].float())
+        self.log(f"{prefix}/aAcc", scores["aAcc"].float())
+        self.scores[prefix] = scores
+        return scores
+
+    def on_validation_epoch_end(self) -> None:
+        scores = self._epoch_scores(self.val_iou, "val")
+        if scores is not None and not self.trainer.sanity_checking:
+            rank_zero_info(
+                f"epoch {self.current_epoch} step {self.global_step}: val mIoU {100 * float(scores['mIoU']):.2f} "
+                f"mAcc {100 * float(scores['mAcc']):.2f} aAcc {100 * float(scores['aAcc']):.2f}"
+            )
+
+    def on_test_epoch_end(self) -> None:
+        scores = self._epoch_scores(self.test_iou, "test")
+        if scores is not None:
+            rank_zero_info("Per-class results (test):\n" + per_class_table(scores, self.class_names()))
+
+    # ------------------------------------------------------------------ predict and overlays
+
+    def class_names(self) -> list[str] | None:
+        names = self.hparams.class_names
+        if names is None and self._trainer is not None:
+            names = getattr(self.trainer.datamodule, "class_names", None)
+        if names is not None and len(names) != self.hparams.num_classes:
+            return None
+        return list(names) if names is not None else None
+
+    def _norm_stats(self) -> tuple[Sequence[float], Sequence[float]]:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        mean = self.hparams.image_mean or getattr(dm, "mean", None) or IMAGENET_MEAN
+        std = self.hparams.image_std or getattr(dm, "std", None) or IMAGENET_STD
+        return mean, std
+
+    def _palette(self) -> list | None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        colors = getattr(dm, "palette", None)
+        return list(colors) if colors is not None and len(colors) >= self.hparams.num_classes else None
+
+    def predict_dir(self) -> str:
+        if self._predict_dir:
+            return self._predict_dir
+        root = self.trainer.log_dir or self.trainer.default_root_dir
+        return os.path.join(root, "predictions")
+
+    def predict_step(self, batch: dict[str, Any] | torch.Tensor, batch_idx: int) -> list[str]:
+        """Writes `labels/<name>.png` (palette label map of class indices) and `overlays/<name>.png`.
+
+        Returns the written label-map paths.
+        """
+        if isinstance(batch, torch.Tensor):
+            batch = {"image": batch}
+        images = batch["image"]
+        names = batch.get("name") or [f"{batch_idx:06d}_{i}" for i in range(len(images))]
+        out_dir = self.predict_dir()
+        paths = []
+        for i, (h, w) in enumerate(self.valid_sizes(batch)):
+            image = images[i : i + 1, :, :h, :w]
+            pred = self.inference(image).argmax(1)[0].cpu().numpy().astype(np.int64)
+            stem = os.path.splitext(os.path.basename(str(names[i])))[0]
+            label_path = os.path.join(out_dir, "labels", f"{stem}.png")
+            colors = self._palette()
+            save_label_png(pred, label_path, colors)
+            rgb = to_uint8_image(image[0], *self._norm_stats())
+            save_rgb_png(overlay(rgb, pred, colors=colors), os.path.join(out_dir, "overlays", f"{stem}.png"))
+            paths.append(label_path)
+        return paths
+
+    def render_overlays(self, batch: dict[str, Any], outputs: dict[str, Any], max_images: int) -> list[tuple[str, np.ndarray]]:
+        """(name, image | ground truth | prediction) strips for the overlay-logging callback."""
+        images, masks = batch["image"], batch["mask"]
+        names = batch.get("name") or [str(i) for i in range(len(images))]
+        strips = []
+        for i, pred in enumerate(outputs["preds"][:max_images]):
+            h, w = pred.shape
+            rgb = to_uint8_image(images[i, :, :h, :w], *self._norm_stats())
+            mask = masks[i, :h, :w].cpu().numpy()
+            if mask.shape != rgb.shape[:2]:
+                continue  # mask at original size: no side-by-side overlay
+            kw = dict(ignore_index=self.hparams.ignore_index, colors=self._palette())
+            strip = np.concatenate([rgb, overlay(rgb, mask, **kw), overlay(rgb, pred.cpu().numpy(), **kw)], axis=1)
+            strips.append((os.path.splitext(os.path.basename(str(names[i])))[0], strip))
+        return strips
+
+    # ------------------------------------------------------------------ optimization
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        dm_classes = getattr(dm, "num_classes", None)
+        if isinstance(dm_classes, int) and dm_classes != self.hparams.num_classes:
+            raise ValueError(
+                f"model.num_classes={self.hparams.num_classes} but the datamodule has num_classes={dm_classes}; "
+                "set both to the same value."
+            )
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = torch.optim.AdamW(param_groups(self, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
+        total = self.trainer.estimated_stepping_batches
+        if not np.isfinite(total):
+            raise ValueError("Set trainer.max_steps or trainer.max_epochs: the poly schedule needs a finite length.")
+        total = int(total)
+        if hp.warmup_iters >= total:
+            rank_zero_warn(f"warmup_iters={hp.warmup_iters} >= training steps {total}: the LR never reaches lr={hp.lr}.")
+        schedule = partial(
+            warmup_poly,
+            total_steps=total,
+            warmup_iters=hp.warmup_iters,
+            warmup_ratio=hp.warmup_ratio,
+            power=hp.poly_power,
+            min_lr_ratio=hp.min_lr / hp.lr,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,151 @@
+"""SemanticSegmentationTask: heads, batch size 1, sliding window, batch-size-independent mIoU, predict."""
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from mamba_dense.datamodules.ade20k import collate_segmentation
+from mamba_dense.tasks import SemanticSegmentationTask, sliding_window_inference
+from mamba_dense.tasks._optim import param_groups, warmup_poly
+
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+
+
+SMALL_HEADS = {"upernet": {"channels": 32}, "fpn": {"pyramid_channels": 32, "segmentation_channels": 32}}
+
+
+@pytest.mark.parametrize("head", ["upernet", "fpn"])
+def test_forward_backward_each_head(head, tiny_encoder):
+    task = SemanticSegmentationTask(num_classes=4, head=head, head_kwargs=SMALL_HEADS[head], dice_weight=0.5, **tiny_encoder)
+    images, masks = torch.randn(2, 3, 64, 64), torch.randint(0, 4, (2, 64, 64))
+    masks[:, :5] = 255
+    loss = task.training_step({"image": images, "mask": masks}, 0)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    loss.backward()
+    stem = next(task.encoder.parameters())
+    assert stem.grad is not None and stem.grad.abs().sum() > 0
+    assert task.aux_head is not None and next(task.aux_head.parameters()).grad is not None
+
+
+def test_upernet_batch_size_one_in_training(tiny_encoder):
+    task = SemanticSegmentationTask(num_classes=3, head="upernet", head_kwargs={"channels": 32}, **tiny_encoder).train()
+    loss = task.training_step({"image": torch.randn(1, 3, 64, 64), "mask": torch.randint(0, 3, (1, 64, 64))}, 0)
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_any_input_size_and_any_timm_encoder():
+    task = SemanticSegmentationTask(num_classes=3, encoder="resnet18", head="fpn").eval()
+    with torch.no_grad():
+        assert task(torch.randn(1, 3, 70, 45)).shape == (1, 3, 70, 45)
+
+
+@pytest.mark.parametrize("size", [(40, 50), (150, 100), (97, 131), (64, 64)])
+@pytest.mark.parametrize("blend", ["mean", "gaussian"])
+def test_sliding_window_shape_and_agreement(size, blend):
+    conv = torch.nn.Conv2d(3, 5, 1)  # pointwise: every window must agree with the whole image
+    image = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        out = sliding_window_inference(conv, image, 5, window=64, stride=(48, 40), blend=blend)
+        assert out.shape == (2, 5, *size)
+        torch.testing.assert_close(out, conv(image), atol=1e-5, rtol=1e-5)
+
+
+def test_sliding_window_task_mode(tiny_encoder):
+    task = SemanticSegmentationTask(
+        num_classes=3, head="fpn", head_kwargs=SMALL_HEADS["fpn"], inference_mode="slide", window_size=64,
+        window_stride=32, **tiny_encoder
+    ).eval()
+    with torch.no_grad():
+        assert task.inference(torch.randn(1, 3, 100, 75)).shape == (1, 3, 100, 75)
+    with pytest.raises(ValueError, match="stride"):
+        sliding_window_inference(task, torch.randn(1, 3, 64, 64), 3, window=32, stride=48)
+
+
+def _sample(h, w, seed):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.randint(0, 4, (h, w), generator=g)
+    mask[:3] = 255
+    return {"image": torch.randn(3, h, w, generator=g), "mask": mask, "name": f"img{seed}", "size": torch.tensor([h, w])}
+
+
+def _evaluate(task, batches):
+    task.val_iou.reset()
+    for batch in batches:
+        task.validation_step(batch, 0)
+    return task.val_iou.compute(), task.val_iou.confmat.clone()
+
+
+def test_miou_does_not_depend_on_batch_size(tiny_encoder):
+    task = SemanticSegmentationTask(num_classes=4, head="upernet", head_kwargs={"channels": 32}, **tiny_encoder).eval()
+    samples = [_sample(64, 96, 0), _sample(96, 64, 1), _sample(50, 70, 2)]
+    with torch.no_grad():
+        miou_1, cm_1 = _evaluate(task, [collate_segmentation([s]) for s in samples])
+        padded = collate_segmentation(samples)  # padded to 96 x 96: images 0, masks 255
+        assert padded["image"].shape[-2:] == (96, 96)
+        miou_3, cm_3 = _evaluate(task, [padded])
+    assert torch.equal(cm_1, cm_3)
+    assert miou_1 == miou_3
+
+
+def test_predict_writes_label_and_overlay_pngs(tmp_path, tiny_encoder):
+    task = SemanticSegmentationTask(
+        num_classes=4, head="fpn", head_kwargs=SMALL_HEADS["fpn"], predict_dir=str(tmp_path), **tiny_encoder
+    ).eval()
+    batch = collate_segmentation([_sample(64, 80, 0), _sample(48, 64, 1)])
+    with torch.no_grad():
+        paths = task.predict_step(batch, 0)
+    assert [p.split("/")[-1] for p in paths] == ["img0.png", "img1.png"]
+    label = Image.open(tmp_path / "labels" / "img1.png")
+    assert label.mode == "P" and label.size == (64, 48)  # valid region only, (W, H)
+    values = np.asarray(label)
+    assert values.max() < 4
+    with torch.no_grad():
+        expected = task(batch["image"][1:, :, :48, :64]).argmax(1)[0].numpy()
+    np.testing.assert_array_equal(values, expected)
+    overlay = Image.open(tmp_path / "overlays" / "img1.png")
+    assert overlay.mode == "RGB" and overlay.size == (64, 48)
+
+
+def test_no_weight_decay_groups_and_schedule(tiny_encoder):
+    task = SemanticSegmentationTask(num_classes=3, head="fpn", **tiny_encoder)
+    decay, no_decay = param_groups(task, 0.01)
+    ids = {id(p) for p in no_decay["params"]}
+    names = {n for n, p in task.named_parameters() if id(p) in ids}
+    assert any(n.endswith("A_logs") for n in names) and any(n.endswith("Ds") for n in names)
+    assert all(p.ndim > 1 for p in decay["params"])
+    assert not any("A_logs" in n or n.endswith(".bias") for n, p in task.named_parameters() if id(p) not in ids)
+    assert decay["weight_decay"] == 0.01 and no_decay["weight_decay"] == 0.0
+    f = lambda s: warmup_poly(s, 1000, 100, 1e-6, 1.0, 0.0)  # noqa: E731
+    assert f(0) == pytest.approx(1e-6) and f(100) == pytest.approx(0.9) and f(1000) == 0.0
+    assert f(50) == pytest.approx(0.5 * (1 - 1e-6) * 0.95 + 1e-6 * 0.95)
+
+
+def test_encoder_weights_from_file(tmp_path, tiny_encoder):
+    full = timm.create_model("vmamba_tiny", dims=16, depths=(1, 1, 1, 1))
+    path = tmp_path / "vmamba.pth"
+    torch.save({"model": full.state_dict()}, path)
+    task = SemanticSegmentationTask(num_classes=3, head="fpn", encoder_weights=str(path), **tiny_encoder)
+    loaded = dict(task.encoder.named_parameters())
+    assert torch.equal(loaded["model.model.stem.conv1.weight"], full.stem.conv1.weight)
+    with pytest.raises(FileNotFoundError, match="local path"):
+        SemanticSegmentationTask(num_classes=3, encoder_weights=str(tmp_path / "missing.pth"), **tiny_encoder)
+    torch.save({"unrelated.weight": torch.zeros(1)}, tmp_path / "bad.pth")
+    with pytest.raises(ValueError, match="missing keys"):
+        SemanticSegmentationTask(num_classes=3, encoder_weights=str(tmp_path / "bad.pth"), **tiny_encoder)
+
+
+def test_bad_configuration_errors(tiny_encoder):
+    with pytest.raises(ValueError, match="Unknown head"):
+        SemanticSegmentationTask(num_classes=3, head="deeplab", **tiny_encoder)
+    with pytest.raises(ValueError, match="accepts"):
+        SemanticSegmentationTask(num_classes=3, head="fpn", head_kwargs={"chanels": 3}, **tiny_encoder)
+    with pytest.raises(ValueError, match="Unknown encoder"):
+        SemanticSegmentationTask(num_classes=3, encoder="vmamba_tinny")
+    with pytest.raises(ValueError, match="ignore_index"):
+        SemanticSegmentationTask(num_classes=3, ignore_index=0, **tiny_encoder)
+    task = SemanticSegmentationTask(num_classes=3, head="fpn", **tiny_encoder)
+    with pytest.raises(ValueError, match="reduce_zero_label"):
+        task.training_step({"image": torch.randn(1, 3, 32, 32), "mask": torch.full((1, 32, 32), 3)}, 0)
