@@ -188,6 +188,10 @@ def main(argv: list[str] | None = None) -> dict:
             "settings": {k: v for k, v in vars(args).items() if k not in ("out",)}}
     rows: dict[str, dict] = {}
     for name in args.models:
+        if name in PEERS and args.size < 64:  # their stride-32 bottleneck would be 1 voxel (instance norm refuses)
+            rows[name] = {"skipped": "needs --size >= 64"}
+            print(f"{name}: skipped, needs --size >= 64", flush=True)
+            continue
         builder: Callable = build_ours if name in OURS else build_peer
         torch.manual_seed(0)
         model = builder(name, args.in_chans, args.classes, args.size)
@@ -207,8 +211,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\nTraining step ({shape}) on {info['device']}")
     print(f"{'model':<16} {'params M':>9} {'step ms':>9} {'volumes/s':>10} {'peak GiB':>9}")
     for name, r in rows.items():
-        if "error" in r:
-            print(f"{name:<16} {r['error']}")
+        if "volumes_per_s" not in r:
+            print(f"{name:<16} {r.get('error') or r.get('skipped')}")
             continue
         print(f"{name:<16} {r['params_m']:9.2f} {1e3 * r['step_s']:9.1f} {r['volumes_per_s']:10.2f} "
               f"{r['peak_gib']:9.2f}")
