@@ -14,7 +14,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
-from pycocotools.coco import COCO
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pycocotools is only needed when COCO evaluation runs
+    from pycocotools.coco import COCO
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from mamba_dense.heads import EncoderFPN, build_mask_rcnn, make_transform

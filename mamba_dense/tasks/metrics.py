@@ -10,9 +10,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pycocotools import mask as mask_utils
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # imported where used, so the module loads without pycocotools
+    from pycocotools.coco import COCO
 
 AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -65,11 +66,20 @@ def per_class_table(scores: Mapping[str, torch.Tensor], class_names: Sequence[st
 # ----------------------------------------------------------------------------- COCO
 
 
+def _mask_utils():
+    from pycocotools import mask as mask_utils
+
+    return mask_utils
+
+
+
 def encode_masks(masks: torch.Tensor) -> list[dict]:
     """(N, H, W) bool/uint8 masks -> COCO RLEs with str counts (JSON-ready)."""
     if masks.shape[0] == 0:
         return []
     arr = np.asfortranarray(masks.to(torch.uint8).permute(1, 2, 0).cpu().numpy())  # (H, W, N)
+    from pycocotools import mask as mask_utils
+
     rles = mask_utils.encode(arr)
     for rle in rles:
         rle["counts"] = rle["counts"].decode("ascii")
@@ -157,7 +167,7 @@ class COCOEvaluator:
                 "category_id": self.cat_id(label),
                 "bbox": box,
                 "iscrowd": int(iscrowd),
-                "area": float(mask_utils.area(rle)) if rle is not None else box[2] * box[3],
+                "area": float(_mask_utils().area(rle)) if rle is not None else box[2] * box[3],
             }
             if rle is not None:
                 ann["segmentation"] = rle
@@ -168,6 +178,8 @@ class COCOEvaluator:
         cat_ids = {a["category_id"] for a in self._gt_anns} | {r["category_id"] for r in self.results}
         if self.label_to_cat_id:
             cat_ids |= set(self.label_to_cat_id.values())
+        from pycocotools.coco import COCO
+
         gt = COCO()
         gt.dataset = {
             "images": list(self._gt_images.values()),
@@ -199,6 +211,8 @@ class COCOEvaluator:
             with contextlib.redirect_stdout(text):
                 print(f"--- {iou_type} ---")
                 dt = gt.loadRes(copy.deepcopy(dets))
+                from pycocotools.cocoeval import COCOeval
+
                 ev = COCOeval(gt, dt, iou_type)
                 ev.params.imgIds = img_ids
                 ev.evaluate()
