@@ -7,14 +7,41 @@ in [0, 1]; volume batches are (B, C, D, H, W) images and (B, D, H, W) int64 labe
 folders are only ever read.
 """
 
-from ._common import IMAGENET_MEAN, IMAGENET_STD, DataError
-from .ade20k import ADE20KDataModule, SegmentationFolder, ShapesDataModule, collate_segmentation, read_class_names
-from .coco import COCOInstanceDataModule, CocoInstances, SyntheticCOCODataModule, collate_detection, load_coco
-from .medical import (
-    MedicalDecathlonDataModule, PatchDataset, SyntheticVolumesDataModule, VolumeDataset, parse_dataset_json,
-    save_prediction,
-)
-from .synthetic import write_ade20k_like, write_coco_like, write_msd_like
+import importlib
+from typing import Any
+
+# Public name -> submodule. Loaded on first use (PEP 562), so that e.g. the volume datamodules
+# import without the 2D stack (albumentations, pycocotools) and vice versa.
+_EXPORTS = {
+    "IMAGENET_MEAN": "_common", "IMAGENET_STD": "_common", "DataError": "_common",
+    "ADE20KDataModule": "ade20k", "SegmentationFolder": "ade20k", "ShapesDataModule": "ade20k",
+    "collate_segmentation": "ade20k", "read_class_names": "ade20k",
+    "COCOInstanceDataModule": "coco", "CocoInstances": "coco", "SyntheticCOCODataModule": "coco",
+    "collate_detection": "coco", "load_coco": "coco",
+    "MedicalDecathlonDataModule": "medical", "PatchDataset": "medical", "SyntheticVolumesDataModule": "medical",
+    "VolumeDataset": "medical", "parse_dataset_json": "medical", "save_prediction": "medical",
+    "write_ade20k_like": "synthetic", "write_coco_like": "synthetic", "write_msd_like": "synthetic",
+}
+
+
+def __getattr__(name: str) -> Any:
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{mod}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_EXPORTS))
+
+
+def load_all() -> None:
+    """Import every datamodule (LightningCLI's short class names need them imported)."""
+    for mod in sorted(set(_EXPORTS.values())):
+        importlib.import_module(f"{__name__}.{mod}")
+
 
 __all__ = [
     "ADE20KDataModule",

@@ -21,6 +21,8 @@ from lightning.pytorch.cli import LightningCLI
 import mamba_dense.datamodules  # noqa: F401  (classes imported here resolve by short name)
 import mamba_dense.tasks  # noqa: F401
 
+mamba_dense.datamodules.load_all()
+
 
 class MambaDenseCLI(LightningCLI):
     """LightningCLI with our defaults: configs overwrite their saved copy in the log directory."""
