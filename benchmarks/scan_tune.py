@@ -38,21 +38,23 @@ def main():
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     sweeps = {
-        1: [(32, 16, 16, 1), (32, 16, 8, 1), (16, 16, 8, 1), (32, 32, 8, 1)],
-        16: [(8, 16, 8, 1)],
+        1: [(32, 16, 16, 1, 1), (32, 16, 16, 1, 0), (32, 32, 32, 1, 0), (16, 32, 32, 1, 0), (64, 32, 32, 1, 0),
+            (32, 64, 64, 2, 0)],
+        16: [(8, 16, 8, 1, 1), (8, 16, 8, 1, 0), (16, 16, 8, 1, 0)],
     }
     rows = []
     only = sys.argv[1:] and sys.argv[1] == "--quick"
     for name, batch, L, K, D, N, rdesc in SHAPES:
-        if not name.startswith(("S1", "S2", "S3")):
+        if not name.startswith(("S1", "S2", "S3", "S4")):
             continue
         route = getattr(routes, rdesc[0])(*rdesc[1:]).to(dev)
         x, dt, A, B, C, Dp, bias = make_inputs(batch, L, K, D, N, torch.bfloat16, dev, gen)
         fb, fbb = floor_bytes(batch, L, K, D, N)
         dy = torch.randn(batch, L, D, device=dev, dtype=torch.bfloat16, generator=gen)
         for cfg in sweeps[N]:
-            for pps in (2, 4):
-                os.environ["MAMBA_DENSE_SCAN_CFG"] = ",".join(map(str, cfg))
+            for pps in (4,):
+                os.environ["MAMBA_DENSE_SCAN_CFG"] = ",".join(map(str, cfg[:4]))
+                os.environ["MAMBA_DENSE_SCAN_VEC"] = str(cfg[4])
                 ts.MIN_PROGRAMS_PER_SM = pps
                 try:
                     with torch.no_grad():

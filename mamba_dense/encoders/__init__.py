@@ -7,11 +7,14 @@ Every variant is registered here and in timm on import:
     >>> m.feature_info.reduction()
     [4, 8, 16, 32]
 
-``create_encoder(name, **kwargs)`` and ``list_encoders(pattern)`` work without timm's namespace.
+``create_encoder(name, **kwargs)`` and ``list_encoders(pattern)`` work without timm's namespace and
+cover the 3D encoders too (``list_encoders(spatial_dims=3)``; those are not timm models).
+:func:`feature_norm_map` measures per-token feature norms (Mamba(R)'s artifact maps).
 """
 
 from ._features import EncoderStage, HierarchicalEncoder, feature_sizes
 from ._registry import create_encoder, get_encoder_entry, is_encoder, list_encoders, register_encoder
+from .artifacts import feature_norm_map
 from .himamba import HiMamba
 from .localmamba import LocalVMamba
 from .vmamba import VMamba
@@ -44,4 +47,5 @@ __all__ = [
     "register_encoder",
     "get_encoder_entry",
     "is_encoder",
+    "feature_norm_map",
 ]

@@ -4,18 +4,21 @@
 ``forward_intermediates`` (so the any-size rule of ``_features.py`` holds for features too).
 Pretrained weights come from a local file only: ``timm.create_model(name, pretrained=True,
 pretrained_cfg_overlay=dict(file="/path/ckpt.pth"))``; each family's ``checkpoint_filter_fn``
-maps the official key names onto ours.
+maps the official key names onto ours (:func:`unwrap_checkpoint` first removes training-checkpoint
+wrappers and mmseg prefixes). ``mamba_dense.convert.load_encoder_weights`` is the strict,
+reporting path for any encoder.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
+import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg
 
-__all__ = ["encoder_cfg", "build_encoder"]
+__all__ = ["encoder_cfg", "build_encoder", "unwrap_checkpoint"]
 
 
 def encoder_cfg(**kwargs: Any) -> dict[str, Any]:
@@ -63,3 +66,35 @@ def build_encoder(
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
         **kwargs,
     )
+
+
+_WRAPPER_KEYS = ("model", "state_dict", "module", "model_ema", "state_dict_ema")
+
+
+def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The tensors of a training checkpoint, with wrappers and framework prefixes removed.
+
+    Takes the first of ``model`` / ``state_dict`` / ``module`` / ``model_ema`` that holds a dict
+    (the official VMamba, LocalMamba, Vim, Mamba(R), mmseg and SegMamba files use one of these),
+    strips ``module.`` (DDP), ``backbone.`` (mmseg/mmdet) and ``encoder.`` prefixes and, for a whole
+    segmentor/detector checkpoint (keys under ``backbone.`` next to others), keeps the backbone.
+
+    Returns:
+        (state dict, names of the tensors left out: decoder / neck keys of a segmentor checkpoint).
+    """
+    sd: Mapping[str, Any] = checkpoint
+    for key in _WRAPPER_KEYS:
+        if isinstance(sd.get(key), Mapping):
+            sd = sd[key]
+            break
+    tensors = {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    left_out: list[str] = []
+    if any(k.startswith("backbone.") for k in tensors) and not all(k.startswith("backbone.") for k in tensors):
+        left_out = sorted(k for k in tensors if not k.startswith("backbone."))
+        tensors = {k: v for k, v in tensors.items() if k.startswith("backbone.")}
+    out = {}
+    for k, v in tensors.items():
+        for pre in ("backbone.", "encoder."):
+            k = k.removeprefix(pre)
+        out[k] = v
+    return out, left_out

@@ -6,7 +6,7 @@ linear ``head``, and provides:
 
 - ``feature_info``: ``[dict(num_chs=C_i, reduction=4 * 2**i, module="stages.i")]``;
 - ``forward_intermediates(x, indices=None, norm=False, stop_early=False, output_fmt="NCHW",
-  intermediates_only=False)``;
+  intermediates_only=False, return_registers=False)``;
 - ``prune_intermediate_layers``, ``forward_features``, ``forward_head``, ``reset_classifier``,
   ``set_grad_checkpointing``, ``no_weight_decay``.
 
@@ -17,7 +17,7 @@ is cropped and no token outside the (implicitly padded) image is scanned.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -54,21 +54,25 @@ class EncoderStage(nn.Module):
         if self.registers is not None:
             nn.init.trunc_normal_(self.registers, std=0.02)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_with_registers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, H, W, C_in) -> the stage's map (B, H', W', C) and its registers (B, R, C) (None if R = 0)."""
         x = self.downsample(x)
-        if self.registers is not None:
-            regs = self.registers.to(x.dtype).expand(x.shape[0], -1, -1)
-            for blk in self.blocks:
-                if self.grad_checkpointing and torch.is_grad_enabled():
-                    x, regs = checkpoint(blk.forward_with_registers, x, regs, use_reentrant=False)
-                else:
-                    x, regs = blk.forward_with_registers(x, regs)
-            return x  # registers dropped before the map becomes a feature
-        if self.grad_checkpointing and torch.is_grad_enabled():
-            for blk in self.blocks:
-                x = checkpoint(blk, x, use_reentrant=False)
-            return x
-        return self.blocks(x)
+        if self.registers is None:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                for blk in self.blocks:
+                    x = checkpoint(blk, x, use_reentrant=False)
+                return x, None
+            return self.blocks(x), None
+        regs = self.registers.to(x.dtype).expand(x.shape[0], -1, -1)
+        for blk in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x, regs = checkpoint(blk.forward_with_registers, x, regs, use_reentrant=False)
+            else:
+                x, regs = blk.forward_with_registers(x, regs)
+        return x, regs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_registers(x)[0]  # registers dropped before the map becomes a feature
 
 
 class HierarchicalEncoder(nn.Module):
@@ -146,7 +150,8 @@ class HierarchicalEncoder(nn.Module):
         stop_early: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        return_registers: bool = False,
+    ) -> list[Any] | tuple[torch.Tensor, list[Any]]:
         """Run the encoder and return the stage outputs.
 
         Args:
@@ -156,6 +161,9 @@ class HierarchicalEncoder(nn.Module):
             stop_early: stop after the last requested stage (ignored when the final output is needed).
             output_fmt: "NCHW" (default) or "NHWC".
             intermediates_only: return only the list of maps.
+            return_registers: each feature becomes a tuple (map, registers (B, R, C_i)): the
+                stage's register tokens after its last block (R = 0 gives (B, 0, C_i)); timm's
+                ``return_prefix_tokens`` convention.
 
         Returns:
             list of maps, stage i of shape (B, C_i, ceil(H/r_i), ceil(W/r_i)) with r_i = 4 * 2**i
@@ -169,16 +177,19 @@ class HierarchicalEncoder(nn.Module):
         stages = self.stages[: max_index + 1] if (stop_early and intermediates_only) else self.stages
         last = len(self.stages) - 1
         x = self.stem(x)
-        intermediates = []
+        intermediates: list[Any] = []
         for i, stage in enumerate(stages):
-            x = stage(x)
+            x, regs = stage.forward_with_registers(x)
             if i in take_indices:
                 y = x
                 if self.feature_norms is not None:
                     y = self.feature_norms[i](y)
                 if norm and i == last:
                     y = self.norm(y)
-                intermediates.append(y.permute(0, 3, 1, 2) if fmt == "NCHW" else y)
+                y = y.permute(0, 3, 1, 2) if fmt == "NCHW" else y
+                if return_registers:
+                    y = (y, regs if regs is not None else x.new_zeros(x.shape[0], 0, x.shape[-1]))
+                intermediates.append(y)
         if intermediates_only:
             return intermediates
         return self.norm(x), intermediates

@@ -13,7 +13,8 @@ by the authors' direction search from {h, h_flip, v, v_flip, w2, w2_flip, w7, w7
   mean, reduction 8, sigmoid) and the routes are summed, then out LN, * SiLU(z), out_proj.
 
 Parameters with a 1000-class head: T (15 blocks, depths 2-2-9-2) 25,527,160, S (33 blocks,
-2-2-27-2) 49,748,536 (paper: 26M / 50M).
+2-2-27-2) 49,748,536: exactly the released ``local_vssm_tiny`` / ``local_vssm_small`` (checked key
+by key against their layout in ``tests/encoders``); the paper rounds them to 26M / 50M.
 
 With ``num_registers`` the register tokens are appended to every route (``routes.with_registers``
 on the padded LocalMamba routes) and take part in each route's channel-attention token mean.

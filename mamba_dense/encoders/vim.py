@@ -1,8 +1,9 @@
-"""Vim (Vision Mamba) and Mamba(R) (Vim with register tokens): plain, stride-16 encoders.
+"""Vim (Vision Mamba) and Mamba(R) (Vim with register tokens): plain encoders with a dense pyramid.
 
 Papers and code read for the configuration (not copied):
 - Vim: Zhu et al. 2024, "Vision Mamba: Efficient Visual Representation Learning with Bidirectional
-  State Space Model" (hustvl/Vim, ``vim/models_mamba.py``, ``mamba-1p1p1/.../mamba_simple.py``).
+  State Space Model" (hustvl/Vim, ``vim/models_mamba.py``, ``mamba-1p1p1/.../mamba_simple.py``,
+  ``seg/backbone/vim.py``).
 - Mamba(R): Wang et al. 2024, "Mamba(R): Vision Mamba ALSO Needs Registers"
   (wangf3014/Mamba-Reg, ``models_mamba.py``, ``mamba_custom.py``, ``utils.get_cls_idx``).
 
@@ -17,13 +18,19 @@ registers (Mamba(R) only, R)]``; tokens are never physically reordered. The scan
 Vim's middle class token is visited at step M // 2 of the forward route; registers are spliced in
 by ``routes.with_registers`` (evenly spaced, never at an end); the backward route is the forward
 one reversed, so registers are met in mirrored positions, as in Mamba(R) where the backward scan
-is the flipped sequence. Class token and registers are dropped before features become maps.
+is the flipped sequence. Mamba(R) "recycles" its registers at the end: the classifier reads the
+12 register outputs (each projected C -> C / register_reduce, concatenated, normalised); dense
+features drop them (``forward_intermediates(..., return_registers=True)`` hands them out).
 
-Encoder contract (timm): ``feature_info`` has one entry per block (reduction 16, like timm's
-ViT); ``features_only=True`` takes 4 evenly spaced blocks (5, 11, 17, 23 for depth 24, the blocks
-Vim's UperNet uses). ``forward_intermediates`` returns (B, C, ceil(H/16), ceil(W/16)) maps: the
-image is zero-padded at the bottom/right to a multiple of 16, and the position embedding (learned
-for the 14 x 14 grid of 224 px) is resampled bicubically to the actual grid.
+Dense prediction (``simple_pyramid=True``, the default of ``timm.create_model(name,
+features_only=True)`` and so of smp's ``tu-<name>``): the outputs of blocks 5, 11, 17, 23 (depth
+24; ``pyramid_blocks``) become maps (B, C, ceil(H/16), ceil(W/16)) and go through Vim's simple
+pyramid (:class:`~mamba_dense.layers.SimplePyramid`: 4x deconv, 2x deconv, identity, 2x max-pool)
+to strides 4, 8, 16, 32; ``feature_info`` then lists those four levels. Without the pyramid
+``feature_info`` has one stride-16 entry per block (timm's ViT convention) and ``features_only``
+takes the same 4 blocks. Any input size works: the image is zero-padded at the bottom/right to a
+multiple of 16, the position embedding (learned for the 14 x 14 grid of 224 px) is resampled
+bicubically to the actual grid, and the level at stride s is cropped to ceil(H/s) x ceil(W/s).
 
 Deviations from the official code (see also the ``NOTE`` comments):
 - Registers sit at ``round((r + 1) * S / (R + 1))`` (``routes.with_registers``); Mamba(R) uses
@@ -35,13 +42,17 @@ Deviations from the official code (see also the ``NOTE`` comments):
 - Stochastic depth is the usual per-block ``x + drop_path(mixer(norm(x)))``; Vim applies block
   i's drop path inside block i + 1 (same rates, shifted by one) and one more before the final norm.
 - The residual stream is kept in the activation dtype (Vim: ``residual_in_fp32=True``).
+- Dense features are block outputs (the residual stream). Vim's segmentation backbone returns the
+  mixer output of the tapped block (``hidden_states`` of its fused add-norm blocks, without the
+  residual), runs without the class token (``cls_token=False`` reproduces that) and uses
+  SyncBatchNorm in the pyramid (``nn.BatchNorm2d`` here; convert to SyncBN in DDP as usual).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -53,6 +64,7 @@ from timm.models._registry import generate_default_cfgs
 from torch.utils.checkpoint import checkpoint
 
 from mamba_dense.kernels import routes as _routes
+from mamba_dense.layers.pyramid import SimplePyramid
 from mamba_dense.layers.seq_mixer import RouteMamba
 
 from ._registry import register_encoder
@@ -122,9 +134,12 @@ def vim_route(num_patches: int, cls_token: bool = True, num_registers: int = 0) 
 
 
 def _even_blocks(depth: int, n: int = 4) -> tuple[int, ...]:
-    """n evenly spaced block indices ending at the last block: (5, 11, 17, 23) for depth 24."""
-    n = min(n, depth)
-    return tuple(round(depth * (i + 1) / n) - 1 for i in range(n))
+    """n evenly spaced block indices ending at the last block: (5, 11, 17, 23) for depth 24.
+
+    With fewer than n blocks a block repeats (depth 2 -> (0, 0, 1, 1)), so the pyramid always has
+    its four inputs.
+    """
+    return tuple(max(0, -(-depth * (i + 1) // n) - 1) for i in range(n))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,15 +166,22 @@ class Vim(nn.Module):
         drop_rate: dropout after the position embedding and before the classifier.
         drop_path_rate: stochastic depth, linearly increasing over the blocks.
         norm_eps: norm epsilon (1e-5). rms_norm: RMSNorm (True, as released) or LayerNorm.
+        simple_pyramid: dense mode: ``feature_info`` / ``forward_intermediates`` are the 4 pyramid
+            levels at strides 4, 8, 16, 32 (:class:`~mamba_dense.layers.SimplePyramid`).
+        pyramid_blocks: the blocks feeding the 4 levels (default 4 evenly spaced, (5, 11, 17, 23)).
 
     Returns:
         ``forward`` -> logits (B, num_classes); ``forward_features`` -> (B, L, C) normalised tokens;
-        ``forward_intermediates`` -> maps (B, C, ceil(H/16), ceil(W/16)).
+        ``forward_intermediates`` -> maps (B, C, ceil(H/s), ceil(W/s)), s = 16 per block, or
+        s = 4, 8, 16, 32 per pyramid level.
 
     Example:
         >>> m = Vim(embed_dim=32, depth=2, num_classes=0, num_registers=2)
         >>> [f.shape for f in m.forward_intermediates(torch.randn(1, 3, 40, 64), intermediates_only=True)]
         [torch.Size([1, 32, 3, 4]), torch.Size([1, 32, 3, 4])]
+        >>> d = Vim(embed_dim=32, depth=2, num_classes=0, simple_pyramid=True)
+        >>> [tuple(f.shape[2:]) for f in d.forward_intermediates(torch.randn(1, 3, 40, 64), intermediates_only=True)]
+        [(10, 16), (5, 8), (3, 4), (2, 2)]
     """
 
     def __init__(
@@ -182,6 +204,8 @@ class Vim(nn.Module):
         drop_path_rate: float = 0.0,
         norm_eps: float = 1e-5,
         rms_norm: bool = True,
+        simple_pyramid: bool = False,
+        pyramid_blocks: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if num_registers < 0:
@@ -222,8 +246,27 @@ class Vim(nn.Module):
             VimBlock(embed_dim, d_state, d_conv, expand, dt_rank, dpr[i], norm_eps, rms_norm) for i in range(depth)
         )
         self.norm = nn.RMSNorm(embed_dim, eps=norm_eps) if rms_norm else nn.LayerNorm(embed_dim, eps=norm_eps)
-        self.feature_info = [dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)]
-        self.default_out_indices = _even_blocks(depth)
+        blocks = pyramid_blocks if pyramid_blocks is not None else _even_blocks(depth)
+        self.pyramid_blocks = tuple(int(b) for b in blocks)
+        if any(not 0 <= b < depth for b in self.pyramid_blocks):
+            raise ValueError(f"pyramid_blocks {self.pyramid_blocks} must index the {depth} blocks")
+        if simple_pyramid:
+            if len(self.pyramid_blocks) != 4:
+                raise ValueError(
+                    f"the pyramid has 4 levels; pyramid_blocks must list 4 blocks, got {self.pyramid_blocks}"
+                )
+            self.pyramid = SimplePyramid(embed_dim, patch_size, strides=(4, 8, 16, 32))
+            self.feature_info = [
+                dict(num_chs=embed_dim, reduction=r, module=f"pyramid.levels.{i}")
+                for i, r in enumerate(self.pyramid.strides)
+            ]
+            self.default_out_indices: tuple[int, ...] = (0, 1, 2, 3)
+        else:
+            self.pyramid = None
+            self.feature_info = [
+                dict(num_chs=embed_dim, reduction=patch_size, module=f"blocks.{i}") for i in range(depth)
+            ]
+            self.default_out_indices = tuple(dict.fromkeys(self.pyramid_blocks))  # repeats dropped
 
         # Mamba(R) head: per-register projection, concat, norm.
         reg_dim = embed_dim // register_reduce
@@ -273,7 +316,7 @@ class Vim(nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         return dict(
             stem=r"^cls_token|^cls_pos_embed|^reg_token|^reg_pos_embed|^pos_embed|^patch_embed",
-            blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))],
+            blocks=[(r"^blocks\.(\d+)", None), (r"^norm|^pyramid", (99999,))],
         )
 
     @torch.jit.ignore
@@ -327,6 +370,28 @@ class Vim(nn.Module):
 
     # -- features -------------------------------------------------------------------------------
 
+    def _run_blocks(
+        self, x: torch.Tensor, taps: set[int], norm: bool, last: int | None = None
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor, tuple[int, int]]:
+        """Embed and run blocks 0..last; returns {block: (B, L, C) tokens after it}, the last
+        tokens and the patch grid. ``norm`` applies the final norm to the tapped tokens."""
+        x, grid = self._embed(x)
+        route = self.route_for(grid[0] * grid[1])
+        last = len(self.blocks) - 1 if last is None else last
+        taken = {}
+        for i, blk in enumerate(self.blocks[: last + 1]):
+            x = self._run_block(blk, x, route)
+            if i in taps:
+                taken[i] = self.norm(x) if norm else x
+        return taken, x, grid
+
+    def _split(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, L, C) tokens -> patch map (B, C, gh, gw) and registers (B, R, C) (cls token dropped)."""
+        B, L, C = tokens.shape
+        M = grid[0] * grid[1]
+        fmap = tokens[:, :M].reshape(B, grid[0], grid[1], C).permute(0, 3, 1, 2).contiguous()
+        return fmap, tokens[:, L - self.num_registers :]
+
     def forward_intermediates(
         self,
         x: torch.Tensor,
@@ -335,47 +400,71 @@ class Vim(nn.Module):
         stop_early: bool = False,
         output_fmt: str = "NCHW",
         intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Block outputs as feature maps (timm contract).
+        return_registers: bool = False,
+    ) -> list[Any] | tuple[torch.Tensor, list[Any]]:
+        """Features as maps (timm contract): block outputs, or pyramid levels with ``simple_pyramid``.
 
         Args:
             x: (B, in_chans, H, W), any H, W (zero-padded to a multiple of 16 at the bottom/right).
-            indices: blocks to take: None = all, int n = last n, sequence = those blocks.
-            norm: apply the final norm to each taken output.
-            stop_early: skip the blocks after the last taken one.
-            output_fmt: "NCHW" -> (B, C, gh, gw) maps; "NLC" -> (B, gh * gw, C) patch tokens.
+            indices: entries of ``feature_info`` to take (blocks, or pyramid levels): None = all,
+                int n = last n, sequence = those.
+            norm: apply the final norm to each tapped block output (before the pyramid).
+            stop_early: with ``intermediates_only``, skip the blocks after the last tapped one.
+            output_fmt: "NCHW", "NHWC", or (blocks only) "NLC" -> (B, gh * gw, C) patch tokens.
             intermediates_only: return only the list of features.
+            return_registers: each feature becomes a tuple (map, registers (B, R, C)): the register
+                tokens of the tapped block (R = 0 gives (B, 0, C)); timm's ``return_prefix_tokens``.
 
         Returns:
-            features, or (final normalised tokens (B, L, C), features). Class token and registers
-            are dropped from the features; gh, gw = ceil(H / 16), ceil(W / 16).
+            features, or (final normalised tokens (B, L, C), features). Block maps are
+            (B, C, ceil(H/16), ceil(W/16)); pyramid level i is (B, C, ceil(H/s_i), ceil(W/s_i)).
         """
-        if output_fmt not in ("NCHW", "NLC"):
-            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        B = x.shape[0]
-        x, (gh, gw) = self._embed(x)
-        M = gh * gw
-        route = self.route_for(M)
-        blocks = self.blocks[: max_index + 1] if stop_early else self.blocks
-        feats = []
-        for i, blk in enumerate(blocks):
-            x = self._run_block(blk, x, route)
-            if i in take_indices:
-                y = (self.norm(x) if norm else x)[:, :M]  # drop cls / registers (they follow the patches)
-                if output_fmt == "NCHW":
-                    y = y.reshape(B, gh, gw, -1).permute(0, 3, 1, 2).contiguous()
-                feats.append(y)
+        fmt = str(getattr(output_fmt, "value", output_fmt))
+        ok = ("NCHW", "NHWC") if self.pyramid is not None else ("NCHW", "NHWC", "NLC")
+        if fmt not in ok:
+            raise ValueError(f"output_fmt must be one of {ok}, got {output_fmt!r}")
+        take_indices, _ = feature_take_indices(len(self.feature_info), indices)
+        blocks = [self.pyramid_blocks[i] for i in take_indices] if self.pyramid is not None else take_indices
+        if max(blocks) >= len(self.blocks):
+            raise ValueError(
+                f"features {take_indices} need block {max(blocks)} but only {len(self.blocks)} remain (pruned)"
+            )
+        last = max(blocks) if (stop_early and intermediates_only) else None
+        image_size = (x.shape[-2], x.shape[-1])
+        taken, final, grid = self._run_blocks(x, set(blocks), norm, last)
+        feats: list[Any] = []
+        for i, b in zip(take_indices, blocks):
+            fmap, regs = self._split(taken[b], grid)
+            if self.pyramid is not None:
+                fmap = self.pyramid.forward_level(i, fmap, image_size)
+            if fmt == "NHWC":
+                fmap = fmap.permute(0, 2, 3, 1)
+            elif fmt == "NLC":
+                fmap = fmap.flatten(2).transpose(1, 2)
+            feats.append((fmap, regs) if return_registers else fmap)
         if intermediates_only:
             return feats
-        return self.norm(x), feats
+        return self.norm(final), feats
+
+    def forward_block_maps(
+        self, x: torch.Tensor, indices: int | list[int] | tuple[int, ...] | None = None, norm: bool = False
+    ) -> list[torch.Tensor]:
+        """Block outputs as stride-16 maps (B, C, ceil(H/16), ceil(W/16)), with or without the pyramid.
+
+        ``indices`` index blocks (None = all, int n = last n). Used e.g. by
+        :func:`mamba_dense.encoders.feature_norm_map` to measure token norms of the plain model.
+        """
+        take, _ = feature_take_indices(len(self.blocks), indices)
+        taken, _, grid = self._run_blocks(x, set(take), norm, max(take))
+        return [self._split(taken[b], grid)[0] for b in take]
 
     def prune_intermediate_layers(
         self, indices: int | list[int] | tuple[int, ...] = 1, prune_norm: bool = False, prune_head: bool = True
     ) -> list[int]:
-        """Drop the blocks after the last taken one (and the norm / classifier if asked)."""
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[: max_index + 1]
+        """Drop the blocks after the last one a requested feature needs (and the norm / classifier)."""
+        take_indices, max_index = feature_take_indices(len(self.feature_info), indices)
+        last = max(self.pyramid_blocks[i] for i in take_indices) if self.pyramid is not None else max_index
+        self.blocks = self.blocks[: last + 1]
         if prune_norm:
             self.norm = nn.Identity()
         if prune_head:
@@ -385,11 +474,7 @@ class Vim(nn.Module):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> normalised tokens (B, M + cls + R, C)."""
-        x, (gh, gw) = self._embed(x)
-        route = self.route_for(gh * gw)
-        for blk in self.blocks:
-            x = self._run_block(blk, x, route)
-        return self.norm(x)
+        return self.norm(self._run_blocks(x, set(), False)[1])
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         R = self.num_registers
@@ -418,24 +503,34 @@ class Vim(nn.Module):
 _DIRECTIONS = ("", "_b")  # official suffix of route 0 (forward) and route 1 (backward)
 
 
-def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: Vim) -> dict[str, torch.Tensor]:
+def checkpoint_filter_fn(
+    state_dict: dict[str, torch.Tensor], model: Vim, fill_missing: bool = True
+) -> dict[str, torch.Tensor]:
     """Official Vim / Mamba(R) checkpoint -> this model's state dict.
 
     Stacks the per-direction mixer tensors (``conv1d``/``conv1d_b``, ``x_proj``/``x_proj_b``,
     ``dt_proj``/``dt_proj_b``, ``A_log``/``A_b_log``, ``D``/``D_b``) into the route-indexed
     parameters, renames ``layers.i`` -> ``blocks.i`` and ``norm_f`` -> ``norm``, splits Vim's
-    position embedding (the class token's entry sits in the middle, at index M // 2) and maps
-    Mamba(R)'s ``cls_token``/``pos_embed_cls`` to ``reg_token``/``reg_pos_embed``. The image
-    position embedding is resampled to the model's grid when they differ.
+    position embedding (the class token's entry sits in the middle, at index M // 2), maps
+    Mamba(R)'s ``cls_token``/``pos_embed_cls`` (its registers) to ``reg_token``/``reg_pos_embed``
+    and the segmentation backbone's ``fpn1..fpn4`` to ``pyramid.levels.0..3``. The image position
+    embedding is resampled to the model's grid when they differ. Wrappers (``model``,
+    ``state_dict``) and ``backbone.`` prefixes (mmseg checkpoints, decoder left out) are removed.
+
+    Args:
+        fill_missing: for timm's strict loading, leave out a class token the model does not have
+            and copy the model's own tensors for what the checkpoint lacks (a class token or
+            registers, the pyramid of a classification checkpoint). ``mamba_dense.convert`` passes
+            False: such tensors then surface as unexpected / missing keys and are reported.
     """
-    sd = state_dict.get("model", state_dict)
+    from ._builder import unwrap_checkpoint
+
+    sd, _ = unwrap_checkpoint(state_dict)
     if any(k.startswith("blocks.") for k in sd):  # already ours
-        return dict(sd)
+        return sd
     out: dict[str, torch.Tensor] = {}
     mixer: dict[int, dict[str, torch.Tensor]] = {}
     for k, v in sd.items():
-        if k.startswith("rope."):
-            continue
         if k.startswith("layers."):
             _, i, rest = k.split(".", 2)
             if rest.startswith("mixer."):
@@ -444,37 +539,51 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: Vim) -> dic
                 out[f"blocks.{i}.{rest}"] = v
         elif k.startswith("norm_f."):
             out["norm." + k[len("norm_f.") :]] = v
+        elif k[:3] == "fpn" and k[3:4].isdigit():
+            out[f"pyramid.levels.{int(k[3]) - 1}.{k[5:]}"] = v
         elif k in ("pos_embed", "cls_token", "pos_embed_cls"):
             continue  # below
         else:
             out[k] = v
     for i, m in mixer.items():
         p = f"blocks.{i}.mixer."
-        out[p + "in_proj.weight"] = m["in_proj.weight"]
-        out[p + "out_proj.weight"] = m["out_proj.weight"]
+        out[p + "in_proj.weight"] = m.pop("in_proj.weight")
+        out[p + "out_proj.weight"] = m.pop("out_proj.weight")
         for extra in ("in_proj.bias", "out_proj.bias"):
             if extra in m:
-                out[p + extra] = m[extra]
-        out[p + "conv1d_weight"] = torch.stack([m[f"conv1d{s}.weight"][:, 0] for s in _DIRECTIONS])
+                out[p + extra] = m.pop(extra)
+        out[p + "conv1d_weight"] = torch.stack([m.pop(f"conv1d{s}.weight")[:, 0] for s in _DIRECTIONS])
         if "conv1d.bias" in m:
-            out[p + "conv1d_bias"] = torch.stack([m[f"conv1d{s}.bias"] for s in _DIRECTIONS])
-        out[p + "ssm.x_proj_weight"] = torch.stack([m[f"x_proj{s}.weight"] for s in _DIRECTIONS])
-        out[p + "ssm.dt_projs_weight"] = torch.stack([m[f"dt_proj{s}.weight"] for s in _DIRECTIONS])
-        out[p + "ssm.dt_projs_bias"] = torch.stack([m[f"dt_proj{s}.bias"] for s in _DIRECTIONS])
-        out[p + "ssm.A_logs"] = torch.stack([m["A_log"], m["A_b_log"]])
-        out[p + "ssm.Ds"] = torch.stack([m["D"], m["D_b"]])
+            out[p + "conv1d_bias"] = torch.stack([m.pop(f"conv1d{s}.bias") for s in _DIRECTIONS])
+        out[p + "ssm.x_proj_weight"] = torch.stack([m.pop(f"x_proj{s}.weight") for s in _DIRECTIONS])
+        out[p + "ssm.dt_projs_weight"] = torch.stack([m.pop(f"dt_proj{s}.weight") for s in _DIRECTIONS])
+        out[p + "ssm.dt_projs_bias"] = torch.stack([m.pop(f"dt_proj{s}.bias") for s in _DIRECTIONS])
+        out[p + "ssm.A_logs"] = torch.stack([m.pop("A_log"), m.pop("A_b_log")])
+        out[p + "ssm.Ds"] = torch.stack([m.pop("D"), m.pop("D_b")])
+        out.update({p + k: v for k, v in m.items()})  # anything else: left for the strict check
 
+    # tokens and position embeddings: Vim (middle cls, pos over M + 1), Mamba(R) (registers named
+    # cls_token, pos_embed_cls), or a segmentation backbone (patches only)
     pos = sd["pos_embed"]
-    if model.has_cls_token:
-        m0 = pos.shape[1] - 1
-        half = m0 // 2
-        out["cls_pos_embed"] = pos[:, half : half + 1]
-        out["cls_token"] = sd["cls_token"]
+    extra: dict[str, torch.Tensor] = {}
+    if "pos_embed_cls" in sd:
+        extra = {"reg_token": sd["cls_token"], "reg_pos_embed": sd["pos_embed_cls"]}
+    elif "cls_token" in sd:
+        half = (pos.shape[1] - 1) // 2
+        extra = {"cls_token": sd["cls_token"], "cls_pos_embed": pos[:, half : half + 1]}
         pos = torch.cat([pos[:, :half], pos[:, half + 1 :]], dim=1)
-    if model.num_registers:
-        out["reg_token"] = sd["cls_token"]
-        out["reg_pos_embed"] = sd["pos_embed_cls"]
-    old = int(math.isqrt(pos.shape[1]))
+    own = model.state_dict()
+    for k, v in extra.items():
+        if k in own or not fill_missing:
+            out[k] = v
+    if fill_missing:  # what a classification / cls-less checkpoint lacks keeps the model's init
+        for k, v in own.items():
+            tokens = ("cls_token", "cls_pos_embed", "reg_token", "reg_pos_embed")
+            if k not in out and (k.startswith("pyramid.") or k in tokens):
+                out[k] = v
+    old = math.isqrt(pos.shape[1])
+    if old * old != pos.shape[1]:
+        raise ValueError(f"pos_embed has {pos.shape[1]} patch entries, not a square grid; cannot resample it")
     if (old, old) != model.pos_grid:
         pos = resample_abs_pos_embed(pos, new_size=model.pos_grid, old_size=(old, old), num_prefix_tokens=0)
     out["pos_embed"] = pos
@@ -526,8 +635,15 @@ def _create_vim(variant: str, pretrained: bool = False, **kwargs: Any) -> Vim:
                 f"{variant}: weights are never downloaded; pass the official checkpoint as a file: "
                 f"timm.create_model({variant!r}, pretrained=True, pretrained_cfg_overlay=dict(file='/path/ckpt.pth'))"
             )
-    depth = kwargs.get("depth", 24)
-    out_indices = kwargs.pop("out_indices", _even_blocks(depth))
+    if kwargs.get("features_only"):
+        # NOTE: features for dense heads = the simple pyramid (strides 4..32), as Vim's segmentation
+        # backbone; simple_pyramid=False gives the plain stride-16 block features instead.
+        kwargs.setdefault("simple_pyramid", True)
+    if kwargs.get("simple_pyramid"):
+        default_out = (0, 1, 2, 3)
+    else:
+        default_out = tuple(dict.fromkeys(kwargs.get("pyramid_blocks") or _even_blocks(kwargs.get("depth", 24))))
+    out_indices = kwargs.pop("out_indices", default_out)
     return build_model_with_cfg(
         Vim,
         variant,

@@ -23,8 +23,9 @@ vmamba_*_v0        vanilla v0: d_state 16, ssm_ratio 2, SiLU gate, no MLP, 4x4 p
 =================  ======  =============  =======  =========  ==========================
 
 Options: ``num_registers`` (Mamba(R) register tokens per stage, spliced into every route by
-``routes.with_registers`` and dropped at the end of each stage), ``feature_norms`` (a LayerNorm
-per returned feature map, as the official dense backbones have), ``set_grad_checkpointing()``.
+``routes.with_registers`` and dropped at the end of each stage; ``forward_intermediates(...,
+return_registers=True)`` returns them), ``feature_norms`` (a LayerNorm per returned feature map, as
+the official dense backbones have), ``set_grad_checkpointing()``.
 
 All maps are channels-last inside; ``forward_intermediates`` returns NCHW by default. Any input
 size works (see ``_features.py``). Official checkpoints load through :func:`checkpoint_filter_fn`
@@ -142,27 +143,17 @@ class VMamba(HierarchicalEncoder):
 _SSM_PARAMS = ("x_proj_weight", "dt_projs_weight", "dt_projs_bias", "A_logs", "Ds")
 
 
-def _unwrap(state_dict: dict[str, Any]) -> dict[str, torch.Tensor]:
-    for key in ("model", "state_dict", "module", "model_ema"):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            state_dict = state_dict[key]
-            break
-    out = {}
-    for k, v in state_dict.items():
-        for pre in ("module.", "backbone.", "encoder."):
-            if k.startswith(pre):
-                k = k[len(pre):]
-        out[k] = v
-    return out
-
-
-def _rename_official(k: str, conv_stem: bool, conv_down: bool) -> str | None:
-    """Official VSSM key -> our key (None: drop)."""
+def _rename_official(k: str, conv_stem: bool, conv_down: bool) -> str:
+    """Official VSSM key -> our key (unknown keys come back unchanged, for the strict check)."""
+    # legacy VMamba v0 names (renamed by VSSM._load_from_state_dict in the official code)
+    k = k.replace("patch_embed.proj.", "patch_embed.0.").replace("patch_embed.norm.", "patch_embed.2.")
+    k = re.sub(r"(layers\.\d+\.blocks\.\d+)\.ln_1\.", r"\1.norm.", k)
+    k = re.sub(r"(layers\.\d+\.blocks\.\d+)\.self_attention\.", r"\1.op.", k)
     m = re.match(r"patch_embed\.(\d+)\.(.*)", k)
     if m:
         idx, rest = int(m.group(1)), m.group(2)
         names = {0: "conv1", 2: "norm1", 5: "conv2", 7: "norm2"} if conv_stem else {0: "proj", 2: "norm"}
-        return f"stem.{names[idx]}.{rest}" if idx in names else None
+        return f"stem.{names[idx]}.{rest}" if idx in names else k  # unknown: left for the strict check
     m = re.match(r"layers\.(\d+)\.downsample\.(.*)", k)
     if m:
         i, rest = int(m.group(1)), m.group(2)
@@ -186,16 +177,25 @@ def _rename_official(k: str, conv_stem: bool, conv_down: bool) -> str | None:
     return k
 
 
-def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
+def checkpoint_filter_fn(
+    state_dict: dict[str, Any], model: nn.Module, fill_missing: bool = True
+) -> dict[str, torch.Tensor]:
     """Map an official VMamba / LocalMamba checkpoint (``VSSM`` or ``Backbone_VSSM`` keys) onto ``model``.
 
     Handles the wrappers ``{"model": ...}`` / ``{"state_dict": ...}`` and ``backbone.`` prefixes
-    (mmseg/mmdet checkpoints), the stem/downsample index names, SS2D's per-route tensors stored
-    flat ((K*D, N) A_logs, (K*D,) Ds -> (K, D, N), (K, D)), Linear2d weights stored as 1x1 convs,
-    and missing per-stage feature norms (kept at their init). A state dict already in our naming
-    passes through unchanged.
+    (mmseg/mmdet checkpoints; their decoder keys are left out), the stem/downsample index names,
+    the legacy v0 names (``patch_embed.proj``, ``ln_1``, ``self_attention``), SS2D's per-route
+    tensors stored flat ((K*D, N) A_logs, (K*D,) Ds -> (K, D, N), (K, D)) and Linear2d weights
+    stored as 1x1 convs. A state dict already in our naming passes through unchanged.
+
+    Args:
+        fill_missing: copy the model's own per-stage feature norms into the result when the
+            checkpoint has none (classification checkpoints), so that timm's strict loading
+            succeeds; ``mamba_dense.convert`` passes False and reports them instead.
     """
-    sd = _unwrap(state_dict)
+    from ._builder import unwrap_checkpoint
+
+    sd, _ = unwrap_checkpoint(state_dict)
     if any(k.startswith("stages.") for k in sd):
         return sd
     conv_stem = isinstance(getattr(model, "stem", None), ConvStem)
@@ -204,15 +204,14 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: nn.Module) -> dict[s
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
         nk = _rename_official(k, conv_stem, conv_down)
-        if nk is None:
-            continue
         t = target.get(nk)
         if t is not None and tuple(v.shape) != tuple(t.shape) and v.numel() == t.numel():
             v = v.reshape(t.shape)
         out[nk] = v
-    for k, v in target.items():  # dense-only additions absent from classification checkpoints
-        if k.startswith("feature_norms.") and k not in out:
-            out[k] = v
+    if fill_missing:
+        for k, v in target.items():  # dense-only additions absent from classification checkpoints
+            if k.startswith("feature_norms.") and k not in out:
+                out[k] = v
     return out
 
 

@@ -471,9 +471,12 @@ def segmamba_checkpoint_filter(state_dict: dict[str, torch.Tensor]) -> dict[str,
     Keeps the encoder (``vit.*`` in the whole model; decoder keys are dropped), maps
     ``downsample_layers.0.0`` -> ``stem``, ``downsample_layers.i.1`` -> ``downsamples.{i-1}.conv``,
     and stacks each ToM layer's forward / backward / inter-slice tensors (suffixes "", "_b", "_s";
-    ``A_log``/``A_b_log``/``A_s_log``) into the route-indexed RouteMamba parameters.
+    ``A_log``/``A_b_log``/``A_s_log``) into the route-indexed RouteMamba parameters. A state dict
+    already in our naming passes through.
     """
     sd = state_dict.get("model", state_dict.get("state_dict", state_dict))
+    if any(k.endswith("mamba.conv1d_weight") for k in sd):  # already ours
+        return dict(sd)
     if any(k.startswith("vit.") for k in sd):
         sd = {k[4:]: v for k, v in sd.items() if k.startswith("vit.")}
     sufs = ("", "_b", "_s")

@@ -7,7 +7,11 @@ Importing this module registers the encoders with timm, which is all smp needs:
     >>> net = smp.UPerNet("tu-vmamba_tiny", encoder_weights=None, classes=3)  # doctest: +SKIP
 
 smp's decoders need H and W divisible by 32 (its own ``check_input_shape``); the encoders
-themselves accept any size.
+themselves accept any size. Vim / Mamba(R) give smp their simple pyramid (strides 4..32), so
+``tu-vim_small`` works with UPerNet, FPN, Unet and Segformer like the hierarchical encoders.
+
+NOTE: smp's ``depth`` keyword (number of encoder stages) shadows Vim's ``depth`` (number of
+blocks); narrow Vim through smp by ``embed_dim`` / ``d_state`` instead.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@
 - :class:`ConvStem`, :class:`PatchEmbed`: image -> (B, H/4, W/4, C) channels-last tokens.
 - :class:`ConvDownsample`, :class:`PatchMerging`: stage transitions (H, W halved).
 - :class:`Mlp`, :class:`LayerNorm2d`, :class:`ChannelAttention` (LocalMamba's SCAttn).
+- :class:`SimplePyramid`: one stride-16 map per level -> strides 4, 8, 16, 32 (Vim's dense backbone).
 
 All maps are channels-last (B, H, W, C) unless a name says otherwise (``LayerNorm2d``).
 """
@@ -15,6 +16,7 @@ from .channel_attn import ChannelAttention
 from .downsample import ConvDownsample, PatchMerging
 from .mlp import Mlp
 from .norm import LayerNorm2d, LayerNormNHWC
+from .pyramid import SimplePyramid
 from .ss2d import SS2D
 from .ssm import SSMCore, A_log_init_, auto_dt_rank, dt_bias_init_
 from .stem import ConvStem, PatchEmbed
@@ -31,6 +33,7 @@ __all__ = [
     "LayerNorm2d",
     "LayerNormNHWC",
     "ChannelAttention",
+    "SimplePyramid",
     "auto_dt_rank",
     "dt_bias_init_",
     "A_log_init_",

@@ -1,135 +1,247 @@
-"""Official VMamba / LocalMamba checkpoints -> our modules, on synthetic state dicts that use the
-official key names and shapes (MzeroMiko/VMamba ``vmamba.py`` VSSM / Backbone_VSSM,
-hunto/LocalMamba ``local_vmamba.py``), written out here by hand from those layouts."""
+"""``mamba_dense.convert``: official checkpoints (layouts written in ``_official.py`` from the official
+model code) -> our encoders. Full-size variants are checked key by key on the meta device; the
+file-path API runs on narrowed variants saved to a temporary file."""
 
 from __future__ import annotations
 
-import math
+import argparse
+import pickle
 
+import _official as official
+import pytest
 import timm
 import torch
 
 import mamba_dense.encoders as enc
+from mamba_dense.convert import CheckpointMismatchError, convert_state_dict, load_encoder_weights
 from mamba_dense.encoders.localmamba import LOCALVMAMBA_TINY_DIRECTIONS
 from mamba_dense.encoders.vmamba import checkpoint_filter_fn
+
+V2_S = dict(depths=(2, 2, 15, 2), ssm_ratio=2.0)
+V0_T = dict(depths=(2, 2, 9, 2), d_state=16, ssm_ratio=2.0)
+FULL = [
+    ("vmamba_tiny", official.vssm, {}),
+    ("vmamba_small", official.vssm, V2_S),
+    ("vmamba_base", official.vssm, dict(dims=128, **V2_S)),
+    ("vmamba_tiny_v0", official.vssm, dict(version="v0", **V0_T)),
+    ("vmamba_tiny_v0", official.vssm, dict(version="legacy", **V0_T)),
+    ("localvmamba_tiny", official.vssm, dict(version="v0", local=True, **V0_T)),
+    ("localvmamba_small", official.vssm, dict(V0_T, version="v0", local=True, depths=(2, 2, 27, 2))),
+    ("vim_tiny", official.vim, {}),
+    ("vim_small", official.vim, dict(embed_dim=384)),
+    ("mambar_small", official.vim, dict(embed_dim=384, num_registers=12, register_reduce=2)),
+    ("mambar_base", official.vim, dict(embed_dim=768, num_registers=12, register_reduce=4)),
+    ("segmamba_tiny", official.segmamba_encoder, {}),
+]
+
+
+@pytest.mark.parametrize("name, make, layout", FULL, ids=[f"{n}-{i}" for i, (n, _, _) in enumerate(FULL)])
+def test_full_size_official_layout_covers_every_key(name, make, layout):
+    with torch.device("meta"):
+        model = enc.create_encoder(name)
+    sd = make(device="meta", **layout)
+    converted, left_out = convert_state_dict(model, {"model": sd})
+    own = model.state_dict()
+    assert not left_out
+    assert set(converted) == set(own), (sorted(set(own) - set(converted))[:5], sorted(set(converted) - set(own))[:5])
+    assert all(tuple(converted[k].shape) == tuple(own[k].shape) for k in own)
+    assert official.numel(sd) == sum(v.numel() for v in converted.values())  # every official tensor used once
+
+
+# ---------------------------------------------------------------------------------------------
+# the file-path API, narrowed variants
 
 DEPTHS, C0 = (1, 1, 2, 1), 16
 
 
-def _official_vssm(v2: bool, d_state: int, ratio: float, local: bool = False, head: bool = True) -> dict:
-    g = torch.Generator().manual_seed(0)
-    sd: dict[str, torch.Tensor] = {}
+def _save(tmp_path, sd, **extra):
+    path = tmp_path / "official.pth"
+    torch.save({"model": sd, "epoch": 3, **extra}, path)
+    return path
 
-    def put(k, *shape):
-        sd[k] = torch.randn(*shape, generator=g)
 
-    dims = [C0 * 2**i for i in range(4)]
+def _assert_everything_loaded(report, model, sd, initialized=()):
+    own = model.state_dict()
+    assert report.loaded == sorted(set(own) - set(initialized))
+    assert sorted(report.initialized) == sorted(initialized)
+    assert not report.ignored
+    assert official.numel(sd) == sum(own[k].numel() for k in report.loaded if not k.endswith("num_batches_tracked"))
+
+
+@pytest.mark.parametrize("version", ["v2", "v2-conv1x1", "v0", "legacy", "local"])
+def test_vssm_file_loads_strictly(tmp_path, version):
+    v2 = version.startswith("v2")
     if v2:
-        put("patch_embed.0.weight", C0 // 2, 3, 3, 3); put("patch_embed.0.bias", C0 // 2)
-        put("patch_embed.2.weight", C0 // 2); put("patch_embed.2.bias", C0 // 2)
-        put("patch_embed.5.weight", C0, C0 // 2, 3, 3); put("patch_embed.5.bias", C0)
-        put("patch_embed.7.weight", C0); put("patch_embed.7.bias", C0)
+        layout = dict(d_state=1, ssm_ratio=1.0, linear2d_as_conv=version == "v2-conv1x1")
     else:
-        put("patch_embed.0.weight", C0, 3, 4, 4); put("patch_embed.0.bias", C0)
-        put("patch_embed.2.weight", C0); put("patch_embed.2.bias", C0)
-    for i, (depth, c) in enumerate(zip(DEPTHS, dims)):
-        di, r, n = int(ratio * c), math.ceil(c / 16), d_state
-        for j in range(depth):
-            p = f"layers.{i}.blocks.{j}."
-            put(p + "norm.weight", c); put(p + "norm.bias", c)
-            put(p + "op.in_proj.weight", di * (1 if v2 else 2), c)
-            put(p + "op.conv2d.weight", di, 1, 3, 3)
-            if not v2:
-                put(p + "op.conv2d.bias", di)
-            put(p + "op.x_proj_weight", 4, r + 2 * n, di)
-            put(p + "op.dt_projs_weight", 4, di, r); put(p + "op.dt_projs_bias", 4, di)
-            put(p + "op.A_logs", 4 * di, n); put(p + "op.Ds", 4 * di)
-            put(p + "op.out_norm.weight", di); put(p + "op.out_norm.bias", di)
-            put(p + "op.out_proj.weight", c, di)
-            if local:
-                a = p + "op.multi_scan.attn."
-                put(a + "norm.weight", di); put(a + "norm.bias", di)
-                put(a + "global_reduce.weight", di // 8, di); put(a + "global_reduce.bias", di // 8)
-                put(a + "channel_select.weight", di, di // 8); put(a + "channel_select.bias", di)
-            if v2:
-                put(p + "norm2.weight", c); put(p + "norm2.bias", c)
-                put(p + "mlp.fc1.weight", 4 * c, c, 1, 1)  # Linear2d weights saved as 1x1 convs
-                put(p + "mlp.fc1.bias", 4 * c); put(p + "mlp.fc2.weight", c, 4 * c); put(p + "mlp.fc2.bias", c)
-        if i < 3:
-            q = f"layers.{i}.downsample."
-            if v2:
-                put(q + "1.weight", dims[i + 1], c, 3, 3); put(q + "1.bias", dims[i + 1])
-                put(q + "3.weight", dims[i + 1]); put(q + "3.bias", dims[i + 1])
-            else:
-                put(q + "norm.weight", 4 * c); put(q + "norm.bias", 4 * c)
-                put(q + "reduction.weight", dims[i + 1], 4 * c)
-    if head:
-        put("classifier.norm.weight", dims[-1]); put("classifier.norm.bias", dims[-1])
-        put("classifier.head.weight", 1000, dims[-1]); put("classifier.head.bias", 1000)
-    return sd
-
-
-def _check_loaded(m, sd, v2=True, local=False):
-    ours = m.state_dict()
-    blk = m.stages[2].blocks[1].op
+        layout = dict(d_state=16, ssm_ratio=2.0, version="v0" if version == "local" else version, local=version == "local")
+    layout.update(depths=DEPTHS, dims=C0)
+    sd = official.vssm(**layout)
+    name = "vmamba_tiny" if v2 else ("localvmamba_tiny" if version == "local" else "vmamba_tiny_v0")
+    kw = dict(directions=LOCALVMAMBA_TINY_DIRECTIONS[:5]) if version == "local" else {}
+    model = enc.create_encoder(name, depths=DEPTHS, dims=C0, **kw)
+    report = load_encoder_weights(model, _save(tmp_path, sd))
+    _assert_everything_loaded(report, model, sd)
+    blk = model.stages[2].blocks[1].op
+    op = "layers.2.blocks.1." + ("self_attention." if version == "legacy" else "op.")
     di = blk.d_inner
-    torch.testing.assert_close(blk.ssm.A_logs, sd["layers.2.blocks.1.op.A_logs"].view(4, di, -1))
-    torch.testing.assert_close(blk.ssm.Ds, sd["layers.2.blocks.1.op.Ds"].view(4, di))
-    torch.testing.assert_close(blk.ssm.x_proj_weight, sd["layers.2.blocks.1.op.x_proj_weight"])
-    torch.testing.assert_close(m.stages[3].downsample.state_dict()["conv.weight" if v2 else "reduction.weight"],
-                               sd["layers.2.downsample." + ("1.weight" if v2 else "reduction.weight")])
+    torch.testing.assert_close(blk.ssm.A_logs, sd[op + "A_logs"].view(4, di, -1))  # flat (K*D, N) -> (K, D, N)
+    torch.testing.assert_close(blk.ssm.Ds, sd[op + "Ds"].view(4, di))
+    torch.testing.assert_close(blk.ssm.x_proj_weight, sd[op + "x_proj_weight"])
     if v2:
-        torch.testing.assert_close(m.stem.conv2.weight, sd["patch_embed.5.weight"])
-        torch.testing.assert_close(m.stem.norm1.weight, sd["patch_embed.2.weight"])
-        torch.testing.assert_close(ours["stages.0.blocks.0.mlp.fc1.weight"], sd["layers.0.blocks.0.mlp.fc1.weight"].flatten(1))
+        torch.testing.assert_close(model.stem.conv2.weight, sd["patch_embed.5.weight"])
+        torch.testing.assert_close(model.stages[3].downsample.norm.bias, sd["layers.2.downsample.3.bias"])
+        fc1 = sd["layers.0.blocks.0.mlp.fc1.weight"]
+        torch.testing.assert_close(model.stages[0].blocks[0].mlp.fc1.weight, fc1.flatten(1))  # 1x1 conv -> linear
+        torch.testing.assert_close(model.head.weight, sd["classifier.head.weight"])
     else:
-        torch.testing.assert_close(m.stem.proj.weight, sd["patch_embed.0.weight"])
-    if local:
-        torch.testing.assert_close(blk.attn.channel_select.weight, sd["layers.2.blocks.1.op.multi_scan.attn.channel_select.weight"])
+        pe = "patch_embed.proj.weight" if version == "legacy" else "patch_embed.0.weight"
+        torch.testing.assert_close(model.stem.proj.weight, sd[pe])
+        red = sd["layers.2.downsample.reduction.weight"]
+        torch.testing.assert_close(model.stages[3].downsample.reduction.weight, red)
+    if version == "local":
+        torch.testing.assert_close(blk.attn.channel_select.weight, sd[op + "multi_scan.attn.channel_select.weight"])
 
 
-def test_vmamba_v2_official_keys_load_strict():
-    sd = _official_vssm(v2=True, d_state=1, ratio=1.0)
-    m = enc.create_encoder("vmamba_tiny", depths=DEPTHS, dims=C0)
-    m.load_state_dict(checkpoint_filter_fn({"model": sd}, m), strict=True)
-    _check_loaded(m, sd)
-    torch.testing.assert_close(m.head.weight, sd["classifier.head.weight"])
-    torch.testing.assert_close(m.norm.bias, sd["classifier.norm.bias"])
+@pytest.mark.parametrize("kind", ["vim", "mambar"])
+def test_vim_and_mambar_files_load_strictly(tmp_path, kind):
+    kw = dict(embed_dim=32, depth=2, d_state=4, img_size=64)
+    if kind == "vim":
+        model, sd = enc.create_encoder("vim_tiny", **kw), official.vim(**kw)
+    else:
+        model = enc.create_encoder("mambar_small", num_registers=4, **kw)
+        sd = official.vim(num_registers=4, register_reduce=2, **kw)
+    report = load_encoder_weights(model, _save(tmp_path, sd))
+    _assert_everything_loaded(report, model, sd)
+    mix = model.blocks[1].mixer
+    torch.testing.assert_close(mix.conv1d_weight[1], sd["layers.1.mixer.conv1d_b.weight"][:, 0])
+    torch.testing.assert_close(mix.ssm.A_logs[1], sd["layers.1.mixer.A_b_log"])
+    torch.testing.assert_close(mix.ssm.dt_projs_bias[0], sd["layers.1.mixer.dt_proj.bias"])
+    M = 16
+    if kind == "vim":  # the middle class token's position embedding is split out
+        torch.testing.assert_close(model.cls_pos_embed, sd["pos_embed"][:, M // 2 : M // 2 + 1])
+        torch.testing.assert_close(model.pos_embed[:, M // 2], sd["pos_embed"][:, M // 2 + 1])
+    else:
+        torch.testing.assert_close(model.reg_token, sd["cls_token"])
+        torch.testing.assert_close(model.norm_neck.weight, sd["norm_neck.weight"])
 
 
-def test_vmamba_v0_and_localmamba_official_keys_load_strict():
-    sd = _official_vssm(v2=False, d_state=16, ratio=2.0)
-    m = enc.create_encoder("vmamba_tiny_v0", depths=DEPTHS, dims=C0)
-    m.load_state_dict(checkpoint_filter_fn(sd, m), strict=True)
-    _check_loaded(m, sd, v2=False)
-    sd = _official_vssm(v2=False, d_state=16, ratio=2.0, local=True)
-    m = enc.create_encoder("localvmamba_tiny", depths=DEPTHS, dims=C0, directions=LOCALVMAMBA_TINY_DIRECTIONS[:5])
-    m.load_state_dict(checkpoint_filter_fn({"state_dict": sd}, m), strict=True)
-    _check_loaded(m, sd, v2=False, local=True)
+def test_segmamba_whole_model_file(tmp_path):
+    kw = dict(dims=(8, 16, 16, 16), depths=(1, 2, 1, 1), d_state=2)
+    model = enc.create_encoder("segmamba_tiny", **kw)
+    sd = official.segmamba_encoder(**kw)
+    whole = {"vit." + k: v for k, v in sd.items()} | {"decoder5.transp_conv.conv.weight": torch.zeros(2)}
+    report = load_encoder_weights(model, _save(tmp_path, whole))
+    assert report.ignored == ["decoder5.transp_conv.conv.weight"]  # the decoder of the whole model
+    report.ignored = []
+    _assert_everything_loaded(report, model, sd)
+    torch.testing.assert_close(model.stages[1][1].mamba.ssm.A_logs[2], sd["stages.1.1.mamba.A_s_log"])
 
 
-def test_dense_backbone_checkpoint_with_outnorms_and_prefix():
-    sd = _official_vssm(v2=True, d_state=1, ratio=1.0, head=False)
-    for i, c in enumerate(C0 * 2**i for i in range(4)):
-        sd[f"outnorm{i}.weight"], sd[f"outnorm{i}.bias"] = torch.rand(c), torch.rand(c)
-    sd = {"backbone." + k: v for k, v in sd.items()}
-    m = enc.create_encoder("vmamba_tiny", depths=DEPTHS, dims=C0, num_classes=0, feature_norms=True)
-    missing, unexpected = m.load_state_dict(checkpoint_filter_fn({"state_dict": sd}, m), strict=False)
-    assert set(missing) == {"norm.weight", "norm.bias"} and not unexpected
-    torch.testing.assert_close(m.feature_norms[3].weight, sd["backbone.outnorm3.weight"])
+# ---------------------------------------------------------------------------------------------
+# dense models: headless / features-only encoders, dense backbone checkpoints
 
 
-def test_timm_loads_official_file(tmp_path):
-    sd = _official_vssm(v2=True, d_state=1, ratio=1.0)
-    path = tmp_path / "vssm_official.pth"
-    torch.save({"model": sd, "epoch": 3}, path)
+def test_features_only_encoder_ignores_the_classifier(tmp_path):
+    sd = official.vssm(depths=DEPTHS, dims=C0)
+    feats = timm.create_model("vmamba_tiny", features_only=True, depths=DEPTHS, dims=C0)
+    report = load_encoder_weights(feats, _save(tmp_path, sd))  # the timm wrapper: loads into .model
+    assert sorted(report.ignored) == ["head.bias", "head.weight", "norm.bias", "norm.weight"]
+    out_proj = feats.model.stages[0].blocks[0].op.out_proj.weight
+    torch.testing.assert_close(out_proj, sd["layers.0.blocks.0.op.out_proj.weight"])
+
+
+def test_mmseg_backbone_checkpoint_with_outnorms(tmp_path):
+    sd = official.vssm(depths=DEPTHS, dims=C0, head=0, outnorms=True)
+    ckpt = {"backbone." + k: v for k, v in sd.items()} | {"decode_head.conv_seg.weight": torch.zeros(3, 8, 1, 1)}
+    model = enc.create_encoder("vmamba_tiny", depths=DEPTHS, dims=C0, num_classes=0, feature_norms=True)
+    report = load_encoder_weights(model, _ckpt(tmp_path, ckpt))
+    assert report.ignored == ["decode_head.conv_seg.weight"]  # the segmentor's decoder
+    assert report.initialized == ["norm.bias", "norm.weight"]  # Backbone_VSSM has no classifier norm
+    torch.testing.assert_close(model.feature_norms[3].weight, sd["outnorm3.weight"])
+
+
+def _ckpt(tmp_path, state_dict):
+    path = tmp_path / "mmseg.pth"
+    torch.save({"state_dict": state_dict, "meta": {"iter": 160000}}, path)
+    return path
+
+
+def test_classification_checkpoint_into_dense_vim_keeps_pyramid_at_init(tmp_path):
+    kw = dict(embed_dim=32, depth=4, d_state=4, img_size=64)
+    path = _save(tmp_path, official.vim(**kw))
+    feats = timm.create_model("vim_small", features_only=True, **kw)
+    report = load_encoder_weights(feats, path)
+    assert report.initialized and all(k.startswith("pyramid.") for k in report.initialized)
+    assert {"head.weight", "head.bias", "norm.weight"} == set(report.ignored)
+    # the same file through timm's own pretrained path (filter fills the pyramid for strict loading)
+    overlay = dict(file=str(path))
+    t = timm.create_model("vim_small", features_only=True, pretrained=True, pretrained_cfg_overlay=overlay, **kw)
+    torch.testing.assert_close(t.model.blocks[3].mixer.ssm.Ds, feats.model.blocks[3].mixer.ssm.Ds)
+
+
+def test_vim_segmentation_backbone_with_fpn(tmp_path):
+    kw = dict(embed_dim=32, depth=4, d_state=4, img_size=64)
+    sd = official.vim(cls_token=False, fpn=True, head=0, **kw)
+    model = enc.create_encoder("vim_small", cls_token=False, simple_pyramid=True, num_classes=0, **kw)
+    report = load_encoder_weights(model, _ckpt(tmp_path, {"backbone." + k: v for k, v in sd.items()}))
+    assert report.initialized == ["pyramid.levels.0.1.num_batches_tracked"] and not report.ignored
+    torch.testing.assert_close(model.pyramid.levels[0][3].weight, sd["fpn1.3.weight"])
+    torch.testing.assert_close(model.pyramid.levels[1][0].bias, sd["fpn2.0.bias"])
+
+
+def test_cls_token_into_a_cls_free_model_needs_ignore(tmp_path):
+    kw = dict(embed_dim=32, depth=2, d_state=4, img_size=64)
+    path = _save(tmp_path, official.vim(**kw))
+    model = enc.create_encoder("vim_tiny", cls_token=False, **kw)
+    with pytest.raises(CheckpointMismatchError, match=r"unexpected keys \(in the file, not in the encoder\): \['cls_pos_embed', 'cls_token'\]"):
+        load_encoder_weights(model, path)
+    report = load_encoder_weights(model, path, ignore=("cls_*",))
+    assert report.ignored == ["cls_pos_embed", "cls_token"]
+
+
+# ---------------------------------------------------------------------------------------------
+# errors are never silent
+
+
+def test_missing_unexpected_and_shape_errors_name_the_keys(tmp_path):
+    model = enc.create_encoder("vmamba_tiny", depths=DEPTHS, dims=C0)
+    sd = official.vssm(depths=DEPTHS, dims=C0)
+    sd.pop("layers.1.blocks.0.op.Ds")
+    sd["layers.0.blocks.0.op.extra_gate"] = torch.zeros(3)
+    with pytest.raises(CheckpointMismatchError, match=r"1 missing keys \(in the encoder, not in the file\): \['stages.1.blocks.0.op.ssm.Ds'\]") as e:
+        load_encoder_weights(model, _save(tmp_path, sd))
+    assert "stages.0.blocks.0.op.extra_gate" in str(e.value)
+    wide = enc.create_encoder("vmamba_tiny", depths=DEPTHS, dims=24)
+    with pytest.raises(CheckpointMismatchError, match="shape mismatches"):
+        load_encoder_weights(wide, _save(tmp_path, official.vssm(depths=DEPTHS, dims=C0)))
+    with pytest.raises(FileNotFoundError, match="local checkpoint path"):
+        load_encoder_weights(model, tmp_path / "nope.pth")
+
+
+def test_pickled_training_config(tmp_path):
+    sd = official.vssm(depths=DEPTHS, dims=C0)
+    path = _save(tmp_path, sd, args=argparse.Namespace(lr=1e-3))  # as the official Vim / VMamba files
+    model = enc.create_encoder("vmamba_tiny", depths=DEPTHS, dims=C0)
+    with pytest.warns(UserWarning, match="weights_only=False"):
+        load_encoder_weights(model, path)
+    with pytest.raises(pickle.UnpicklingError):
+        load_encoder_weights(model, path, weights_only=True)
+
+
+def test_timm_pretrained_file_and_own_state_dict_pass_through(tmp_path):
+    sd = official.vssm(depths=DEPTHS, dims=C0)
+    path = _save(tmp_path, sd)
     kw = dict(depths=DEPTHS, dims=C0, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
     m = timm.create_model("vmamba_tiny", **kw)
-    _check_loaded(m, sd)
-    f = timm.create_model("vmamba_tiny", features_only=True, **kw)
-    _check_loaded(f.model, sd)
+    torch.testing.assert_close(m.head.bias, sd["classifier.head.bias"])
     from mamba_dense.integrations.timm import create_timm_model
 
     g = create_timm_model("vmamba_tiny", str(path), depths=DEPTHS, dims=C0)
-    torch.testing.assert_close(g.head.bias, sd["classifier.head.bias"])
-    assert checkpoint_filter_fn(m.state_dict(), m).keys() == m.state_dict().keys()  # ours pass through
+    torch.testing.assert_close(g.stem.norm1.weight, sd["patch_embed.2.weight"])
+    assert checkpoint_filter_fn(m.state_dict(), m).keys() == m.state_dict().keys()
+    ours = tmp_path / "ours.pth"
+    torch.save(m.state_dict(), ours)
+    fresh = enc.create_encoder("vmamba_tiny", depths=DEPTHS, dims=C0)
+    assert not load_encoder_weights(fresh, ours).ignored
+    torch.testing.assert_close(fresh.stages[2].blocks[1].op.ssm.A_logs, m.stages[2].blocks[1].op.ssm.A_logs)

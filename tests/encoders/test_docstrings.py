@@ -1,4 +1,4 @@
-"""The examples in the docstrings of the layers, the 2D encoders and the adapters run."""
+"""The examples in the docstrings of the layers, the encoders and the adapters run."""
 
 from __future__ import annotations
 
@@ -12,7 +12,9 @@ MODULES = [
     "mamba_dense.layers.mlp", "mamba_dense.layers.norm", "mamba_dense.layers.ss2d", "mamba_dense.layers.ssm",
     "mamba_dense.layers.stem", "mamba_dense.encoders", "mamba_dense.encoders._registry",
     "mamba_dense.encoders.vmamba", "mamba_dense.encoders.localmamba", "mamba_dense.encoders.himamba",
-    "mamba_dense.integrations.timm", "mamba_dense.integrations.smp",
+    "mamba_dense.integrations.timm", "mamba_dense.integrations.smp", "mamba_dense.layers.pyramid",
+    "mamba_dense.encoders.vim", "mamba_dense.encoders.volumetric", "mamba_dense.encoders.artifacts",
+    "mamba_dense.encoders.complexity", "mamba_dense.layers.seq_mixer",
 ]
 
 

@@ -1,4 +1,4 @@
-"""Vim / Mamba(R): routes, route-vs-classic equivalence, feature contract, timm, counts, conversion."""
+"""Vim / Mamba(R): routes, route-vs-classic equivalence, feature contract, the dense pyramid, timm."""
 
 from __future__ import annotations
 
@@ -167,7 +167,7 @@ def test_stop_early_prune_and_errors():
     b = m.forward_intermediates(x, indices=[1], stop_early=True, intermediates_only=True)
     torch.testing.assert_close(a[0], b[0])
     with pytest.raises(ValueError, match="output_fmt"):
-        m.forward_intermediates(x, output_fmt="NHWC")
+        m.forward_intermediates(x, output_fmt="NCDHW")
     with pytest.raises(ValueError, match="global_pool"):
         _tiny(cls_token=False, global_pool="token")
     kept = m.prune_intermediate_layers([0, 2])
@@ -185,29 +185,61 @@ def test_pos_embed_resampled_to_any_grid():
 # timm, meta, parameter counts
 
 
-def test_timm_features_only():
+def test_timm_features_only_is_the_dense_pyramid():
     m = timm.create_model("vim_small", features_only=True)
     assert m.feature_info.channels() == [384] * 4
-    assert m.feature_info.reduction() == [16] * 4
-    assert list(m.out_indices) == [5, 11, 17, 23]
+    assert m.feature_info.reduction() == [4, 8, 16, 32]
+    assert m.model.pyramid_blocks == (5, 11, 17, 23)
     feats = m(torch.randn(1, 3, 32, 48))
-    assert [tuple(f.shape) for f in feats] == [(1, 384, 2, 3)] * 4
+    assert [tuple(f.shape) for f in feats] == [(1, 384, 8, 12), (1, 384, 4, 6), (1, 384, 2, 3), (1, 384, 1, 2)]
 
-    r = timm.create_model("vim_tiny_reg", features_only=True, out_indices=(3, 23), num_registers=4, depth=24)
+    # the plain stride-16 block features on request
+    r = timm.create_model(
+        "vim_tiny_reg", features_only=True, simple_pyramid=False, out_indices=(3, 23), num_registers=4, embed_dim=32
+    )
+    assert r.feature_info.reduction() == [16, 16]
     feats = r(torch.randn(1, 3, 33, 47))
-    assert [tuple(f.shape) for f in feats] == [(1, 192, 3, 3)] * 2
+    assert [tuple(f.shape) for f in feats] == [(1, 32, 3, 3)] * 2
+    assert len(r.model.blocks) == 24
 
 
-@pytest.mark.parametrize(
-    "name,published_m",
-    [("vim_tiny", 7), ("vim_small", 26), ("vim_tiny_reg", 9), ("vim_small_reg", 28), ("vim_base_reg", 99)],
-)
-def test_param_counts_and_meta(name, published_m):
-    with torch.device("meta"):
-        m = timm.create_model(name)
-    assert all(p.device.type == "meta" for p in m.parameters())
-    n = sum(p.numel() for p in m.parameters()) / 1e6
-    assert abs(n - published_m) / published_m < 0.05, f"{name}: {n:.2f}M vs published {published_m}M"
+def test_pyramid_is_vims_simple_fpn_on_the_tapped_blocks():
+    torch.manual_seed(0)
+    m = _tiny(simple_pyramid=True, cls_token=True, num_registers=3).eval()
+    assert m.pyramid_blocks == (0, 1, 2, 3)
+    x = torch.randn(2, 3, 40, 72)  # grid 3 x 5 after padding to 48 x 80
+    with torch.no_grad():
+        feats = m.forward_intermediates(x, intermediates_only=True)
+        blocks = m.forward_block_maps(x)
+    assert [tuple(f.shape[2:]) for f in feats] == [(10, 18), (5, 9), (3, 5), (2, 3)]
+    p = m.pyramid.levels
+    with torch.no_grad():  # official fpn1..fpn4: deconv-BN-GELU-deconv, deconv, identity, max-pool
+        up4 = p[0][3](F.gelu(p[0][1](p[0][0](blocks[0]))))
+        up2 = p[1][0](blocks[1])
+        down = F.max_pool2d(blocks[3], 2, ceil_mode=True)
+    torch.testing.assert_close(feats[0], up4[..., :10, :18])  # cropped to ceil(H/4) x ceil(W/4)
+    torch.testing.assert_close(feats[1], up2[..., :5, :9])
+    torch.testing.assert_close(feats[2], blocks[2])
+    torch.testing.assert_close(feats[3], down)
+    with torch.no_grad():
+        regs = m.forward_intermediates(x, indices=[2], intermediates_only=True, return_registers=True)
+        tokens = m._run_blocks(x, {2}, False)[0][2]
+    (fmap, r), = regs
+    torch.testing.assert_close(fmap, feats[2])
+    torch.testing.assert_close(r, tokens[:, -3:])  # the 3 registers after block 2, not the cls token
+    assert m.prune_intermediate_layers([1]) == [1] and len(m.blocks) == 2
+
+
+def test_pyramid_blocks_for_any_depth():
+    assert vim_mod._even_blocks(24) == (5, 11, 17, 23)
+    assert vim_mod._even_blocks(2) == (0, 0, 1, 1)
+    assert vim_mod._even_blocks(1) == (0, 0, 0, 0)
+    with pytest.raises(ValueError, match="4 blocks"):
+        _tiny(simple_pyramid=True, pyramid_blocks=(1, 3))
+    with pytest.raises(ValueError, match="must index"):
+        _tiny(pyramid_blocks=(0, 1, 2, 9))
+    with pytest.raises(ValueError, match="output_fmt"):
+        _tiny(simple_pyramid=True).forward_intermediates(torch.randn(1, 3, 32, 32), output_fmt="NLC")
 
 
 def test_mambar_aliases_registered():
@@ -219,71 +251,20 @@ def test_mambar_aliases_registered():
 
 
 # ---------------------------------------------------------------------------------------------
-# official checkpoint layout -> ours
-
-
-def _official_state(model: Vim, rng: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random tensors under the official hustvl/Vim and Mamba-Reg key names and shapes."""
-    C = model.embed_dim
-    mix = model.blocks[0].mixer
-    E, N, R, k = mix.d_inner, mix.ssm.d_state, mix.ssm.dt_rank, mix.d_conv
-    M = model.pos_grid[0] * model.pos_grid[1]
-
-    def r(*s):
-        return torch.randn(*s, generator=rng)
-
-    sd = {"patch_embed.proj.weight": r(C, 3, 16, 16), "patch_embed.proj.bias": r(C), "norm_f.weight": r(C)}
-    for i in range(len(model.blocks)):
-        p = f"layers.{i}."
-        sd[p + "norm.weight"] = r(C)
-        sd[p + "mixer.in_proj.weight"] = r(2 * E, C)
-        sd[p + "mixer.out_proj.weight"] = r(C, E)
-        for s in ("", "_b"):
-            sd[p + f"mixer.conv1d{s}.weight"] = r(E, 1, k)
-            sd[p + f"mixer.conv1d{s}.bias"] = r(E)
-            sd[p + f"mixer.x_proj{s}.weight"] = r(R + 2 * N, E)
-            sd[p + f"mixer.dt_proj{s}.weight"] = r(E, R)
-            sd[p + f"mixer.dt_proj{s}.bias"] = r(E)
-        sd[p + "mixer.A_log"], sd[p + "mixer.A_b_log"] = r(E, N), r(E, N)
-        sd[p + "mixer.D"], sd[p + "mixer.D_b"] = r(E), r(E)
-    if model.has_cls_token:  # Vim: cls in the middle of the sequence, pos_embed (1, M + 1, C)
-        sd["cls_token"], sd["pos_embed"] = r(1, 1, C), r(1, M + 1, C)
-        sd["head.weight"], sd["head.bias"] = r(model.num_classes, C), r(model.num_classes)
-    else:  # Mamba-Reg: registers are called cls_token, pos_embed covers the patches only
-        Rg = model.num_registers
-        sd["cls_token"], sd["pos_embed_cls"], sd["pos_embed"] = r(1, Rg, C), r(1, Rg, C), r(1, M, C)
-        red = C // model.register_reduce
-        sd["neck.weight"], sd["norm_neck.weight"] = r(red, C), r(Rg * red)
-        sd["head.weight"], sd["head.bias"] = r(model.num_classes, Rg * red), r(model.num_classes)
-    return sd
-
-
-@pytest.mark.parametrize("kind", ["vim", "mambar"])
-def test_checkpoint_filter_loads_official_layout(kind):
-    kw = dict(cls_token=True) if kind == "vim" else dict(cls_token=False, num_registers=4, register_reduce=2)
-    model = _tiny(num_classes=7, depth=2, **kw)
-    sd = _official_state(model, torch.Generator().manual_seed(0))
-    ours = checkpoint_filter_fn({"model": sd}, model)
-    model.load_state_dict(ours, strict=True)
-    mix = model.blocks[1].mixer
-    torch.testing.assert_close(mix.conv1d_weight[1], sd["layers.1.mixer.conv1d_b.weight"][:, 0])
-    torch.testing.assert_close(mix.ssm.A_logs[1], sd["layers.1.mixer.A_b_log"])
-    if kind == "vim":
-        M = model.pos_grid[0] * model.pos_grid[1]
-        torch.testing.assert_close(model.cls_pos_embed, sd["pos_embed"][:, M // 2 : M // 2 + 1])
-        torch.testing.assert_close(model.pos_embed[:, M // 2], sd["pos_embed"][:, M // 2 + 1])
-    else:
-        torch.testing.assert_close(model.reg_token, sd["cls_token"])
+# official checkpoint layout -> ours (more in test_convert.py)
 
 
 def test_timm_pretrained_from_file_only(tmp_path):
-    ref = timm.create_model("vim_tiny", depth=2, img_size=64)  # official layout at a 4 x 4 grid
-    sd = _official_state(ref, torch.Generator().manual_seed(1))
+    import _official as official
+
+    sd = official.vim(embed_dim=192, depth=2, img_size=64)  # official layout at a 4 x 4 grid
     path = tmp_path / "vim_t.pth"
     torch.save({"model": sd}, path)
-    m = timm.create_model("vim_tiny", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), depth=2, img_size=96)
+    overlay = dict(file=str(path))
+    m = timm.create_model("vim_tiny", pretrained=True, pretrained_cfg_overlay=overlay, depth=2, img_size=96)
     assert m.pos_embed.shape == (1, 36, 192)  # resampled 4 x 4 -> 6 x 6 by the filter
     torch.testing.assert_close(m.blocks[1].mixer.ssm.Ds[1], sd["layers.1.mixer.D_b"])
+    assert checkpoint_filter_fn(m.state_dict(), m).keys() == m.state_dict().keys()  # ours pass through
     with pytest.raises(ValueError, match="never downloaded"):
         timm.create_model("vim_tiny", pretrained=True, depth=1)
 

@@ -1,0 +1,253 @@
+"""Official checkpoints -> our encoders, from a local file (nothing is downloaded).
+
+Supported releases (each through its family's filter, which owns the key mapping):
+
+=====================================  =====================================================
+release                                converted by
+=====================================  =====================================================
+VMamba vssm1 T/S/B (v2, ``VSSM`` and    :func:`mamba_dense.encoders.vmamba.checkpoint_filter_fn`:
+``Backbone_VSSM``/mmseg), VMamba v0     stem / downsample indices, flat (K*D, N) ``A_logs`` and
+(incl. legacy ``ln_1`` names)           (K*D,) ``Ds`` -> (K, D, N) / (K, D), Linear2d weights
+                                        saved as (out, in, 1, 1) 1x1 convs -> (out, in),
+                                        ``outnorm{i}`` -> ``feature_norms.{i}``
+LocalVMamba T/S (``local_vssm_*``)      the same filter; ``op.multi_scan.attn`` -> ``op.attn``
+Vim T/S, Mamba(R) T/S/B                 :func:`mamba_dense.encoders.vim.checkpoint_filter_fn`:
+                                        forward / backward (``*_b``) mixer tensors stacked into
+                                        route-indexed parameters, middle class token split out of
+                                        ``pos_embed``, registers, ``fpn1..4`` -> ``pyramid``
+SegMamba (whole model or encoder)       :func:`mamba_dense.encoders.volumetric.segmamba_checkpoint_filter`
+=====================================  =====================================================
+
+:func:`load_encoder_weights` is strict: after conversion every tensor of the encoder must come
+from the file and every tensor of the file must land in the encoder, with equal shapes. The only
+exceptions are by design and are listed in the returned :class:`LoadReport`:
+
+- *initialized*: dense-only modules that classification checkpoints cannot contain
+  (``feature_norms.*`` of the hierarchical encoders, Vim's ``pyramid.*``), and the classifier
+  modules (``head``, final ``norm``, ``neck``) that backbone-only checkpoints (mmseg / mmdet) do not
+  contain, stay at their init, but only when the file has none of that module's tensors;
+- *ignored*: tensors of modules the encoder was built without or pruned away (the classifier
+  ``head``, final ``norm``, Mamba(R)'s ``neck``/``norm_neck`` of a headless or ``features_only``
+  encoder, blocks/stages after the last requested feature), the decoder of a whole segmentor
+  checkpoint, and anything matching the caller's ``ignore`` patterns.
+
+Everything else raises :class:`CheckpointMismatchError`, naming the keys.
+
+Example:
+    >>> import mamba_dense, mamba_dense.convert as convert  # doctest: +SKIP
+    >>> m = mamba_dense.create_encoder("vmamba_tiny", num_classes=0)  # doctest: +SKIP
+    >>> convert.load_encoder_weights(m, "vssm1_tiny_0230s_ckpt_epoch_264.pth")  # doctest: +SKIP
+    LoadReport(loaded=..., initialized=[], ignored=['classifier.head.bias', ...])
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import pickle
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+__all__ = [
+    "LoadReport",
+    "CheckpointMismatchError",
+    "read_checkpoint",
+    "convert_state_dict",
+    "load_encoder_weights",
+]
+
+# Top-level modules a headless / features-only encoder may lack; checkpoint tensors for them are
+# ignored (not an error) when the encoder has no such parameters.
+_HEAD_MODULES = ("head", "norm", "neck", "norm_neck", "classifier")
+# Dense-only modules classification checkpoints cannot contain.
+_DENSE_ONLY = ("feature_norms", "pyramid")
+
+
+class CheckpointMismatchError(ValueError):
+    """The converted checkpoint does not fit the encoder (missing / unexpected keys or shapes)."""
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_encoder_weights` did.
+
+    Attributes:
+        loaded: encoder tensors copied from the file.
+        initialized: encoder tensors of dense-only / classifier modules the file has none of
+            (kept at init).
+        ignored: file tensors (our names after conversion; raw names for a segmentor's decoder)
+            the encoder has no place for by design.
+    """
+
+    loaded: list[str] = field(default_factory=list)
+    initialized: list[str] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        def short(xs: list[str]) -> str:
+            return repr(xs) if len(xs) <= 4 else f"[{len(xs)} keys: {', '.join(map(repr, xs[:3]))}, ...]"
+
+        return (
+            f"LoadReport(loaded={short(self.loaded)}, initialized={short(self.initialized)}, "
+            f"ignored={short(self.ignored)})"
+        )
+
+
+def read_checkpoint(path: str | os.PathLike, weights_only: bool | None = None) -> Mapping[str, Any]:
+    """``torch.load`` a local checkpoint on the CPU.
+
+    Args:
+        weights_only: True: tensors and plain containers only (raises for files that also pickle
+            their training config, as the official VMamba / Vim releases do); False: full unpickling
+            (only for files you trust); None (default): try True, and fall back to False with a
+            warning naming the file.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} is not a file; weights load from a local checkpoint path only")
+    if weights_only is None:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # NOTE: official training checkpoints pickle their config objects next to the tensors.
+            warnings.warn(
+                f"{path}: holds non-tensor objects (e.g. a training config); loading it with "
+                "weights_only=False. Pass weights_only=True to refuse such files.",
+                stacklevel=3,
+            )
+            return torch.load(path, map_location="cpu", weights_only=False)
+    return torch.load(path, map_location="cpu", weights_only=weights_only)
+
+
+def _encoder_of(model: nn.Module) -> nn.Module:
+    from mamba_dense.encoders.artifacts import _unwrap_encoder
+
+    return _unwrap_encoder(model)
+
+
+def _filter_for(enc: nn.Module) -> Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """The family's converter for ``enc`` (without filling anything from the model)."""
+    from mamba_dense.encoders import himamba, vim, vmamba, volumetric
+
+    if isinstance(enc, vim.Vim):
+        return lambda sd: vim.checkpoint_filter_fn(sd, enc, fill_missing=False)
+    if isinstance(enc, himamba.HiMamba):  # no official release: our own state dicts only
+        return dict
+    if isinstance(enc, vmamba.VMamba):  # VMamba v2 / v0 and LocalVMamba
+        return lambda sd: vmamba.checkpoint_filter_fn(sd, enc, fill_missing=False)
+    if isinstance(enc, volumetric.SegMambaEncoder):
+        return volumetric.segmamba_checkpoint_filter
+    return dict
+
+
+def convert_state_dict(model: nn.Module, checkpoint: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Official (or our own) checkpoint contents -> tensors under ``model``'s names.
+
+    Args:
+        model: one of our encoders, or a timm / smp wrapper of one.
+        checkpoint: what ``torch.load`` returned (wrappers such as ``{"model": ...}`` allowed).
+
+    Returns:
+        (converted state dict, raw names of the file's tensors that belong to no encoder: the
+        decoder of a segmentor checkpoint). Nothing is filled in from the model.
+    """
+    from mamba_dense.encoders._builder import unwrap_checkpoint
+
+    enc = _encoder_of(model)
+    sd, left_out = unwrap_checkpoint(checkpoint)
+    if any(k.startswith("vit.") for k in sd):  # SegMamba's whole model: encoder under "vit."
+        left_out += sorted(k for k in sd if not k.startswith("vit."))
+        sd = {k: v for k, v in sd.items() if k.startswith("vit.")}
+    return _filter_for(enc)(sd), left_out
+
+
+def _pruned(key: str, enc: nn.Module) -> bool:
+    """True for a key of a block / stage that the encoder no longer has (features-only pruning)."""
+    top, _, rest = key.partition(".")
+    seq = getattr(enc, top, None) if top in ("blocks", "stages") else None
+    idx = rest.split(".", 1)[0]
+    return isinstance(seq, nn.ModuleList | nn.Sequential) and idx.isdigit() and int(idx) >= len(seq)
+
+
+def load_encoder_weights(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    ignore: Sequence[str] = (),
+    weights_only: bool | None = None,
+) -> LoadReport:
+    """Load an official (or our own) checkpoint file into an encoder, strictly.
+
+    Args:
+        model: one of our encoders (``mamba_dense.create_encoder``), or the timm ``features_only``
+            / smp wrapper of one; the weights go into the encoder inside.
+        path: local checkpoint file.
+        ignore: glob patterns (our names, after conversion) of file tensors to leave out on
+            purpose, e.g. ``("cls_token", "cls_pos_embed")`` to load Vim weights into an encoder
+            built with ``cls_token=False``.
+        weights_only: see :func:`read_checkpoint`.
+
+    Returns:
+        a :class:`LoadReport`.
+
+    Raises:
+        CheckpointMismatchError: missing / unexpected keys or shape mismatches outside the cases
+            listed in the module docstring; the message lists them.
+    """
+    enc = _encoder_of(model)
+    converted, left_out = convert_state_dict(enc, read_checkpoint(path, weights_only))
+    own = enc.state_dict()
+    own_tops = {k.split(".", 1)[0] for k in own}
+    report = LoadReport(ignored=list(left_out))
+
+    unexpected, mismatched, to_load = [], [], {}
+    for k, v in converted.items():
+        top = k.split(".", 1)[0]
+        if any(fnmatch.fnmatchcase(k, p) for p in ignore):
+            report.ignored.append(k)
+        elif k in own:
+            if tuple(v.shape) != tuple(own[k].shape):
+                mismatched.append(f"{k}: file {tuple(v.shape)} vs encoder {tuple(own[k].shape)}")
+            else:
+                to_load[k] = v
+        elif (top in _HEAD_MODULES and top not in own_tops) or _pruned(k, enc):
+            report.ignored.append(k)
+        else:
+            unexpected.append(k)
+    missing = []
+    file_tops = {k.split(".", 1)[0] for k in converted}
+    for k in own:
+        if k in to_load:
+            continue
+        top = k.split(".", 1)[0]
+        if top in _DENSE_ONLY + _HEAD_MODULES and top not in file_tops:
+            report.initialized.append(k)
+        elif k.endswith("num_batches_tracked"):  # BatchNorm counter, absent from older files
+            report.initialized.append(k)
+        else:
+            missing.append(k)
+    if missing or unexpected or mismatched:
+        parts = []
+        for what, keys in (("missing keys (in the encoder, not in the file)", missing),
+                           ("unexpected keys (in the file, not in the encoder)", unexpected),
+                           ("shape mismatches", mismatched)):
+            keys = sorted(keys)
+            if keys:
+                more = f" (+{len(keys) - 8} more)" if len(keys) > 8 else ""
+                parts.append(f"{len(keys)} {what}: {keys[:8]}{more}")
+        raise CheckpointMismatchError(
+            f"{os.fspath(path)} does not fit {type(enc).__name__}: " + "; ".join(parts)
+            + ". Check the variant and its size arguments (dims, depths, embed_dim, num_registers, "
+            "cls_token) against the checkpoint, or pass ignore=[...] for tensors to leave out on purpose."
+        )
+    result = enc.load_state_dict(to_load, strict=False)
+    # NOTE: BatchNorm fills a missing num_batches_tracked itself, so it is not in missing_keys.
+    assert not result.unexpected_keys and set(result.missing_keys) <= set(report.initialized), result
+    report.loaded = sorted(to_load)
+    report.initialized.sort()
+    report.ignored.sort()
+    return report
