@@ -127,7 +127,9 @@ class HierarchicalSS2D(nn.Module):
         y_region = self.region_ssm(region, direction_route(self.direction, n, n)).view(B, n, n, D)
         y_region = F.interpolate(y_region.permute(0, 3, 1, 2), size=(H, W), mode="nearest").permute(0, 2, 3, 1)
         g = torch.sigmoid(u * self.gate_weight + self.gate_bias)
-        y = torch.lerp(y_local, y_region, g)  # (1 - g) * local + g * region
+        # NOTE: under autocast the pooled region path can come back in fp32; lerp needs one dtype.
+        dt_ = torch.promote_types(y_local.dtype, y_region.dtype)
+        y = torch.lerp(y_local.to(dt_), y_region.to(dt_), g.to(dt_))  # (1 - g) * local + g * region
         out = self.dropout(self.out_proj(self.out_norm(y)))
         if not R:
             return out, None
