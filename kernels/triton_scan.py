@@ -81,6 +81,33 @@ def _load_tile(
     return s, smask, valid, row, rk, xv, pre, delta, Bv
 
 
+@triton.jit
+def _program_coords(k0, KL, Dm, N, BD: tl.constexpr, NP: tl.constexpr, T: tl.constexpr):
+    """Decode the grid (KL * n_dblk, n_chunks, batch): the routes of one channel block are adjacent."""
+    pid0 = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    b64 = tl.program_id(2).to(tl.int64)
+    k = k0 + pid0 % KL
+    pid_d = pid0 // KL
+    d = pid_d * BD + tl.arange(0, BD)
+    n = tl.arange(0, NP)
+    return pid_c, b64, k, pid_d, d, d < Dm, n, n < N, tl.arange(0, T)
+
+
+@triton.jit
+def _route_params(A_ptr, bias_ptr, D_ptr, k, Dm, N, d, dmask, n, nmask,
+                  HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, BD: tl.constexpr, CT: tl.constexpr):
+    """Route k's parameters for a channel block: A as (NP, BD), dt_bias and D as (BD,) (zeros if absent)."""
+    A = tl.load(A_ptr + (k * Dm + d[None, :]) * N + n[:, None], mask=nmask[:, None] & dmask[None, :], other=0.0).to(CT)
+    bias = tl.zeros([BD], dtype=CT)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + k * Dm + d, mask=dmask, other=0.0).to(CT)
+    Dv = tl.zeros([BD], dtype=CT)
+    if HAS_D:
+        Dv = tl.load(D_ptr + k * Dm + d, mask=dmask, other=0.0).to(CT)
+    return A, bias, Dv
+
+
 # --------------------------------------------------------------------------------------------
 # forward
 # --------------------------------------------------------------------------------------------
@@ -98,25 +125,8 @@ def _fwd_kernel(
     T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, CT: tl.constexpr,
     X_PER_ROUTE: tl.constexpr = False,
 ):
-    # grid: (KL * n_dblk, n_chunks, batch); the routes of one channel block are adjacent programs
-    pid0 = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2)
-    k = k0 + pid0 % KL
-    pid_d = pid0 // KL
-    b64 = b.to(tl.int64)
-    d = pid_d * BD + tl.arange(0, BD)
-    dmask = d < Dm
-    n = tl.arange(0, NP)
-    nmask = n < N
-    offs_t = tl.arange(0, T)
-    A = tl.load(A_ptr + (k * Dm + d[None, :]) * N + n[:, None], mask=nmask[:, None] & dmask[None, :], other=0.0).to(CT)
-    bias = tl.zeros([BD], dtype=CT)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + k * Dm + d, mask=dmask, other=0.0).to(CT)
-    Dv = tl.zeros([BD], dtype=CT)
-    if HAS_D:
-        Dv = tl.load(D_ptr + k * Dm + d, mask=dmask, other=0.0).to(CT)
+    pid_c, b64, k, pid_d, d, dmask, n, nmask, offs_t = _program_coords(k0, KL, Dm, N, BD, NP, T)
+    A, bias, Dv = _route_params(A_ptr, bias_ptr, D_ptr, k, Dm, N, d, dmask, n, nmask, HAS_BIAS, HAS_D, BD, CT)
     # states: (b, K, n_tiles, N, D)
     st_base = (b64 * K + k) * n_tiles
     st_off = n[:, None] * Dm + d[None, :]
@@ -244,26 +254,9 @@ def _bwd_kernel(
     T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, CT: tl.constexpr,
     X_PER_ROUTE: tl.constexpr = False,  # x is (b, L, K, D): one input per route (dx likewise)
 ):
-    # grid: (KL * n_dblk, n_chunks, batch); the routes of one channel block are adjacent programs
-    pid0 = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b = tl.program_id(2)
-    k = k0 + pid0 % KL
-    pid_d = pid0 // KL
-    b64 = b.to(tl.int64)
-    d = pid_d * BD + tl.arange(0, BD)
-    dmask = d < Dm
-    n = tl.arange(0, NP)
-    nmask = n < N
-    offs_t = tl.arange(0, T)
+    pid_c, b64, k, pid_d, d, dmask, n, nmask, offs_t = _program_coords(k0, KL, Dm, N, BD, NP, T)
     nd_mask = nmask[:, None] & dmask[None, :]
-    A = tl.load(A_ptr + (k * Dm + d[None, :]) * N + n[:, None], mask=nd_mask, other=0.0).to(CT)
-    bias = tl.zeros([BD], dtype=CT)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + k * Dm + d, mask=dmask, other=0.0).to(CT)
-    Dv = tl.zeros([BD], dtype=CT)
-    if HAS_D:
-        Dv = tl.load(D_ptr + k * Dm + d, mask=dmask, other=0.0).to(CT)
+    A, bias, Dv = _route_params(A_ptr, bias_ptr, D_ptr, k, Dm, N, d, dmask, n, nmask, HAS_BIAS, HAS_D, BD, CT)
     st_base = (b64 * K + k) * n_tiles
     st_off = n[:, None] * Dm + d[None, :]
     g_slot = (b64 * K + k) * n_chunks + pid_c  # (b, K, n_chunks, ...) buffers
