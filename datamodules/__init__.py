@@ -14,6 +14,7 @@ from typing import Any
 # import without the 2D stack (albumentations, pycocotools) and vice versa.
 _EXPORTS = {
     "IMAGENET_MEAN": "_common", "IMAGENET_STD": "_common", "DataError": "_common",
+    "CorruptFileError": "_common",
     "ADE20KDataModule": "ade20k", "SegmentationFolder": "ade20k", "ShapesDataModule": "ade20k",
     "collate_segmentation": "ade20k", "read_class_names": "ade20k",
     "COCOInstanceDataModule": "coco", "CocoInstances": "coco", "SyntheticCOCODataModule": "coco",
@@ -47,6 +48,7 @@ __all__ = [
     "ADE20KDataModule",
     "COCOInstanceDataModule",
     "CocoInstances",
+    "CorruptFileError",
     "DataError",
     "IMAGENET_MEAN",
     "IMAGENET_STD",

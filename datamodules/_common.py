@@ -8,7 +8,9 @@ traceback from inside PIL, pycocotools or nibabel.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -20,8 +22,12 @@ from torch.utils.data import DataLoader, Dataset
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "CorruptFileError",
     "DataError",
+    "SkipsCorrupt",
+    "check_choice",
     "default_cache_dir",
+    "report_skipped",
     "list_files",
     "make_loader",
     "read_json",
@@ -38,9 +44,42 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 class DataError(ValueError):
     """Bad data on disk: the message names the file, the field and the fix."""
 
-    def __init__(self, path: str | os.PathLike, field: str, problem: str, fix: str) -> None:
+    def __init__(self, path: str | os.PathLike, field: str | None = None, problem: str = "", fix: str = "") -> None:
+        if field is None:  # one ready message: how a DataLoader worker re-raises it in the main process
+            self.path, self.field = "", ""
+            super().__init__(str(path))
+            return
         self.path, self.field = str(path), field
         super().__init__(f"{path}: {field}: {problem}. Fix: {fix}")
+
+
+class CorruptFileError(DataError):
+    """A file that exists but cannot be decoded (truncated download, wrong format)."""
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
+    """``value`` if it is one of ``choices``, else a ValueError naming the argument."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected one of {list(choices)}. Fix: `{name}`")
+    return value
+
+
+_log = logging.getLogger("mamba_dense.datamodules")
+
+
+def report_skipped(what: str, skipped: dict[str, list[Any]], routine: Sequence[str] = ()) -> None:
+    """Log how many items of ``what`` were skipped, by reason, with a few examples; also a
+    warning unless every reason is ``routine`` (expected in clean data, e.g. COCO's tiny boxes)."""
+    counts = {k: len(v) for k, v in skipped.items() if v}
+    if not counts:
+        return
+    detail = "; ".join(f"{n} {k.replace('_', ' ')} (e.g. {skipped[k][:2]})" for k, n in counts.items())
+    msg = f"{what}: skipped {sum(counts.values())} item(s): {detail}"
+    if set(counts) <= set(routine):
+        _log.info(msg)
+        return
+    _log.warning(msg)
+    warnings.warn(msg, stacklevel=3)
 
 
 def default_cache_dir() -> Path:
@@ -93,7 +132,7 @@ def _open_image(path: Path) -> Image.Image:
         img = Image.open(path)
         img.load()  # decode now so a truncated file fails here, with its name
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(
+        raise CorruptFileError(
             path, "pixel data", f"cannot decode the image ({e})",
             "re-extract or re-download this file, or remove it and its label",
         ) from None
@@ -137,8 +176,21 @@ def make_loader(
     num_workers: int,
     collate_fn: Callable[[list[Any]], Any] | None = None,
     drop_last: bool = False,
+    pin_memory: bool | None = None,
+    persistent_workers: bool | None = None,
+    prefetch_factor: int | None = None,
 ) -> DataLoader:
-    """A DataLoader with the settings every datamodule here uses."""
+    """A DataLoader with the settings every datamodule here uses.
+
+    ``pin_memory=None`` pins when CUDA is available; ``persistent_workers=None`` keeps workers
+    alive between epochs whenever there are workers; ``prefetch_factor`` (batches loaded ahead per
+    worker, PyTorch default 2) applies only with workers.
+    """
+    if num_workers < 0:
+        raise ValueError(f"num_workers={num_workers}: expected >= 0. Fix: `num_workers`")
+    extra: dict[str, Any] = {}
+    if num_workers > 0 and prefetch_factor is not None:
+        extra["prefetch_factor"] = prefetch_factor
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -146,8 +198,9 @@ def make_loader(
         num_workers=num_workers,
         collate_fn=collate_fn,
         drop_last=drop_last,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        persistent_workers=(num_workers > 0) if persistent_workers is None else (persistent_workers and num_workers > 0),
+        **extra,
     )
 
 
@@ -182,3 +235,35 @@ class WorkerSeeded:
             for t in self._seeded_transforms():
                 t.set_random_seed(seed)
         return self._rng
+
+
+class SkipsCorrupt:
+    """Mixin: ``on_corrupt="skip"`` replaces an undecodable item by the next readable one, with a
+    warning naming the file, and counts it in ``corrupt`` (per process: each DataLoader worker
+    keeps its own list and warns on its own stderr); ``"error"`` raises ``CorruptFileError``,
+    which a DataLoader worker re-raises in the main process with the file name.
+    ``check_files()`` decodes every item up front so the count is known at setup."""
+
+    on_corrupt: str = "error"
+    corrupt: list[str]
+
+    def _get_item(self, index: int) -> Any:
+        raise NotImplementedError
+
+    def _note_corrupt(self, err: CorruptFileError) -> None:
+        if err.path not in self.corrupt:
+            self.corrupt.append(err.path)
+            warnings.warn(f"{err} [skipped: on_corrupt='skip'; {len(self.corrupt)} corrupt file(s) skipped in "
+                          f"process {os.getpid()}]", stacklevel=3)
+
+    def __getitem__(self, index: int) -> Any:
+        n = len(self)
+        for k in range(n):
+            try:
+                return self._get_item((index + k) % n)
+            except CorruptFileError as e:
+                if self.on_corrupt != "skip":
+                    raise
+                self._note_corrupt(e)
+        raise DataError(f"{type(self).__name__}", "every item", "no readable file left (all corrupt)",
+                        "re-extract the dataset")

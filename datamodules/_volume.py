@@ -73,6 +73,9 @@ def read_case(image_paths: Sequence[Path], label_path: Path | None, num_modaliti
         if channels[-1].shape != channels[0].shape:
             raise DataError(p, "shape", f"{channels[-1].shape} differs from {first.name} {channels[0].shape}",
                             "all modalities of a case must share one voxel grid")
+        if affine is not None and not np.allclose(aff, affine, atol=1e-3, rtol=1e-3):
+            raise DataError(p, "affine", f"differs from {first.name}'s (max difference {np.abs(aff - affine).max():.4g})",
+                            "all modalities of a case must share one voxel grid: resample onto the first one")
         affine = aff if affine is None else affine
     if len(channels) != num_modalities:
         raise DataError(first, "modalities", f"{len(channels)} channel(s) but dataset.json lists {num_modalities}",
@@ -89,11 +92,22 @@ def read_case(image_paths: Sequence[Path], label_path: Path | None, num_modaliti
         raise DataError(label_path, "shape", f"label {raw.shape} vs image {first.name} {image.shape[:3]}",
                         "resample the label onto the image grid (or pair the right files)")
     if not np.allclose(lab_aff, affine, atol=1e-3, rtol=1e-3):
-        warnings.warn(f"{label_path}: affine differs from {first.name}'s; using the image affine", stacklevel=2)
+        # NOTE: same shape but another grid (spacing, orientation or origin): voxels would not correspond
+        raise DataError(label_path, "affine", f"differs from image {first.name}'s (max difference "
+                        f"{np.abs(lab_aff - affine).max():.4g}): the label lies on another voxel grid",
+                        "resample the label onto the image grid, or re-save it with the image's affine if only the "
+                        "header is wrong")
     values = np.unique(raw)
-    if values.dtype.kind == "f" and not np.array_equal(values, np.round(values)):
-        raise DataError(label_path, "voxel values", f"non-integer label values {values[:6].tolist()}",
-                        "store class indices (resample labels with nearest neighbour)")
+    if values.dtype.kind == "f":
+        if not np.isfinite(values).all():
+            raise DataError(label_path, "voxel values", "NaN or infinite label values", "store class indices")
+        rounded = np.rint(values)
+        off = values[np.abs(values - rounded) > 1e-3]
+        if off.size:  # BraTS and others store labels as float32: integral values are fine, others rounded
+            warnings.warn(f"{label_path}: voxel values: {int(np.isin(raw, off).sum())} non-integer label value(s) "
+                          f"{[round(float(v), 4) for v in off[:6]]} rounded to the nearest class. Fix: resample labels with nearest "
+                          "neighbour", stacklevel=2)
+        values = np.unique(rounded)
     bad = values[(values < 0) | (values >= num_classes)]
     if bad.size:
         raise DataError(label_path, "voxel values", f"values {bad[:6].tolist()} outside the dataset.json labels "

@@ -24,8 +24,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from ._ade20k_meta import ADE20K_CLASSES, ADE20K_PALETTE
 from ._common import (
-    IMAGENET_MEAN, IMAGENET_STD, DataError, WorkerSeeded, default_cache_dir, list_files, make_loader, read_label_png,
-    read_rgb,
+    IMAGENET_MEAN, IMAGENET_STD, CorruptFileError, DataError, SkipsCorrupt, WorkerSeeded, check_choice,
+    default_cache_dir, list_files, make_loader, read_label_png, read_rgb, report_skipped,
 )
 from .synthetic import SHAPE_CLASSES, write_ade20k_like
 from .transforms import PhotoMetricDistortion, RandomCropCatMax, RescaleToFit
@@ -55,7 +55,7 @@ def _palette(num_classes: int) -> list[tuple[int, int, int]]:
     return [tuple(int(v) for v in rng.integers(0, 256, 3)) for _ in range(num_classes)]
 
 
-class SegmentationFolder(WorkerSeeded, Dataset):
+class SegmentationFolder(SkipsCorrupt, WorkerSeeded, Dataset):
     """Image/label pairs from two folders, paired by file stem.
 
     Args:
@@ -66,6 +66,10 @@ class SegmentationFolder(WorkerSeeded, Dataset):
         pad_to: pad (H, W) up to at least this size (train crops), or None.
         size_divisor: pad H and W up to a multiple of this (whole-image validation), or None.
         img_suffix, seg_suffix: file endings.
+        on_missing: an image without its label file, or a label without its image: "error" lists
+            them and raises; "skip" drops them with a warning (counted in ``skipped``).
+        on_corrupt: an undecodable image/label: "error" raises naming the file; "skip" warns and
+            serves the next readable pair instead (counted in ``corrupt``, per process).
 
     Returns (per item):
         dict(image=(3, H, W) float32, mask=(H, W) int64, name=str, size=(2,) int64 before padding).
@@ -74,20 +78,52 @@ class SegmentationFolder(WorkerSeeded, Dataset):
     def __init__(
         self, image_dir: Path, label_dir: Path, num_classes: int, reduce_zero_label: bool,
         transform: A.Compose, pad_to: tuple[int, int] | None = None, size_divisor: int | None = None,
-        img_suffix: str = ".jpg", seg_suffix: str = ".png",
+        img_suffix: str = ".jpg", seg_suffix: str = ".png", on_missing: str = "error", on_corrupt: str = "error",
     ) -> None:
         self.num_classes, self.reduce_zero_label = num_classes, reduce_zero_label
         self.transform, self.pad_to, self.size_divisor = transform, pad_to, size_divisor
-        images = list_files(Path(image_dir), [img_suffix])
-        if not images:
-            raise FileNotFoundError(f"{image_dir}: no *{img_suffix} images. Fix: check `root` and `img_suffix`")
-        self.pairs = [(p, Path(label_dir) / (p.name[: -len(img_suffix)] + seg_suffix)) for p in images]
-        missing = [str(lbl) for _, lbl in self.pairs if not lbl.is_file()]
-        if missing:
+        self.on_missing = check_choice("on_missing", on_missing, ("error", "skip"))
+        self.on_corrupt = check_choice("on_corrupt", on_corrupt, ("error", "skip"))
+        self.corrupt = []
+        image_dir, label_dir = Path(image_dir), Path(label_dir)
+        images = {p.name[: -len(img_suffix)]: p for p in list_files(image_dir, [img_suffix])}
+        labels = {p.name[: -len(seg_suffix)]: p for p in list_files(label_dir, [seg_suffix])}
+        # NOTE: names are compared case-sensitively after stripping the (case-insensitive) suffix
+        no_label = sorted(images.keys() - labels.keys())
+        no_image = sorted(labels.keys() - images.keys())
+        self.skipped: dict[str, list[str]] = {"image_without_label": [str(images[k]) for k in no_label],
+                                              "label_without_image": [str(labels[k]) for k in no_image]}
+        if (no_label or no_image) and self.on_missing == "error":
             raise FileNotFoundError(
-                f"{len(missing)} label file(s) missing, e.g. {missing[:3]}. Fix: restore them, or remove the "
-                f"matching images from {image_dir} (labels are paired by name with suffix {seg_suffix!r})"
+                f"{len(no_label)} image(s) without a label file (missing: "
+                f"{[str(label_dir / (k + seg_suffix)) for k in no_label[:3]]}), {len(no_image)} label file(s) "
+                f"without an image (missing: {[str(image_dir / (k + img_suffix)) for k in no_image[:3]]}). Fix: "
+                f"restore them, remove the unpaired files, or pass on_missing='skip' (pairs match by name: "
+                f"<stem>{img_suffix} in {image_dir} <-> <stem>{seg_suffix} in {label_dir})"
             )
+        keys = sorted(images.keys() & labels.keys())
+        if not keys:
+            raise FileNotFoundError(f"{image_dir}: no *{img_suffix} image with a *{seg_suffix} label in {label_dir}. "
+                                    "Fix: check `root`, `img_suffix` and `seg_suffix`")
+        self.pairs = [(images[k], labels[k]) for k in keys]
+
+    def check_files(self) -> list[str]:
+        """Decode every pair now; corrupt ones are dropped (``on_corrupt="skip"``, counted in
+        ``skipped["corrupt"]``) or raise. Returns the corrupt paths."""
+        bad, good = [], []
+        for img_path, lbl_path in self.pairs:
+            try:
+                read_rgb(img_path), read_label_png(lbl_path)
+                good.append((img_path, lbl_path))
+            except CorruptFileError as e:
+                if self.on_corrupt != "skip":
+                    raise
+                bad.append(e.path)
+        if bad and not good:
+            raise DataError(bad[0], "pixel data", f"all {len(bad)} pair(s) are corrupt", "re-extract the dataset")
+        self.pairs = good
+        self.skipped["corrupt"] = bad
+        return bad
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -126,7 +162,7 @@ class SegmentationFolder(WorkerSeeded, Dataset):
             )
         return image, self.remap(label, lbl_path)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def _get_item(self, index: int) -> dict[str, Any]:
         self.rng()  # reseed the augmentation once per worker
         image, label = self.load(index)
         out = self.transform(image=image, mask=label.astype(np.uint8))
@@ -206,6 +242,15 @@ class ADE20KDataModule(L.LightningDataModule):
             names when ``num_classes == 150``, else ``class_<k>``.
         img_suffix, seg_suffix: file endings of images and labels.
         train_split, val_split, test_split: sub-folder names under images/ and annotations/.
+        on_missing: "error" (default) lists images without labels and labels without images and
+            raises; "skip" drops them with a warning. Counts: ``skipped`` after ``setup``.
+        on_corrupt: undecodable JPEG/PNG files: "error" (default) raises naming the file; "skip"
+            warns and serves the next readable pair (counted per worker process).
+        check_files: decode every file at ``setup`` so corrupt ones are found (and, with
+            ``on_corrupt="skip"``, dropped and counted) before training; one full pass over the data.
+        pin_memory: pin batches in page-locked memory; None = when CUDA is available.
+        persistent_workers: keep workers between epochs; None = whenever ``num_workers > 0``.
+        prefetch_factor: batches loaded ahead per worker (None = PyTorch's default, 2).
 
     Returns:
         Batches ``{"image": (B,3,H,W) float32, "mask": (B,H,W) int64, "name": list[str], "size": (B,2)}``.
@@ -234,8 +279,16 @@ class ADE20KDataModule(L.LightningDataModule):
         train_split: str = "training",
         val_split: str = "validation",
         test_split: str = "validation",
+        on_missing: str = "error",
+        on_corrupt: str = "error",
+        check_files: bool = False,
+        pin_memory: bool | None = None,
+        persistent_workers: bool | None = None,
+        prefetch_factor: int | None = None,
     ) -> None:
         super().__init__()
+        check_choice("on_missing", on_missing, ("error", "skip"))
+        check_choice("on_corrupt", on_corrupt, ("error", "skip"))
         if not 0 < num_classes < IGNORE_INDEX:
             raise ValueError(f"num_classes={num_classes}: expected 1..254 (255 is the ignore label). "
                              "Fix: `num_classes`")
@@ -252,6 +305,9 @@ class ADE20KDataModule(L.LightningDataModule):
         self.ignore_index = IGNORE_INDEX
         self.class_names = self._class_names(class_names_file)
         self.palette = _palette(num_classes)
+        self.on_missing, self.on_corrupt, self.check_files = on_missing, on_corrupt, check_files
+        self.loader_kwargs = {"pin_memory": pin_memory, "persistent_workers": persistent_workers,
+                              "prefetch_factor": prefetch_factor}
         self.datasets: dict[str, SegmentationFolder] = {}
 
     def _class_names(self, class_names_file: str | None) -> list[str]:
@@ -283,11 +339,19 @@ class ADE20KDataModule(L.LightningDataModule):
         base = _resolve_root(self.root)
         sub = self.splits[split]
         train = split == "train"
+        for kind, suffix in (("images", self.img_suffix), ("annotations", self.seg_suffix)):
+            if not (base / kind / sub).is_dir():
+                raise FileNotFoundError(
+                    f"{base / kind / sub}: split folder not found. Expected layout: {base}/images/{sub}/*{self.img_suffix}"
+                    f" and {base}/annotations/{sub}/*{self.seg_suffix} (found {kind}/: "
+                    f"{sorted(p.name for p in (base / kind).iterdir() if p.is_dir())}). Fix: `{split}_split` or `root`"
+                )
         return SegmentationFolder(
             base / "images" / sub, base / "annotations" / sub, self.num_classes, self.reduce_zero_label,
             self.train_transform() if train else self.eval_transform(),
             pad_to=self.crop_size if train else None, size_divisor=None if train else self.size_divisor,
-            img_suffix=self.img_suffix, seg_suffix=self.seg_suffix,
+            img_suffix=self.img_suffix, seg_suffix=self.seg_suffix, on_missing=self.on_missing,
+            on_corrupt=self.on_corrupt,
         )
 
     def setup(self, stage: str | None = None) -> None:
@@ -297,18 +361,37 @@ class ADE20KDataModule(L.LightningDataModule):
 
     def _get(self, split: str) -> SegmentationFolder:
         if split not in self.datasets:
-            self.datasets[split] = self._dataset(split)
+            ds = self._dataset(split)
+            if self.check_files:
+                ds.check_files()
+            report_skipped(f"ADE20K {split} split ({ds.pairs[0][0].parent})", ds.skipped)
+            self.datasets[split] = ds
         return self.datasets[split]
 
+    @property
+    def skipped(self) -> dict[str, dict[str, int]]:
+        """Items skipped so far per built split and reason, e.g. ``{"train": {"corrupt": 1, ...}}``
+        (``corrupt`` adds files found at setup and those skipped in this process while loading)."""
+        out = {}
+        for split, ds in self.datasets.items():
+            counts = {k: len(v) for k, v in ds.skipped.items()}
+            counts["corrupt"] = len(set(ds.skipped.get("corrupt", [])) | set(ds.corrupt))
+            out[split] = counts
+        return out
+
+    def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
+        ds = self._get(split)
+        return make_loader(ds, batch_size, train, self.num_workers, collate_segmentation,
+                           drop_last=train and len(ds) > batch_size, **self.loader_kwargs)
+
     def train_dataloader(self) -> DataLoader:
-        return make_loader(self._get("train"), self.batch_size, True, self.num_workers, collate_segmentation,
-                           drop_last=len(self._get("train")) > self.batch_size)
+        return self._loader("train", self.batch_size, True)
 
     def val_dataloader(self) -> DataLoader:
-        return make_loader(self._get("val"), self.val_batch_size, False, self.num_workers, collate_segmentation)
+        return self._loader("val", self.val_batch_size, False)
 
     def test_dataloader(self) -> DataLoader:
-        return make_loader(self._get("test"), self.val_batch_size, False, self.num_workers, collate_segmentation)
+        return self._loader("test", self.val_batch_size, False)
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()
@@ -327,6 +410,7 @@ class ShapesDataModule(ADE20KDataModule):
         crop_size, batch_size, num_workers, val_batch_size: as in ``ADE20KDataModule``.
         num_train, num_val: images written per split.
         seed: seed of the writer.
+        pin_memory, persistent_workers: as in ``ADE20KDataModule``.
 
     Example:
         >>> dm = ShapesDataModule(batch_size=8)
@@ -343,12 +427,14 @@ class ShapesDataModule(ADE20KDataModule):
         num_train: int = 64,
         num_val: int = 16,
         seed: int = 0,
+        pin_memory: bool | None = None,
+        persistent_workers: bool | None = None,
     ) -> None:
         root = root if root is not None else str(default_cache_dir() / "datasets" / "shapes")
         super().__init__(
             root, crop_size=crop_size, batch_size=batch_size, num_workers=num_workers,
             val_batch_size=val_batch_size, scale=(4 * crop_size, crop_size), num_classes=1 + len(SHAPE_CLASSES),
-            reduce_zero_label=False,
+            reduce_zero_label=False, pin_memory=pin_memory, persistent_workers=persistent_workers,
         )
         self.num_train, self.num_val, self.seed = num_train, num_val, seed
         self.class_names = ["background", *SHAPE_CLASSES]

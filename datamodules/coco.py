@@ -34,7 +34,8 @@ from pycocotools.coco import COCO
 from torch.utils.data import DataLoader, Dataset
 
 from ._common import (
-    IMAGENET_MEAN, IMAGENET_STD, DataError, WorkerSeeded, default_cache_dir, make_loader, read_json, read_rgb,
+    IMAGENET_MEAN, IMAGENET_STD, CorruptFileError, DataError, SkipsCorrupt, WorkerSeeded, check_choice,
+    default_cache_dir, make_loader, read_json, read_rgb, report_skipped,
 )
 from .synthetic import write_coco_like
 from .transforms import ResizeShortestEdge
@@ -46,8 +47,13 @@ _REQUIRED = {"images": ("id", "file_name", "height", "width"),
              "categories": ("id", "name")}
 
 
-def load_coco(ann_file: Path) -> COCO:
-    """Parse and check a COCO instances file; returns an indexed ``pycocotools`` COCO object."""
+def load_coco(ann_file: Path, on_missing: str = "error") -> COCO:
+    """Parse and check a COCO instances file; returns an indexed ``pycocotools`` COCO object.
+
+    Annotations whose ``image_id`` or ``category_id`` is not listed raise (``on_missing="error"``)
+    or are dropped with a warning (``"skip"``); the dropped ids are in ``coco.skipped``.
+    """
+    check_choice("on_missing", on_missing, ("error", "skip"))
     doc = read_json(ann_file, "COCO annotation file")
     if not isinstance(doc, dict):
         raise DataError(ann_file, "top level", "not a JSON object", "use a COCO instances_*.json file")
@@ -62,13 +68,20 @@ def load_coco(ann_file: Path) -> COCO:
                                 "repair the entry or regenerate the annotation file")
     image_ids = {im["id"] for im in doc["images"]}
     cat_ids = {c["id"] for c in doc["categories"]}
+    skipped: dict[str, list[Any]] = {"annotation_unknown_image_id": [], "annotation_unknown_category_id": []}
+    kept = []
     for a in doc["annotations"]:
         if a["image_id"] not in image_ids or a["category_id"] not in cat_ids:
             bad = "image_id" if a["image_id"] not in image_ids else "category_id"
-            raise DataError(ann_file, f"annotations[id={a['id']}].{bad}", f"unknown {bad} {a[bad]}",
-                            "remove the annotation or add the missing image/category")
+            if on_missing == "error":
+                raise DataError(ann_file, f"annotations[id={a['id']}].{bad}", f"unknown {bad} {a[bad]}",
+                                "remove the annotation, add the missing image/category, or pass on_missing='skip'")
+            skipped[f"annotation_unknown_{bad}"].append(a["id"])
+            continue
+        kept.append(a)
         a.setdefault("iscrowd", 0)
         a.setdefault("area", float(a["bbox"][2] * a["bbox"][3]))
+    doc["annotations"] = kept
     ann_ids = [a["id"] for a in doc["annotations"]]
     if 0 in ann_ids or len(set(ann_ids)) != len(ann_ids):
         # NOTE: COCOeval uses 0 as "unmatched", so a ground truth with id 0 can never be matched,
@@ -81,6 +94,7 @@ def load_coco(ann_file: Path) -> COCO:
     coco.dataset = doc
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco.createIndex()
+    coco.skipped = skipped  # type: ignore[attr-defined]
     return coco
 
 
@@ -88,6 +102,8 @@ def _decode(ann: dict[str, Any], h: int, w: int, ann_file: Path) -> np.ndarray |
     """(H, W) uint8 mask of a polygon / RLE annotation; None when no valid polygon remains."""
     seg = ann.get("segmentation")
     where = f"annotations[id={ann['id']}].segmentation"
+    if seg is None or (isinstance(seg, (list, dict)) and not seg):  # empty: no mask, the annotation is dropped
+        return None
     if isinstance(seg, list):
         # NOTE: pycocotools reads a 4-number "polygon" as a box; keep real polygons only
         polys = [p for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
@@ -107,7 +123,7 @@ def _decode(ann: dict[str, Any], h: int, w: int, ann_file: Path) -> np.ndarray |
         return mask_utils.decode(rle)
 
 
-class CocoInstances(WorkerSeeded, Dataset):
+class CocoInstances(SkipsCorrupt, WorkerSeeded, Dataset):
     """Images and instance targets of one COCO annotation file.
 
     Args:
@@ -118,20 +134,63 @@ class CocoInstances(WorkerSeeded, Dataset):
         train: drop crowd regions from targets and skip images without usable annotations.
         transform: albumentations pipeline (boxes as ``pascal_voc`` with an ``ann_index`` field).
         min_box_size: boxes thinner than this (pixels) are dropped, before and after transforms.
+        on_missing: images listed in the file but absent from ``image_dir``: "error" lists them and
+            raises, "skip" drops them with a warning (``skipped["image_file_missing"]``).
+        on_corrupt: undecodable images: "error" raises naming the file, "skip" warns and serves the
+            next readable image (counted in ``corrupt``, per process).
+
+    Attributes:
+        skipped: reason -> ids/paths dropped when the dataset was built: unknown image/category
+            references (from ``load_coco``), missing image files, and annotations never used as
+            targets (``annotation_empty_segmentation``, ``annotation_degenerate_box``).
     """
 
     def __init__(self, coco: COCO, ann_file: Path, image_dir: Path, cat_id_to_label: dict[int, int],
-                 train: bool, transform: A.Compose, min_box_size: float = 1.0) -> None:
+                 train: bool, transform: A.Compose, min_box_size: float = 1.0, on_missing: str = "error",
+                 on_corrupt: str = "error") -> None:
         self.coco, self.ann_file, self.image_dir = coco, ann_file, image_dir
         self.cat_id_to_label, self.train, self.transform = cat_id_to_label, train, transform
         self.min_box_size = min_box_size
+        self.on_missing = check_choice("on_missing", on_missing, ("error", "skip"))
+        self.on_corrupt = check_choice("on_corrupt", on_corrupt, ("error", "skip"))
+        self.corrupt = []
+        self.skipped: dict[str, list[Any]] = {k: list(v) for k, v in getattr(coco, "skipped", {}).items()}
+        anns = coco.dataset["annotations"]
+        self.skipped["annotation_empty_segmentation"] = [a["id"] for a in anns if not a.get("segmentation")]
+        self.skipped["annotation_degenerate_box"] = [
+            a["id"] for a in anns if min(a["bbox"][2], a["bbox"][3]) < min_box_size]
         ids = sorted(coco.imgs)
+        absent = [i for i in ids if not (image_dir / coco.imgs[i]["file_name"]).is_file()]
+        if absent:
+            paths = [str(image_dir / coco.imgs[i]["file_name"]) for i in absent]
+            if self.on_missing == "error":
+                raise FileNotFoundError(
+                    f"{paths[0]}: listed in {ann_file} images[id={absent[0]}].file_name but not found "
+                    f"({len(absent)} image(s) missing in all: {paths[:3]}). Fix: check the image folder argument "
+                    "(train_images/val_images), restore the files, or pass on_missing='skip'")
+            self.skipped["image_file_missing"] = paths
+            ids = sorted(set(ids) - set(absent))
         if train:
             ids = [i for i in ids if any(self._usable(a) for a in coco.imgToAnns.get(i, []))]
         self.ids = ids
 
+    def check_files(self) -> list[str]:
+        """Decode every image now; corrupt ones are dropped (``on_corrupt="skip"``, counted in
+        ``skipped["corrupt"]``) or raise. Returns the corrupt paths."""
+        bad, good = [], []
+        for i in self.ids:
+            try:
+                read_rgb(self.image_dir / self.coco.imgs[i]["file_name"])
+                good.append(i)
+            except CorruptFileError as e:
+                if self.on_corrupt != "skip":
+                    raise
+                bad.append(e.path)
+        self.ids, self.skipped["corrupt"] = good, bad
+        return bad
+
     def _usable(self, ann: dict[str, Any]) -> bool:
-        if self.train and ann.get("iscrowd", 0):
+        if (self.train and ann.get("iscrowd", 0)) or not ann.get("segmentation"):
             return False
         _, _, w, h = ann["bbox"]
         return w >= self.min_box_size and h >= self.min_box_size
@@ -142,7 +201,7 @@ class CocoInstances(WorkerSeeded, Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _get_item(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self.rng()
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
@@ -225,6 +284,15 @@ class COCOInstanceDataModule(L.LightningDataModule):
         max_size: long-side cap.
         hflip_prob: horizontal flip probability in training.
         min_box_size: boxes thinner than this many pixels are dropped.
+        on_missing: images listed in an annotation file but absent on disk, and annotations naming
+            an unknown image/category: "error" (default) lists them and raises, "skip" drops them
+            with a warning. Counts: ``skipped`` after ``setup``.
+        on_corrupt: undecodable images: "error" (default) raises naming the file, "skip" warns
+            and serves the next readable image (counted per worker process).
+        check_files: decode every image at ``setup`` (corrupt ones dropped and counted with
+            ``on_corrupt="skip"``); one full pass over the images.
+        pin_memory, persistent_workers, prefetch_factor: DataLoader settings (None: pin when
+            CUDA is available, persistent whenever ``num_workers > 0``, PyTorch's prefetch).
 
     Attributes:
         num_classes: number of categories C (Mask R-CNN needs ``num_classes + 1`` with background).
@@ -255,8 +323,16 @@ class COCOInstanceDataModule(L.LightningDataModule):
         max_size: int = 1333,
         hflip_prob: float = 0.5,
         min_box_size: float = 1.0,
+        on_missing: str = "error",
+        on_corrupt: str = "error",
+        check_files: bool = False,
+        pin_memory: bool | None = None,
+        persistent_workers: bool | None = None,
+        prefetch_factor: int | None = None,
     ) -> None:
         super().__init__()
+        check_choice("on_missing", on_missing, ("error", "skip"))
+        check_choice("on_corrupt", on_corrupt, ("error", "skip"))
         self.save_hyperparameters()
         self.root = Path(root).expanduser()
         self.files = {"train": (train_ann, train_images), "val": (val_ann, val_images),
@@ -266,6 +342,9 @@ class COCOInstanceDataModule(L.LightningDataModule):
         self.test_scale, self.max_size = test_scale, max_size
         self.hflip_prob, self.min_box_size = hflip_prob, min_box_size
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
+        self.on_missing, self.on_corrupt, self.check_files = on_missing, on_corrupt, check_files
+        self.loader_kwargs = {"pin_memory": pin_memory, "persistent_workers": persistent_workers,
+                              "prefetch_factor": prefetch_factor}
         self._gt: dict[str, COCO] = {}
         self._categories: list[dict[str, Any]] | None = None
         self.datasets: dict[str, CocoInstances] = {}
@@ -278,7 +357,12 @@ class COCOInstanceDataModule(L.LightningDataModule):
         """The pycocotools COCO object of ``split`` ("train", "val" or "test"), for COCOeval."""
         if split not in self._gt:
             ann_file = self._path(self.files[split][0])
-            coco = load_coco(ann_file)
+            if not self.root.is_dir() and not ann_file.is_file():
+                raise FileNotFoundError(
+                    f"{self.root}: dataset folder not found. Expected layout: {self.root}/train2017/*.jpg, "
+                    f"{self.root}/val2017/*.jpg, {self.root}/annotations/instances_{{train,val}}2017.json "
+                    "(or the paths given as train_ann/val_ann/...). Fix: `root`")
+            coco = load_coco(ann_file, self.on_missing)
             cats = sorted(coco.dataset["categories"], key=lambda c: c["id"])
             if self._categories is None:
                 self._categories = cats
@@ -338,11 +422,34 @@ class COCOInstanceDataModule(L.LightningDataModule):
     def _get(self, split: str) -> CocoInstances:
         if split not in self.datasets:
             coco = self.coco_gt(split)
-            self.datasets[split] = CocoInstances(
-                coco, self._path(self.files[split][0]), self._path(self.files[split][1]), self.cat_id_to_label,
-                train=split == "train", transform=self._transform(split == "train"), min_box_size=self.min_box_size,
+            ann_file, image_dir = self._path(self.files[split][0]), self._path(self.files[split][1])
+            if not image_dir.is_dir():
+                raise FileNotFoundError(
+                    f"{image_dir}: image folder of split {split!r} not found (images named in {ann_file.name} "
+                    f"file_name are read from it). Expected layout: {self.root}/{{train2017,val2017}}/*.jpg. "
+                    f"Fix: `{split}_images` or `root`")
+            ds = CocoInstances(
+                coco, ann_file, image_dir, self.cat_id_to_label, train=split == "train",
+                transform=self._transform(split == "train"), min_box_size=self.min_box_size,
+                on_missing=self.on_missing, on_corrupt=self.on_corrupt,
             )
+            if self.check_files:
+                ds.check_files()
+            report_skipped(f"COCO {split} split ({ann_file})", ds.skipped,
+                           routine=("annotation_empty_segmentation", "annotation_degenerate_box"))
+            self.datasets[split] = ds
         return self.datasets[split]
+
+    @property
+    def skipped(self) -> dict[str, dict[str, int]]:
+        """Items skipped so far per built split and reason (``corrupt`` adds files found at setup
+        and those skipped in this process while loading)."""
+        out = {}
+        for split, ds in self.datasets.items():
+            counts = {k: len(v) for k, v in ds.skipped.items()}
+            counts["corrupt"] = len(set(ds.skipped.get("corrupt", [])) | set(ds.corrupt))
+            out[split] = counts
+        return out
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}
@@ -350,13 +457,16 @@ class COCOInstanceDataModule(L.LightningDataModule):
             self._get(split)
 
     def train_dataloader(self) -> DataLoader:
-        return make_loader(self._get("train"), self.batch_size, True, self.num_workers, collate_detection)
+        return make_loader(self._get("train"), self.batch_size, True, self.num_workers, collate_detection,
+                           **self.loader_kwargs)
 
     def val_dataloader(self) -> DataLoader:
-        return make_loader(self._get("val"), self.val_batch_size, False, self.num_workers, collate_detection)
+        return make_loader(self._get("val"), self.val_batch_size, False, self.num_workers, collate_detection,
+                           **self.loader_kwargs)
 
     def test_dataloader(self) -> DataLoader:
-        return make_loader(self._get("test"), self.val_batch_size, False, self.num_workers, collate_detection)
+        return make_loader(self._get("test"), self.val_batch_size, False, self.num_workers, collate_detection,
+                           **self.loader_kwargs)
 
     def predict_dataloader(self) -> DataLoader:
         return self.test_dataloader()

@@ -24,7 +24,7 @@ import json
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,7 +34,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ._common import DataError, WorkerSeeded, check_outside, default_cache_dir, make_loader, read_json
+from ._common import (
+    DataError, WorkerSeeded, check_choice, check_outside, default_cache_dir, make_loader, read_json, report_skipped,
+)
 from ._volume import (
     CaseGeometry, ct_normalize, intensity_augment, nonzero_zscore, random_flip, read_case, restore_original_space,
     sample_patch, to_common_space,
@@ -64,6 +66,7 @@ class MSDTask:
     class_names: list[str]
     training: list[Case]
     test: list[Case]
+    skipped: dict[str, list[str]] = field(default_factory=dict)  # reason -> entries dropped (on_missing="skip")
 
 
 def _resolve(root: Path, rel: Any, json_path: Path, where: str, must_exist: bool = True) -> Path:
@@ -77,10 +80,18 @@ def _resolve(root: Path, rel: Any, json_path: Path, where: str, must_exist: bool
     return p
 
 
-def parse_dataset_json(root: str | Path) -> MSDTask:
-    """Read and check ``root/dataset.json`` (MSD v1; nnU-Net v2 ``channel_names``/name->id labels too)."""
+def parse_dataset_json(root: str | Path, on_missing: str = "error") -> MSDTask:
+    """Read and check ``root/dataset.json`` (MSD v1; nnU-Net v2 ``channel_names``/name->id labels too).
+
+    Entries naming missing files raise (``on_missing="error"``) or are dropped with their case
+    (``"skip"``; listed in ``skipped`` of the result).
+    """
+    check_choice("on_missing", on_missing, ("error", "skip"))
     root = Path(root).expanduser()
     path = root / "dataset.json"
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: task folder not found. Expected layout: {root}/dataset.json, "
+                                f"{root}/imagesTr/*.nii.gz, {root}/labelsTr/*.nii.gz. Fix: `root`")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: dataset.json not found. Fix: point `root` at the MSD task folder "
                                 "(the one holding dataset.json, imagesTr/ and labelsTr/)")
@@ -110,26 +121,44 @@ def parse_dataset_json(root: str | Path) -> MSDTask:
     training = doc.get("training")
     if not isinstance(training, list) or not training:
         raise DataError(path, "training", "missing or empty", 'list the cases: [{"image": ..., "label": ...}]')
+    skipped: dict[str, list[str]] = {"training_case_file_missing": [], "test_case_file_missing": []}
+
+    def resolve_all(rels: list[Any], where: str, group: str) -> list[Path] | None:
+        paths = [_resolve(root, r, path, where, must_exist=False) for r in rels]
+        absent = [p for p in paths if not p.is_file()]
+        if not absent:
+            return paths
+        if on_missing == "error":
+            raise FileNotFoundError(f"{absent[0]}: listed in {path} {where} but not found. Fix: restore the "
+                                    "file, remove the entry from dataset.json, or pass on_missing='skip'")
+        skipped[f"{group}_case_file_missing"].extend(str(p) for p in absent)
+        return None
+
     cases = []
     for i, entry in enumerate(training):
         if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
             raise DataError(path, f"training[{i}]", "expected an object with 'image' and 'label'", "fix the entry")
         imgs = entry["image"] if isinstance(entry["image"], list) else [entry["image"]]
-        images = [_resolve(root, r, path, f"training[{i}].image") for r in imgs]
-        label = _resolve(root, entry["label"], path, f"training[{i}].label")
-        cases.append(Case(_case_name(images[0]), images, label))
+        images = resolve_all(imgs, f"training[{i}].image", "training")
+        label = resolve_all([entry["label"]], f"training[{i}].label", "training")
+        if images is not None and label is not None:
+            cases.append(Case(_case_name(images[0]), images, label[0]))
+    if not cases:
+        raise DataError(path, "training", f"no case with all its files present ({skipped['training_case_file_missing'][:3]}"
+                        " missing)", "restore the files listed in dataset.json")
     test = []
     for i, entry in enumerate(doc.get("test") or []):
         rel = entry.get("image") if isinstance(entry, dict) else entry
         imgs = rel if isinstance(rel, list) else [rel]
-        images = [_resolve(root, r, path, f"test[{i}]") for r in imgs]
-        test.append(Case(_case_name(images[0]), images, None))
+        images = resolve_all(imgs, f"test[{i}]", "test")
+        if images is not None:
+            test.append(Case(_case_name(images[0]), images, None))
     for group in (cases, test):  # one file per modality (BraTS-style folders) can repeat file names
         if len({c.name for c in group}) != len(group):
             for c in group:
                 c.name = f"{c.images[0].parent.name}_{c.name}"
     name = str(doc.get("name") or root.name)
-    return MSDTask(path, name, modalities, [by_id[k] for k in range(len(by_id))], cases, test)
+    return MSDTask(path, name, modalities, [by_id[k] for k in range(len(by_id))], cases, test, skipped)
 
 
 def _case_name(path: Path) -> str:
@@ -301,6 +330,10 @@ class MedicalDecathlonDataModule(L.LightningDataModule):
         cache_volumes: keep preprocessed volumes in memory (per worker).
         cache_dir: where CT statistics are cached (default ``~/.cache/mamba_dense``; never
             inside ``root``).
+        on_missing: ``dataset.json`` entries naming missing files: "error" (default) raises naming
+            the file, "skip" drops the case with a warning (counts: ``skipped`` after ``setup``).
+        pin_memory, persistent_workers, prefetch_factor: DataLoader settings (None: pin when
+            CUDA is available, persistent whenever ``num_workers > 0``, PyTorch's prefetch).
 
     Attributes:
         num_classes, class_names: from ``dataset.json`` labels (background included).
@@ -327,8 +360,15 @@ class MedicalDecathlonDataModule(L.LightningDataModule):
         augment: bool = True,
         cache_volumes: bool = False,
         cache_dir: str | None = None,
+        on_missing: str = "error",
+        pin_memory: bool | None = None,
+        persistent_workers: bool | None = None,
+        prefetch_factor: int | None = None,
     ) -> None:
         super().__init__()
+        self.on_missing = check_choice("on_missing", on_missing, ("error", "skip"))
+        self.loader_kwargs = {"pin_memory": pin_memory, "persistent_workers": persistent_workers,
+                              "prefetch_factor": prefetch_factor}
         self.save_hyperparameters()
         self.root = Path(root).expanduser()
         self.patch_size = tuple(int(p) for p in patch_size)
@@ -350,8 +390,13 @@ class MedicalDecathlonDataModule(L.LightningDataModule):
     @property
     def task(self) -> MSDTask:
         if self._task is None:
-            self._task = parse_dataset_json(self.root)
+            self._task = parse_dataset_json(self.root, self.on_missing)
         return self._task
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Cases dropped from ``dataset.json`` by reason (``on_missing="skip"``)."""
+        return {k: len(v) for k, v in self.task.skipped.items()}
 
     @property
     def num_classes(self) -> int:
@@ -441,20 +486,21 @@ class MedicalDecathlonDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
+        report_skipped(f"MSD task {self.task.json_path}", self.task.skipped)
         for split in wanted.get(stage or "", ["train", "val", "test"]):
             self._get(split)
 
     def train_dataloader(self) -> DataLoader:
-        return make_loader(self._get("train"), self.batch_size, True, self.num_workers)
+        return make_loader(self._get("train"), self.batch_size, True, self.num_workers, **self.loader_kwargs)
 
     def val_dataloader(self) -> DataLoader:
-        return make_loader(self._get("val"), 1, False, self.num_workers)
+        return make_loader(self._get("val"), 1, False, self.num_workers, **self.loader_kwargs)
 
     def test_dataloader(self) -> DataLoader:
-        return make_loader(self._get("test"), 1, False, self.num_workers)
+        return make_loader(self._get("test"), 1, False, self.num_workers, **self.loader_kwargs)
 
     def predict_dataloader(self) -> DataLoader:
-        return make_loader(self._get("predict"), 1, False, self.num_workers)
+        return make_loader(self._get("predict"), 1, False, self.num_workers, **self.loader_kwargs)
 
 
 class SyntheticVolumesDataModule(MedicalDecathlonDataModule):

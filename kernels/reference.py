@@ -1,8 +1,9 @@
 """Pure-PyTorch selective scan over arbitrary routes: the CPU path and the test oracle.
 
 Same contract as :func:`mamba_dense.kernels.selective_scan` (see its docstring). The scan is
-evaluated chunk by chunk with a log-depth (Hillis-Steele) scan inside each chunk and a second
-log-depth scan that carries states across chunks, so there is no Python loop over tokens.
+evaluated chunk by chunk: a short loop over the few steps of a chunk, vectorized over all chunks
+at once, then a log-depth (Hillis-Steele) scan that carries states across chunks, so there is no
+Python loop over the tokens of a sequence.
 Works in float64 (used as the oracle in tests) and is differentiable with plain autograd.
 """
 
@@ -27,6 +28,21 @@ def _hillis_steele(a: torch.Tensor, b: torch.Tensor, dim: int) -> tuple[torch.Te
         a = torch.cat([a.narrow(dim, 0, off), a_cur * a_prev], dim=dim)
         off *= 2
     return a, b
+
+
+def _chunk_scan(a: torch.Tensor, b: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive scan of h -> a*h + b along a short ``dim`` (the steps of a chunk), step by step
+    but vectorized over every chunk; returns (cumulative decay, state). Faster than the log-depth
+    scan on CPU for chunks of ~8 steps (fewer full-size copies, forward and backward)."""
+    hs, ps = [], []
+    h = p = None
+    for t in range(a.shape[dim]):
+        at, bt = a.select(dim, t), b.select(dim, t)
+        h = bt if h is None else at * h + bt
+        p = at if p is None else at * p
+        hs.append(h)
+        ps.append(p)
+    return torch.stack(ps, dim), torch.stack(hs, dim)
 
 
 def gather_routes(t: torch.Tensor, route: torch.Tensor, per_route: bool) -> torch.Tensor:
@@ -58,7 +74,7 @@ def selective_scan_ref(
     merge: str = "sum",
     dt_softplus: bool = True,
     out_dtype: torch.dtype | None = None,
-    chunk: int = 64,
+    chunk: int = 8,
 ) -> torch.Tensor:
     """Reference selective scan. Shapes as in :func:`mamba_dense.kernels.selective_scan`."""
     batch, L, Dm = x.shape[0], x.shape[1], x.shape[-1]
@@ -87,7 +103,7 @@ def selective_scan_ref(
         u = F.pad(u, (0, 0, 0, 0, 0, pad), value=0.0)
     a = a.reshape(batch, K, nC, T, Dm, N)
     u = u.reshape(batch, K, nC, T, Dm, N)
-    a_cum, h_loc = _hillis_steele(a, u, dim=3)  # chunk-local scans
+    a_cum, h_loc = _chunk_scan(a, u, dim=3)  # chunk-local scans
     # Carry: state entering each chunk = scan over the chunk-final maps, shifted by one chunk.
     _, h_end = _hillis_steele(a_cum[:, :, :, -1], h_loc[:, :, :, -1], dim=2)  # (b, K, nC, D, N)
     h_in = torch.cat([torch.zeros_like(h_end[:, :, :1]), h_end[:, :, :-1]], dim=2)

@@ -194,3 +194,106 @@ def test_lightning_fast_dev_run(shapes_root):
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(Tiny(), datamodule=dm)
     assert trainer.state.finished
+
+
+def test_missing_split_dir_names_path_and_layout(shapes_root):
+    dm = ADE20KDataModule(str(shapes_root), num_classes=4, num_workers=0, val_split="valid")
+    with pytest.raises(FileNotFoundError, match=r"images/valid: split folder not found\. Expected layout: .*"
+                                                r"images/valid/\*\.jpg and .*annotations/valid/\*\.png.*"
+                                                r"found images/: \['training', 'validation'\].*Fix: `val_split`"):
+        dm.setup("validate")
+
+
+def _unpaired(shapes_root, tmp_path):
+    base = _copy(shapes_root, tmp_path / "unpaired")
+    ann, img = base / "annotations" / "validation", base / "images" / "validation"
+    (ann / "ADE_val_00000001.png").unlink()  # image without its label
+    shutil.copy(ann / "ADE_val_00000002.png", ann / "ADE_val_00000099.png")  # label without its image
+    return tmp_path / "unpaired", img, ann
+
+
+def test_unpaired_files_listed_then_error(shapes_root, tmp_path):
+    root, img, ann = _unpaired(shapes_root, tmp_path)
+    dm = ADE20KDataModule(str(root), num_classes=4, num_workers=0)
+    with pytest.raises(FileNotFoundError) as err:
+        dm.setup("validate")
+    msg = str(err.value)
+    assert "1 image(s) without a label file" in msg and str(ann / "ADE_val_00000001.png") in msg
+    assert "1 label file(s) without an image" in msg and str(img / "ADE_val_00000099.jpg") in msg
+    assert "on_missing='skip'" in msg
+    with pytest.raises(ValueError, match=r"on_missing='ignore': expected one of \['error', 'skip'\]"):
+        ADE20KDataModule(str(root), on_missing="ignore")
+
+
+def test_unpaired_files_skipped_with_warning_and_counted(shapes_root, tmp_path, snap):
+    root, img, ann = _unpaired(shapes_root, tmp_path)
+    before = snap(root)
+    dm = ADE20KDataModule(str(root), num_classes=4, num_workers=0, on_missing="skip")
+    with pytest.warns(UserWarning, match=r"ADE20K val split .*skipped 2 item\(s\): 1 image without label .*"
+                                         r"ADE_val_00000001\.jpg.*1 label without image .*ADE_val_00000099\.png"):
+        dm.setup("validate")
+    ds = dm.datasets["val"]
+    assert [p.stem for p, _ in ds.pairs] == ["ADE_val_00000000", "ADE_val_00000002", "ADE_val_00000003"]
+    assert dm.skipped == {"val": {"image_without_label": 1, "label_without_image": 1, "corrupt": 0}}
+    assert ds[1]["name"] == "ADE_val_00000002"
+    assert snap(root) == before  # skipping never writes
+
+
+def _corrupt(shapes_root, tmp_path):
+    base = _copy(shapes_root, tmp_path / "corrupt")
+    img = base / "images" / "validation" / "ADE_val_00000001.jpg"
+    lbl = base / "annotations" / "validation" / "ADE_val_00000002.png"
+    for p in (img, lbl):
+        data = p.read_bytes()
+        p.write_bytes(data[: len(data) // 2])  # truncated download
+    return tmp_path / "corrupt", img, lbl
+
+
+def test_corrupt_files_raise_by_default_also_in_workers(shapes_root, tmp_path, monkeypatch):
+    import gc
+
+    import torch.utils.data._utils as loader_utils
+
+    from mamba_dense.datamodules import CorruptFileError
+
+    # NOTE: a worker that raised takes one status interval (5 s) to be joined; shorten it for the test
+    monkeypatch.setattr(loader_utils, "MP_STATUS_CHECK_INTERVAL", 0.2)
+
+    root, img, _ = _corrupt(shapes_root, tmp_path)
+    dm = ADE20KDataModule(str(root), num_classes=4, num_workers=1, val_batch_size=4, persistent_workers=False)
+    with pytest.raises(CorruptFileError, match=r"ADE_val_00000001\.jpg: pixel data: cannot decode.*Fix"):
+        dm._get("val")[1]
+    # in a DataLoader worker the error reaches the main process, same type, with the file name: never silent
+    batches = iter(dm.val_dataloader())
+    with pytest.raises(CorruptFileError, match=r"(?s)DataLoader worker.*ADE_val_00000001\.jpg: pixel data"):
+        next(batches)
+    del batches
+    gc.collect()  # join the worker here, while the short interval applies
+
+
+def test_corrupt_files_skipped_with_warning_and_counted(shapes_root, tmp_path):
+    root, img, lbl = _corrupt(shapes_root, tmp_path)
+    dm = ADE20KDataModule(str(root), num_classes=4, num_workers=0, on_corrupt="skip", val_batch_size=4)
+    dm.setup("validate")  # not checked up front: found while loading
+    with pytest.warns(UserWarning, match=r"ADE_val_00000001\.jpg: pixel data.*skipped: on_corrupt='skip'; 1 corrupt"):
+        item = dm.datasets["val"][1]
+    assert item["name"] == "ADE_val_00000003"  # the next readable pair (ADE_val_00000002.png is corrupt too)
+    assert dm.skipped["val"]["corrupt"] == 2
+    # check_files: decoded at setup, dropped and reported there
+    dm = ADE20KDataModule(str(root), num_classes=4, num_workers=0, on_corrupt="skip", check_files=True,
+                          val_batch_size=4)
+    with pytest.warns(UserWarning, match=r"skipped 2 item\(s\): 2 corrupt"):
+        dm.setup("validate")
+    assert dm.skipped["val"] == {"image_without_label": 0, "label_without_image": 0, "corrupt": 2}
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["name"] == ["ADE_val_00000000", "ADE_val_00000003"]
+
+
+def test_loader_settings_configurable(shapes_root):
+    dm = ADE20KDataModule(str(shapes_root), num_classes=4, num_workers=2, pin_memory=True, persistent_workers=False,
+                          prefetch_factor=4, batch_size=2)
+    loader = dm.train_dataloader()
+    assert (loader.num_workers, loader.pin_memory, loader.persistent_workers, loader.prefetch_factor) == (2, True, False, 4)
+    loader = ADE20KDataModule(str(shapes_root), num_classes=4, num_workers=0).val_dataloader()
+    assert loader.pin_memory == torch.cuda.is_available() and not loader.persistent_workers
+    assert ADE20KDataModule(str(shapes_root), num_classes=4, num_workers=1).val_dataloader().persistent_workers

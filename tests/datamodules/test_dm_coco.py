@@ -229,3 +229,117 @@ def test_writer_is_deterministic(tmp_path):
         assert (a / rel).read_bytes() == (b / rel).read_bytes()
     name = json.loads((a / "annotations/instances_val2017.json").read_text())["images"][0]["file_name"]
     assert np.array_equal(np.asarray(Image.open(a / "val2017" / name)), np.asarray(Image.open(b / "val2017" / name)))
+
+
+def test_real_mask_areas_match_pycocotools(coco_panoptic_real, coco_mmpose_real):
+    from pycocotools import mask as mask_utils
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the panoptic file renumbers an id-0 annotation
+        panoptic = _panoptic(coco_panoptic_real)
+        mmpose = COCOInstanceDataModule(str(coco_mmpose_real), train_ann="test_coco.json", val_ann="test_coco.json",
+                                        train_images="images", val_images="images", num_workers=0)
+    for dm, rle_areas_exact in ((panoptic, True), (mmpose, False)):
+        ds, gt = dm._get("val"), dm.coco_gt("val")
+        checked = 0
+        for i, image_id in enumerate(ds.ids):
+            _, target = ds[i]  # no resize: masks on the stored pixel grid
+            info = gt.imgs[image_id]
+            anns = [a for a in gt.imgToAnns[image_id] if min(a["bbox"][2:]) >= 1 and a["segmentation"]]
+            expected = []
+            for a in anns:
+                seg = a["segmentation"]
+                rle = (mask_utils.merge(mask_utils.frPyObjects(seg, info["height"], info["width"]))
+                       if isinstance(seg, list) else mask_utils.frPyObjects(seg, info["height"], info["width"])
+                       if isinstance(seg["counts"], list) else seg)
+                expected.append(float(mask_utils.area(rle)))
+            assert target["area"].tolist() == expected  # decoded mask pixels == pycocotools' area of the RLE
+            ann_area = torch.tensor([a["area"] for a in anns])
+            if rle_areas_exact:  # areas derived from the panoptic PNGs: exact
+                assert target["area"].tolist() == ann_area.tolist()
+            else:  # COCO polygon areas are computed on the polygon, not the raster: within 2 %
+                assert torch.allclose(target["area"].double(), ann_area.double(), rtol=0.02)
+            checked += len(anns)
+        assert checked == {True: 43, False: 14}[rle_areas_exact]
+
+
+def test_missing_root_and_image_dir(coco_root, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nowhere: dataset folder not found\. Expected layout: .*train2017/"
+                                                r"\*\.jpg.*annotations/instances_\{train,val\}2017\.json.*Fix: `root`"):
+        COCOInstanceDataModule(str(tmp_path / "nowhere")).setup("fit")
+    dm = COCOInstanceDataModule(str(coco_root), val_images="val2018", num_workers=0)
+    with pytest.raises(FileNotFoundError, match=r"val2018: image folder of split 'val' not found.*Fix: `val_images`"):
+        dm.setup("validate")
+
+
+def _edit(coco_root, tmp_path, edit):
+    root = tmp_path / "edited"
+    shutil.copytree(coco_root, root)
+    path = root / "annotations" / "instances_val2017.json"
+    doc = json.loads(path.read_text())
+    edit(doc)
+    path.write_text(json.dumps(doc))
+    return root, doc
+
+
+def test_annotations_referencing_missing_images(coco_root, tmp_path):
+    def edit(doc):
+        doc["annotations"][0]["image_id"] = 4242
+        doc["annotations"][1]["category_id"] = 42
+
+    root, doc = _edit(coco_root, tmp_path, edit)
+    with pytest.raises(DataError, match=r"annotations\[id=\d+\]\.image_id: unknown image_id 4242.*on_missing='skip'"):
+        COCOInstanceDataModule(str(root), num_workers=0).coco_gt("val")
+    dm = COCOInstanceDataModule(str(root), num_workers=0, on_missing="skip")
+    with pytest.warns(UserWarning, match=r"COCO val split .*skipped 2 item\(s\): 1 annotation unknown image id .*"
+                                         r"1 annotation unknown category id"):
+        dm.setup("validate")
+    assert dm.skipped["val"]["annotation_unknown_image_id"] == 1
+    assert len(dm.coco_gt("val").anns) == len(doc["annotations"]) - 2
+    assert all(len(dm.datasets["val"][i][1]["boxes"]) >= 0 for i in range(len(dm.datasets["val"])))
+
+
+def test_empty_segmentation_and_zero_area_boxes_dropped(coco_root, tmp_path):
+    def edit(doc):
+        ann = [a for a in doc["annotations"] if not a["iscrowd"] and isinstance(a["segmentation"], list)]
+        ann[0]["segmentation"] = []
+        del ann[1]["segmentation"]
+        ann[2]["bbox"] = [10.0, 10.0, 0.0, 0.0]
+        ann[2]["area"] = 0.0
+
+    root, doc = _edit(coco_root, tmp_path, edit)
+    dm = COCOInstanceDataModule(str(root), num_workers=0)
+    dm.setup("validate")  # routine drops: logged, counted, no error
+    counts = dm.skipped["val"]
+    assert counts["annotation_empty_segmentation"] == 2 and counts["annotation_degenerate_box"] == 1
+    ds = dm.datasets["val"]
+    n_targets = sum(len(ds[i][1]["boxes"]) for i in range(len(ds)))
+    assert n_targets == len(doc["annotations"]) - 3
+
+
+def test_missing_and_corrupt_images_skipped_and_counted(coco_root, tmp_path):
+    from mamba_dense.datamodules import CorruptFileError
+
+    root = tmp_path / "imgs"
+    shutil.copytree(coco_root, root)
+    doc = json.loads((root / "annotations" / "instances_val2017.json").read_text())
+    names = [im["file_name"] for im in sorted(doc["images"], key=lambda im: im["id"])]
+    (root / "val2017" / names[0]).unlink()
+    corrupt = root / "val2017" / names[1]
+    corrupt.write_bytes(corrupt.read_bytes()[:300])
+    with pytest.raises(CorruptFileError, match=rf"{names[1]}: pixel data"):
+        COCOInstanceDataModule(str(root), num_workers=0, on_missing="skip")._get("val")[0]
+    dm = COCOInstanceDataModule(str(root), num_workers=0, on_missing="skip", on_corrupt="skip", check_files=True)
+    with pytest.warns(UserWarning, match=r"skipped 2 item\(s\): 1 image file missing .*; 1 corrupt"):
+        dm.setup("validate")
+    assert dm.skipped["val"]["image_file_missing"] == 1 and dm.skipped["val"]["corrupt"] == 1
+    assert len(dm.datasets["val"]) == len(names) - 2
+    images, _ = next(iter(dm.val_dataloader()))
+    assert len(images) == 1
+
+
+def test_coco_loader_settings(coco_root):
+    dm = COCOInstanceDataModule(str(coco_root), num_workers=1, pin_memory=True, persistent_workers=False,
+                                prefetch_factor=3)
+    loader = dm.val_dataloader()
+    assert (loader.pin_memory, loader.persistent_workers, loader.prefetch_factor) == (True, False, 3)

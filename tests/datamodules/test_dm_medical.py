@@ -127,6 +127,7 @@ def test_real_spleen_msd(spleen_real, tmp_path, snap):
             assert (patch["label"] == 1).any()
     item = dm.datasets["val"][0]
     assert item["image"].shape == (1, 26, 166, 164)
+    assert item["label"].unique().tolist() == [0, 1] and item["label"].dtype == torch.int64
     assert item["spacing"].tolist() == pytest.approx([5.0, 0.794922, 0.794922], rel=1e-5)
     ref = nib.load(spleen_real / "labelsTr" / "spleen_2.nii.gz")
     saved = nib.load(save_prediction(item["label"], item, tmp_path / "spleen_2.nii.gz"))
@@ -137,7 +138,7 @@ def test_real_spleen_msd(spleen_real, tmp_path, snap):
     assert snap(spleen_real) == before
 
 
-def test_real_brats_multifile_modalities(brats_real, tmp_path):
+def test_real_brats_multifile_modalities(brats_real, tmp_path, recwarn):
     cases = ["brats_2013_pat0001_1", "brats_2013_pat0003_1"]
     doc = {"name": "BraTS2013", "modality": {"0": "FLAIR", "1": "T1c"},
            "labels": {"0": "background", "1": "necrosis", "2": "edema", "3": "non-enhancing", "4": "enhancing"},
@@ -150,7 +151,9 @@ def test_real_brats_multifile_modalities(brats_real, tmp_path):
     assert [c.name for c in task.training] == [f"{c}_Flair_subtrMeanDivStd" for c in cases]
     item = dm._get("val")[0]
     assert item["image"].shape == (2, 155, 240, 240) and item["image"].dtype == torch.float32
-    assert item["label"].unique().tolist() == [0, 1, 2, 3, 4]  # float32 labels on disk, integral
+    assert item["label"].unique().tolist() == [0, 1, 2, 3, 4]  # float32 labels on disk, integral: no warning
+    assert nib.load(brats_real / cases[0] / "OTMultiClass.nii.gz").get_data_dtype() == np.float32
+    assert not [w for w in recwarn.list if "non-integer" in str(w.message)]
     assert item["spacing"].tolist() == [1.0, 1.0, 1.0]
 
 
@@ -240,3 +243,77 @@ def test_bad_inputs(msd_root, tmp_path, snap):
     with pytest.raises(DataError, match="NIfTI header/data: cannot read"):
         read_case([img_path], None, 1, 3)
     assert snap(msd_root) == before
+
+
+def test_missing_root_names_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"Task99: task folder not found\. Expected layout: .*dataset\.json, "
+                                                r".*imagesTr/\*\.nii\.gz, .*labelsTr/\*\.nii\.gz\. Fix: `root`"):
+        _dm(tmp_path / "Task99", tmp_path / "cache").setup("fit")
+
+
+def _case(msd_root, tmp_path):
+    root = _copy_task(msd_root, tmp_path)
+    doc = json.loads((root / "dataset.json").read_text())
+    return root, root / doc["training"][0]["image"], root / doc["training"][0]["label"]
+
+
+def test_affine_mismatch_raises(msd_root, tmp_path):
+    root, img_path, lbl_path = _case(msd_root, tmp_path)
+    lab = nib.load(lbl_path)
+    data = np.asarray(lab.dataobj)
+    shifted = lab.affine.copy()
+    shifted[:3, 3] += 5.0  # same shape, another origin
+    nib.save(nib.Nifti1Image(data, shifted), lbl_path)
+    with pytest.raises(DataError, match=r"labelsTr/synth_000\.nii\.gz: affine: differs from image synth_000\.nii\.gz's "
+                                        r"\(max difference 5\).*Fix"):
+        read_case([img_path], lbl_path, 1, 3)
+    scaled = lab.affine.copy()
+    scaled[2, 2] *= 2  # another spacing
+    nib.save(nib.Nifti1Image(data, scaled), lbl_path)
+    with pytest.raises(DataError, match="affine: differs"):
+        read_case([img_path], lbl_path, 1, 3)
+    # two modalities of one case on different grids
+    img = nib.load(img_path)
+    other = tmp_path / "other.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj), shifted), other)
+    with pytest.raises(DataError, match=r"other\.nii\.gz: affine: differs from synth_000\.nii\.gz's"):
+        read_case([img_path, other], None, 2, 3)
+
+
+def test_float_labels_rounded_with_warning(msd_root, tmp_path, recwarn):
+    root, img_path, lbl_path = _case(msd_root, tmp_path)
+    lab = nib.load(lbl_path)
+    data = np.asarray(lab.dataobj).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, lab.affine), lbl_path)  # float32 but integral (as BraTS): silent
+    _, y, _ = read_case([img_path], lbl_path, 1, 3)
+    assert y.dtype == np.int64 and np.array_equal(y, data.astype(np.int64)) and not recwarn.list
+    noisy = data.copy()
+    noisy[data == 1] = 1.2
+    noisy[0, 0, 0] = 1.8
+    nib.save(nib.Nifti1Image(noisy, lab.affine), lbl_path)
+    with pytest.warns(UserWarning, match=r"synth_000\.nii\.gz: voxel values: \d+ non-integer label value\(s\) "
+                                         r"\[1\.2.*1\.8.*\] rounded"):
+        _, y, _ = read_case([img_path], lbl_path, 1, 3)
+    assert y[0, 0, 0] == 2 and (y[data == 1] == 1).all() and y.dtype == np.int64
+    noisy[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(noisy, lab.affine), lbl_path)
+    with pytest.raises(DataError, match="NaN or infinite"):
+        read_case([img_path], lbl_path, 1, 3)
+
+
+def test_dataset_json_missing_files_skipped_and_counted(msd_root, tmp_path):
+    root = _copy_task(msd_root, tmp_path)
+    doc = json.loads((root / "dataset.json").read_text())
+    (root / doc["training"][2]["label"]).unlink()
+    (root / doc["test"][0]).unlink()
+    with pytest.raises(FileNotFoundError, match=r"listed in .*training\[2\]\.label but not found.*on_missing='skip'"):
+        _dm(root, tmp_path / "cache").task
+    dm = _dm(root, tmp_path / "cache", on_missing="skip", patch_size=(16, 16, 16))
+    with pytest.warns(UserWarning, match=r"MSD task .*skipped 2 item\(s\): 1 training case file missing .*"
+                                         r"1 test case file missing"):
+        dm.setup("fit")
+    assert dm.skipped == {"training_case_file_missing": 1, "test_case_file_missing": 1}
+    assert len(dm.task.training) == 4 and dm.task.test == []
+    loader = MedicalDecathlonDataModule(str(root), cache_dir=str(tmp_path / "cache"), on_missing="skip", num_workers=1,
+                                        pin_memory=True, persistent_workers=False, prefetch_factor=3).val_dataloader()
+    assert (loader.num_workers, loader.pin_memory, loader.persistent_workers, loader.prefetch_factor) == (1, True, False, 3)
