@@ -2,7 +2,7 @@
 
 Examples:
     mamba-dense fit --config configs/demo/shapes.yaml
-    mamba-dense test --config configs/ade20k/upernet_vmamba_tiny.yaml --ckpt_path runs/ade20k/.../last.ckpt
+    mamba-dense test --config configs/ade20k/upernet_vmamba_tiny_512x512_160k.yaml --ckpt_path runs/ade20k/.../last.ckpt
     mamba-dense predict --config configs/demo/shapes.yaml --ckpt_path <ckpt> --model.init_args.predict_dir out/
 
 Models and datamodules are given by class_path (subclass mode), so any LightningModule or

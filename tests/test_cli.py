@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from mamba_dense.cli import build_cli
@@ -17,7 +18,7 @@ DEMO = str(CONFIGS / "demo" / "shapes.yaml")
 # the demo recipe at toy size, so that each command runs in seconds
 SMALL = [
     "--model.init_args.encoder_kwargs={dims: 16, depths: [1, 1, 1, 1]}",
-    "--model.init_args.head_kwargs={pyramid_channels: 32, segmentation_channels: 32}",
+    "--model.init_args.head_kwargs={channels: 16, norm: groupnorm}",
     "--data.init_args.crop_size=64",
     "--data.init_args.batch_size=2",
     "--data.init_args.val_batch_size=2",
@@ -70,20 +71,51 @@ def test_bad_config_values_give_clear_errors(shapes_args):
     with pytest.raises(ValueError, match="datamodule has num_classes=5"):
         build_cli(["validate", *shapes_args, "--trainer.fast_dev_run=1", "--model.init_args.num_classes=7"])
     with pytest.raises(SystemExit):  # jsonargparse rejects values outside the Literal
-        build_cli(["fit", *shapes_args, "--model.init_args.head=deeplab"], run=False)
+        build_cli([*shapes_args, "--model.init_args.head=deeplab"], run=False)
 
 
-@pytest.mark.parametrize("config", ["ade20k/upernet_vmamba_tiny.yaml", "coco/maskrcnn_vmamba_tiny_1x.yaml", "demo/coco_shapes.yaml"])
+RECIPES = sorted(str(p.relative_to(CONFIGS)) for d in ("ade20k", "coco") for p in (CONFIGS / d).glob("*.yaml"))
+# drop path of each ADE20K recipe (see the comment in each file for its source)
+DROP_PATH = {"vmamba_tiny": 0.2, "vmamba_small": 0.3, "vmamba_base": 0.6, "localvmamba_tiny": 0.2,
+             "himamba_tiny": 0.2, "mambar_small": 0.1}
+
+
+@pytest.mark.parametrize("config", [*RECIPES, "demo/coco_shapes.yaml"])
 def test_recipe_configs_parse(config):
     cli = build_cli(["--config", str(CONFIGS / config), "--trainer.accelerator=cpu", "--trainer.devices=1",
                      "--trainer.strategy=auto", "--trainer.sync_batchnorm=false"], run=False)
     hp = cli.model.hparams
+    raw = yaml.safe_load((CONFIGS / config).read_text())
+    total_batch = raw["trainer"]["devices"] * raw["data"]["init_args"]["batch_size"]
     if "ade20k" in config:
-        assert (hp.lr, hp.weight_decay, hp.warmup_iters, hp.head, hp.num_classes) == (6e-5, 0.01, 1500, "upernet", 150)
+        assert (hp.lr, hp.weight_decay, list(hp.betas), hp.warmup_iters, hp.head, hp.num_classes) == (
+            6e-5, 0.01, [0.9, 0.999], 1500, "upernet", 150)
+        assert hp.aux_head and hp.aux_weight == 0.4 and hp.head_kwargs["channels"] == 512
+        assert hp.drop_path_rate == DROP_PATH[hp.encoder]
+        assert config == f"ade20k/upernet_{hp.encoder}_512x512_160k.yaml"
         assert cli.trainer.max_steps == 160_000 and cli.datamodule.crop_size == (512, 512)
+        assert total_batch == 16  # the published total batch
     if "coco/" in config:
-        assert (hp.lr, hp.weight_decay, hp.lr_milestones, hp.num_classes) == (1e-4, 0.05, [8, 11], 80)
-        assert cli.trainer.max_epochs == 12
+        assert (hp.lr, hp.weight_decay, hp.num_classes, hp.drop_path_rate) == (1e-4, 0.05, 80, 0.2)
+        assert total_batch == 16
+        if config.endswith("_1x.yaml"):  # mmdet Swin 1x: single scale 1333x800
+            assert (cli.trainer.max_epochs, hp.lr_milestones) == (12, [8, 11])
+            assert tuple(cli.datamodule.train_scales) == (800,)
+        else:  # VMamba ms_3x: 480..800 step 32
+            assert (cli.trainer.max_epochs, hp.lr_milestones, hp.warmup_iters) == (36, [27, 33], 1000)
+            assert tuple(cli.datamodule.train_scales) == tuple(range(480, 801, 32))
+        assert cli.datamodule.max_size == 1333 and cli.datamodule.test_scale == 800
+
+
+@pytest.mark.parametrize("root_flag", ["--data.init_args.root", "--data.root"])
+def test_real_data_root_and_multi_gpu_flags_parse(root_flag, tmp_path):
+    """The README's commands: data root either way, DDP with SyncBatchNorm (parsed only; CPU here)."""
+    config = str(CONFIGS / "ade20k" / "upernet_vmamba_tiny_512x512_160k.yaml")
+    cli = build_cli(["--config", config, root_flag, str(tmp_path), "--trainer.accelerator", "cpu",
+                     "--trainer.devices", "4", "--trainer.strategy", "ddp", "--trainer.sync_batchnorm", "true"], run=False)
+    assert str(cli.datamodule.root) == str(tmp_path)
+    assert cli.trainer.num_devices == 4 and type(cli.trainer.strategy).__name__ == "DDPStrategy"
+    assert cli.trainer.strategy._layer_sync is not None  # SyncBatchNorm conversion at setup
 
 
 def test_console_script_is_declared():

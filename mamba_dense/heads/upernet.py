@@ -59,7 +59,8 @@ def make_norm(norm: str, channels: int, pooled: bool = False) -> nn.Module:
     if norm == "batchnorm":
         return PooledBatchNorm2d(channels) if pooled else nn.BatchNorm2d(channels)
     if norm == "groupnorm":
-        groups = next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
+        # NOTE: >= 2 channels per group, so the 1x1 pooled PPM maps still have 2 values to normalize.
+        groups = next((g for g in (32, 16, 8, 4, 2) if channels % g == 0 and channels // g >= 2), 1)
         return nn.GroupNorm(groups, channels)
     if norm == "layernorm":
         return LayerNorm2d(channels, eps=1e-6)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import mamba_dense.encoders  # noqa: F401  (registers vmamba_tiny, localvmamba_tiny, ... in timm)
+from mamba_dense.encoders import list_encoders
 
 REDUCTIONS = (4, 8, 16, 32)
 
@@ -43,8 +44,12 @@ class Encoder(nn.Module):
     ) -> None:
         super().__init__()
         if not timm.is_model(name):
+            ours = list_encoders(spatial_dims=2)
             close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
-            raise ValueError(f"Unknown encoder {name!r} (not registered in timm). Similar names: {close}.")
+            raise ValueError(
+                f"Unknown encoder {name!r} (not registered in timm). Our encoders: {ours}; "
+                f"similar timm names: {close}; any other timm model with features_only support works too."
+            )
         kw: dict[str, Any] = dict(features_only=True, pretrained=False, **kwargs)
         if drop_path_rate is not None:
             kw["drop_path_rate"] = drop_path_rate
@@ -138,3 +143,31 @@ def load_encoder_weights(model: nn.Module, path: str, name: str) -> None:
             f"{missing[:10]}, {len(unexpected)} unexpected keys {unexpected[:10]}. "
             "Check the encoder variant and encoder_kwargs (dims, depths) against the checkpoint."
         )
+
+
+def check_checkpoint_fits(module: nn.Module, checkpoint: dict[str, Any], settings: Sequence[str]) -> None:
+    """Raise if a Lightning `checkpoint` holds another architecture than `module` (call from `on_load_checkpoint`).
+
+    Lists the missing, unexpected and reshaped keys and, for the hyperparameters named in
+    `settings` (e.g. encoder, head), the checkpoint's values next to the model's.
+    """
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict):
+        return
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    reshaped = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
+    if not (missing or unexpected or reshaped):
+        return
+    saved = checkpoint.get("hyper_parameters", {})
+    ours = getattr(module, "hparams", {})
+    differ = {k: (saved.get(k), ours.get(k)) for k in settings if saved.get(k) != ours.get(k)}
+    raise ValueError(
+        f"The checkpoint holds another architecture than this {type(module).__name__}"
+        + (f" (checkpoint vs model: {differ})" if differ else "")
+        + f": {len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}, "
+        f"{len(reshaped)} reshaped {reshaped[:5]}. Build the model with the checkpoint's settings, e.g. "
+        f"{type(module).__name__}.load_from_checkpoint(path) without overrides."
+    )

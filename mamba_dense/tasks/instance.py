@@ -22,7 +22,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from mamba_dense.heads import EncoderFPN, build_mask_rcnn, make_transform
 
-from ._encoder import Encoder
+from ._encoder import Encoder, check_checkpoint_fits
 from ._optim import param_groups, warmup_step
 from .metrics import COCOEvaluator
 from .visualize import IMAGENET_MEAN, IMAGENET_STD, draw_instances, save_rgb_png, to_uint8_image
@@ -44,7 +44,7 @@ class InstanceSegmentationTask(pl.LightningModule):
     dicts with "boxes" (N, 4) xyxy, "labels" (N,) in 1..num_classes, "masks" (N, H, W),
     "image_id" and "iscrowd". Images are normalized and resized exactly once: the model follows
     the datamodule's `maskrcnn_transform_kwargs()` (our COCO datamodules say whether they resized
-    already) unless `min_size`/`image_mean`/... are given. Crowd boxes are dropped in training
+    already) unless `resize_min_size`/`image_mean`/... are given. Crowd boxes are dropped in training
     (they are "ignore" regions in COCOeval). Evaluation uses the datamodule's `coco_gt(split)`
     and `label_to_cat_id` when it has them (predictions are rescaled to the original image
     size), else ground truth built from the targets.
@@ -54,8 +54,10 @@ class InstanceSegmentationTask(pl.LightningModule):
         encoder, encoder_weights, encoder_kwargs, encoder_out_indices, drop_path_rate: as in
             `SemanticSegmentationTask`.
         fpn_channels: FPN width (256).
-        min_size, max_size: torchvision's resize inside the model (a list = multi-scale training).
-            None: the datamodule's `maskrcnn_transform_kwargs()` decide, else input sizes are kept.
+        resize_min_size, resize_max_size: torchvision's resize inside the model (a list = multi-scale
+            training). None: the datamodule's `maskrcnn_transform_kwargs()` decide, else input sizes
+            are kept. (Named apart from the datamodule's `max_size`: Lightning refuses to log a
+            model and a datamodule hyperparameter of one name with different values.)
         image_mean, image_std: normalization of [0, 1] images inside the model; None: the
             datamodule's, else ImageNet's. Give [0, 0, 0] / [1, 1, 1] if the data are normalized.
         maskrcnn_kwargs: further torchvision `MaskRCNN` arguments (box_score_thresh, ...).
@@ -77,8 +79,8 @@ class InstanceSegmentationTask(pl.LightningModule):
         encoder_out_indices: list[int] | None = None,
         drop_path_rate: float | None = None,
         fpn_channels: int = 256,
-        min_size: int | list[int] | None = None,
-        max_size: int | None = None,
+        resize_min_size: int | list[int] | None = None,
+        resize_max_size: int | None = None,
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
         maskrcnn_kwargs: dict[str, Any] | None = None,
@@ -131,11 +133,14 @@ class InstanceSegmentationTask(pl.LightningModule):
         dm_kw = datamodule.maskrcnn_transform_kwargs() if hasattr(datamodule, "maskrcnn_transform_kwargs") else {}
         mean = hp.image_mean if hp.image_mean is not None else dm_kw.get("image_mean", IMAGENET_MEAN)
         std = hp.image_std if hp.image_std is not None else dm_kw.get("image_std", IMAGENET_STD)
-        if hp.min_size is not None:
-            return make_transform(hp.min_size, hp.max_size, mean, std)
+        if hp.resize_min_size is not None:
+            return make_transform(hp.resize_min_size, hp.resize_max_size, mean, std)
         return make_transform(
-            dm_kw.get("min_size"), hp.max_size or dm_kw.get("max_size"), mean, std, bool(dm_kw.get("_skip_resize", False))
+            dm_kw.get("min_size"), hp.resize_max_size or dm_kw.get("max_size"), mean, std, bool(dm_kw.get("_skip_resize", False))
         )
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint_fits(self, checkpoint, ("encoder", "encoder_kwargs", "fpn_channels", "num_classes"))
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None

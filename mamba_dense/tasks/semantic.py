@@ -19,7 +19,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 from mamba_dense.heads import FCNHead, FPNHead, UPerNetHead
 
-from ._encoder import Encoder
+from ._encoder import Encoder, check_checkpoint_fits
 from ._optim import param_groups, warmup_poly
 from .inference import resize_logits, sliding_window_inference
 from .metrics import per_class_table, segmentation_scores
@@ -332,6 +332,9 @@ class SemanticSegmentationTask(pl.LightningModule):
         return strips
 
     # ------------------------------------------------------------------ optimization
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_checkpoint_fits(self, checkpoint, ("encoder", "encoder_kwargs", "head", "head_kwargs", "aux_head", "num_classes"))
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None

@@ -131,3 +131,17 @@ def test_cocoeval_no_detections():
     ev.add_predictions(11, empty)
     metrics, _ = ev.evaluate(_coco_gt())
     assert metrics["bbox_AP"] == 0.0 and metrics["segm_AP"] == 0.0
+
+
+def test_cocoeval_perturbed_prediction_scores_between_zero_and_one():
+    ev = COCOEvaluator(LABEL_TO_CAT)
+    for image_id, (h, w, objs) in OBJECTS.items():
+        pred = _perfect_prediction(objs)
+        if image_id == 11:  # shift the first object by 6 px: IoU ~0.6, a hit at 0.5 but not at 0.75
+            pred["masks"][0] = torch.roll(pred["masks"][0], shifts=6, dims=-1)
+            pred["boxes"][0, [0, 2]] += 6
+        ev.add_predictions(image_id, pred, out_size=(h, w))
+    metrics, _ = ev.evaluate(_coco_gt())
+    for iou_type in ("bbox", "segm"):
+        assert 0.0 < metrics[f"{iou_type}_AP"] < 1.0, iou_type
+        assert metrics[f"{iou_type}_AP50"] == pytest.approx(1.0) and metrics[f"{iou_type}_AP75"] < 1.0
