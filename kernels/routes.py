@@ -39,18 +39,32 @@ __all__ = [
 ]
 
 
+def _on_cpu(fn):
+    """Build routes on the CPU even inside a ``torch.device("meta")`` (or CUDA) default-device
+    context: the builders are cached, and a cached meta route would poison later real runs."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.device("cpu"):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _check_grid(*dims: int) -> None:
     for d in dims:
         if not isinstance(d, int) or d < 1:
             raise ValueError(f"grid sizes must be positive ints, got {dims}")
 
 
+@_on_cpu
 def raster(h: int, w: int = 1) -> torch.Tensor:
     """Row-major order over an (h, w) grid (or a 1D sequence of h tokens): shape (h*w,)."""
     _check_grid(h, w)
     return torch.arange(h * w, dtype=torch.long)
 
 
+@_on_cpu
 def column(h: int, w: int) -> torch.Tensor:
     """Column-major order over an (h, w) grid: top to bottom, then left to right."""
     _check_grid(h, w)
@@ -71,12 +85,14 @@ def stack(*routes: torch.Tensor) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=256)
+@_on_cpu
 def cross2d(h: int, w: int) -> torch.Tensor:
     """VMamba's 4-way cross scan: row-major, column-major and both reversed, shape (4, h*w)."""
     r, c = raster(h, w), column(h, w)
     return stack(r, c, flip(r), flip(c))
 
 
+@_on_cpu
 def window(h: int, w: int, size: int, column_first: bool = False) -> torch.Tensor:
     """LocalMamba windowed scan.
 
@@ -101,6 +117,7 @@ def window(h: int, w: int, size: int, column_first: bool = False) -> torch.Tenso
 LOCALMAMBA_DIRECTIONS = ("h", "h_flip", "v", "v_flip", "w2", "w2_flip", "w7", "w7_flip")
 
 
+@_on_cpu
 def _localmamba_one(name: str, h: int, w: int) -> torch.Tensor:
     base, _, fl = name.partition("_")
     if fl not in ("", "flip") or base not in ("h", "v", "w2", "w7"):
@@ -115,6 +132,7 @@ def _localmamba_one(name: str, h: int, w: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=512)
+@_on_cpu
 def localmamba(h: int, w: int, directions: tuple[str, ...]) -> torch.Tensor:
     """Routes for LocalMamba directions (``h``, ``v``, ``w2``, ``w7``, each optionally ``_flip``).
 
@@ -127,17 +145,20 @@ def localmamba(h: int, w: int, directions: tuple[str, ...]) -> torch.Tensor:
     return stack(*rs)
 
 
+@_on_cpu
 def bidirectional(n: int) -> torch.Tensor:
     """Vim's forward and backward scans over n tokens, shape (2, n)."""
     r = raster(n)
     return stack(r, flip(r))
 
 
+@_on_cpu
 def _grid3d(d: int, h: int, w: int) -> torch.Tensor:
     _check_grid(d, h, w)
     return torch.arange(d * h * w, dtype=torch.long).view(d, h, w)
 
 
+@_on_cpu
 def axes3d(d: int, h: int, w: int, reverse: bool = True) -> torch.Tensor:
     """3D orders with each axis fastest (W, H, D), and, with ``reverse``, each reversed: (6 or 3, d*h*w)."""
     g = _grid3d(d, h, w)
@@ -147,6 +168,7 @@ def axes3d(d: int, h: int, w: int, reverse: bool = True) -> torch.Tensor:
     return stack(*rs)
 
 
+@_on_cpu
 def segmamba3d(d: int, h: int, w: int) -> torch.Tensor:
     """SegMamba's tri-oriented scan: forward raster, reversed raster, inter-slice (depth fastest)."""
     g = _grid3d(d, h, w)
@@ -175,7 +197,7 @@ def with_registers(route: torch.Tensor, num_tokens: int, num_registers: int) -> 
     parts, prev = [], 0
     for r, p in enumerate(pos):
         parts.append(route[:, prev:p])
-        parts.append(torch.full((K, 1), num_tokens + r, dtype=torch.long))
+        parts.append(torch.full((K, 1), num_tokens + r, dtype=torch.long, device=route.device))
         prev = p
     parts.append(route[:, prev:])
     return torch.cat(parts, dim=1).contiguous()

@@ -91,3 +91,14 @@ def test_check_route_rejects_repeats_and_range():
         routes.check_route(torch.tensor([[0, 1, 1]]), 3)
     with pytest.raises(ValueError, match=r"\[-1, L\)"):
         routes.check_route(torch.tensor([[0, 3]]), 3)
+
+
+def test_builders_stay_on_cpu_inside_meta_context():
+    # builders are cached: a route built while a model is constructed on the meta device must not
+    # come back as a meta tensor later
+    with torch.device("meta"):
+        built = [routes.cross2d(3, 7), routes.localmamba(3, 7, ("h", "w7_flip")), routes.window(3, 7, 2),
+                 routes.bidirectional(5), routes.axes3d(2, 3, 4), routes.segmamba3d(2, 3, 4),
+                 routes.with_registers(routes.cross2d(3, 7), 21, 2)]
+    assert all(r.device.type == "cpu" for r in built)
+    assert routes.localmamba(3, 7, ("h", "w7_flip")).device.type == "cpu"
