@@ -37,6 +37,22 @@ def _shape(t) -> str:
     return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
+_RANGE_CACHE: dict = {}
+
+
+def _route_range(route: torch.Tensor) -> tuple[int, int]:
+    """(min, max) of a route, cached per tensor (data pointer, shape, device, version): models pass
+    the same cached route tensors every step, so the device sync happens once, not per call."""
+    key = (route.data_ptr(), tuple(route.shape), str(route.device), route._version)
+    hit = _RANGE_CACHE.get(key)
+    # the entry holds the tensor itself, so its memory cannot be reused by another tensor meanwhile
+    if hit is None or hit[0] is not route:
+        if len(_RANGE_CACHE) > 4096:
+            _RANGE_CACHE.clear()
+        hit = _RANGE_CACHE[key] = (route, int(route.min()), int(route.max()))
+    return hit[1], hit[2]
+
+
 def validate_inputs(x, dt, A, B, C, D, dt_bias, route, merge, out_dtype, check_values: bool = True) -> None:
     """Raise ValueError naming the argument, the shape it got and the shape it needs."""
     if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4):
@@ -89,7 +105,7 @@ def validate_inputs(x, dt, A, B, C, D, dt_bias, route, merge, out_dtype, check_v
             f"empty input: x {tuple(x.shape)}, route {tuple(route.shape)}, N = {N}; every dimension must be >= 1"
         )
     if check_values and route.device.type != "meta":
-        lo, hi = int(route.min()), int(route.max())
+        lo, hi = _route_range(route)
         if lo < -1 or hi >= L:
             raise ValueError(
                 f"route indices must lie in [-1, L) with L = {L} tokens of x, got values in [{lo}, {hi}]"

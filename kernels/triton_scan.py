@@ -372,17 +372,20 @@ def _empty_like(t: torch.Tensor) -> torch.Tensor:
 
 
 def route_coverage(route: torch.Tensor, L: int) -> tuple[bool, ...]:
-    """Per route: does it visit every one of the L tokens? Cached per route tensor (one sync)."""
+    """Per route: does it visit every one of the L tokens? Cached per route tensor (one sync).
+
+    The cache entry holds the tensor, so its memory cannot be reused by another route meanwhile.
+    """
     key = (route.data_ptr(), tuple(route.shape), route.device, route._version, L)
     hit = _ROUTE_INFO.get(key)
-    if hit is not None:
-        return hit
+    if hit is not None and hit[0] is route:
+        return hit[1]
     cnt = (route >= 0).sum(1)
     # routes visit each token at most once (checked by the route builders), so count == L <=> cover
     info = tuple(bool(v) for v in (cnt == L).tolist())
     if len(_ROUTE_INFO) > 4096:
         _ROUTE_INFO.clear()
-    _ROUTE_INFO[key] = info
+    _ROUTE_INFO[key] = (route, info)
     return info
 
 

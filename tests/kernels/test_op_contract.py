@@ -90,3 +90,16 @@ def test_bad_input_names_argument_and_shape(change, words):
     msg = str(e.value)
     for w in words:
         assert w in msg, (w, msg)
+
+
+def test_route_range_check_not_fooled_by_cache():
+    # the range check is cached per route tensor; a new tensor with bad values must still be caught
+    kw = _ok()
+    _call(kw)
+    for _ in range(3):
+        bad = routes.bidirectional(6).clone()
+        bad[0, 0] = 6
+        kw["route"] = bad
+        with pytest.raises(ValueError, match=r"\[-1, L\)"):
+            _call(kw)
+        bad.fill_(0)  # in-place change bumps the version: checked again, and now the repeat is legal here
