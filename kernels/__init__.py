@@ -40,10 +40,18 @@ def _shape(t) -> str:
 _RANGE_CACHE: dict = {}
 
 
+def tensor_version(t: torch.Tensor) -> int:
+    """In-place modification counter; -1 for inference-mode tensors (they keep none)."""
+    try:
+        return t._version
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return -1
+
+
 def _route_range(route: torch.Tensor) -> tuple[int, int]:
     """(min, max) of a route, cached per tensor (data pointer, shape, device, version): models pass
     the same cached route tensors every step, so the device sync happens once, not per call."""
-    key = (route.data_ptr(), tuple(route.shape), str(route.device), route._version)
+    key = (route.data_ptr(), tuple(route.shape), str(route.device), tensor_version(route))
     hit = _RANGE_CACHE.get(key)
     # the entry holds the tensor itself, so its memory cannot be reused by another tensor meanwhile
     if hit is None or hit[0] is not route:

@@ -376,7 +376,9 @@ def route_coverage(route: torch.Tensor, L: int) -> tuple[bool, ...]:
 
     The cache entry holds the tensor, so its memory cannot be reused by another route meanwhile.
     """
-    key = (route.data_ptr(), tuple(route.shape), route.device, route._version, L)
+    from . import tensor_version
+
+    key = (route.data_ptr(), tuple(route.shape), route.device, tensor_version(route), L)
     hit = _ROUTE_INFO.get(key)
     if hit is not None and hit[0] is route:
         return hit[1]

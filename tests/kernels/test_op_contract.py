@@ -103,3 +103,14 @@ def test_route_range_check_not_fooled_by_cache():
         with pytest.raises(ValueError, match=r"\[-1, L\)"):
             _call(kw)
         bad.fill_(0)  # in-place change bumps the version: checked again, and now the repeat is legal here
+
+
+def test_routes_made_in_inference_mode():
+    # routes built (and cached) inside torch.inference_mode() have no version counter
+    kw = _ok()
+    with torch.inference_mode():
+        kw["route"] = routes.bidirectional(6).clone()
+        y = _call(kw)
+    assert y.shape == (1, 6, 4)
+    y2 = _call(kw)  # the same inference-mode route used again outside
+    torch.testing.assert_close(y, y2)
