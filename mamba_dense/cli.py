@@ -14,18 +14,30 @@ their short names. Imports come from `lightning.pytorch` only.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.plugins.io import CheckpointIO
 
 import mamba_dense.datamodules  # noqa: F401  (classes imported here resolve by short name)
 import mamba_dense.tasks  # noqa: F401
+from mamba_dense.tasks.guards import AtomicCheckpointIO, NonFiniteGuard
 
 mamba_dense.datamodules.load_all()
 
 
 class MambaDenseCLI(LightningCLI):
-    """LightningCLI with our defaults: configs overwrite their saved copy in the log directory."""
+    """LightningCLI with our defaults: configs overwrite their saved copy in the log directory, every run
+    has a `NonFiniteGuard` (on top of the configured callbacks) and writes checkpoints with
+    `AtomicCheckpointIO` unless the config gives its own CheckpointIO plugin."""
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        plugins = self._get(self.config_init, "trainer", default={}).get("plugins")
+        plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])
+        return super().instantiate_trainer(**kwargs)
 
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True) -> MambaDenseCLI:
@@ -36,6 +48,7 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True) -> MambaDense
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": [NonFiniteGuard()]},  # appended to the configured callbacks
         args=list(args) if args is not None else None,
         run=run,
     )

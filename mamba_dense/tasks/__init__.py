@@ -1,6 +1,7 @@
 """LightningModules for dense prediction, their inference helpers, metrics and callbacks."""
 
 from .callbacks import OverlayLogger
+from .guards import AtomicCheckpointIO, NonFiniteGuard
 from .inference import sliding_window_inference
 from .instance import InstanceSegmentationTask
 from .metrics import COCOEvaluator, segmentation_scores
@@ -8,8 +9,10 @@ from .semantic import SemanticSegmentationTask
 from .volumetric import VolumetricSegmentationTask
 
 __all__ = [
+    "AtomicCheckpointIO",
     "COCOEvaluator",
     "InstanceSegmentationTask",
+    "NonFiniteGuard",
     "OverlayLogger",
     "SemanticSegmentationTask",
     "segmentation_scores",
