@@ -36,7 +36,25 @@ __all__ = [
     "inverse",
     "check_route",
     "to_device",
+    "device_route",
 ]
+
+
+def _compiling() -> bool:
+    try:
+        return bool(torch.compiler.is_compiling())
+    except AttributeError:  # pragma: no cover - old torch
+        return False
+
+
+def _call_on_cpu(fn, args, kwargs):
+    with torch.device("cpu"):
+        return fn(*args, **dict(kwargs))
+
+
+# Under torch.compile a route is a constant of the graph: the builder runs once at trace time
+# (Dynamo cannot enter the ``torch.device`` context, and routes depend only on Python ints).
+_call_on_cpu_const = torch.compiler.assume_constant_result(_call_on_cpu)
 
 
 def _on_cpu(fn):
@@ -45,8 +63,9 @@ def _on_cpu(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        with torch.device("cpu"):
-            return fn(*args, **kwargs)
+        if _compiling():
+            return _call_on_cpu_const(fn, args, tuple(kwargs.items()))
+        return _call_on_cpu(fn, args, tuple(kwargs.items()))
 
     return wrapper
 
@@ -257,3 +276,25 @@ def to_device(route: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     moved = route.to(device, non_blocking=False)
     _DEVICE_CACHE[key] = (route, moved)
     return moved
+
+
+def _device_route(source, args, device):
+    return to_device(source(*args), device)
+
+
+_device_route_const = torch.compiler.assume_constant_result(_device_route)
+
+
+def device_route(source, *args, device: torch.device | str) -> torch.Tensor:
+    """``to_device(source(*args), device)``: a route from a builder or a module's route cache, on
+    ``device``.
+
+    In eager mode both steps are cached (the builder's own cache, :func:`to_device`). Under
+    ``torch.compile`` (with static shapes) the route is evaluated once at trace time and kept as a
+    constant of the graph: no graph break and no upload per step. ``source`` must return the same
+    route for the same ``args`` (all route builders and ``routes_for`` caches do).
+    """
+    device = torch.device(device)
+    if _compiling():
+        return _device_route_const(source, tuple(args), device)
+    return _device_route(source, tuple(args), device)

@@ -232,7 +232,7 @@ class SS3D(nn.Module):
         if self.conv3d is not None:
             u = _to_tokens(self.conv3d(_to_maps(u)))
         u = self.act(u).reshape(B, D * H * W, self.d_inner)
-        y = self.ssm(u, self.route_fn(D, H, W), merge="sum")
+        y = self.ssm(u, _routes.device_route(self.route_fn, D, H, W, device=u.device), merge="sum")
         return self.out_proj(self.out_norm(y)).view(B, D, H, W, -1)
 
 

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from mamba_dense.kernels import routes as _routes
 from mamba_dense.kernels import selective_scan
 
-from .ssm import SSMCore
+from .ssm import SSMCore, lowrank_dt
 
 __all__ = ["RouteMamba", "route_conv1d", "route_plan"]
 
@@ -176,8 +176,8 @@ class RouteMamba(nn.Module):
         N, R = ssm.d_state, ssm.dt_rank
         xk = uk.transpose(1, 2).contiguous()  # (B, L, K, E): one input per route
         x_dbl = torch.einsum("blke,kce->blkc", xk, ssm.x_proj_weight.to(u.dtype))
-        dt_lr, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=-1)
-        dt = torch.einsum("blkr,ker->blke", dt_lr, ssm.dt_projs_weight.to(u.dtype))
+        _, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=-1)
+        dt = lowrank_dt(x_dbl.reshape(B, L, -1), ssm.dt_projs_weight, N)  # (B, L, K, E)
 
         # The operator takes a per-route x (B, L, K, E) directly, so each route scans its own conv
         # output; parameters stay >= fp32 under autocast (the operator accepts mixed dtypes).

@@ -114,7 +114,8 @@ class SS2D(nn.Module):
         if R:
             tokens = torch.cat([tokens, u[:, H * W :]], dim=1)
         tokens = self.act(tokens).contiguous()  # (B, H*W + R, D)
-        y = self.out_norm(self.scan(tokens, self.routes_for(H, W, R)))
+        route = _routes.device_route(self.routes_for, H, W, R, device=tokens.device)
+        y = self.out_norm(self.scan(tokens, route))
         if z is not None:
             y = y * self.act(z.reshape(B, H * W + R, -1))
         y = self.dropout(self.out_proj(y))

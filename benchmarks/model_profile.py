@@ -1,0 +1,149 @@
+"""Where the time goes in a training step: CUDA-kernel breakdown of a classifier's train step
+(bf16 autocast, channels_last), eager and under ``torch.compile``.
+
+To run (CUDA machine, repo root):
+    python benchmarks/model_profile.py [--model vmamba_tiny] [--size 224] [--batch 64]
+        [--compile] [--out DIR]
+
+Prints images/s and peak memory for each variant, and the top CUDA kernels of the eager step
+grouped into: scan (our Triton kernels), matmul, norm, elementwise, copies/permutes, conv, other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bootstrap  # noqa: E402,F401
+
+import torch  # noqa: E402
+
+
+def _group(name: str) -> str:
+    n = name.lower()
+    if any(k in n for k in ("_fwd_kernel", "_bwd_kernel", "_carry_kernel", "_sum_routes", "scan")):
+        return "scan"
+    if any(k in n for k in ("gemm", "sm90", "cutlass", "nvjet", "matmul", "wgrad", "dgrad")) and "conv" not in n:
+        return "matmul"
+    if "conv" in n or "depthwise" in n:
+        return "conv"
+    if "norm" in n:
+        return "norm"
+    if any(k in n for k in ("copy", "transpose", "permute", "cat", "contiguous")):
+        return "copy"
+    if "triton" in n:
+        return "inductor"
+    if any(k in n for k in ("elementwise", "vectorized", "reduce", "silu", "gelu", "mul", "add")):
+        return "elementwise"
+    if "adam" in n or "foreach" in n:
+        return "optimizer"
+    return "other"
+
+
+def build(name, dev, compile_model=False):
+    import timm
+
+    import mamba_dense.encoders  # noqa: F401
+
+    model = timm.create_model(name, num_classes=1000).to(dev).to(memory_format=torch.channels_last).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    fwd = torch.compile(model, dynamic=False) if compile_model else model
+    return model, fwd, opt
+
+
+def bench(name, size, batch, dev, compile_model=False, steps=20, profile=False):
+    model, fwd, opt = build(name, dev, compile_model)
+    x = torch.randn(batch, 3, size, size, device=dev).to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (batch,), device=dev)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(fwd(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t_c = time.perf_counter()
+    for _ in range(3 if not compile_model else 5):
+        step()
+    torch.cuda.synchronize()
+    warm = time.perf_counter() - t_c
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    dt = sorted(times)[1]
+    res = dict(model=name, size=size, batch=batch, compiled=compile_model, images_per_s=batch * steps / dt,
+               step_ms=1e3 * dt / steps, peak_GiB=torch.cuda.max_memory_allocated() / 2**30, warmup_s=warm)
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as tprof
+
+        with tprof(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        per = defaultdict(float)
+        cnt = defaultdict(int)
+        for ev in prof.key_averages():
+            t = getattr(ev, "device_time_total", None)
+            if t is None:
+                t = ev.cuda_time_total
+            if t > 0:
+                per[ev.key] += t / 5 / 1e3  # ms per step
+                cnt[ev.key] += ev.count // 5
+        groups = defaultdict(float)
+        for k, v in per.items():
+            groups[_group(k)] += v
+        res["groups_ms"] = dict(sorted(groups.items(), key=lambda kv: -kv[1]))
+        res["top"] = [dict(kernel=k[:110], ms=v, calls=cnt[k]) for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:40]]
+    del model, fwd, opt
+    torch.cuda.empty_cache()
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="vmamba_tiny")
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    import triton
+
+    info = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                date=time.strftime("%Y-%m-%d %H:%M:%S"), cmd=" ".join(sys.argv))
+    print(info, flush=True)
+    rows = []
+    for name in args.models.split(","):
+        for comp in ((False, True) if args.compile else (False,)):
+            try:
+                r = bench(name, args.size, args.batch, dev, compile_model=comp, profile=True)
+            except Exception as e:  # report and go on
+                r = dict(model=name, compiled=comp, error=f"{type(e).__name__}: {str(e)[:800]}")
+                print(r, flush=True)
+                rows.append(r)
+                continue
+            rows.append(r)
+            print(f"\n{name} compiled={comp}: {r['images_per_s']:.0f} img/s, {r['step_ms']:.1f} ms/step, "
+                  f"peak {r['peak_GiB']:.2f} GiB (warmup {r['warmup_s']:.0f} s)", flush=True)
+            print("  groups (ms/step): " + ", ".join(f"{k} {v:.2f}" for k, v in r["groups_ms"].items()))
+            for t in r["top"][:18]:
+                print(f"  {t['ms']:7.3f} ms  x{t['calls']:3d}  {t['kernel']}")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "model_profile.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
