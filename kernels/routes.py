@@ -37,6 +37,8 @@ __all__ = [
     "check_route",
     "to_device",
     "device_route",
+    "source_key",
+    "built_route",
 ]
 
 
@@ -48,7 +50,10 @@ def _compiling() -> bool:
 
 
 def _call_on_cpu(fn, args, kwargs):
-    with torch.device("cpu"):
+    # outside inference mode too: routes are cached, and a route first built under
+    # ``torch.inference_mode`` (Lightning's validation) would be an inference tensor that a later
+    # training step cannot save for backward
+    with torch.device("cpu"), torch.inference_mode(False):
         return fn(*args, **dict(kwargs))
 
 
@@ -273,28 +278,64 @@ def to_device(route: torch.Tensor, device: torch.device | str) -> torch.Tensor:
         return hit[1]
     if len(_DEVICE_CACHE) > 1024:
         _DEVICE_CACHE.clear()
-    moved = route.to(device, non_blocking=False)
+    with torch.inference_mode(False):  # cached: must stay usable by later autograd steps
+        moved = route.to(device, non_blocking=False)
     _DEVICE_CACHE[key] = (route, moved)
     return moved
 
 
-def _device_route(source, args, device):
-    return to_device(source(*args), device)
+_SOURCES: dict[str, object] = {}
+_SOURCE_KEYS: dict[int, str] = {}
+_BUILT: dict[tuple, torch.Tensor] = {}
+
+
+def source_key(fn) -> str:
+    """A stable string key for a route builder (function or ``functools.partial``), for
+    :func:`device_route`. Modules call it once when they set their builder; the registry keeps the
+    builder alive, so the key never points at another object."""
+    key = _SOURCE_KEYS.get(id(fn))
+    if key is None or _SOURCES[key] is not fn:
+        name = getattr(fn, "__name__", None) or getattr(getattr(fn, "func", None), "__name__", type(fn).__name__)
+        key = f"{name}#{len(_SOURCES)}"
+        _SOURCES[key] = fn
+        _SOURCE_KEYS[id(fn)] = key
+    return key
+
+
+def built_route(key: str, *grid: int, registers: int = 0) -> torch.Tensor:
+    """The CPU route of builder ``key`` (see :func:`source_key`) for ``grid``, with ``registers``
+    register tokens spliced in after the map tokens (:func:`with_registers`); cached."""
+    ck = (key, grid, registers)
+    hit = _BUILT.get(ck)
+    if hit is None:
+        if len(_BUILT) > 512:
+            _BUILT.clear()
+        with torch.device("cpu"), torch.inference_mode(False):  # see _call_on_cpu
+            hit = _SOURCES[key](*grid)
+            if registers:
+                n = 1
+                for g in grid:
+                    n *= g
+                hit = with_registers(hit, n, registers)
+        _BUILT[ck] = hit
+    return hit
+
+
+def _device_route(key, grid, registers, device):
+    return to_device(built_route(key, *grid, registers=registers), device)
 
 
 _device_route_const = torch.compiler.assume_constant_result(_device_route)
 
 
-def device_route(source, *args, device: torch.device | str) -> torch.Tensor:
-    """``to_device(source(*args), device)``: a route from a builder or a module's route cache, on
-    ``device``.
+def device_route(key: str, *grid: int, registers: int = 0, device: torch.device | str) -> torch.Tensor:
+    """:func:`built_route` on ``device``.
 
-    In eager mode both steps are cached (the builder's own cache, :func:`to_device`). Under
-    ``torch.compile`` (with static shapes) the route is evaluated once at trace time and kept as a
-    constant of the graph: no graph break and no upload per step. ``source`` must return the same
-    route for the same ``args`` (all route builders and ``routes_for`` caches do).
+    In eager mode the route and its device copy are cached. Under ``torch.compile`` (static shapes)
+    the route is evaluated once at trace time and kept as a constant of the graph: no graph break
+    and no upload per step (every argument is a string or an int, so Dynamo can fold the call).
     """
     device = torch.device(device)
     if _compiling():
-        return _device_route_const(source, tuple(args), device)
-    return _device_route(source, tuple(args), device)
+        return _device_route_const(key, tuple(grid), registers, device)
+    return _device_route(key, tuple(grid), registers, device)

@@ -217,6 +217,7 @@ class SS3D(nn.Module):
         super().__init__()
         self.d_inner = E = int(ssm_ratio * dim)
         self.route_fn = route_fn or _axes3d_route
+        self.route_key = _routes.source_key(self.route_fn)
         self.in_proj = nn.Linear(dim, E, bias=False)
         self.conv3d = (
             nn.Conv3d(E, E, d_conv, padding=(d_conv - 1) // 2, groups=E, bias=conv_bias) if d_conv > 1 else None
@@ -232,7 +233,7 @@ class SS3D(nn.Module):
         if self.conv3d is not None:
             u = _to_tokens(self.conv3d(_to_maps(u)))
         u = self.act(u).reshape(B, D * H * W, self.d_inner)
-        y = self.ssm(u, _routes.device_route(self.route_fn, D, H, W, device=u.device), merge="sum")
+        y = self.ssm(u, _routes.device_route(self.route_key, D, H, W, device=u.device), merge="sum")
         return self.out_proj(self.out_norm(y)).view(B, D, H, W, -1)
 
 

@@ -84,16 +84,18 @@ class SS2D(nn.Module):
         self.out_proj = nn.Linear(d_inner, dim, bias=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
+    @property
+    def route_fn(self) -> Callable[[int, int], torch.Tensor]:
+        return self._route_fn
+
+    @route_fn.setter
+    def route_fn(self, fn: Callable[[int, int], torch.Tensor]) -> None:
+        self._route_fn = fn
+        self.route_key = _routes.source_key(fn)  # a plain string: a constant under torch.compile
+
     def routes_for(self, h: int, w: int, num_registers: int = 0) -> torch.Tensor:
-        """The (K, S) route tensor for an h x w map (+ registers); CPU, cached per module."""
-        key = (h, w, num_registers)
-        cache = self.__dict__.setdefault("_route_cache", {})
-        if key not in cache:
-            if len(cache) > 64:
-                cache.clear()
-            r = self.route_fn(h, w)
-            cache[key] = _routes.with_registers(r, h * w, num_registers) if num_registers else r
-        return cache[key]
+        """The (K, S) route tensor for an h x w map (+ registers); CPU, cached."""
+        return _routes.built_route(self.route_key, h, w, registers=num_registers)
 
     def scan(self, tokens: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
         """Selective scan of tokens (B, L, D) along ``route``, merged: -> (B, L, D)."""
@@ -114,7 +116,7 @@ class SS2D(nn.Module):
         if R:
             tokens = torch.cat([tokens, u[:, H * W :]], dim=1)
         tokens = self.act(tokens).contiguous()  # (B, H*W + R, D)
-        route = _routes.device_route(self.routes_for, H, W, R, device=tokens.device)
+        route = _routes.device_route(self.route_key, H, W, registers=R, device=tokens.device)
         y = self.out_norm(self.scan(tokens, route))
         if z is not None:
             y = y * self.act(z.reshape(B, H * W + R, -1))

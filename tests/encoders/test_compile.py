@@ -1,0 +1,42 @@
+"""torch.compile of the encoders' layers: routes are graph constants, the scan op is opaque, so a
+whole SS2D mixer traces as one graph (``fullgraph=True``) and matches eager at several sizes."""
+
+import pytest
+import torch
+
+from mamba_dense.layers import SS2D
+
+
+@pytest.mark.parametrize("via_op", [False, True], ids=["reference", "registered-op"])
+def test_ss2d_compiles_fullgraph_and_matches_eager(monkeypatch, via_op):
+    if via_op:  # CPU tensors through the registered Triton op (Triton interpreter)
+        monkeypatch.setenv("MAMBA_DENSE_TRITON_CPU", "1")
+    torch.manual_seed(0)
+    m = SS2D(8, d_state=2, ssm_ratio=1.0).double()
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True, dynamic=False)
+    for h, w in ((3, 5), (4, 4), (3, 5)):  # a new size retraces; a repeated one reuses the graph
+        x = torch.randn(2, h, w, 8, dtype=torch.float64, requires_grad=True)
+        y = compiled(x)
+        g = torch.autograd.grad(y.square().sum(), [x, m.ssm.dt_projs_weight])
+        x2 = x.detach().clone().requires_grad_()
+        y2 = m(x2)
+        g2 = torch.autograd.grad(y2.square().sum(), [x2, m.ssm.dt_projs_weight])
+        assert y.shape == (2, h, w, 8)
+        torch.testing.assert_close(y, y2, rtol=1e-10, atol=1e-12)
+        for a, b in zip(g, g2):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_routes_first_built_in_inference_mode_still_train(monkeypatch):
+    """Lightning validates under inference_mode; a route cached there must not be an inference
+    tensor, or the next training step at that size fails to save it for backward."""
+    monkeypatch.setenv("MAMBA_DENSE_TRITON_CPU", "1")  # the registered op saves the route for backward
+    torch.manual_seed(0)
+    m = SS2D(8, d_state=2, ssm_ratio=1.0)
+    with torch.inference_mode():
+        m(torch.randn(1, 5, 7, 8))  # first sight of a 5x7 map: routes built and cached here
+    route = m.routes_for(5, 7)
+    assert not route.is_inference()
+    x = torch.randn(1, 5, 7, 8, requires_grad=True)
+    m(x).square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
