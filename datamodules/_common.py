@@ -19,6 +19,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from ._sampling import ResumableLoader, ResumableSampler, reindex
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -123,6 +125,17 @@ def read_json(path: Path, what: str) -> Any:
         ) from None
     except UnicodeDecodeError as e:
         raise DataError(path, "encoding", f"not UTF-8 text ({e.reason})", f"re-extract the {what}") from None
+    except (ValueError, RecursionError) as e:  # e.g. an integer of > 4300 digits, arrays nested 10^5 deep
+        raise DataError(path, "structure", f"unreadable JSON ({type(e).__name__}: {str(e)[:120]})",
+                        f"repair or re-extract the {what}") from None
+
+
+def is_file(path: Path) -> bool:
+    """``path.is_file()``, False for paths the OS cannot even look up (too long, invalid)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
 
 
 def _open_image(path: Path) -> Image.Image:
@@ -131,6 +144,12 @@ def _open_image(path: Path) -> Image.Image:
     try:
         img = Image.open(path)
         img.load()  # decode now so a truncated file fails here, with its name
+    except Image.DecompressionBombError as e:  # raised from the header, before any pixel is allocated
+        raise CorruptFileError(
+            path, "image size (header)", f"refused before decoding ({e})",
+            "re-extract or re-download this file; if the image really is that large, raise "
+            "PIL.Image.MAX_IMAGE_PIXELS",
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise CorruptFileError(
             path, "pixel data", f"cannot decode the image ({e})",
@@ -182,24 +201,33 @@ def make_loader(
 ) -> DataLoader:
     """A DataLoader with the settings every datamodule here uses.
 
-    ``pin_memory=None`` pins when CUDA is available; ``persistent_workers=None`` keeps workers
-    alive between epochs whenever there are workers; ``prefetch_factor`` (batches loaded ahead per
-    worker, PyTorch default 2) applies only with workers.
+    ``shuffle=True`` (training) gives a ``ResumableLoader`` over a ``ResumableSampler``: the epoch's
+    order and each sample's augmentation seed follow from (``seed_everything`` seed, epoch, index),
+    and a run resumed from a mid-epoch checkpoint continues the epoch where it stopped (see
+    ``_sampling``). ``pin_memory=None`` pins when CUDA is available; ``persistent_workers=None`` keeps
+    workers alive between epochs whenever there are workers; ``prefetch_factor`` (batches loaded ahead
+    per worker, PyTorch default 2) applies only with workers.
     """
     if num_workers < 0:
         raise ValueError(f"num_workers={num_workers}: expected >= 0. Fix: `num_workers`")
     extra: dict[str, Any] = {}
     if num_workers > 0 and prefetch_factor is not None:
         extra["prefetch_factor"] = prefetch_factor
-    return DataLoader(
+    cls = DataLoader
+    if shuffle:
+        cls, extra["sampler"] = ResumableLoader, ResumableSampler(dataset, shuffle=True)
+    # NOTE: the loader's own generator (it seeds the workers) keeps iterator creation from drawing on
+    # torch's global RNG, so a resumed run's dropout/drop-path draws line up with the original's
+    generator = torch.Generator().manual_seed(int(os.environ.get("PL_GLOBAL_SEED", 0)))
+    return cls(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle,
         num_workers=num_workers,
         collate_fn=collate_fn,
         drop_last=drop_last,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         persistent_workers=(num_workers > 0) if persistent_workers is None else (persistent_workers and num_workers > 0),
+        generator=generator,
         **extra,
     )
 
@@ -215,9 +243,12 @@ def check_outside(path: Path, root: Path, what: str) -> None:
 
 
 class WorkerSeeded:
-    """Mixin for datasets with random augmentation: draws one seed per DataLoader worker (from the
-    worker's seed) or, in the main process, from torch's generator, so workers never repeat each
-    other's augmentations and ``lightning.seed_everything`` makes runs repeatable."""
+    """Mixin for datasets with random augmentation. ``rng(index)`` reseeds the augmentation for an
+    index that carries its own seed (``SeededIndex``, from the training loaders of ``make_loader``), so
+    the sample's augmentation depends on (seed, epoch, index) only; for a plain index it seeds once per
+    DataLoader worker (from the worker's seed) or, in the main process, from ``torch.initial_seed()``,
+    so workers never repeat each other's augmentations, ``lightning.seed_everything`` makes runs
+    repeatable, and loading never draws from torch's global generator (which dropout uses)."""
 
     _seed_key: tuple[Any, ...] | None = None
     _rng: np.random.Generator
@@ -225,15 +256,24 @@ class WorkerSeeded:
     def _seeded_transforms(self) -> list[Any]:
         return []
 
-    def rng(self) -> np.random.Generator:
+    def _reseed(self, seed: int) -> None:
+        self._rng = np.random.default_rng(seed)
+        for t in self._seeded_transforms():
+            t.set_random_seed(seed)
+
+    def rng(self, index: Any = None) -> np.random.Generator:
+        sample_seed = getattr(index, "seed", None)
+        if sample_seed is not None:
+            self._seed_key = None  # a later plain index reseeds per worker again
+            self._reseed(sample_seed)
+            return self._rng
         info = torch.utils.data.get_worker_info()
         key = (os.getpid(), None if info is None else (info.id, info.seed))
         if key != self._seed_key:
-            seed = info.seed if info is not None else int(torch.randint(0, 2**31 - 1, ()).item())
+            seed = info.seed if info is not None else torch.initial_seed()
             seed %= 2**32
-            self._seed_key, self._rng = key, np.random.default_rng(seed)
-            for t in self._seeded_transforms():
-                t.set_random_seed(seed)
+            self._seed_key = key
+            self._reseed(seed)
         return self._rng
 
 
@@ -260,7 +300,7 @@ class SkipsCorrupt:
         n = len(self)
         for k in range(n):
             try:
-                return self._get_item((index + k) % n)
+                return self._get_item(index if k == 0 else reindex(index, (index + k) % n))
             except CorruptFileError as e:
                 if self.on_corrupt != "skip":
                     raise

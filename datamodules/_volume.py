@@ -38,17 +38,57 @@ def load_nifti_array(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(data, affine) of a NIfTI file; unreadable files raise ``DataError`` naming them."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: NIfTI file not found. Fix: restore it or correct its dataset.json entry")
+    errors = (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, EOFError, OSError,
+              zlib.error, ValueError, OverflowError)
     try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
-    except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError, EOFError, OSError,
-            zlib.error, ValueError) as e:
+        img = nib.load(str(path))  # the header only
+    except errors as e:
         raise DataError(path, "NIfTI header/data", f"cannot read ({type(e).__name__}: {e})",
                         "re-extract or re-download the file (truncated .nii.gz files fail here)") from None
+    shape, dtype = _check_nifti_header(path, img)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except errors as e:
+        raise DataError(path, "NIfTI header/data", f"cannot read ({type(e).__name__}: {e})",
+                        "re-extract or re-download the file (truncated .nii.gz files fail here)") from None
+    except MemoryError:
+        raise DataError(path, "dim", f"not enough memory for {shape} voxels of {dtype}",
+                        "load it on a machine with more memory, or crop / resample the volume") from None
     if not np.isfinite(img.affine).all():
         raise DataError(path, "affine (sform/qform)", "not finite",
                         "repair the header (e.g. re-save with a valid sform)")
     return data, np.asarray(img.affine, dtype=np.float64)
+
+
+# DEFLATE cannot expand data by more than 1032:1; a .nii.gz declaring more voxel bytes than this
+# bound allows is corrupt (checked before nibabel allocates the declared array).
+_MAX_GZIP_RATIO = 1100
+
+
+def _check_nifti_header(path: Path, img: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """Refuse, from the header alone, voxel types that are no image or label (complex, RGB) and
+    declared sizes the file cannot hold (a corrupt ``dim`` would make nibabel allocate them)."""
+    shape = tuple(int(s) for s in img.shape)
+    dtype = np.dtype(img.get_data_dtype())
+    if dtype.kind not in "biuf":
+        what = "RGB(A)" if dtype.names else dtype.name
+        raise DataError(path, "datatype", f"{what} voxels (NIfTI datatype {dtype}) are not intensities or class "
+                        "indices", "store images as int16/float32 (one file or 4D channel per modality) and labels "
+                        "as uint8/int16 class indices")
+    need = dtype.itemsize * int(np.prod(shape, dtype=object))
+    data_file = Path(img.file_map["image"].filename or path)
+    try:
+        size = data_file.stat().st_size
+    except OSError:
+        return shape, dtype  # the reader reports it
+    suffix = data_file.suffix.lower()
+    limit = size * _MAX_GZIP_RATIO if suffix == ".gz" else (size if suffix in (".nii", ".img") else None)
+    if limit is not None and need > limit:
+        need_s = f"{float(need):.3g}" if need.bit_length() < 1000 else f"~2^{need.bit_length()}"
+        raise DataError(path, "dim (header)", f"declares {shape} voxels of {dtype} ({need_s} bytes) but a "
+                        f"{size}-byte {suffix} file holds at most {limit:.3g}",
+                        "the header is corrupt: re-extract or re-download the file")
+    return shape, dtype
 
 
 def read_case(image_paths: Sequence[Path], label_path: Path | None, num_modalities: int,
@@ -81,6 +121,13 @@ def read_case(image_paths: Sequence[Path], label_path: Path | None, num_modaliti
         raise DataError(first, "modalities", f"{len(channels)} channel(s) but dataset.json lists {num_modalities}",
                         "fix dataset.json 'modality' or the image file")
     image = np.stack(channels, axis=-1).astype(np.float32)
+    finite = np.isfinite(image).all(axis=(0, 1, 2))
+    if not finite.all():  # NaN voxels, or values (scl_slope scaling included) beyond float32
+        c = int(np.flatnonzero(~finite)[0])
+        bad = Path(image_paths[c]) if len(image_paths) == len(channels) else first
+        raise DataError(bad, "voxel values", f"{int((~np.isfinite(image[..., c])).sum())} NaN or infinite voxel(s) "
+                        f"in channel {c} (after the header's scl_slope/scl_inter, as float32)",
+                        "replace them (e.g. by 0 or the background value) or repair the header's scaling")
     if label_path is None:
         return image, None, affine
     raw, lab_aff = load_nifti_array(Path(label_path))

@@ -163,7 +163,7 @@ class SegmentationFolder(SkipsCorrupt, WorkerSeeded, Dataset):
         return image, self.remap(label, lbl_path)
 
     def _get_item(self, index: int) -> dict[str, Any]:
-        self.rng()  # reseed the augmentation once per worker
+        self.rng(index)  # seed the augmentation: per sample (training loaders) or once per worker
         image, label = self.load(index)
         out = self.transform(image=image, mask=label.astype(np.uint8))
         image, mask = out["image"], out["mask"].astype(np.int64)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import math
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ._common import (
     IMAGENET_MEAN, IMAGENET_STD, CorruptFileError, DataError, SkipsCorrupt, WorkerSeeded, check_choice,
-    default_cache_dir, make_loader, read_json, read_rgb, report_skipped,
+    default_cache_dir, is_file, make_loader, read_json, read_rgb, report_skipped,
 )
 from .synthetic import write_coco_like
 from .transforms import ResizeShortestEdge
@@ -45,6 +46,30 @@ __all__ = ["COCOInstanceDataModule", "CocoInstances", "SyntheticCOCODataModule",
 _REQUIRED = {"images": ("id", "file_name", "height", "width"),
              "annotations": ("id", "image_id", "category_id", "bbox"),
              "categories": ("id", "name")}
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and -2**63 <= v < 2**63
+
+
+def _is_real(v: Any) -> bool:
+    return _is_int(v) or (isinstance(v, float) and math.isfinite(v))
+
+
+# field -> (check, what it must be); checked for every entry so that a wrong type raises here,
+# naming the entry, instead of a TypeError deep inside pycocotools or the dataset
+_FIELD_CHECKS = {
+    "images": {"id": (_is_int, "an integer id"), "file_name": (lambda v: isinstance(v, str) and v, "a file name"),
+               "height": (lambda v: _is_int(v) and v > 0, "a positive integer"),
+               "width": (lambda v: _is_int(v) and v > 0, "a positive integer")},
+    "annotations": {"id": (_is_int, "an integer id"), "image_id": (_is_int, "an integer id"),
+                    "category_id": (_is_int, "an integer id"),
+                    "bbox": (lambda v: isinstance(v, list) and len(v) == 4 and all(_is_real(x) for x in v),
+                             "4 finite numbers [x, y, width, height]"),
+                    "iscrowd": (lambda v: isinstance(v, (int, float)) and v in (0, 1), "0 or 1"),
+                    "area": (_is_real, "a finite number")},
+    "categories": {"id": (_is_int, "an integer id"), "name": (lambda v: isinstance(v, str), "a string")},
+}
 
 
 def load_coco(ann_file: Path, on_missing: str = "error") -> COCO:
@@ -62,10 +87,19 @@ def load_coco(ann_file: Path, on_missing: str = "error") -> COCO:
             raise DataError(ann_file, key, "missing or not a list",
                             "use an instances_*.json file (captions/keypoints-only files lack it)")
         for i, entry in enumerate(doc[key]):
+            if not isinstance(entry, dict):
+                raise DataError(ann_file, f"{key}[{i}]", f"expected an object, got {type(entry).__name__}",
+                                "repair the entry or regenerate the annotation file")
             missing = [f for f in fields if f not in entry]
             if missing:
                 raise DataError(ann_file, f"{key}[{i}] (id={entry.get('id')})", f"missing field(s) {missing}",
                                 "repair the entry or regenerate the annotation file")
+            for f, (ok, what) in _FIELD_CHECKS[key].items():
+                if f in entry and not ok(entry[f]):
+                    raise DataError(ann_file, f"{key}[{i}].{f}", f"expected {what}, got {str(entry[f])[:60]!r}",
+                                    "repair the entry or regenerate the annotation file")
+        if key != "annotations" and len({e["id"] for e in doc[key]}) != len(doc[key]):
+            raise DataError(ann_file, f"{key}[].id", "duplicate ids", f"give every entry of {key} its own id")
     image_ids = {im["id"] for im in doc["images"]}
     cat_ids = {c["id"] for c in doc["categories"]}
     skipped: dict[str, list[Any]] = {"annotation_unknown_image_id": [], "annotation_unknown_category_id": []}
@@ -98,6 +132,67 @@ def load_coco(ann_file: Path, on_missing: str = "error") -> COCO:
     return coco
 
 
+def _check_polygons(polys: list[list[Any]], h: int, w: int, ann_file: Path, where: str) -> None:
+    """Polygon coordinates must be finite numbers near the image: pycocotools rasterizes with C
+    ints and no bounds checks (a coordinate of 1e9 crashes the process)."""
+    for p in polys:
+        if not all(_is_real(v) for v in p):
+            bad = next(v for v in p if not _is_real(v))
+            raise DataError(ann_file, where, f"polygon coordinate {str(bad)[:30]!r} is not a finite number",
+                            "repair the polygon (x1, y1, x2, y2, ... in pixels)")
+        xs, ys = p[0::2], p[1::2]
+        if min(xs) < -w or max(xs) > 2 * w or min(ys) < -h or max(ys) > 2 * h:
+            raise DataError(ann_file, where, f"polygon reaches x {min(xs):.4g}..{max(xs):.4g}, y {min(ys):.4g}.."
+                            f"{max(ys):.4g}, far outside the {w}x{h} (WxH) image",
+                            "check image_id and the polygon (coordinates are pixels of this image)")
+
+
+def _check_rle_counts(counts: Any, h: int, w: int, ann_file: Path, where: str) -> None:
+    """RLE run lengths must be non-negative and cover exactly h * w pixels: pycocotools decodes
+    without bounds checks (longer runs write past the mask)."""
+    if isinstance(counts, list):
+        if not all(_is_int(c) and c >= 0 for c in counts):
+            raise DataError(ann_file, where, "uncompressed RLE counts must be non-negative integers",
+                            "regenerate the RLE (pycocotools.mask.encode)")
+        runs = counts
+    elif isinstance(counts, str):
+        runs = _rle_string_runs(counts)
+        if runs is None:
+            raise DataError(ann_file, where, f"malformed compressed RLE string {counts[:20]!r}",
+                            "regenerate the RLE (pycocotools.mask.encode)")
+    else:
+        raise DataError(ann_file, where, f"expected a list of run lengths or a compressed string, got "
+                        f"{type(counts).__name__}", "regenerate the RLE (pycocotools.mask.encode)")
+    if sum(runs) != h * w:
+        raise DataError(ann_file, where, f"runs cover {sum(runs)} pixels but the image has {h}x{w} = {h * w}",
+                        "regenerate the RLE at the image resolution")
+
+
+def _rle_string_runs(s: str) -> list[int] | None:
+    """Run lengths of COCO's compressed RLE string (pycocotools ``rleFrString``), None if malformed."""
+    runs: list[int] = []
+    p = 0
+    while p < len(s):
+        x, k, more = 0, 0, True
+        while more:
+            if p >= len(s):
+                return None
+            c = ord(s[p]) - 48
+            if not 0 <= c < 64:
+                return None
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p, k = p + 1, k + 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(runs) > 2:
+            x += runs[-2]
+        if x < 0:
+            return None
+        runs.append(x)
+    return runs
+
+
 def _decode(ann: dict[str, Any], h: int, w: int, ann_file: Path) -> np.ndarray | None:
     """(H, W) uint8 mask of a polygon / RLE annotation; None when no valid polygon remains."""
     seg = ann.get("segmentation")
@@ -109,11 +204,13 @@ def _decode(ann: dict[str, Any], h: int, w: int, ann_file: Path) -> np.ndarray |
         polys = [p for p in seg if isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0]
         if not polys:
             return None
+        _check_polygons(polys, h, w, ann_file, where)
         rle = mask_utils.merge(mask_utils.frPyObjects(polys, h, w))
     elif isinstance(seg, dict) and "counts" in seg and "size" in seg:
-        if list(seg["size"]) != [h, w]:
-            raise DataError(ann_file, where + ".size", f"{seg['size']} but the image is {[h, w]} (H, W)",
+        if not isinstance(seg["size"], list) or seg["size"] != [h, w]:
+            raise DataError(ann_file, where + ".size", f"{str(seg['size'])[:40]} but the image is {[h, w]} (H, W)",
                             "regenerate the RLE at the image resolution")
+        _check_rle_counts(seg["counts"], h, w, ann_file, where + ".counts")
         rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else seg
     else:
         raise DataError(ann_file, where, f"unsupported segmentation {type(seg).__name__}",
@@ -160,7 +257,7 @@ class CocoInstances(SkipsCorrupt, WorkerSeeded, Dataset):
         self.skipped["annotation_degenerate_box"] = [
             a["id"] for a in anns if min(a["bbox"][2], a["bbox"][3]) < min_box_size]
         ids = sorted(coco.imgs)
-        absent = [i for i in ids if not (image_dir / coco.imgs[i]["file_name"]).is_file()]
+        absent = [i for i in ids if not is_file(image_dir / coco.imgs[i]["file_name"])]
         if absent:
             paths = [str(image_dir / coco.imgs[i]["file_name"]) for i in absent]
             if self.on_missing == "error":
@@ -202,11 +299,11 @@ class CocoInstances(SkipsCorrupt, WorkerSeeded, Dataset):
         return len(self.ids)
 
     def _get_item(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        self.rng()
+        self.rng(index)
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
         path = self.image_dir / info["file_name"]
-        if not path.is_file():
+        if not is_file(path):
             raise FileNotFoundError(f"{path}: listed in {self.ann_file} images[id={image_id}].file_name but not "
                                     "found. Fix: check the image folder argument (train_images/val_images) or "
                                     "restore the file")
@@ -347,6 +444,7 @@ class COCOInstanceDataModule(L.LightningDataModule):
                               "prefetch_factor": prefetch_factor}
         self._gt: dict[str, COCO] = {}
         self._categories: list[dict[str, Any]] | None = None
+        self._categories_file: Path | None = None
         self.datasets: dict[str, CocoInstances] = {}
 
     def _path(self, rel: str) -> Path:
@@ -365,9 +463,10 @@ class COCOInstanceDataModule(L.LightningDataModule):
             coco = load_coco(ann_file, self.on_missing)
             cats = sorted(coco.dataset["categories"], key=lambda c: c["id"])
             if self._categories is None:
-                self._categories = cats
+                self._categories, self._categories_file = cats, ann_file
             elif [(c["id"], c["name"]) for c in cats] != [(c["id"], c["name"]) for c in self._categories]:
-                raise DataError(ann_file, "categories", "differ from the other split's categories",
+                raise DataError(ann_file, "categories", f"differ from the other split's categories (in "
+                                f"{self._categories_file})",
                                 "use annotation files of the same dataset (same category ids and names)")
             self._gt[split] = coco
         return self._gt[split]

@@ -35,7 +35,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ._common import (
-    DataError, WorkerSeeded, check_choice, check_outside, default_cache_dir, make_loader, read_json, report_skipped,
+    DataError, WorkerSeeded, check_choice, check_outside, default_cache_dir, is_file, make_loader, read_json,
+    report_skipped,
 )
 from ._volume import (
     CaseGeometry, ct_normalize, intensity_augment, nonzero_zscore, random_flip, read_case, restore_original_space,
@@ -72,9 +73,13 @@ class MSDTask:
 def _resolve(root: Path, rel: Any, json_path: Path, where: str, must_exist: bool = True) -> Path:
     if not isinstance(rel, str) or not rel:
         raise DataError(json_path, where, f"expected a file path string, got {rel!r}", "fix the entry")
-    p = Path(rel).expanduser()
+    p = Path(rel)
+    try:
+        p = p.expanduser()
+    except RuntimeError:  # "~unknown_user/...": kept as written, then reported missing
+        pass
     p = p if p.is_absolute() else root / p
-    if must_exist and not p.is_file():
+    if must_exist and not is_file(p):
         raise FileNotFoundError(f"{p}: listed in {json_path} {where} but not found. "
                                 "Fix: restore the file or remove the entry from dataset.json")
     return p
@@ -108,13 +113,19 @@ def parse_dataset_json(root: str | Path, on_missing: str = "error") -> MSDTask:
     labels = doc.get("labels")
     if not isinstance(labels, dict) or not labels:
         raise DataError(path, "labels", "missing or empty", 'add e.g. "labels": {"0": "background", "1": "organ"}')
-    if all(str(k).isdigit() for k in labels):
-        by_id = {int(k): str(v) for k, v in labels.items()}
-    elif all(isinstance(v, int) for v in labels.values()):
-        by_id = {int(v): str(k) for k, v in labels.items()}
-    else:
-        raise DataError(path, "labels", "neither id -> name nor name -> int id",
-                        'use {"0": "background", "1": ...} (region labels are not supported)')
+    try:
+        if all(str(k).isdecimal() for k in labels):  # isdecimal, not isdigit: int("²") fails
+            by_id = {int(k): str(v) for k, v in labels.items()}
+        elif all(isinstance(v, int) for v in labels.values()):
+            by_id = {int(v): str(k) for k, v in labels.items()}
+        else:
+            raise ValueError("neither id -> name nor name -> int id")
+    except ValueError as e:  # also ids too long for int()
+        raise DataError(path, "labels", str(e)[:120],
+                        'use {"0": "background", "1": ...} (region labels are not supported)') from None
+    if len(by_id) != len(labels):
+        raise DataError(path, "labels", f"{len(labels)} entries but only {len(by_id)} distinct ids (e.g. \"1\" and "
+                        "\"01\")", "give every class its own id")
     if sorted(by_id) != list(range(len(by_id))):
         raise DataError(path, "labels", f"ids {sorted(by_id)} are not 0..{len(by_id) - 1}",
                         "number the classes contiguously from 0 (background)")
@@ -124,8 +135,10 @@ def parse_dataset_json(root: str | Path, on_missing: str = "error") -> MSDTask:
     skipped: dict[str, list[str]] = {"training_case_file_missing": [], "test_case_file_missing": []}
 
     def resolve_all(rels: list[Any], where: str, group: str) -> list[Path] | None:
+        if not rels:
+            raise DataError(path, where, "empty list of files", "list one file per modality")
         paths = [_resolve(root, r, path, where, must_exist=False) for r in rels]
-        absent = [p for p in paths if not p.is_file()]
+        absent = [p for p in paths if not is_file(p)]
         if not absent:
             return paths
         if on_missing == "error":
@@ -146,6 +159,9 @@ def parse_dataset_json(root: str | Path, on_missing: str = "error") -> MSDTask:
     if not cases:
         raise DataError(path, "training", f"no case with all its files present ({skipped['training_case_file_missing'][:3]}"
                         " missing)", "restore the files listed in dataset.json")
+    if not isinstance(doc.get("test") or [], list):
+        raise DataError(path, "test", f"expected a list of image paths, got {type(doc['test']).__name__}",
+                        'use "test": ["./imagesTs/case.nii.gz", ...] or leave it out')
     test = []
     for i, entry in enumerate(doc.get("test") or []):
         rel = entry.get("image") if isinstance(entry, dict) else entry
@@ -221,7 +237,7 @@ class PatchDataset(WorkerSeeded, Dataset):
         return len(self.force_fg)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        rng = self.rng()
+        rng = self.rng(index)
         item = self.loader.load(self.cases[index % len(self.cases)])
         fg = item["fg"] if self.force_fg[index] else None
         image, label = sample_patch(item["image"], item["label"], self.patch_size, rng, fg)
@@ -437,7 +453,7 @@ class MedicalDecathlonDataModule(L.LightningDataModule):
             for p in (*case.images, case.label):
                 st = os.stat(p)
                 h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
-        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.task.name)
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.task.name)[:64]
         return self.cache_dir / "ct_stats" / f"{safe}-{h.hexdigest()[:16]}.json"
 
     def prepare_data(self) -> None:

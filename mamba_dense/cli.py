@@ -19,18 +19,22 @@ from typing import Any
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
 
 import mamba_dense.datamodules  # noqa: F401  (classes imported here resolve by short name)
 import mamba_dense.tasks  # noqa: F401
-from mamba_dense.tasks.guards import AtomicCheckpointIO, NonFiniteGuard
+from mamba_dense.tasks.guards import AtomicCheckpointIO, NonFiniteGuard, OutOfMemoryGuard
+from mamba_dense.tasks.resume import ExactResume, find_last_checkpoint
 
 mamba_dense.datamodules.load_all()
 
 
 class MambaDenseCLI(LightningCLI):
     """LightningCLI with our defaults: configs overwrite their saved copy in the log directory, every run
-    has a `NonFiniteGuard` (on top of the configured callbacks) and writes checkpoints with
-    `AtomicCheckpointIO` unless the config gives its own CheckpointIO plugin."""
+    has a `NonFiniteGuard`, an `OutOfMemoryGuard` and an `ExactResume` (on top of the configured
+    callbacks) and writes checkpoints with `AtomicCheckpointIO` unless the config gives its own
+    CheckpointIO plugin. `fit --ckpt_path last` resumes from the newest `last*.ckpt` of any earlier run
+    in the same log folder (Lightning alone looks only in the new run's empty version folder)."""
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         plugins = self._get(self.config_init, "trainer", default={}).get("plugins")
@@ -38,6 +42,14 @@ class MambaDenseCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])
         return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") == "last":
+            path = find_last_checkpoint(self.trainer)
+            if path is not None:
+                rank_zero_info(f"Resuming from the newest last checkpoint: {path}")
+                config["ckpt_path"] = path
 
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True) -> MambaDenseCLI:
@@ -48,7 +60,8 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True) -> MambaDense
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [NonFiniteGuard()]},  # appended to the configured callbacks
+        # appended to the configured callbacks
+        trainer_defaults={"callbacks": [NonFiniteGuard(), OutOfMemoryGuard(), ExactResume()]},
         args=list(args) if args is not None else None,
         run=run,
     )

@@ -24,7 +24,21 @@ import torch.nn as nn
 from timm.models._features import feature_take_indices
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["EncoderStage", "HierarchicalEncoder", "feature_sizes"]
+__all__ = ["EncoderStage", "HierarchicalEncoder", "check_image_batch", "feature_sizes"]
+
+
+def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
+    """ValueError unless ``x`` is a non-empty (B, in_chans, H, W) batch with B, H, W >= 1."""
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError(
+            f"expected an image batch (B, {in_chans}, H, W), got {tuple(x.shape)}; "
+            f"build the encoder with in_chans={x.shape[1] if x.dim() == 4 else '?'} for other channel counts"
+        )
+    if min(x.shape[0], x.shape[2], x.shape[3]) < 1:
+        raise ValueError(
+            f"expected at least one image of at least 1 x 1 pixels (any H, W >= 1 works), got (B, C, H, W) = "
+            f"{tuple(x.shape)}; drop empty images and batches before the encoder"
+        )
 
 
 def feature_sizes(height: int, width: int, reductions: Sequence[int] = (4, 8, 16, 32)) -> list[tuple[int, int]]:
@@ -119,11 +133,7 @@ class HierarchicalEncoder(nn.Module):
 
     # ---------------------------------------------------------------- timm API
     def _check_input(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"expected an image batch (B, {self.in_chans}, H, W), got {tuple(x.shape)}; "
-                f"build the encoder with in_chans={x.shape[1] if x.dim() == 4 else '?'} for other channel counts"
-            )
+        check_image_batch(x, self.in_chans)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:

@@ -67,6 +67,7 @@ from mamba_dense.kernels import routes as _routes
 from mamba_dense.layers.pyramid import SimplePyramid
 from mamba_dense.layers.seq_mixer import RouteMamba
 
+from ._features import check_image_batch
 from ._registry import register_encoder
 
 __all__ = ["Vim", "VimBlock", "vim_route", "checkpoint_filter_fn"]
@@ -346,6 +347,7 @@ class Vim(nn.Module):
 
     def _embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Image -> token tensor (B, M + cls + R, C) with position embeddings, and the grid (gh, gw)."""
+        check_image_batch(x, self.patch_embed.proj.in_channels)
         x = self.patch_embed(x)  # (B, gh, gw, C); zero-padded to a multiple of the patch size
         B, gh, gw, C = x.shape
         pos = self.pos_embed

@@ -1,18 +1,21 @@
 """LightningModules for dense prediction, their inference helpers, metrics and callbacks."""
 
 from .callbacks import OverlayLogger
-from .guards import AtomicCheckpointIO, NonFiniteGuard
+from .guards import AtomicCheckpointIO, NonFiniteGuard, OutOfMemoryGuard
 from .inference import sliding_window_inference
 from .instance import InstanceSegmentationTask
 from .metrics import COCOEvaluator, segmentation_scores
+from .resume import ExactResume
 from .semantic import SemanticSegmentationTask
 from .volumetric import VolumetricSegmentationTask
 
 __all__ = [
     "AtomicCheckpointIO",
     "COCOEvaluator",
+    "ExactResume",
     "InstanceSegmentationTask",
     "NonFiniteGuard",
+    "OutOfMemoryGuard",
     "OverlayLogger",
     "SemanticSegmentationTask",
     "segmentation_scores",

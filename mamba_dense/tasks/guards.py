@@ -1,4 +1,5 @@
-"""Training guards: stop on a non-finite loss with a diagnosis, and write checkpoints atomically."""
+"""Training guards: stop on a non-finite loss with a diagnosis, explain out-of-memory errors, and write
+checkpoints atomically."""
 
 from __future__ import annotations
 
@@ -117,3 +118,146 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(dir_fd)
             finally:
                 os.close(dir_fd)
+
+
+_OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+_OOM_MESSAGES = ("out of memory", "can't allocate memory", "CUDNN_STATUS_ALLOC_FAILED", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """A CUDA out-of-memory error, or a RuntimeError that reports one (CPU allocator, cuDNN, cuBLAS)."""
+    return isinstance(err, _OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and any(m in str(err) for m in _OOM_MESSAGES))
+
+
+def _inputs(batch: Any) -> tuple[int, str] | None:
+    """(batch size, input shape) of a batch: a dict's "image", a tuple's first item, or a tensor;
+    the images may be a list of (C, H, W) tensors of different sizes (detection)."""
+    x = batch
+    if isinstance(batch, dict):
+        x = batch.get("image", next((v for v in batch.values() if isinstance(v, torch.Tensor) and v.ndim >= 3), None))
+    elif isinstance(batch, (list, tuple)) and batch:
+        x = batch[0]
+    if isinstance(x, torch.Tensor) and x.ndim >= 3:
+        return x.shape[0], f"{'x'.join(map(str, x.shape[1:]))} ({x.dtype})"
+    if isinstance(x, (list, tuple)) and x and all(isinstance(t, torch.Tensor) and t.ndim >= 2 for t in x):
+        largest = max(x, key=lambda t: t.numel())
+        return len(x), f"up to {'x'.join(map(str, largest.shape))} ({largest.dtype})"
+    return None
+
+
+def _flag(name: str, value: Any) -> str:
+    return f"`--{name} {value}`"
+
+
+class OutOfMemoryGuard(pl.Callback):
+    """Adds to an out-of-memory error what caused it and how to fix it.
+
+    The guard notes the stage and batch shape of every step (training, validation, test, predict).
+    When fit / validate / test / predict ends in an out-of-memory error (`torch.OutOfMemoryError`,
+    or a RuntimeError reporting one), its message gets a paragraph naming the step, the device's
+    memory (peak allocated / total on CUDA), the batch size and input size of that batch, the
+    datamodule's batch size and crop / patch size, the precision and gradient accumulation, and the
+    fixes to try for that stage (smaller batch with accumulation, smaller crop / patch, bf16-mixed,
+    activation checkpointing; for evaluation a smaller evaluation batch or sliding window). The
+    error keeps its type. `mamba-dense` adds it to every run.
+
+    Example:
+        >>> trainer = pl.Trainer(callbacks=[OutOfMemoryGuard()])  # doctest: +SKIP
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._last: tuple[str, tuple[int, str] | None, int] | None = None
+        self.report: str | None = None
+
+    def _seen(self, stage: str, batch: Any, batch_idx: int) -> None:
+        self._last = (stage, _inputs(batch), batch_idx)  # NOTE: shapes only: holding the batch would hold memory
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._seen("training", batch, batch_idx)
+
+    def on_validation_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        self._seen("validation", batch, batch_idx)
+
+    def on_test_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
+                            dataloader_idx: int = 0) -> None:
+        self._seen("test", batch, batch_idx)
+
+    def on_predict_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
+                               dataloader_idx: int = 0) -> None:
+        self._seen("predict", batch, batch_idx)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if not is_out_of_memory(exception):
+            return
+        self.report = self.describe(trainer, pl_module)
+        first = str(exception.args[0]) if exception.args else ""
+        exception.args = (f"{first}\n\n{self.report}", *exception.args[1:])  # NOTE: str(err) shows it (3.10 too)
+
+    def describe(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+        """The paragraph added to the error: what ran out of memory, with what, and the fixes."""
+        stage, inputs, batch_idx = self._last if self._last is not None else (None, None, -1)
+        dm = trainer.datamodule
+        where = f"{stage} batch {batch_idx}" if stage else "before the first batch (model set-up?)"
+        if stage == "training":
+            where = f"training step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch_idx})"
+        device = trainer.strategy.root_device
+        memory = ""
+        if device.type == "cuda":
+            gib = 2.0**30
+            memory = (f" [peak {torch.cuda.max_memory_allocated(device) / gib:.1f} GiB allocated of "
+                      f"{torch.cuda.get_device_properties(device).total_memory / gib:.1f} GiB]")
+        facts = []
+        if inputs is not None:
+            facts.append(f"batch of {inputs[0]} input(s) of {inputs[1]}")
+        data_sizes = {k: getattr(dm, k) for k in ("batch_size", "val_batch_size", "crop_size", "patch_size")
+                      if dm is not None and getattr(dm, k, None) is not None}
+        if data_sizes:
+            facts.append("data " + ", ".join(f"{k}={v}" for k, v in data_sizes.items()))
+        facts.append(f"precision {trainer.precision}")
+        if stage == "training":
+            facts.append(f"accumulate_grad_batches {trainer.accumulate_grad_batches}")
+        fixes = self._fixes(trainer, pl_module, stage, inputs, data_sizes)
+        return (f"Out of memory in {where} on {device}{memory}: {'; '.join(facts)}. "
+                f"To fix, try (one at a time): {'; '.join(fixes)}.")
+
+    @staticmethod
+    def _fixes(trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str | None, inputs: tuple[int, str] | None,
+               data_sizes: dict[str, Any]) -> list[str]:
+        fixes = []
+        size_key = "patch_size" if "patch_size" in data_sizes else "crop_size" if "crop_size" in data_sizes else None
+        if stage in (None, "training"):
+            batch_size = data_sizes.get("batch_size", inputs[0] if inputs else None)
+            acc = trainer.accumulate_grad_batches
+            if batch_size and batch_size > 1:
+                half = next(d for d in range(batch_size // 2, 0, -1) if batch_size % d == 0)  # keeps the product
+                fixes.append(f"a smaller batch, {_flag('data.init_args.batch_size', half)} with "
+                             f"{_flag('trainer.accumulate_grad_batches', acc * batch_size // half)} to keep the "
+                             f"effective batch of {batch_size * acc}")
+            if size_key:
+                fixes.append(f"a smaller {size_key.replace('_', ' ')} ({_flag('data.init_args.' + size_key, '...')}, "
+                             f"now {data_sizes[size_key]})")
+        else:
+            if data_sizes.get("val_batch_size", 1) > 1:
+                fixes.append(f"a smaller evaluation batch ({_flag('data.init_args.val_batch_size', 1)})")
+            if getattr(pl_module, "inference_mode", "slide") != "slide":  # semantic task
+                fixes.append(f"sliding-window evaluation ({_flag('model.init_args.inference_mode', 'slide')} "
+                             f"with {_flag('model.init_args.window_size', '...')})")
+            if getattr(pl_module, "sw_batch_size", 1) > 1:  # volumetric task
+                fixes.append(f"fewer windows at once ({_flag('model.init_args.sw_batch_size', 1)})")
+            if getattr(pl_module, "sw_buffer_device", "cpu") != "cpu":
+                flag = _flag("model.init_args.sw_buffer_device", "cpu")
+                fixes.append(f"the sliding-window buffers on the CPU ({flag})")
+        if "16" not in str(trainer.precision):
+            fixes.append(f"mixed precision ({_flag('trainer.precision', 'bf16-mixed')})")
+        if stage in (None, "training"):
+            name = next((n for n, m in pl_module.named_modules()
+                         if hasattr(m, "set_grad_checkpointing") and not getattr(m, "grad_checkpointing", False)), None)
+            if name is not None:
+                fixes.append(f"activation checkpointing (`{name}.set_grad_checkpointing()` on the LightningModule, "
+                             "e.g. in a subclass's `configure_model`: recomputes the blocks in backward)")
+        if trainer.world_size == 1 and stage in (None, "training") and trainer.strategy.root_device.type == "cuda":
+            fixes.append("more GPUs with DDP, keeping devices x batch_size")
+        return fixes

@@ -20,6 +20,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 from mamba_dense.heads import FCNHead, FPNHead, UPerNetHead
 
 from ._encoder import Encoder, check_checkpoint_fits
+from ._losses import cross_entropy
 from ._optim import param_groups, warmup_poly
 from .inference import resize_logits, sliding_window_inference
 from .metrics import per_class_table, segmentation_scores
@@ -186,7 +187,7 @@ class SemanticSegmentationTask(pl.LightningModule):
 
     def _loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         logits = resize_logits(logits, mask.shape[-2:])
-        loss = F.cross_entropy(logits, mask, ignore_index=self.hparams.ignore_index)
+        loss = cross_entropy(logits, mask, ignore_index=self.hparams.ignore_index)
         if self.dice is not None:
             loss = loss + self.hparams.dice_weight * self.dice(logits, mask)
         return loss
@@ -226,7 +227,7 @@ class SemanticSegmentationTask(pl.LightningModule):
             pred = logits.argmax(1)
             metric.update(pred, mask)
             if bool((mask != self.hparams.ignore_index).any()):
-                losses.append(F.cross_entropy(logits, mask, ignore_index=self.hparams.ignore_index))
+                losses.append(cross_entropy(logits, mask, ignore_index=self.hparams.ignore_index))
             preds.append(pred[0])
         if losses:
             self.log(f"{prefix}/loss", torch.stack(losses).mean(), batch_size=len(images))

@@ -21,6 +21,7 @@ from mamba_dense.datamodules._volume import restore_original_space
 from mamba_dense.encoders.volumetric import create_volumetric_encoder, segmamba_checkpoint_filter
 from mamba_dense.heads.unet3d import UNet3DDecoder
 
+from ._losses import cross_entropy
 from ._optim import param_groups, warmup_poly
 from .metrics3d import MetricRow, score_case, summarize, summary_table, write_csv
 from .sliding_window3d import sliding_window_inference_3d
@@ -246,7 +247,7 @@ class VolumetricSegmentationTask(pl.LightningModule):
             ce = F.binary_cross_entropy_with_logits(logits, target)
             probs, first = torch.sigmoid(logits), 0
         else:
-            ce = F.cross_entropy(logits, label)
+            ce = cross_entropy(logits, label)
             probs, first = torch.softmax(logits, dim=1), 1  # Dice over the foreground classes
         dims = (0, 2, 3, 4)  # batch Dice: sums over the batch and the volume
         inter = (probs * target).sum(dims)[first:]

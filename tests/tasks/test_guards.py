@@ -1,4 +1,5 @@
-"""NonFiniteGuard stops a NaN run with a diagnosis; AtomicCheckpointIO never leaves a partial checkpoint."""
+"""NonFiniteGuard stops a NaN run with a diagnosis; OutOfMemoryGuard explains an OOM; AtomicCheckpointIO never
+leaves a partial checkpoint."""
 
 import os
 from pathlib import Path
@@ -9,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from mamba_dense.cli import build_cli
-from mamba_dense.tasks import AtomicCheckpointIO, NonFiniteGuard
+from mamba_dense.tasks import AtomicCheckpointIO, NonFiniteGuard, OutOfMemoryGuard
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -106,3 +107,66 @@ def test_cli_fit_has_guard_and_atomic_io_by_default(tmp_path):
     assert kinds.count("NonFiniteGuard") == 1 and "OverlayLogger" in kinds  # configured callbacks kept
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     assert cli.trainer.global_step == 1
+
+
+def _oom(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter is intended")
+def test_out_of_memory_in_training_names_the_batch_and_the_fixes(tmp_path, monkeypatch):
+    from mamba_dense.tasks._encoder import Encoder
+
+    monkeypatch.setattr(Encoder, "forward", _oom)  # the real CLI, trainer and task; the encoder "runs out"
+    with pytest.raises(torch.OutOfMemoryError) as err:
+        build_cli([
+            "fit", "--config", str(CONFIGS / "demo" / "shapes.yaml"),
+            "--model.init_args.encoder_kwargs={dims: 16, depths: [1, 1, 1, 1]}",
+            "--model.init_args.head_kwargs={channels: 16, norm: groupnorm}",
+            "--data.init_args.crop_size=64", "--data.init_args.batch_size=2", "--data.init_args.num_train=4",
+            "--data.init_args.num_val=2", f"--data.init_args.root={tmp_path / 'shapes'}",
+            f"--trainer.default_root_dir={tmp_path / 'runs'}", "--trainer.max_steps=2",
+            "--trainer.accumulate_grad_batches=2",
+        ])
+    msg = str(err.value)
+    assert msg.startswith("CUDA out of memory. Tried to allocate 2.00 GiB.")  # the original message stays first
+    assert "Out of memory in training step 0 (epoch 0, batch 0) on cpu" in msg
+    assert "batch of 2 input(s) of 3x64x64 (torch.float32)" in msg
+    assert "data batch_size=2, val_batch_size=4, crop_size=(64, 64)" in msg
+    assert "precision 32-true" in msg and "accumulate_grad_batches 2" in msg
+    assert "`--data.init_args.batch_size 1` with `--trainer.accumulate_grad_batches 4`" in msg
+    assert "effective batch of 4" in msg and "`--data.init_args.crop_size ...`, now (64, 64)" in msg
+    assert "`--trainer.precision bf16-mixed`" in msg
+    assert "`encoder.model.model.set_grad_checkpointing()`" in msg
+
+
+@pytest.mark.filterwarnings("ignore:LightningCLI's args parameter is intended")
+def test_out_of_memory_in_volume_validation_names_the_patch_and_the_fixes(tmp_path):
+    cli = build_cli([
+        "--config", str(CONFIGS / "demo" / "volumes.yaml"),
+        f"--data.init_args.root={tmp_path / 'task'}", f"--data.init_args.cache_dir={tmp_path / 'cache'}",
+        "--data.init_args.num_cases=3", "--data.init_args.shape=[20, 20, 20]",
+        "--data.init_args.patch_size=[16, 16, 16]", "--model.init_args.patch_size=[16, 16, 16]",
+        "--model.init_args.encoder_kwargs={dims: [8, 16, 16, 16], depths: [1, 1, 1, 1], d_state: 2}",
+        "--model.init_args.decoder_channels=[4, 8, 16, 16]", "--trainer.precision=bf16-mixed",
+        f"--trainer.default_root_dir={tmp_path / 'runs'}", "--trainer.fast_dev_run=1",
+    ], run=False)
+    forward = cli.model.encoder.forward
+    cli.model.encoder.forward = lambda x: _oom() if not torch.is_grad_enabled() else forward(x)  # validation only
+    with pytest.raises(torch.OutOfMemoryError) as err:
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    msg = str(err.value)
+    assert "Out of memory in validation batch 0 on cpu" in msg
+    assert "data batch_size=2, patch_size=(16, 16, 16)" in msg and "precision bf16-mixed" in msg
+    assert "`--model.init_args.sw_batch_size 1`" in msg and "`--model.init_args.sw_buffer_device cpu`" in msg
+    assert "bf16-mixed`" not in msg  # already in bf16: not suggested again
+    assert "batch_size 1` with" not in msg  # training-only advice left out
+
+
+def test_out_of_memory_guard_leaves_other_errors_alone(tmp_path):
+    trainer = _trainer(tmp_path, callbacks=[OutOfMemoryGuard()])
+    model = NaNAtStep(nan_step=-1)
+    model.training_step = lambda batch, batch_idx: (_ for _ in ()).throw(ValueError("not memory"))
+    with pytest.raises(ValueError) as err:
+        trainer.fit(model, DataLoader(TensorDataset(torch.randn(4, 2), torch.randn(4, 1)), batch_size=2))
+    assert str(err.value) == "not memory"
