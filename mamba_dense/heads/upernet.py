@@ -82,6 +82,50 @@ class ConvNormAct(nn.Sequential):
         )
 
 
+_POOL_CACHE: dict = {}
+
+
+def _pool_matrix(n_in: int, n_out: int, device, dtype) -> torch.Tensor:
+    """(n_out, n_in) averaging weights of adaptive pooling: bin i covers [floor(i n / s), ceil((i + 1) n / s)).
+
+    Cached per (size, device, dtype), built outside inference mode (it is saved for backward)."""
+    key = (n_in, n_out, str(device), dtype)
+    m = _POOL_CACHE.get(key)
+    if m is None:
+        with torch.inference_mode(False):
+            m = torch.zeros(n_out, n_in, dtype=torch.float64)
+            for i in range(n_out):
+                lo, hi = (i * n_in) // n_out, -(-((i + 1) * n_in) // n_out)
+                m[i, lo:hi] = 1.0 / (hi - lo)
+            m = m.to(device=device, dtype=dtype)
+        if len(_POOL_CACHE) > 256:
+            _POOL_CACHE.clear()
+        _POOL_CACHE[key] = m
+    return m
+
+
+class AdaptiveAvgPool2d(nn.Module):
+    """``nn.AdaptiveAvgPool2d`` as two small matrix products, P_h @ x @ P_w^T.
+
+    Same bins and values as PyTorch's adaptive average pooling, but its backward is a matrix
+    product too: deterministic on CUDA, where ``adaptive_avg_pool2d_backward`` uses atomics and
+    refuses to run under ``torch.use_deterministic_algorithms(True)`` (``--trainer.deterministic``).
+    """
+
+    def __init__(self, output_size: int) -> None:
+        super().__init__()
+        self.output_size = int(output_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.output_size
+        ph = _pool_matrix(x.shape[-2], s, x.device, x.dtype)
+        pw = _pool_matrix(x.shape[-1], s, x.device, x.dtype)
+        return torch.matmul(torch.matmul(ph, x), pw.t())
+
+    def extra_repr(self) -> str:
+        return f"output_size={self.output_size}"
+
+
 class UPerNetHead(nn.Module):
     """UPerNet: PSP on the coarsest map, top-down FPN, fusion of all levels at the finest stride.
 
@@ -119,7 +163,7 @@ class UPerNetHead(nn.Module):
             raise ValueError(f"Unknown norm {norm!r}; expected one of {NORMS}.")
         top = in_channels[-1]
         self.psp_branches = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvNormAct(top, channels, 1, norm, pooled=True)) for s in pool_scales
+            nn.Sequential(AdaptiveAvgPool2d(s), ConvNormAct(top, channels, 1, norm, pooled=True)) for s in pool_scales
         )
         self.psp_bottleneck = ConvNormAct(top + len(pool_scales) * channels, channels, 3, norm)
         self.lateral_convs = nn.ModuleList(ConvNormAct(c, channels, 1, norm) for c in in_channels[:-1])
