@@ -103,9 +103,11 @@ def main() -> None:
                 lightning=pl.__version__, date=time.strftime("%Y-%m-%d %H:%M:%S"), cmd=" ".join(sys.argv))
     print(info, flush=True)
     root = tempfile.mkdtemp(prefix="shapes_")
-    rows = [run(p, args.steps, args.crop, args.batch, root, args.lr, args.accelerator) for p in args.precisions.split(",")]
+    rows = []
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "amp_long.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+    for p in args.precisions.split(","):
+        rows.append(run(p, args.steps, args.crop, args.batch, root, args.lr, args.accelerator))
+        (Path(args.out) / "amp_long.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -116,7 +116,8 @@ def main():
     ap.add_argument("--models", default="vmamba_tiny")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also run the model under torch.compile")
+    ap.add_argument("--compiled-only", action="store_true", help="only the torch.compile variant")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -127,7 +128,7 @@ def main():
     print(info, flush=True)
     rows = []
     for name in args.models.split(","):
-        for comp in ((False, True) if args.compile else (False,)):
+        for comp in ((True,) if args.compiled_only else (False, True) if args.compile else (False,)):
             try:
                 r = bench(name, args.size, args.batch, dev, compile_model=comp, profile=True)
             except Exception as e:  # report and go on

@@ -280,6 +280,8 @@ def to_device(route: torch.Tensor, device: torch.device | str) -> torch.Tensor:
         _DEVICE_CACHE.clear()
     with torch.inference_mode(False):  # cached: must stay usable by later autograd steps
         moved = route.to(device, non_blocking=False)
+    if route.dim() == 2:  # tokens visited per route, known here without a device sync
+        moved._md_visits = tuple((route >= 0).sum(1).tolist())
     _DEVICE_CACHE[key] = (route, moved)
     return moved
 
@@ -325,17 +327,34 @@ def _device_route(key, grid, registers, device):
     return to_device(built_route(key, *grid, registers=registers), device)
 
 
-_device_route_const = torch.compiler.assume_constant_result(_device_route)
+@torch.library.custom_op("mamba_dense::device_route", mutates_args=())
+def _device_route_op(key: str, grid: list[int], registers: int, device: torch.device) -> torch.Tensor:
+    cached = _device_route(key, tuple(grid), registers, device)
+    out = cached.clone()  # a fresh tensor: the compiled graph owns its outputs
+    visits = getattr(cached, "_md_visits", None)
+    if visits is not None:
+        out._md_visits = visits
+    return out
+
+
+@_device_route_op.register_fake
+def _(key, grid, registers, device):
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    with unset_fake_temporarily():
+        shape = tuple(built_route(key, *grid, registers=registers).shape)
+    return torch.empty(shape, dtype=torch.long, device=device)
 
 
 def device_route(key: str, *grid: int, registers: int = 0, device: torch.device | str) -> torch.Tensor:
     """:func:`built_route` on ``device``.
 
-    In eager mode the route and its device copy are cached. Under ``torch.compile`` (static shapes)
-    the route is evaluated once at trace time and kept as a constant of the graph: no graph break
-    and no upload per step (every argument is a string or an int, so Dynamo can fold the call).
+    In eager mode the route and its device copy are cached. Under ``torch.compile`` the lookup is
+    the opaque op ``mamba_dense::device_route`` (string and int arguments): no graph break, a tiny
+    device copy of the cached route per call, and the tokens-per-route counts travel with it so
+    the scan needs no device sync to check coverage.
     """
     device = torch.device(device)
     if _compiling():
-        return _device_route_const(key, tuple(grid), registers, device)
+        return _device_route_op(key, list(grid), registers, device)
     return _device_route(key, tuple(grid), registers, device)
