@@ -8,7 +8,12 @@ folders are only ever read.
 """
 
 import importlib
+import os
 from typing import Any
+
+# Nothing may reach the network at run time: albumentations otherwise checks PyPI for a newer
+# version on import (a DNS lookup and a warning on offline machines).
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 # Public name -> submodule. Loaded on first use (PEP 562), so that e.g. the volume datamodules
 # import without the 2D stack (albumentations, pycocotools) and vice versa.

@@ -10,7 +10,12 @@ Top-level shortcuts (imported on first use, so ``import mamba_dense`` stays ligh
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
+
+# Nothing may reach the network at run time: albumentations otherwise checks PyPI for a newer
+# version on import (a DNS lookup and a warning on offline machines).
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 __version__ = "0.1.0"
 
