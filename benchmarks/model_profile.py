@@ -53,7 +53,13 @@ def build(name, dev, compile_model=False):
 
     model = timm.create_model(name, num_classes=1000).to(dev).to(memory_format=torch.channels_last).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    fwd = torch.compile(model, dynamic=False) if compile_model else model
+    fwd = model
+    if compile_model:
+        # one eager step first: routes are then cached device tensors that the compiled graph takes as
+        # inputs (see kernels.routes.device_route); without it every call copies its routes and syncs
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            model(torch.randn(2, 3, 224, 224, device=dev).to(memory_format=torch.channels_last))
+        fwd = torch.compile(model, dynamic=False)
     return model, fwd, opt
 
 

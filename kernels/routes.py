@@ -323,8 +323,17 @@ def built_route(key: str, *grid: int, registers: int = 0) -> torch.Tensor:
     return hit
 
 
+_DEVICE_ROUTES: dict[tuple, torch.Tensor] = {}
+
+
 def _device_route(key, grid, registers, device):
-    return to_device(built_route(key, *grid, registers=registers), device)
+    ck = (key, grid, registers, str(device))
+    hit = _DEVICE_ROUTES.get(ck)
+    if hit is None:
+        if len(_DEVICE_ROUTES) > 512:
+            _DEVICE_ROUTES.clear()
+        hit = _DEVICE_ROUTES[ck] = to_device(built_route(key, *grid, registers=registers), device)
+    return hit
 
 
 @torch.library.custom_op("mamba_dense::device_route", mutates_args=())
@@ -356,5 +365,10 @@ def device_route(key: str, *grid: int, registers: int = 0, device: torch.device 
     """
     device = torch.device(device)
     if _compiling():
+        hit = _DEVICE_ROUTES.get((key, tuple(grid), registers, str(device)))
+        if hit is not None:
+            # seen in eager mode (e.g. a warm-up step): the cached tensor becomes a graph input, the
+            # same object every call, so the scan's per-route caches hit and nothing is copied
+            return hit
         return _device_route_op(key, list(grid), registers, device)
     return _device_route(key, tuple(grid), registers, device)

@@ -388,7 +388,7 @@ def route_coverage(route: torch.Tensor, L: int) -> tuple[bool, ...]:
     cnt = (route >= 0).sum(1)
     # routes visit each token at most once (checked by the route builders), so count == L <=> cover
     info = tuple(bool(v) for v in (cnt == L).tolist())
-    if len(_ROUTE_INFO) > 4096:
+    if len(_ROUTE_INFO) > 256:  # entries hold their tensors: keep the cache small
         _ROUTE_INFO.clear()
     _ROUTE_INFO[key] = (route, info)
     return info

@@ -40,3 +40,23 @@ def test_routes_first_built_in_inference_mode_still_train(monkeypatch):
     x = torch.randn(1, 5, 7, 8, requires_grad=True)
     m(x).square().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_compiled_after_eager_warmup_reuses_the_cached_route(monkeypatch):
+    """After one eager step, the compiled graph takes the cached device route itself (a graph input),
+    so the scan's per-route coverage cache stops growing: no device sync per call on a GPU."""
+    from mamba_dense.kernels import triton_scan as ts
+
+    monkeypatch.setenv("MAMBA_DENSE_TRITON_CPU", "1")
+    torch.manual_seed(0)
+    m = SS2D(8, d_state=1)
+    m(torch.randn(1, 3, 6, 8))  # eager warm-up at this size
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True, dynamic=False)
+    sizes = []
+    for _ in range(3):
+        x = torch.randn(1, 3, 6, 8, requires_grad=True)
+        y = compiled(x)
+        y.square().sum().backward()
+        torch.testing.assert_close(y, m(x))
+        sizes.append(len(ts._ROUTE_INFO))
+    assert sizes[0] == sizes[1] == sizes[2]
