@@ -46,7 +46,7 @@ def _group(name: str) -> str:
     return "other"
 
 
-def build(name, dev, compile_model=False):
+def build(name, dev, compile_model=False, size=224):
     import timm
 
     import mamba_dense.encoders  # noqa: F401
@@ -58,13 +58,13 @@ def build(name, dev, compile_model=False):
         # one eager step first: routes are then cached device tensors that the compiled graph takes as
         # inputs (see kernels.routes.device_route); without it every call copies its routes and syncs
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            model(torch.randn(2, 3, 224, 224, device=dev).to(memory_format=torch.channels_last))
+            model(torch.randn(2, 3, size, size, device=dev).to(memory_format=torch.channels_last))
         fwd = torch.compile(model, dynamic=False)
     return model, fwd, opt
 
 
 def bench(name, size, batch, dev, compile_model=False, steps=20, profile=False):
-    model, fwd, opt = build(name, dev, compile_model)
+    model, fwd, opt = build(name, dev, compile_model, size)
     x = torch.randn(batch, 3, size, size, device=dev).to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (batch,), device=dev)
 

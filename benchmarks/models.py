@@ -290,13 +290,18 @@ def run_case(spec: Spec, case: Case, args: argparse.Namespace, device: torch.dev
             if head is not None:
                 head.to(memory_format=torch.channels_last)
 
+    if args.compile:
+        # one eager forward first: the routes become cached device tensors that the compiled graph
+        # takes as inputs (kernels.routes.device_route); otherwise every call copies them and syncs
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            (model._logits(x[:1], with_aux=False) if case.kind == "upernet" else model(x[:1]))
     if case.kind == "infer":
         model.eval()
         fwd = torch.compile(model, dynamic=False) if args.compile else model
 
-        # NOTE: no_grad, not inference_mode: on CUDA our encoders cache route tensors per shape, and a
-        # route first built under inference_mode breaks a later backward at that shape ("Inference
-        # tensors cannot be saved for backward"), which would fail the training cases after the sweep.
+        # NOTE: no_grad (inference_mode would do as well since routes are no longer cached as
+        # inference tensors; the first run of this script found that bug: a route first built under
+        # inference_mode broke a later backward at that shape).
         def step() -> None:
             with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
                 fwd(x)
