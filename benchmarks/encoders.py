@@ -67,35 +67,12 @@ def finite_check(dev, rows):
 
 
 def throughput(dev, rows, name="vmamba_tiny", size=224, batch=64, steps=20):
-    import timm
+    """Backbone training throughput (bf16 autocast, channels_last, AdamW): model_profile's bench."""
+    from model_profile import bench
 
-    import mamba_dense.encoders  # noqa: F401
-
-    model = timm.create_model(name, num_classes=1000).to(dev).to(memory_format=torch.channels_last).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, 3, size, size, device=dev).to(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (batch,), device=dev)
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    for _ in range(5):
-        step()
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    ips = batch * steps / dt
-    peak = torch.cuda.max_memory_allocated() / 2**30
-    rows.append(dict(model=name, size=size, batch=batch, train_images_per_s=ips, peak_GiB=peak))
-    print(f"{name} train {size}px b{batch}: {ips:.0f} images/s, peak {peak:.1f} GiB", flush=True)
+    r = bench(name, size, batch, dev, steps=steps)
+    rows.append(dict(model=name, size=size, batch=batch, train_images_per_s=r["images_per_s"], peak_GiB=r["peak_GiB"]))
+    print(f"{name} train {size}px b{batch}: {r['images_per_s']:.0f} images/s, peak {r['peak_GiB']:.1f} GiB", flush=True)
 
 
 def main():
