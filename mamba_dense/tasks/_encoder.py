@@ -43,6 +43,7 @@ class Encoder(nn.Module):
         **kwargs: Any,
     ) -> None:
         super().__init__()
+        self.name = name
         if not timm.is_model(name):
             ours = list_encoders(spatial_dims=2)
             close = timm.list_models(f"*{name.split('_')[0]}*")[:10]
@@ -75,6 +76,22 @@ class Encoder(nn.Module):
         self.reductions = [reductions[i] for i in self.select]
         if weights is not None:
             load_encoder_weights(self.model, weights, name)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of the encoder's blocks (recomputed in backward: less memory,
+        about one more forward of compute). Our encoders and timm's implement it."""
+        for m in self.model.modules():
+            if m is not self.model and hasattr(m, "set_grad_checkpointing"):
+                m.set_grad_checkpointing(enable)
+                return
+        flags = [m for m in self.model.modules() if isinstance(getattr(m, "grad_checkpointing", None), bool)]
+        if not flags:
+            raise ValueError(
+                f"Encoder {self.name!r} does not support activation checkpointing (no set_grad_checkpointing / "
+                "grad_checkpointing in its modules); set grad_checkpointing: false."
+            )
+        for m in flags:
+            m.grad_checkpointing = enable
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = self.model(x)

@@ -252,7 +252,11 @@ class OutOfMemoryGuard(pl.Callback):
                 fixes.append(f"the sliding-window buffers on the CPU ({flag})")
         if "16" not in str(trainer.precision):
             fixes.append(f"mixed precision ({_flag('trainer.precision', 'bf16-mixed')})")
-        if stage in (None, "training"):
+        if stage in (None, "training") and "grad_checkpointing" in getattr(pl_module, "hparams", {}):
+            if not pl_module.hparams.grad_checkpointing:
+                fixes.append("activation checkpointing of the encoder "
+                             f"({_flag('model.init_args.grad_checkpointing', 'true')}: recomputes its blocks in backward)")
+        elif stage in (None, "training"):
             name = next((n for n, m in pl_module.named_modules()
                          if hasattr(m, "set_grad_checkpointing") and not getattr(m, "grad_checkpointing", False)), None)
             if name is not None:

@@ -137,7 +137,7 @@ def test_out_of_memory_in_training_names_the_batch_and_the_fixes(tmp_path, monke
     assert "`--data.init_args.batch_size 1` with `--trainer.accumulate_grad_batches 4`" in msg
     assert "effective batch of 4" in msg and "`--data.init_args.crop_size ...`, now (64, 64)" in msg
     assert "`--trainer.precision bf16-mixed`" in msg
-    assert "`encoder.model.model.set_grad_checkpointing()`" in msg
+    assert "`--model.init_args.grad_checkpointing true`" in msg
 
 
 @pytest.mark.filterwarnings("ignore:LightningCLI's args parameter is intended")
