@@ -68,6 +68,8 @@ class InstanceSegmentationTask(pl.LightningModule):
         class_names: names for overlays, label k -> class_names[k - 1] (default: the datamodule's).
         predict_dir: where `predict` writes (default: <log dir>/predictions).
         predict_score_thresh: minimum score drawn in prediction overlays.
+        grad_checkpointing: recompute the encoder's blocks in backward instead of keeping their
+            activations (less memory, about one more encoder forward per step).
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class InstanceSegmentationTask(pl.LightningModule):
         class_names: list[str] | None = None,
         predict_dir: str | None = None,
         predict_score_thresh: float = 0.3,
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         # NOTE: output options stay out of the checkpoint (LightningCLI lets checkpoint
@@ -110,6 +113,8 @@ class InstanceSegmentationTask(pl.LightningModule):
             out_indices=encoder_out_indices,
             **(encoder_kwargs or {}),
         )
+        if grad_checkpointing:
+            body.set_grad_checkpointing(True)
         backbone = EncoderFPN(body, body.channels, fpn_channels)
         try:
             self.model = build_mask_rcnn(backbone, num_classes, **(maskrcnn_kwargs or {}))

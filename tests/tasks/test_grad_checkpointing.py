@@ -47,3 +47,13 @@ def test_encoder_without_checkpointing_is_a_clear_error():
     enc.model = torch.nn.Sequential(torch.nn.Identity())  # a backbone with no checkpointing support
     with pytest.raises(ValueError, match="does not support activation checkpointing"):
         enc.set_grad_checkpointing(True)
+
+
+def test_instance_task_accepts_grad_checkpointing():
+    from mamba_dense.tasks import InstanceSegmentationTask
+
+    task = InstanceSegmentationTask(
+        num_classes=3, encoder="vmamba_tiny", encoder_kwargs=dict(dims=8, depths=[1, 1, 1, 1]), grad_checkpointing=True
+    )
+    flags = [m.grad_checkpointing for m in task.modules() if isinstance(getattr(m, "grad_checkpointing", None), bool)]
+    assert flags and all(flags)
