@@ -66,7 +66,8 @@ def lowrank_dt(x_dbl: torch.Tensor, dt_projs_weight: torch.Tensor, d_state: int)
     if _BLOCK_DIAG_EXCESS is not None:  # model_complexity counts the low-rank product, as the papers do
         _BLOCK_DIAG_EXCESS.append(x_dbl[..., 0].numel() * K * Dm * (K * (R + 2 * d_state) - R))
     w = F.pad(dt_projs_weight.to(x_dbl.dtype).transpose(1, 2), (0, 0, 0, 2 * d_state))  # (K, R+2N, D)
-    w_bd = torch.block_diag(*w.unbind(0))  # (K (R+2N), K D)
+    eye = torch.eye(K, dtype=w.dtype, device=w.device)
+    w_bd = (eye[:, None, :, None] * w[:, :, None, :]).reshape(K * (R + 2 * d_state), K * Dm)  # block-diagonal
     return torch.matmul(x_dbl, w_bd).view(*x_dbl.shape[:-1], K, Dm)
 
 

@@ -105,3 +105,21 @@ def test_patch_merging_order_is_swin_vmamba():
     x = torch.tensor([[0.0, 2.0], [1.0, 3.0]]).view(1, 2, 2, 1)  # (0,0)=0, (1,0)=1, (0,1)=2, (1,1)=3
     y = pm(x).view(-1)
     assert torch.all(y[1:] > y[:-1])  # concatenated as (0,0), (1,0), (0,1), (1,1)
+
+
+def test_lowrank_dt_equals_per_route_dt_projection():
+    """The block-diagonal product equals dt[..., k, :] = dt_proj_k(x_dbl[..., k, :R]), values and gradients."""
+    from mamba_dense.layers.ssm import lowrank_dt
+
+    K, D, R, N = 4, 12, 3, 2
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, K * (R + 2 * N), generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(K, D, R, generator=g, dtype=torch.float64, requires_grad=True)
+    out = lowrank_dt(x, w, N)
+    ref = torch.einsum("blkr,kdr->blkd", x.view(2, 5, K, R + 2 * N)[..., :R], w)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    gy = torch.randn_like(out)
+    g1 = torch.autograd.grad(out, [x, w], gy)
+    g2 = torch.autograd.grad(ref, [x, w], gy)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
