@@ -13,11 +13,22 @@ To run (on a CUDA machine, from the repo root):
          (minimal bytes / 3.0 TB/s), side by side with mamba_ssm's CUDA selective_scan when its
          csrc/selective_scan sources are given (built here for sm_90 with torch.utils.cpp_extension;
          it is given its best case: inputs already laid out as (b, K*D, L), no cross-scan copies).
+--impl:  forward implementations to run --check and --bench with, one after the other, e.g.
+         ``--impl default,seq``: "default" (triton_scan.py) or "seq" (the experimental sequential
+         forward, kernels/triton_scan_seq.py; the backward is the same), each set through
+         MAMBA_DENSE_SCAN_IMPL around its runs. "seq=BD/warps/stages[/prefetch[/programs_per_sm]]"
+         also sets MAMBA_DENSE_SEQ_CFG (and MAMBA_DENSE_SEQ_PROGRAMS_PER_SM) for that entry, so
+         several tunings compare in one call: ``--impl default,seq,seq=64/1/1/1,seq=32/1/1/1/32``.
+         Without --impl nothing is set (whatever the environment selects runs, as before).
+         mamba_ssm is timed with the first entry only; a side-by-side table ends the run.
+--shapes S1,S4: only the shapes whose names start with one of these; --fwd-only: skip the
+         forward+backward timing.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -141,18 +152,65 @@ def floor_bytes(batch, L, K, D, N, es=2):
     return fwd, fwd + bwd
 
 
-def bench(device, mss, out_rows):
+IMPL_ENV = ("MAMBA_DENSE_SCAN_IMPL", "MAMBA_DENSE_SEQ_CFG", "MAMBA_DENSE_SEQ_PROGRAMS_PER_SM")
+
+
+def parse_impls(spec: str) -> list[tuple[str, dict]]:
+    """'default,seq,seq=64/1/1/1/32' -> [(label, environment to set), ...]."""
+    out = []
+    for item in (v.strip() for v in spec.split(",")):
+        name, _, cfg = item.partition("=")
+        if name not in ("default", "seq") or (cfg and name != "seq"):
+            raise SystemExit(f"--impl: unknown entry {item!r} (default, seq or seq=BD/warps/stages[/prefetch[/pps]])")
+        env = {"MAMBA_DENSE_SCAN_IMPL": name}
+        if cfg:
+            f = cfg.split("/")
+            if len(f) not in (3, 4, 5):
+                raise SystemExit(f"--impl: {item!r}: expected seq=BD/warps/stages[/prefetch[/programs_per_sm]]")
+            env["MAMBA_DENSE_SEQ_CFG"] = ",".join(f[:4])
+            if len(f) == 5:
+                env["MAMBA_DENSE_SEQ_PROGRAMS_PER_SM"] = f[4]
+        out.append((item, env))
+    return out
+
+
+@contextlib.contextmanager
+def impl_env(env: dict):
+    """Set the implementation's variables for the block, then put the previous values back."""
+    saved = {k: os.environ.get(k) for k in IMPL_ENV}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def bench(device, mss, out_rows, impl="", shapes=None, fwd_only=False):
     import triton
 
     from mamba_dense.kernels import routes, selective_scan
+    from mamba_dense.kernels import triton_scan_seq
 
     gen = torch.Generator(device=device).manual_seed(1234)
+    if impl:
+        print(f"\n== impl {impl} ({', '.join(f'{k}={os.environ.get(k)}' for k in IMPL_ENV if os.environ.get(k))})",
+              flush=True)
     print(f"\n{'shape':28s} {'fwd ms':>8s} {'floor':>7s} {'x':>5s} {'GB/s':>6s} | {'f+b ms':>8s} {'floor':>7s} {'x':>5s}"
           f" | {'mss fwd':>8s} {'mss f+b':>8s} {'spd fwd':>7s} {'spd f+b':>7s}", flush=True)
     for name, batch, L, K, D, N, rdesc in SHAPES:
+        if shapes and not any(name.startswith(p) for p in shapes):
+            continue
         route = getattr(routes, rdesc[0])(*rdesc[1:]).to(device)
         x, dt, A, B, C, Dp, bias = make_inputs(batch, L, K, D, N, torch.bfloat16, device, gen)
         fb, fbb = floor_bytes(batch, L, K, D, N)
+        plan = None
+        if triton_scan_seq.impl() == "seq":
+            plan = triton_scan_seq.seq_plan(batch, L, D, N, K, route.shape[1], torch.bfloat16, device)
+            print(f"  seq plan {name}: {plan}", flush=True)
         with torch.no_grad():
             t_f = triton.testing.do_bench(lambda: selective_scan(x, dt, A, B, C, Dp, bias, route=route),
                                           warmup=50, rep=300, return_mode="median")
@@ -163,8 +221,9 @@ def bench(device, mss, out_rows):
             y = selective_scan(*ins, route=route)
             torch.autograd.grad(y, ins, dy)
 
-        t_fb = triton.testing.do_bench(fwbw, warmup=50, rep=300, return_mode="median")
-        row = dict(shape=name, fwd_ms=t_f, fwd_floor_ms=fb / COPY_RATE * 1e3, fwdbwd_ms=t_fb,
+        t_fb = float("nan") if fwd_only else triton.testing.do_bench(fwbw, warmup=50, rep=300, return_mode="median")
+        row = dict(impl=impl or triton_scan_seq.impl(), seq_plan=plan,
+                   shape=name, fwd_ms=t_f, fwd_floor_ms=fb / COPY_RATE * 1e3, fwdbwd_ms=t_fb,
                    fwdbwd_floor_ms=fbb / COPY_RATE * 1e3, fwd_GBps=fb / (t_f * 1e-3) / 1e9)
         m_f = m_fb = float("nan")
         if mss is not None:
@@ -194,13 +253,37 @@ def bench(device, mss, out_rows):
         torch.cuda.empty_cache()
 
 
+def summary(rows, labels):
+    """Side-by-side forward (and forward+backward) medians of the implementations, ms."""
+    by = {(r["impl"], r["shape"]): r for r in rows}
+    names = [r["shape"] for r in rows if r["impl"] == labels[0]]
+    print("\nfwd ms / f+b ms per implementation (speed-up vs the first in brackets)", flush=True)
+    print(f"{'shape':28s} " + " ".join(f"{lb[:30]:>31s}" for lb in labels), flush=True)
+    for nm in names:
+        base = by[(labels[0], nm)]
+        cells = []
+        for lb in labels:
+            r = by.get((lb, nm))
+            if r is None:
+                cells.append(f"{'-':>31s}")
+                continue
+            cells.append(f"{r['fwd_ms']:7.3f} ({base['fwd_ms'] / r['fwd_ms']:4.2f}x) {r['fwdbwd_ms']:7.3f} "
+                         f"({base['fwdbwd_ms'] / r['fwdbwd_ms']:4.2f}x)")
+        print(f"{nm:28s} " + " ".join(cells), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--check", action="store_true")
     ap.add_argument("--bench", action="store_true")
     ap.add_argument("--mamba-ssm-src", default=None)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--impl", default=None, help="comma-separated: default, seq, seq=BD/warps/stages[/prefetch[/pps]]")
+    ap.add_argument("--shapes", default=None, help="comma-separated name prefixes, e.g. S1,S4 (default: all)")
+    ap.add_argument("--fwd-only", action="store_true", help="time the forward only")
     args = ap.parse_args()
+    impls = parse_impls(args.impl) if args.impl else [("", {})]
+    shapes = [v.strip() for v in args.shapes.split(",")] if args.shapes else None
     device = torch.device("cuda")
     import triton
 
@@ -212,7 +295,17 @@ def main():
     if args.check:
         seed = int(time.time()) % 100000
         print(f"check seed {seed}")
-        ok = check(device, seed, res["check"])
+        for label, env in impls:
+            with impl_env(env):
+                if label:
+                    print(f"== check impl {label}", flush=True)
+                n0 = len(res["check"])
+                ok_i = check(device, seed, res["check"])
+                for row in res["check"][n0:]:
+                    row["impl"] = label or "env"
+            ok = ok and ok_i
+            if label:
+                print("CHECK", label, "PASSED" if ok_i else "FAILED", flush=True)
         print("CHECK", "PASSED" if ok else "FAILED", flush=True)
     if args.bench:
         mss = None
@@ -221,7 +314,11 @@ def main():
                 mss = build_mamba_ssm(args.mamba_ssm_src)
             except Exception as e:  # report and go on without the peer
                 print(f"mamba_ssm build failed: {type(e).__name__}: {str(e)[-2000:]}", flush=True)
-        bench(device, mss, res["bench"])
+        for i, (label, env) in enumerate(impls):
+            with impl_env(env):
+                bench(device, mss if i == 0 else None, res["bench"], label, shapes, args.fwd_only)
+        if len(impls) > 1:
+            summary(res["bench"], [label for label, _ in impls])
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "scan_results.json").write_text(json.dumps(res, indent=1, default=str))
     sys.exit(0 if ok else 1)

@@ -478,7 +478,14 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
     """Forward. Returns (y, states): states are the fp32 states entering every tile (for backward).
 
     x is (b, L, D), or (b, L, K, D) for one input per route.
+    MAMBA_DENSE_SCAN_IMPL=seq (read at each call) runs the experimental per-step sequential forward
+    of triton_scan_seq.py instead; its states feed the same backward.
     """
+    from . import triton_scan_seq
+
+    if triton_scan_seq.impl() == "seq":
+        return triton_scan_seq.scan_fwd_seq(x, dt, A, B, C, D, dt_bias, route, merge, dt_softplus, out_dtype,
+                                            save_states, tiles_per_chunk)
     x_per_route = x.dim() == 4
     batch, L, Dm = x.shape[0], x.shape[1], x.shape[-1]
     K, S = route.shape
