@@ -377,6 +377,13 @@ def _empty_like(t: torch.Tensor) -> torch.Tensor:
     return _empty(*t.shape, device=t.device, dtype=t.dtype)
 
 
+def fwd_buffers(batch, K, n_tiles, N, Dm, dev, cdt, need_states: bool, D, dt_bias):
+    """The forward's state buffer (b, K, n_tiles, N, D) (or a 1-element dummy when no state is
+    stored) and the D / dt_bias pointers (the dummy when absent; the kernels never read it then)."""
+    states = _empty(batch, K, n_tiles, N, Dm, device=dev, dtype=cdt) if need_states else _empty(1, device=dev, dtype=cdt)
+    return states, (D if D is not None else states), (dt_bias if dt_bias is not None else states)
+
+
 def route_coverage(route: torch.Tensor, L: int) -> tuple[bool, ...]:
     """Per route: does it visit every one of the L tokens? Cached per route tensor (one sync).
 
@@ -501,13 +508,8 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
     tpc = _tiles_per_chunk(n_tiles, per_launch, _num_sms(dev), tiles_per_chunk)
     n_chunks = triton.cdiv(n_tiles, tpc)
     chunked = n_chunks > 1
-    if save_states or chunked:
-        states = _empty(batch, K, n_tiles, N, Dm, device=dev, dtype=cdt)
-    else:
-        states = _empty(1, device=dev, dtype=cdt)
+    states, D_, bias_ = fwd_buffers(batch, K, n_tiles, N, Dm, dev, cdt, save_states or chunked, D, dt_bias)
     dummy = states
-    D_ = D if D is not None else dummy
-    bias_ = dt_bias if dt_bias is not None else dummy
     common = dict(
         HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps, X_PER_ROUTE=x_per_route,

@@ -51,6 +51,7 @@ from .triton_scan import (
     _config,
     _ct,
     _empty,
+    fwd_buffers,
     _num_sms,
     _route_params,
     _softplus,
@@ -278,13 +279,8 @@ def scan_fwd_seq(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: boo
     NP = triton.next_power_of_2(N)
     odt = out_dtype or x.dtype
     chunked = n_chunks > 1
-    if save_states or chunked:
-        states = _empty(batch, K, n_tiles, N, Dm, device=dev, dtype=cdt)
-    else:
-        states = _empty(1, device=dev, dtype=cdt)
+    states, D_, bias_ = fwd_buffers(batch, K, n_tiles, N, Dm, dev, cdt, save_states or chunked, D, dt_bias)
     dummy = states
-    D_ = D if D is not None else dummy
-    bias_ = dt_bias if dt_bias is not None else dummy
     common = dict(
         HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         T=T, BD=BD, NP=NP, CT=_ct(x.dtype), X_PER_ROUTE=x_per_route,
