@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from mamba_dense.kernels import routes as _routes
 from mamba_dense.kernels import selective_scan
 
-from .ssm import SSMCore, lowrank_dt
+from .ssm import SSMCore, lowrank_dt, per_route_linear
 
 __all__ = ["RouteMamba", "route_conv1d", "route_plan"]
 
@@ -175,7 +175,7 @@ class RouteMamba(nn.Module):
         ssm = self.ssm
         N, R = ssm.d_state, ssm.dt_rank
         xk = uk.transpose(1, 2).contiguous()  # (B, L, K, E): one input per route
-        x_dbl = torch.einsum("blke,kce->blkc", xk, ssm.x_proj_weight.to(u.dtype))
+        x_dbl = per_route_linear(xk, ssm.x_proj_weight)  # (B, L, K, R + 2N)
         _, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=-1)
         dt = lowrank_dt(x_dbl.reshape(B, L, -1), ssm.dt_projs_weight, N)  # (B, L, K, E)
 

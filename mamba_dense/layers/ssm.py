@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from mamba_dense.kernels import routes as _routes
 from mamba_dense.kernels import selective_scan
 
-__all__ = ["SSMCore", "auto_dt_rank", "dt_bias_init_", "A_log_init_", "lowrank_dt"]
+__all__ = ["SSMCore", "auto_dt_rank", "dt_bias_init_", "A_log_init_", "lowrank_dt", "per_route_linear"]
 
 
 def auto_dt_rank(d_model: int) -> int:
@@ -53,6 +53,28 @@ def A_log_init_(A_logs: torch.Tensor) -> torch.Tensor:
 _BLOCK_DIAG_EXCESS: list[int] | None = None  # set by encoders.complexity while counting
 
 
+def _block_diag(w: torch.Tensor) -> torch.Tensor:
+    """(K, P, Q) -> the (K P, K Q) block-diagonal matrix with blocks w[k], by one masked product."""
+    K, P, Q = w.shape
+    eye = torch.eye(K, dtype=w.dtype, device=w.device)
+    return (eye[:, None, :, None] * w[:, :, None, :]).reshape(K * P, K * Q)
+
+
+def per_route_linear(xk: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """y[..., k, :] = weight[k] @ xk[..., k, :] for xk (..., K, E) and weight (K, C, E) -> (..., K, C).
+
+    One matrix product with the block-diagonal (K E, K C) weight instead of a K-batched product:
+    the batched form permutes its operands and, for C = R + 2N such as 44, writes rows whose byte
+    length is not a multiple of 16, which sends bf16 GEMMs to slow misaligned kernels (see
+    :func:`lowrank_dt`). The K-fold FLOPs of this small projection are cheap next to that.
+    """
+    K, C, E = weight.shape
+    if _BLOCK_DIAG_EXCESS is not None:
+        _BLOCK_DIAG_EXCESS.append(xk[..., 0, 0].numel() * K * C * E * (K - 1))
+    w_bd = _block_diag(weight.to(xk.dtype).transpose(1, 2))  # (K E, K C)
+    return torch.matmul(xk.reshape(*xk.shape[:-2], K * E), w_bd).view(*xk.shape[:-2], K, C)
+
+
 def lowrank_dt(x_dbl: torch.Tensor, dt_projs_weight: torch.Tensor, d_state: int) -> torch.Tensor:
     """dt (..., K, D) = per-route dt_proj of the low-rank part of x_dbl (..., K * (R + 2N)).
 
@@ -66,8 +88,7 @@ def lowrank_dt(x_dbl: torch.Tensor, dt_projs_weight: torch.Tensor, d_state: int)
     if _BLOCK_DIAG_EXCESS is not None:  # model_complexity counts the low-rank product, as the papers do
         _BLOCK_DIAG_EXCESS.append(x_dbl[..., 0].numel() * K * Dm * (K * (R + 2 * d_state) - R))
     w = F.pad(dt_projs_weight.to(x_dbl.dtype).transpose(1, 2), (0, 0, 0, 2 * d_state))  # (K, R+2N, D)
-    eye = torch.eye(K, dtype=w.dtype, device=w.device)
-    w_bd = (eye[:, None, :, None] * w[:, :, None, :]).reshape(K * (R + 2 * d_state), K * Dm)  # block-diagonal
+    w_bd = _block_diag(w)  # (K (R+2N), K D)
     return torch.matmul(x_dbl, w_bd).view(*x_dbl.shape[:-1], K, Dm)
 
 

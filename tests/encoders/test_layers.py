@@ -123,3 +123,18 @@ def test_lowrank_dt_equals_per_route_dt_projection():
     g2 = torch.autograd.grad(ref, [x, w], gy)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_per_route_linear_equals_batched_einsum():
+    from mamba_dense.layers.ssm import per_route_linear
+
+    K, C, E = 3, 7, 5
+    g = torch.Generator().manual_seed(0)
+    xk = torch.randn(2, 4, K, E, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(K, C, E, generator=g, dtype=torch.float64, requires_grad=True)
+    out = per_route_linear(xk, w)
+    ref = torch.einsum("blke,kce->blkc", xk, w)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    gy = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, [xk, w], gy), torch.autograd.grad(ref, [xk, w], gy)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
