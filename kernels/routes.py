@@ -57,9 +57,11 @@ def _call_on_cpu(fn, args, kwargs):
         return fn(*args, **dict(kwargs))
 
 
-# Under torch.compile a route is a constant of the graph: the builder runs once at trace time
-# (Dynamo cannot enter the ``torch.device`` context, and routes depend only on Python ints).
-_call_on_cpu_const = torch.compiler.assume_constant_result(_call_on_cpu)
+# A builder called inside compiled code runs eagerly (a graph break): Dynamo cannot enter the
+# ``torch.device`` context. The encoders never do this; they go through ``device_route``.
+# (``assume_constant_result`` would avoid the break but fails in torch 2.11's Dynamo when a graph
+# holds several calls.)
+_call_on_cpu_eager = torch.compiler.disable(_call_on_cpu)
 
 
 def _on_cpu(fn):
@@ -69,7 +71,7 @@ def _on_cpu(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         if _compiling():
-            return _call_on_cpu_const(fn, args, tuple(kwargs.items()))
+            return _call_on_cpu_eager(fn, args, tuple(kwargs.items()))
         return _call_on_cpu(fn, args, tuple(kwargs.items()))
 
     return wrapper
@@ -338,12 +340,9 @@ def _device_route(key, grid, registers, device):
 
 @torch.library.custom_op("mamba_dense::device_route", mutates_args=())
 def _device_route_op(key: str, grid: list[int], registers: int, device: torch.device) -> torch.Tensor:
-    cached = _device_route(key, tuple(grid), registers, device)
-    out = cached.clone()  # a fresh tensor: the compiled graph owns its outputs
-    visits = getattr(cached, "_md_visits", None)
-    if visits is not None:
-        out._md_visits = visits
-    return out
+    # a fresh tensor: the compiled graph owns its outputs (Python attributes such as _md_visits do
+    # not survive the op's dispatch, so the scan checks this copy's coverage itself)
+    return _device_route(key, tuple(grid), registers, device).clone()
 
 
 @_device_route_op.register_fake
@@ -358,10 +357,11 @@ def _(key, grid, registers, device):
 def device_route(key: str, *grid: int, registers: int = 0, device: torch.device | str) -> torch.Tensor:
     """:func:`built_route` on ``device``.
 
-    In eager mode the route and its device copy are cached. Under ``torch.compile`` the lookup is
-    the opaque op ``mamba_dense::device_route`` (string and int arguments): no graph break, a tiny
-    device copy of the cached route per call, and the tokens-per-route counts travel with it so
-    the scan needs no device sync to check coverage.
+    In eager mode the route and its device copy are cached. Under ``torch.compile`` (no graph
+    break either way): a route already cached by an eager call at this size enters the graph as
+    that same tensor (run one eager step before compiling); otherwise the lookup is the opaque op
+    ``mamba_dense::device_route`` (string and int arguments), which returns a fresh device copy per
+    call, and the scan then checks that copy's coverage with a device sync per call.
     """
     device = torch.device(device)
     if _compiling():

@@ -102,3 +102,13 @@ def test_builders_stay_on_cpu_inside_meta_context():
                  routes.with_registers(routes.cross2d(3, 7), 21, 2)]
     assert all(r.device.type == "cpu" for r in built)
     assert routes.localmamba(3, 7, ("h", "w7_flip")).device.type == "cpu"
+
+
+def test_builder_called_inside_compiled_code_runs():
+    """A route builder called inside a compiled function runs eagerly (graph break), same result."""
+
+    def f(x):
+        return x.reshape(-1)[routes.cross2d(3, 4)[1]] * 2
+
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(torch.compile(f, backend="aot_eager")(x), f(x))
