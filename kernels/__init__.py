@@ -25,6 +25,7 @@ import os
 import torch
 
 from . import routes
+from .routes import _compiling
 from . import _op  # noqa: F401  (registers mamba_dense::scan_fwd / scan_bwd)
 from .reference import selective_scan_ref
 
@@ -130,12 +131,6 @@ def _use_triton(x: torch.Tensor) -> bool:
         return True
     return x.device.type == "cpu" and os.environ.get("MAMBA_DENSE_TRITON_CPU", "0") == "1"
 
-
-def _compiling() -> bool:
-    try:
-        return bool(torch.compiler.is_compiling())
-    except AttributeError:  # pragma: no cover - old torch
-        return False
 
 
 def selective_scan(

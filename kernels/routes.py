@@ -282,8 +282,6 @@ def to_device(route: torch.Tensor, device: torch.device | str) -> torch.Tensor:
         _DEVICE_CACHE.clear()
     with torch.inference_mode(False):  # cached: must stay usable by later autograd steps
         moved = route.to(device, non_blocking=False)
-    if route.dim() == 2:  # tokens visited per route, known here without a device sync
-        moved._md_visits = tuple((route >= 0).sum(1).tolist())
     _DEVICE_CACHE[key] = (route, moved)
     return moved
 
@@ -340,8 +338,7 @@ def _device_route(key, grid, registers, device):
 
 @torch.library.custom_op("mamba_dense::device_route", mutates_args=())
 def _device_route_op(key: str, grid: list[int], registers: int, device: torch.device) -> torch.Tensor:
-    # a fresh tensor: the compiled graph owns its outputs (Python attributes such as _md_visits do
-    # not survive the op's dispatch, so the scan checks this copy's coverage itself)
+    # a fresh tensor: the compiled graph owns its outputs (the scan checks this copy's coverage)
     return _device_route(key, tuple(grid), registers, device).clone()
 
 

@@ -391,9 +391,6 @@ def route_coverage(route: torch.Tensor, L: int) -> tuple[bool, ...]:
     """
     from . import tensor_version
 
-    visits = getattr(route, "_md_visits", None)  # set by routes.to_device / the compiled route op
-    if visits is not None and len(visits) == route.shape[0]:
-        return tuple(v == L for v in visits)
     key = (route.data_ptr(), tuple(route.shape), route.device, tensor_version(route), L)
     hit = _ROUTE_INFO.get(key)
     if hit is not None and hit[0] is route:
