@@ -1,9 +1,11 @@
 """Where the time goes in a training step: CUDA-kernel breakdown of a classifier's train step
-(bf16 autocast, channels_last), eager and under ``torch.compile``.
+(bf16 autocast, channels_last), eager and under ``torch.compile``; with ``--task upernet`` the
+ADE20K UPerNet training step of ``benchmarks/models.py`` (SemanticSegmentationTask: UPerNet 512
+channels + aux FCN, 150 classes, the task's own loss) instead of the classifier.
 
 To run (CUDA machine, repo root):
-    python benchmarks/model_profile.py [--model vmamba_tiny] [--size 224] [--batch 64]
-        [--compile] [--out DIR]
+    python benchmarks/model_profile.py [--models vmamba_tiny] [--size 224] [--batch 64]
+        [--task classifier|upernet] [--compile] [--out DIR]
 
 Prints images/s and peak memory for each variant, and the top CUDA kernels of the eager step
 grouped into: scan (our Triton kernels), matmul, norm, elementwise, copies/permutes, conv, other.
@@ -46,31 +48,56 @@ def _group(name: str) -> str:
     return "other"
 
 
-def build(name, dev, compile_model=False, size=224):
+def build(name, dev, compile_model=False, size=224, task="classifier"):
+    """(module, callable images -> loss-ready output, optimizer) for a classifier or a UPerNet task."""
     import timm
 
     import mamba_dense.encoders  # noqa: F401
 
-    model = timm.create_model(name, num_classes=1000).to(dev).to(memory_format=torch.channels_last).train()
+    if task == "upernet":
+        import models as bm  # benchmarks/models.py: the same segmenter and channels_last rules
+
+        spec = next(s for s in bm.SPECS if s.key == name)
+        model = bm.build_segmenter(spec, size).to(dev)
+        if bm.channels_last_mode(spec, "auto") == "all":
+            model = model.to(memory_format=torch.channels_last)
+        else:
+            for head in (model.decode_head, model.aux_head):
+                if head is not None:
+                    head.to(memory_format=torch.channels_last)
+        model.train()
+    else:
+        model = timm.create_model(name, num_classes=1000).to(dev).to(memory_format=torch.channels_last).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
-    fwd = model
+    fwd = model if task != "upernet" else model.training_loss  # (images, masks) -> (loss, ...)
     if compile_model:
         # one eager step first: routes are then cached device tensors that the compiled graph takes as
         # inputs (see kernels.routes.device_route); without it every call copies its routes and syncs
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-            model(torch.randn(2, 3, size, size, device=dev).to(memory_format=torch.channels_last))
-        fwd = torch.compile(model, dynamic=False)
+            im = torch.randn(2, 3, size, size, device=dev).to(memory_format=torch.channels_last)
+            fwd(im) if task != "upernet" else fwd(im, torch.zeros(2, size, size, dtype=torch.long, device=dev))
+        fwd = torch.compile(fwd, dynamic=False)
     return model, fwd, opt
 
 
-def bench(name, size, batch, dev, compile_model=False, steps=20, profile=False):
-    model, fwd, opt = build(name, dev, compile_model, size)
+def bench(name, size, batch, dev, compile_model=False, steps=20, profile=False, task="classifier"):
+    model, fwd, opt = build(name, dev, compile_model, size, task)
     x = torch.randn(batch, 3, size, size, device=dev).to(memory_format=torch.channels_last)
-    y = torch.randint(0, 1000, (batch,), device=dev)
+    if task == "upernet":
+        y = torch.randint(0, 150, (batch, size, size), device=dev)
+        y[torch.rand(y.shape, device=dev) < 0.1] = 255  # some ignored pixels, as in ADE20K
+
+        def loss_fn(images, y):
+            return fwd(images, y)[0]
+    else:
+        y = torch.randint(0, 1000, (batch,), device=dev)
+
+        def loss_fn(images, y):
+            return torch.nn.functional.cross_entropy(fwd(images), y)
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            loss = torch.nn.functional.cross_entropy(fwd(x), y)
+            loss = loss_fn(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -89,7 +116,7 @@ def bench(name, size, batch, dev, compile_model=False, steps=20, profile=False):
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     dt = sorted(times)[1]
-    res = dict(model=name, size=size, batch=batch, compiled=compile_model, images_per_s=batch * steps / dt,
+    res = dict(model=name, task=task, size=size, batch=batch, compiled=compile_model, images_per_s=batch * steps / dt,
                step_ms=1e3 * dt / steps, peak_GiB=torch.cuda.max_memory_allocated() / 2**30, warmup_s=warm)
     if profile:
         from torch.profiler import ProfilerActivity, profile as tprof
@@ -122,6 +149,8 @@ def main():
     ap.add_argument("--models", default="vmamba_tiny")
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--task", choices=("classifier", "upernet"), default="classifier")
+    ap.add_argument("--steps", type=int, default=20, help="steps per timed repeat (3 repeats)")
     ap.add_argument("--compile", action="store_true", help="also run the model under torch.compile")
     ap.add_argument("--compiled-only", action="store_true", help="only the torch.compile variant")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -136,7 +165,8 @@ def main():
     for name in args.models.split(","):
         for comp in ((True,) if args.compiled_only else (False, True) if args.compile else (False,)):
             try:
-                r = bench(name, args.size, args.batch, dev, compile_model=comp, profile=True)
+                r = bench(name, args.size, args.batch, dev, compile_model=comp, steps=args.steps, profile=True,
+                          task=args.task)
             except Exception as e:  # report and go on
                 r = dict(model=name, compiled=comp, error=f"{type(e).__name__}: {str(e)[:800]}")
                 print(r, flush=True)

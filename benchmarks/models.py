@@ -275,7 +275,6 @@ def run_case(spec: Spec, case: Case, args: argparse.Namespace, device: torch.dev
 
     if case.kind == "upernet":
         model = build_segmenter(spec, case.size)
-        aux_weight = model.hparams.aux_weight
         mask = torch.randint(0, NUM_CLASSES, (case.batch, case.size, case.size), generator=gen)
         mask[torch.rand(mask.shape, generator=gen) < 0.1] = 255  # some ignored pixels, as in ADE20K
         mask = mask.to(device)
@@ -309,9 +308,7 @@ def run_case(spec: Spec, case: Case, args: argparse.Namespace, device: torch.dev
         model.train()
         if case.kind == "upernet":
             def loss_of(images: torch.Tensor) -> torch.Tensor:
-                logits, aux = model._logits(images, with_aux=True)
-                loss = model._loss(logits, mask)
-                return loss + aux_weight * model._loss(aux, mask) if aux is not None else loss
+                return model.training_loss(images, mask)[0]  # main + aux_weight * aux, as training_step
         else:
             def loss_of(images: torch.Tensor) -> torch.Tensor:
                 return sum(f.float().mean() for f in model(images))

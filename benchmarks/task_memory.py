@@ -41,8 +41,7 @@ def main() -> None:
     t0 = time.perf_counter()
     with mt:
         with torch.autocast(dev.type, dtype=torch.bfloat16):
-            logits, aux = task._logits(x, with_aux=True)
-            loss = task._loss(logits, mask) + task.hparams.aux_weight * task._loss(aux, mask)
+            loss = task.training_loss(x, mask)[0]
         loss.backward()
     print(f"{args.encoder} UPerNet, {args.size}px, batch {args.batch}, {dev}, bf16 autocast "
           f"({time.perf_counter() - t0:.1f} s); peak by category:")

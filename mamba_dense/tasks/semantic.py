@@ -22,6 +22,7 @@ from mamba_dense.heads import FCNHead, FPNHead, UPerNetHead
 from ._encoder import Encoder, check_checkpoint_fits
 from ._losses import cross_entropy
 from ._optim import param_groups, warmup_poly
+from ._upsample_ce import upsampled_cross_entropy
 from .inference import resize_logits, sliding_window_inference
 from .metrics import per_class_table, segmentation_scores
 from .visualize import IMAGENET_MEAN, IMAGENET_STD, overlay, save_label_png, save_rgb_png, to_uint8_image
@@ -160,15 +161,25 @@ class SemanticSegmentationTask(pl.LightningModule):
         """(B, 3, H, W) -> logits (B, num_classes, H, W) of the main head."""
         return self._logits(images, with_aux=False)[0]
 
-    def _logits(self, images: torch.Tensor, with_aux: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _head_logits(
+        self, images: torch.Tensor, with_aux: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
+        """Logits at the heads' own resolution and the padded input size they belong to: the input is
+        padded to ``size_divisor``; resizing the logits to that size and keeping the top-left (H, W)
+        gives the full-resolution logits of the (H, W) input."""
         h, w = images.shape[-2:]
         d = self.hparams.size_divisor
         x = F.pad(images, (0, (-w) % d, 0, (-h) % d)) if (h % d or w % d) else images
         feats = self.encoder(x)
-        logits = resize_logits(self.decode_head(feats), x.shape[-2:])[..., :h, :w]
-        aux = None
-        if with_aux and self.aux_head is not None:
-            aux = resize_logits(self.aux_head(feats[2]), x.shape[-2:])[..., :h, :w]
+        aux = self.aux_head(feats[2]) if with_aux and self.aux_head is not None else None
+        return self.decode_head(feats), aux, tuple(x.shape[-2:])
+
+    def _logits(self, images: torch.Tensor, with_aux: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        h, w = images.shape[-2:]
+        logits, aux, size = self._head_logits(images, with_aux)
+        logits = resize_logits(logits, size)[..., :h, :w]
+        if aux is not None:
+            aux = resize_logits(aux, size)[..., :h, :w]
         return logits, aux
 
     def inference(self, images: torch.Tensor) -> torch.Tensor:
@@ -190,23 +201,39 @@ class SemanticSegmentationTask(pl.LightningModule):
                 f"{hp.ignore_index}. Check num_classes (ADE20K: 150 with reduce_zero_label=True)."
             )
 
-    def _loss(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        logits = resize_logits(logits, mask.shape[-2:])
-        loss = cross_entropy(logits, mask, ignore_index=self.hparams.ignore_index)
-        if self.dice is not None:
-            loss = loss + self.hparams.dice_weight * self.dice(logits, mask)
-        return loss
+    def _loss(self, logits: torch.Tensor, mask: torch.Tensor, out_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Loss of (B, K, h, w) logits against a (B, H, W) mask: the logits are resized (bilinear,
+        ``align_corners=False``) to ``out_size`` (default: the mask's size) and the top-left (H, W)
+        compared. Without the Dice term the resize is fused into the cross-entropy
+        (``upsampled_cross_entropy``: same value and gradient, no full-resolution logits on a GPU)."""
+        ignore = self.hparams.ignore_index
+        if self.dice is None:
+            return upsampled_cross_entropy(logits, mask, out_size, ignore_index=ignore)
+        H, W = mask.shape[-2:]
+        logits = resize_logits(logits, out_size or (H, W))[..., :H, :W]
+        return cross_entropy(logits, mask, ignore_index=ignore) + self.hparams.dice_weight * self.dice(logits, mask)
+
+    def training_loss(
+        self, images: torch.Tensor, masks: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(total, main-head loss, weighted auxiliary loss or None) of one training batch."""
+        if masks.shape[-2:] == images.shape[-2:]:
+            logits, aux, size = self._head_logits(images, with_aux=True)
+        else:  # masks at another size: full-resolution logits, then resized to the mask
+            (logits, aux), size = self._logits(images, with_aux=True), None
+        loss = self._loss(logits, masks, size)
+        if aux is None:
+            return loss, loss, None
+        aux_loss = self.hparams.aux_weight * self._loss(aux, masks, size)
+        return loss + aux_loss, loss, aux_loss
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         images, masks = batch["image"], batch["mask"].long()
         self._check_mask(masks)
-        logits, aux = self._logits(images, with_aux=True)
-        loss = self._loss(logits, masks)
-        self.log("train/loss_ce", loss, batch_size=len(images))
-        if aux is not None:
-            aux_loss = self.hparams.aux_weight * self._loss(aux, masks)
+        loss, loss_ce, aux_loss = self.training_loss(images, masks)
+        self.log("train/loss_ce", loss_ce, batch_size=len(images))
+        if aux_loss is not None:
             self.log("train/loss_aux", aux_loss, batch_size=len(images))
-            loss = loss + aux_loss
         self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
         return loss
 

@@ -149,3 +149,39 @@ def test_bad_configuration_errors(tiny_encoder):
     task = SemanticSegmentationTask(num_classes=3, head="fpn", **tiny_encoder)
     with pytest.raises(ValueError, match="reduce_zero_label"):
         task.training_step({"image": torch.randn(1, 3, 32, 32), "mask": torch.full((1, 32, 32), 3)}, 0)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "triton-kernels"])
+def test_training_loss_is_resize_then_cross_entropy(fused, tiny_encoder, monkeypatch):
+    """training_loss (heads' logits, resize fused into the loss) equals the literal recipe: logits
+    resized to the padded input, cropped, F.cross_entropy; main + aux_weight * aux; same gradients.
+    With fused=True the Triton kernels run (interpreter on CPU), as they do on a GPU."""
+    import torch.nn.functional as F
+
+    from mamba_dense.tasks import _upsample_ce
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    monkeypatch.setattr(_upsample_ce, "_use_triton", lambda logits, impl: fused)
+    torch.manual_seed(0)
+    task = SemanticSegmentationTask(num_classes=5, head="upernet", head_kwargs={"channels": 16}, **tiny_encoder)
+    task = task.to(dev).train()
+    images = torch.randn(2, 3, 50, 45, device=dev)  # padded to 64 x 64 inside (size_divisor 32)
+    masks = torch.randint(0, 5, (2, 50, 45), device=dev)
+    masks[:, :4] = 255
+    torch.manual_seed(1)  # the same dropout masks in both passes
+    total, main, aux = task.training_loss(images, masks)
+    grads = torch.autograd.grad(total, list(task.parameters()), allow_unused=True)
+    torch.manual_seed(1)
+    logits, aux_logits = task._logits(images, with_aux=True)
+    assert logits.shape[-2:] == masks.shape[-2:]
+    ref_main = F.cross_entropy(logits, masks, ignore_index=255)
+    ref = ref_main + task.hparams.aux_weight * F.cross_entropy(aux_logits, masks, ignore_index=255)
+    ref_grads = torch.autograd.grad(ref, list(task.parameters()), allow_unused=True)
+    torch.testing.assert_close(main, ref_main, rtol=1e-5, atol=0)
+    torch.testing.assert_close(total, ref, rtol=1e-5, atol=0)
+    n = 0
+    for g, r in zip(grads, ref_grads):
+        if r is not None:
+            torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-6)
+            n += 1
+    assert n > 10
