@@ -179,9 +179,11 @@ def test_training_loss_is_resize_then_cross_entropy(fused, tiny_encoder, monkeyp
     ref_grads = torch.autograd.grad(ref, list(task.parameters()), allow_unused=True)
     torch.testing.assert_close(main, ref_main, rtol=1e-5, atol=0)
     torch.testing.assert_close(total, ref, rtol=1e-5, atol=0)
+    # per parameter, relative Frobenius error (on a GPU the convs run in TF32 and F.interpolate's
+    # backward adds with atomics: elementwise comparisons of tiny entries would test those)
     n = 0
     for g, r in zip(grads, ref_grads):
-        if r is not None:
-            torch.testing.assert_close(g, r, rtol=1e-3, atol=1e-6)
+        if r is not None and r.norm() > 0:
+            assert float((g - r).norm() / r.norm()) < 1e-3
             n += 1
     assert n > 10
