@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mamba_dense.layers.resize import resize_bilinear
+
 NORMS = ("batchnorm", "groupnorm", "layernorm", "none")
 
 
@@ -126,19 +128,6 @@ class AdaptiveAvgPool2d(nn.Module):
         return f"output_size={self.output_size}"
 
 
-def _resize(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
-    """Bilinear resize (``align_corners=False``, as mmseg's ``resize``) in ``x``'s own dtype.
-
-    Under autocast ``F.interpolate`` runs in fp32 and returns fp32, so a bf16 map of 512 channels at
-    1/4 resolution would be written, added and read back in fp32 (and cast again for the next
-    conv). The kernel interpolates in fp32 either way; here its output is rounded to bf16 once.
-    """
-    if tuple(x.shape[-2:]) == tuple(size):
-        return x
-    with torch.autocast(x.device.type, enabled=False):
-        return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-
-
 class UPerNetHead(nn.Module):
     """UPerNet: PSP on the coarsest map, top-down FPN, fusion of all levels at the finest stride.
 
@@ -187,7 +176,7 @@ class UPerNetHead(nn.Module):
 
     def psp(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
-        pooled = [_resize(branch(x), size) for branch in self.psp_branches]
+        pooled = [resize_bilinear(branch(x), size) for branch in self.psp_branches]
         return self.psp_bottleneck(torch.cat([x, *pooled], dim=1))
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -196,10 +185,10 @@ class UPerNetHead(nn.Module):
         laterals = [conv(f) for conv, f in zip(self.lateral_convs, features[:-1])]
         laterals.append(self.psp(features[-1]))
         for i in range(len(laterals) - 1, 0, -1):  # top-down
-            laterals[i - 1] = laterals[i - 1] + _resize(laterals[i], laterals[i - 1].shape[-2:])
+            laterals[i - 1] = laterals[i - 1] + resize_bilinear(laterals[i], laterals[i - 1].shape[-2:])
         outs = [conv(x) for conv, x in zip(self.fpn_convs, laterals[:-1])] + [laterals[-1]]
         size = outs[0].shape[-2:]
-        outs = [outs[0]] + [_resize(x, size) for x in outs[1:]]
+        outs = [outs[0]] + [resize_bilinear(x, size) for x in outs[1:]]
         fused = self.fpn_bottleneck(torch.cat(outs, dim=1))
         return self.classifier(self.dropout(fused))
 

@@ -26,13 +26,14 @@ CPU tensors take the PyTorch path (``F.interpolate`` + ``cross_entropy``) unless
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from mamba_dense.layers.resize import bilinear_matrix
 
 from ._losses import cross_entropy
 
@@ -115,26 +116,6 @@ def _upce_grad_kernel(L_ptr, T_ptr, lse_ptr, G_ptr, C, h, w, Wc, P, sh, sw, s_c,
     tl.store(G_ptr + c[None, :].to(tl.int64) * P + p[:, None], g.to(G_ptr.dtype.element_ty), mask=m2)
 
 
-@functools.lru_cache(maxsize=64)
-def _interp_matrix_cpu(n_out: int, n_in: int, n_keep: int) -> torch.Tensor:
-    """(n_keep, n_in) fp64 matrix R with (R @ v)[i] = bilinear sample i of v resized to n_out, i < n_keep."""
-    scale = torch.tensor(n_in / n_out, dtype=torch.float32)  # PyTorch computes the scale in fp32
-    i = torch.arange(n_keep, dtype=torch.float32)
-    s = ((i + 0.5) * scale - 0.5).clamp_min(0)
-    i0 = s.long()
-    i1 = (i0 + 1).clamp_max(n_in - 1)
-    lam = (s - i0.float()).double()
-    r = torch.zeros(n_keep, n_in, dtype=torch.float64)
-    rows = torch.arange(n_keep)
-    r.index_put_((rows, i0), 1 - lam, accumulate=True)
-    r.index_put_((rows, i1), lam, accumulate=True)
-    return r
-
-
-def _interp_matrix(n_out, n_in, n_keep, dtype, device):
-    return _interp_matrix_cpu(n_out, n_in, n_keep).to(device=device, dtype=dtype, non_blocking=True)
-
-
 # (pixels per program, classes per block, warps) of the forward and the gradient kernel (the class
 # block is capped by the classes). Chosen with benchmarks/loss.py on an H100 (RESULTS.md): for
 # 16 x 150 classes at 512 x 512 the forward takes 3.9 ms, the backward ~3.6 ms. A forward that loops
@@ -178,8 +159,8 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
         Hc, Wc = target.shape[-2:]
         P = Hc * Wc
         gdt = logits.dtype
-        ry = None if (h, Hc) == (out_size[0],) * 2 else _interp_matrix(out_size[0], h, Hc, gdt, logits.device)
-        rx = None if (w, Wc) == (out_size[1],) * 2 else _interp_matrix(out_size[1], w, Wc, gdt, logits.device)
+        ry = None if (h, Hc) == (out_size[0],) * 2 else bilinear_matrix(out_size[0], h, Hc, gdt, logits.device)
+        rx = None if (w, Wc) == (out_size[1],) * 2 else bilinear_matrix(out_size[1], w, Wc, gdt, logits.device)
         BP, BC, warps = _block_sizes(C, "grad")
         scale = grad.float() / count
         out = torch.empty_like(logits, memory_format=torch.contiguous_format)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mamba_dense.tasks import _upsample_ce
-from mamba_dense.tasks._upsample_ce import _interp_matrix_cpu, upsampled_cross_entropy
+from mamba_dense.tasks._upsample_ce import upsampled_cross_entropy
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -86,18 +86,8 @@ def test_all_ignored_is_nan_like_torch():
     logits = torch.randn(1, 3, 4, 4, device=DEVICE, requires_grad=True)
     target = torch.full((1, 16, 16), 255, device=DEVICE)
     loss = upsampled_cross_entropy(logits, target, ignore_index=255, impl="triton")
-    assert math.isnan(float(loss))
+    assert math.isnan(float(loss.detach()))
     assert math.isnan(float(F.cross_entropy(F.interpolate(logits, size=(16, 16), mode="bilinear"), target, ignore_index=255)))
-
-
-def test_interp_matrix_matches_interpolate():
-    """The backward's matrices reproduce F.interpolate on fp32 input (whose scale in / out is fp32, as
-    the kernels'), incl. the clamp at both borders and the crop."""
-    for n_out, n_in, keep in [(32, 8, 32), (40, 9, 37), (7, 16, 7), (11, 11, 11), (5, 1, 5)]:
-        v = torch.randn(3, n_in, generator=torch.Generator().manual_seed(n_out))
-        ref = F.interpolate(v[None], size=n_out, mode="linear", align_corners=False)[0, :, :keep]
-        got = v.double() @ _interp_matrix_cpu(n_out, n_in, keep).T
-        torch.testing.assert_close(got, ref.double(), rtol=1e-6, atol=3e-6)  # fp32 rounding of ref
 
 
 def test_bad_input_errors_name_the_problem():
