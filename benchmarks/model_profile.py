@@ -82,6 +82,25 @@ def build(name, dev, compile_model=False, size=224, task="classifier"):
     return model, fwd, opt
 
 
+def host_syncs(step) -> dict:
+    """Device-to-host synchronisations in one step, by Python source line (``torch.cuda``'s sync debug
+    mode warns once per synchronising call). A step that is slower than its kernels (host-bound)
+    with syncs in it waits for the GPU at each of them."""
+    import warnings
+    from collections import Counter
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    where = Counter(f"{Path(w.filename).name}:{w.lineno}" for w in caught if "synchroniz" in str(w.message))
+    return dict(syncs_per_step=sum(where.values()), sync_sites=where.most_common(8))
+
+
 def bench(name, size, batch, dev, compile_model=False, steps=20, profile=False, task="classifier"):
     model, fwd, opt = build(name, dev, compile_model, size, task)
     x = torch.randn(batch, 3, size, size, device=dev).to(memory_format=torch.channels_last)
@@ -141,6 +160,7 @@ def bench(name, size, batch, dev, compile_model=False, steps=20, profile=False, 
             groups[_group(k)] += v
         res["groups_ms"] = dict(sorted(groups.items(), key=lambda kv: -kv[1]))
         res["top"] = [dict(kernel=k[:110], ms=v, calls=cnt[k]) for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:40]]
+        res.update(host_syncs(step))
     del model, fwd, opt
     torch.cuda.empty_cache()
     return res
@@ -178,6 +198,7 @@ def main():
             print(f"\n{name} compiled={comp}: {r['images_per_s']:.0f} img/s, {r['step_ms']:.1f} ms/step, "
                   f"peak {r['peak_GiB']:.2f} GiB (warmup {r['warmup_s']:.0f} s)", flush=True)
             print("  groups (ms/step): " + ", ".join(f"{k} {v:.2f}" for k, v in r["groups_ms"].items()))
+            print(f"  host syncs per step: {r['syncs_per_step']} {r['sync_sites']}")
             for t in r["top"][:18]:
                 print(f"  {t['ms']:7.3f} ms  x{t['calls']:3d}  {t['kernel']}")
     Path(args.out).mkdir(parents=True, exist_ok=True)

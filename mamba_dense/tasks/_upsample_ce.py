@@ -183,7 +183,8 @@ def _use_triton(logits: torch.Tensor, impl: str) -> bool:
         return False
     if impl != "auto":
         raise ValueError(f"upsampled_cross_entropy: impl must be 'auto', 'triton' or 'torch', got {impl!r}")
-    return logits.is_cuda and os.environ.get("MAMBA_DENSE_FUSED_CE", "1") != "0"
+    # fp64 (precision="64-true") keeps the literal path: the kernels compute in fp32
+    return logits.is_cuda and logits.dtype != torch.float64 and os.environ.get("MAMBA_DENSE_FUSED_CE", "1") != "0"
 
 
 @torch.compiler.disable
@@ -194,7 +195,8 @@ def upsampled_cross_entropy(logits: torch.Tensor, target: torch.Tensor, out_size
     resized logits (see the module docstring). ``out_size`` defaults to the target's size; a larger
     one resizes to it and keeps the top-left (H, W) (images padded to a size divisor).
 
-    ``impl``: "auto" (Triton on CUDA tensors, unless MAMBA_DENSE_FUSED_CE=0), "triton", "torch".
+    ``impl``: "auto" (Triton on CUDA tensors except fp64, unless MAMBA_DENSE_FUSED_CE=0), "triton",
+    "torch".
     Under ``torch.compile`` this function runs eagerly (a graph break).
     """
     if logits.dim() != 4 or target.dim() != 3 or target.shape[0] != logits.shape[0]:
