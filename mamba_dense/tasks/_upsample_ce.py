@@ -76,9 +76,10 @@ def _pixel_setup(p, Wc, h, w, sh, sw, s_h, s_w):
 
 @triton.jit
 def _upce_fwd_kernel(L_ptr, T_ptr, m_ptr, s_ptr, zt_ptr, C, h, w, Wc, P, sh, sw, s_b, s_c, s_h, s_w,
-                           ignore_index, BP: tl.constexpr, BC: tl.constexpr):
-    # one class block of one pixel block: its max, sum of exp(z - max) and target logit (if in the
-    # block); partials (B, n_blocks, P) are combined by _combine_split (a fixed-order logsumexp)
+                     ignore_index, BP: tl.constexpr, BC: tl.constexpr):
+    # one class block of one pixel block: its max, sum of exp(z - max) and target logit (0 when the
+    # target is in another block); the partials (B, n_blocks, P) are combined in forward() by a
+    # logsumexp over the blocks in a fixed order
     b = tl.program_id(2).to(tl.int64)
     cb = tl.program_id(1)
     p = tl.program_id(0) * BP + tl.arange(0, BP)
@@ -100,7 +101,7 @@ def _upce_fwd_kernel(L_ptr, T_ptr, m_ptr, s_ptr, zt_ptr, C, h, w, Wc, P, sh, sw,
 
 @triton.jit
 def _upce_grad_kernel(L_ptr, T_ptr, lse_ptr, G_ptr, C, h, w, Wc, P, sh, sw, s_c, s_h, s_w, ignore_index,
-                 BP: tl.constexpr, BC: tl.constexpr):
+                      BP: tl.constexpr, BC: tl.constexpr):
     # one sample: G (C, P) = (softmax - onehot) at valid pixels, 0 at ignored ones
     p = tl.program_id(0) * BP + tl.arange(0, BP)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
@@ -189,14 +190,15 @@ def _use_triton(logits: torch.Tensor, impl: str) -> bool:
 
 @torch.compiler.disable
 def upsampled_cross_entropy(logits: torch.Tensor, target: torch.Tensor, out_size: tuple[int, int] | None = None,
-                            ignore_index: int = -100, impl: str = "auto") -> torch.Tensor:
+                            ignore_index: int = -100, impl: str = "auto", check_target: bool = True) -> torch.Tensor:
     """``cross_entropy(F.interpolate(logits, out_size, mode="bilinear", align_corners=False)[..., :H, :W],
     target, ignore_index)`` for (B, C, h, w) logits and a (B, H, W) target, without forming the
     resized logits (see the module docstring). ``out_size`` defaults to the target's size; a larger
     one resizes to it and keeps the top-left (H, W) (images padded to a size divisor).
 
     ``impl``: "auto" (Triton on CUDA tensors except fp64, unless MAMBA_DENSE_FUSED_CE=0), "triton",
-    "torch".
+    "torch". ``check_target``: raise on a label outside [0, C) that is not ``ignore_index`` (one device
+    sync; callers that validated their masks already pass False).
     Under ``torch.compile`` this function runs eagerly (a graph break).
     """
     if logits.dim() != 4 or target.dim() != 3 or target.shape[0] != logits.shape[0]:
@@ -208,6 +210,13 @@ def upsampled_cross_entropy(logits: torch.Tensor, target: torch.Tensor, out_size
     out_size = (H, W) if out_size is None else (int(out_size[0]), int(out_size[1]))
     if out_size[0] < H or out_size[1] < W:
         raise ValueError(f"upsampled_cross_entropy: out_size {out_size} is smaller than the target's {(H, W)}")
+    if check_target:
+        bad = (target != ignore_index) & ((target < 0) | (target >= logits.shape[1]))
+        if bool(bad.any()):
+            raise ValueError(
+                f"upsampled_cross_entropy: target holds label {int(target[bad][0])} outside [0, {logits.shape[1]}) "
+                f"and != ignore_index={ignore_index}; check num_classes and ignore_index"
+            )
     if not _use_triton(logits, impl):
         if tuple(logits.shape[-2:]) != out_size:
             logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)

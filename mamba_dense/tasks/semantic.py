@@ -208,7 +208,7 @@ class SemanticSegmentationTask(pl.LightningModule):
         (``upsampled_cross_entropy``: same value and gradient, no full-resolution logits on a GPU)."""
         ignore = self.hparams.ignore_index
         if self.dice is None:
-            return upsampled_cross_entropy(logits, mask, out_size, ignore_index=ignore)
+            return upsampled_cross_entropy(logits, mask, out_size, ignore_index=ignore, check_target=False)
         H, W = mask.shape[-2:]
         logits = resize_logits(logits, out_size or (H, W))[..., :H, :W]
         return cross_entropy(logits, mask, ignore_index=ignore) + self.hparams.dice_weight * self.dice(logits, mask)
@@ -217,6 +217,7 @@ class SemanticSegmentationTask(pl.LightningModule):
         self, images: torch.Tensor, masks: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(total, main-head loss, weighted auxiliary loss or None) of one training batch."""
+        self._check_mask(masks)
         if masks.shape[-2:] == images.shape[-2:]:
             logits, aux, size = self._head_logits(images, with_aux=True)
         else:  # masks at another size: full-resolution logits, then resized to the mask
@@ -229,7 +230,6 @@ class SemanticSegmentationTask(pl.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         images, masks = batch["image"], batch["mask"].long()
-        self._check_mask(masks)
         loss, loss_ce, aux_loss = self.training_loss(images, masks)
         self.log("train/loss_ce", loss_ce, batch_size=len(images))
         if aux_loss is not None:

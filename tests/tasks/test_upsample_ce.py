@@ -98,5 +98,7 @@ def test_bad_input_errors_name_the_problem():
         upsampled_cross_entropy(logits, torch.zeros(2, 16, 16, dtype=torch.long), out_size=(8, 8))
     with pytest.raises(ValueError, match="impl"):
         upsampled_cross_entropy(logits, torch.zeros(2, 16, 16, dtype=torch.long), impl="cuda")
+    with pytest.raises(ValueError, match=r"label 7 outside \[0, 3\) and != ignore_index=255"):
+        upsampled_cross_entropy(logits, torch.full((2, 16, 16), 7), ignore_index=255)
     with pytest.raises(ValueError, match="fp64"):
         upsampled_cross_entropy(logits.double(), torch.zeros(2, 16, 16, dtype=torch.long), impl="triton")
