@@ -42,6 +42,7 @@ CASES = {
 # every case in fp32 and bf16 in NCHW; channels_last (the heads' layout under autocast) on some
 RUNS = [(n, d, False) for n in CASES for d in (torch.float32, torch.bfloat16)] + [
     ("x4", torch.bfloat16, True), ("odd-crop", torch.float32, True), ("x8-70cls", torch.bfloat16, True),
+    ("x4", torch.float16, True), ("odd-crop", torch.float16, False),  # 16-mixed: fp16 logits and gradient
 ]
 
 
@@ -66,7 +67,7 @@ def test_matches_interpolate_then_cross_entropy(name, dtype, channels_last, monk
     ref_loss, ref_grad = _reference(logits, target, out_size, 255)
     assert grad.dtype == dtype and grad.shape == logits.shape
     assert torch.isfinite(grad).all()
-    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    tol = 1e-4 if dtype == torch.float32 else 2e-2  # bf16 / fp16
     assert abs(float(loss.detach()) - float(ref_loss)) < 1e-5 * abs(float(ref_loss))  # fp32 math on the given logits
     assert _rel(grad, ref_grad) < tol
 
