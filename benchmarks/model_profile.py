@@ -50,6 +50,9 @@ def _group(name: str) -> str:
     return "other"
 
 
+COMPILE_MODE = None  # torch.compile mode (--compile-mode): None, "reduce-overhead" (CUDA graphs), ...
+
+
 def build(name, dev, compile_model=False, size=224, task="classifier"):
     """(module, callable images -> loss-ready output, optimizer) for a classifier or a UPerNet task."""
     import timm
@@ -78,7 +81,7 @@ def build(name, dev, compile_model=False, size=224, task="classifier"):
         with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
             im = torch.randn(2, 3, size, size, device=dev).to(memory_format=torch.channels_last)
             fwd(im) if task != "upernet" else fwd(im, torch.zeros(2, size, size, dtype=torch.long, device=dev))
-        fwd = torch.compile(fwd, dynamic=False)
+        fwd = torch.compile(fwd, dynamic=False, mode=COMPILE_MODE)
     return model, fwd, opt
 
 
@@ -137,7 +140,8 @@ def bench(name, size, batch, dev, compile_model=False, steps=20, profile=False, 
         torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     dt = sorted(times)[1]
-    res = dict(model=name, task=task, size=size, batch=batch, compiled=compile_model, images_per_s=batch * steps / dt,
+    res = dict(model=name, task=task, size=size, batch=batch, compiled=compile_model,
+               compile_mode=COMPILE_MODE if compile_model else None, images_per_s=batch * steps / dt,
                step_ms=1e3 * dt / steps, peak_GiB=torch.cuda.max_memory_allocated() / 2**30, warmup_s=warm)
     if profile:
         from torch.profiler import ProfilerActivity, profile as tprof
@@ -175,8 +179,12 @@ def main():
     ap.add_argument("--steps", type=int, default=20, help="steps per timed repeat (3 repeats)")
     ap.add_argument("--compile", action="store_true", help="also run the model under torch.compile")
     ap.add_argument("--compiled-only", action="store_true", help="only the torch.compile variant")
+    ap.add_argument("--compile-mode", default=None,
+                    help='torch.compile mode, e.g. "reduce-overhead" (CUDA graphs: no per-kernel launch cost)')
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    global COMPILE_MODE
+    COMPILE_MODE = args.compile_mode
     dev = torch.device("cuda")
     import triton
 
