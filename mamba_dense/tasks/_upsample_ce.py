@@ -217,7 +217,7 @@ def upsampled_cross_entropy(logits: torch.Tensor, target: torch.Tensor, out_size
                 f"upsampled_cross_entropy: target holds label {int(target[bad][0])} outside [0, {logits.shape[1]}) "
                 f"and != ignore_index={ignore_index}; check num_classes and ignore_index"
             )
-    if not _use_triton(logits, impl):
+    if not _use_triton(logits, impl) or target.numel() == 0:  # empty: the literal path's NaN, no 0-size grid
         if tuple(logits.shape[-2:]) != out_size:
             logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
         return cross_entropy(logits[..., :H, :W], target, ignore_index=ignore_index)

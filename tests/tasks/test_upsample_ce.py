@@ -83,6 +83,12 @@ def test_torch_path_is_the_literal_composition():
     torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-14)
 
 
+def test_empty_batch_is_nan_like_torch():
+    logits = torch.randn(0, 3, 4, 4, device=DEVICE, requires_grad=True)
+    loss = upsampled_cross_entropy(logits, torch.zeros(0, 16, 16, dtype=torch.long, device=DEVICE), impl="triton")
+    assert math.isnan(float(loss.detach()))
+
+
 def test_all_ignored_is_nan_like_torch():
     logits = torch.randn(1, 3, 4, 4, device=DEVICE, requires_grad=True)
     target = torch.full((1, 16, 16), 255, device=DEVICE)
