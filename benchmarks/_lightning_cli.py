@@ -96,6 +96,65 @@ class StepTimer(pl.Callback):
         os.replace(tmp, self.path)
 
 
+class StepProfiler(pl.Callback):
+    """torch.profiler over training steps [start, start + steps) on every rank; writes per rank a
+    kernel table (``<prefix>_rank<r>.txt``) and a JSON summary (``<prefix>_rank<r>.json``): device
+    time per step by group (NCCL collectives, the scan, GEMM/conv, the rest) and host wall time per
+    step, to see where a multi-GPU step spends the time a 1-GPU step does not.
+
+    Args:
+        prefix: output path prefix.
+        start: first profiled step (after warm-up).
+        steps: number of profiled steps.
+    """
+
+    def __init__(self, prefix: str, start: int = 10, steps: int = 5) -> None:
+        super().__init__()
+        self.prefix, self.start, self.steps = prefix, start, steps
+        self.prof = None
+        self.t0 = 0.0
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if trainer.global_step == self.start and self.prof is None:
+            from torch.profiler import ProfilerActivity, profile
+
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if pl_module.device.type == "cuda" else [])
+            self.prof = profile(activities=acts)
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self.prof is None or trainer.global_step < self.start + self.steps:
+            return
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+        wall = (time.perf_counter() - self.t0) / self.steps
+        prof, self.prof = self.prof, None
+        prof.__exit__(None, None, None)
+        self.start = 1 << 62  # once
+        groups: dict[str, float] = {}
+        for ev in prof.events():  # device-side events only (kernels, memcpy): no double counting of ops
+            if ev.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            k = ev.name.lower()
+            g = ("nccl" if "nccl" in k
+                 else "scan" if any(n in k for n in ("_fwd_kernel", "_bwd_kernel", "_carry", "_sum_routes"))
+                 else "loss" if "_upce_" in k
+                 else "gemm/conv" if any(n in k for n in ("gemm", "conv", "nvjet", "sm90", "cutlass"))
+                 else "memcpy" if k.startswith(("memcpy", "memset"))
+                 else "other")
+            groups[g] = groups.get(g, 0.0) + ev.time_range.elapsed_us() / self.steps / 1e3
+        rank = trainer.global_rank
+        Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
+        sort = "cuda_time_total" if pl_module.device.type == "cuda" else "cpu_time_total"
+        Path(f"{self.prefix}_rank{rank}.txt").write_text(prof.key_averages().table(sort_by=sort, row_limit=40))
+        Path(f"{self.prefix}_rank{rank}.json").write_text(json.dumps(
+            {"rank": rank, "world_size": trainer.world_size, "steps": self.steps, "host_wall_ms_per_step": 1e3 * wall,
+             "device_ms_per_step": dict(sorted(groups.items(), key=lambda kv: -kv[1]))}, indent=1))
+
+
 if __name__ == "__main__":
     from mamba_dense.cli import main
 

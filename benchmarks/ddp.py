@@ -5,6 +5,9 @@ and smp, carried as wheels in .bench_deps and .bench_deps/ddp):
     python3 -m pip install -q --no-deps .bench_deps/*.whl .bench_deps/ddp/*.whl
     python3 benchmarks/ddp.py --out $OUT                    # ~4 min on 2 x H200
 
+Where a 2-GPU step spends its extra time: add ``--profile`` (every rank writes a kernel table and
+device ms per step by group: NCCL, scan, loss, GEMM/conv, memcpy, other; host wall ms per step).
+
 CPU smoke mode (tiny data and model; one process, then two processes over gloo):
     OMP_NUM_THREADS=1 python3 benchmarks/ddp.py --accelerator cpu --devices 1 --smoke --out /tmp/ddp_smoke
     OMP_NUM_THREADS=1 python3 benchmarks/ddp.py --accelerator cpu --devices 1 2 --smoke --out /tmp/ddp_smoke
@@ -108,6 +111,11 @@ def cli_args(args: argparse.Namespace, devices: int, data_root: Path, run_dir: P
         "--trainer.default_root_dir", str(run_dir),
         f"--trainer.callbacks+={json.dumps(timer)}",
     ]
+    if args.profile:
+        prof = {"class_path": "_lightning_cli.StepProfiler",
+                "init_args": {"prefix": str(Path(args.out_dir) / f"profile_d{devices}"), "start": args.skip,
+                              "steps": min(5, args.steps)}}
+        cmd.append(f"--trainer.callbacks+={json.dumps(prof)}")
     if args.precision:
         cmd += ["--trainer.precision", args.precision]
     if args.accelerator == "cpu":
@@ -182,6 +190,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--data-root", default=None, help="an existing ADE20K-layout dataset (nothing is written)")
     p.add_argument("--smoke", action="store_true", help="tiny images, model and run (CPU check of the plumbing)")
     p.add_argument("--timeout-s", type=float, default=270, help="per run (two runs fit a 10-minute call)")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile 5 steps after --skip on every rank (profile_d<N>_rank<r>.{txt,json} in --out; "
+                        "the profiled steps are slower, so time and profile in separate runs)")
     p.add_argument("--keep", action="store_true", help="keep the temp folder (data, run folders)")
     p.add_argument("--out", default=None, help="folder for ddp.json and the logs (default $OUT or .)")
     p.add_argument("extra", nargs="*", help="more CLI arguments after --, e.g. -- --trainer.precision=bf16-mixed")
@@ -195,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
     steps = args.skip + args.steps
     num_images = args.num_images or steps * args.batch_size * max(args.devices) + 8
     out = Path(args.out or os.environ.get("OUT") or ".")
+    args.out_dir = str(out)
     out.mkdir(parents=True, exist_ok=True)
 
     work = Path(tempfile.mkdtemp(prefix="ddp-bench-"))
