@@ -63,13 +63,7 @@ def build(name, dev, compile_model=False, size=224, task="classifier"):
         import models as bm  # benchmarks/models.py: the same segmenter and channels_last rules
 
         spec = next(s for s in bm.SPECS if s.key == name)
-        model = bm.build_segmenter(spec, size).to(dev)
-        if bm.channels_last_mode(spec, "auto") == "all":
-            model = model.to(memory_format=torch.channels_last)
-        else:
-            for head in (model.decode_head, model.aux_head):
-                if head is not None:
-                    head.to(memory_format=torch.channels_last)
+        model = bm.apply_channels_last(bm.build_segmenter(spec, size).to(dev), bm.channels_last_mode(spec, "auto"))
         model.train()
     else:
         model = timm.create_model(name, num_classes=1000).to(dev).to(memory_format=torch.channels_last).train()

@@ -265,6 +265,17 @@ def channels_last_mode(spec: Spec, mode: str) -> str:
     return "all" if spec.conv_stem else "head"
 
 
+def apply_channels_last(model: nn.Module, cl: str) -> nn.Module:
+    """Put ``model`` (a backbone or a segmenter) in the memory format of ``channels_last_mode``'s answer."""
+    if cl == "all":
+        return model.to(memory_format=torch.channels_last)
+    if cl == "head":
+        for head in (getattr(model, "decode_head", None), getattr(model, "aux_head", None)):
+            if head is not None:
+                head.to(memory_format=torch.channels_last)
+    return model
+
+
 def run_case(spec: Spec, case: Case, args: argparse.Namespace, device: torch.device, timing: Timing) -> dict[str, Any]:
     """Build the model for ``case``, time it; returns the measurement (raises on OOM)."""
     cl = channels_last_mode(spec, args.channels_last)
@@ -281,13 +292,7 @@ def run_case(spec: Spec, case: Case, args: argparse.Namespace, device: torch.dev
     else:
         model = build_backbone(spec, case.size)
     params = n_params(model)
-    model = model.to(device)
-    if cl == "all":
-        model = model.to(memory_format=torch.channels_last)
-    elif cl == "head" and case.kind == "upernet":
-        for head in (model.decode_head, model.aux_head):
-            if head is not None:
-                head.to(memory_format=torch.channels_last)
+    model = apply_channels_last(model.to(device), cl)
 
     if args.compile:
         # one eager forward first: the routes become cached device tensors that the compiled graph

@@ -146,8 +146,9 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
         )
         mx = m.amax(1, keepdim=True)
         lse = (mx + (s * torch.exp(m - mx)).sum(1, keepdim=True).log()).squeeze(1)  # (B, P)
-        loss = torch.where(target.view(B, P) != ignore_index, lse - zt.sum(1), 0.0)
-        count = (target != ignore_index).sum()
+        valid = target.view(B, P) != ignore_index
+        loss = torch.where(valid, lse - zt.sum(1), 0.0)
+        count = valid.sum()
         ctx.save_for_backward(logits, target, lse, count)
         ctx.args = (out_size, ignore_index, sh, sw)
         return loss.sum() / count  # 0 / 0 = NaN when every pixel is ignored, as F.cross_entropy's
