@@ -98,6 +98,27 @@ def host_syncs(step) -> dict:
     return dict(syncs_per_step=sum(where.values()), sync_sites=where.most_common(8))
 
 
+def host_profile(step, steps=3, top=30) -> list:
+    """Where the host's time goes in a step (cProfile, Python functions by own time): for a step that
+    takes longer than its kernels, this names the Python work that the GPU waits for."""
+    import cProfile
+    import pstats
+
+    torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    pr.disable()
+    st = pstats.Stats(pr)
+    rows = []
+    for (fn, line, func), (cc, nc, tt, ct, _) in st.stats.items():
+        rows.append(dict(fn=f"{Path(fn).name}:{line}:{func}", calls=nc // steps, own_ms=1e3 * tt / steps,
+                         cum_ms=1e3 * ct / steps))
+    return sorted(rows, key=lambda r: -r["own_ms"])[:top]
+
+
 def bench(name, size, batch, dev, compile_model=False, steps=20, profile=False, task="classifier"):
     model, fwd, opt = build(name, dev, compile_model, size, task)
     x = torch.randn(batch, 3, size, size, device=dev).to(memory_format=torch.channels_last)
@@ -158,7 +179,9 @@ def bench(name, size, batch, dev, compile_model=False, steps=20, profile=False, 
             groups[_group(k)] += v
         res["groups_ms"] = dict(sorted(groups.items(), key=lambda kv: -kv[1]))
         res["top"] = [dict(kernel=k[:110], ms=v, calls=cnt[k]) for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:40]]
+        res["kernels_per_step"] = sum(cnt.values())
         res.update(host_syncs(step))
+        res["host_top"] = host_profile(step)
     del model, fwd, opt
     torch.cuda.empty_cache()
     return res
@@ -200,7 +223,10 @@ def main():
             print(f"\n{name} compiled={comp}: {r['images_per_s']:.0f} img/s, {r['step_ms']:.1f} ms/step, "
                   f"peak {r['peak_GiB']:.2f} GiB (warmup {r['warmup_s']:.0f} s)", flush=True)
             print("  groups (ms/step): " + ", ".join(f"{k} {v:.2f}" for k, v in r["groups_ms"].items()))
-            print(f"  host syncs per step: {r['syncs_per_step']} {r['sync_sites']}")
+            print(f"  host syncs per step: {r['syncs_per_step']} {r['sync_sites']}; kernels per step: "
+                  f"{r['kernels_per_step']}")
+            print("  host (cProfile, own ms/step): " + "; ".join(
+                f"{h['fn']} x{h['calls']} {h['own_ms']:.1f}" for h in r["host_top"][:12]))
             for t in r["top"][:18]:
                 print(f"  {t['ms']:7.3f} ms  x{t['calls']:3d}  {t['kernel']}")
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -223,10 +223,15 @@ def sync(device: torch.device) -> None:
 
 
 def time_fn(fn: Callable[[], None], device: torch.device, t: Timing) -> dict[str, Any]:
-    """Median seconds per call of ``fn`` over ``t.repeats`` repeats, and the peak memory after warm-up."""
+    """Median seconds per call of ``fn`` over ``t.repeats`` repeats, and the peak memory after warm-up
+    (``peak_gib``) and over warm-up and timing together (``peak_gib_all``: under CUDA graphs the
+    step's memory is the graph pool, allocated during warm-up, which ``peak_gib`` does not see)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     for _ in range(t.warmup):
         fn()
     sync(device)
+    peak_warm = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if t.fixed_iters:
@@ -253,7 +258,8 @@ def time_fn(fn: Callable[[], None], device: torch.device, t: Timing) -> dict[str
                 fn()
             per_iter.append((time.perf_counter() - start) / iters)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    return {"seconds": statistics.median(per_iter), "seconds_repeats": per_iter, "iters": iters, "peak_gib": peak}
+    return {"seconds": statistics.median(per_iter), "seconds_repeats": per_iter, "iters": iters, "peak_gib": peak,
+            "peak_gib_all": max(peak, peak_warm) if peak is not None else None}
 
 
 def channels_last_mode(spec: Spec, mode: str) -> str:
@@ -301,7 +307,7 @@ def run_case(spec: Spec, case: Case, args: argparse.Namespace, device: torch.dev
             (model._logits(x[:1], with_aux=False) if case.kind == "upernet" else model(x[:1]))
     if case.kind == "infer":
         model.eval()
-        fwd = torch.compile(model, dynamic=False) if args.compile else model
+        fwd = torch.compile(model, dynamic=False, mode=args.compile_mode) if args.compile else model
 
         # NOTE: no_grad (inference_mode would do as well since routes are no longer cached as
         # inference tensors; the first run of this script found that bug: a route first built under
@@ -318,7 +324,7 @@ def run_case(spec: Spec, case: Case, args: argparse.Namespace, device: torch.dev
             def loss_of(images: torch.Tensor) -> torch.Tensor:
                 return sum(f.float().mean() for f in model(images))
 
-        fwd_loss = torch.compile(loss_of, dynamic=False) if args.compile else loss_of
+        fwd_loss = torch.compile(loss_of, dynamic=False, mode=args.compile_mode) if args.compile else loss_of
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.05)
 
         def step() -> None:
@@ -480,6 +486,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="fewer iterations (all cases in ~8 min on an H100)")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, one iteration (CPU check)")
     p.add_argument("--compile", action="store_true", help="torch.compile the backbone / forward + loss")
+    p.add_argument("--compile-mode", default=None,
+                   help='torch.compile mode, e.g. "reduce-overhead" (CUDA graphs); implies --compile')
     p.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--sweep", type=int, nargs="+", default=None, help=f"sweep resolutions (default {list(SWEEP)})")
     p.add_argument("--warmup", type=int, default=None)
@@ -491,6 +499,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--list", action="store_true", help="print the models and cases, then exit")
     p.add_argument("--out", default=None, help="folder for models.json (default $OUT or .)")
     args = p.parse_args(argv)
+    args.compile = args.compile or args.compile_mode is not None
 
     device = torch.device(args.device)
     if args.smoke:
@@ -519,7 +528,7 @@ def main(argv: list[str] | None = None) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {
         "env": environment(device),
-        "settings": {"compile": args.compile, "channels_last": args.channels_last, "quick": args.quick,
+        "settings": {"compile": args.compile, "compile_mode": args.compile_mode, "channels_last": args.channels_last, "quick": args.quick,
                      "smoke": args.smoke, "timing": vars(timing), "budget_s": budget, "sweep": list(sweep),
                      "models": {s.key: s.timm_name for s in specs}, "ours": [s.key for s in specs if s.ours]},
         "rows": [],
@@ -564,6 +573,7 @@ def main(argv: list[str] | None = None) -> dict:
         save()
         what = (f"{row['images_per_s']:.1f} images/s, {row['ms']:.2f} ms"
                 + (f", peak {row['peak_gib']:.2f} GiB" if row.get("peak_gib") is not None else "")
+                + (f" ({row['peak_gib_all']:.2f} GiB incl. warm-up)" if row.get("peak_gib_all") is not None else "")
                 + (f", {row['graphs']} graph(s), {row['graph_breaks']} graph break(s)" if "graphs" in row else "")
                 if row["status"] == "ok" else row["status"] + (f" ({row['error']})" if row.get("error") else ""))
         print(f"[{i}/{len(jobs)} {time.perf_counter() - start:6.0f}s] {spec.key:<17} {case.name:<11} "

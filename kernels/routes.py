@@ -333,6 +333,13 @@ def _device_route(key, grid, registers, device):
         if len(_DEVICE_ROUTES) > 512:
             _DEVICE_ROUTES.clear()
         hit = _DEVICE_ROUTES[ck] = to_device(built_route(key, *grid, registers=registers), device)
+        if hit.is_cuda:
+            # a static address for CUDA graphs (torch.compile mode="reduce-overhead"): the captured
+            # graph reads this cached tensor instead of a per-replay copy, and the scan's per-route
+            # caches (coverage, range) keep hitting
+            import torch._dynamo
+
+            torch._dynamo.mark_static_address(hit, guard=False)
     return hit
 
 

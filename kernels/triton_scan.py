@@ -399,6 +399,12 @@ def route_coverage(route: torch.Tensor, L: int) -> tuple[bool, ...]:
     hit = _ROUTE_INFO.get(key)
     if hit is not None and hit[0] is route:
         return hit[1]
+    if route.is_cuda and torch.cuda.is_current_stream_capturing():
+        # CUDA graph capture (torch.compile mode="reduce-overhead" copies graph inputs into static
+        # buffers, so the route is a tensor not seen before) forbids the sync: report "not covered",
+        # which makes the callers zero-fill their outputs. That is correct for every route, at the
+        # cost of a memset in the captured graph.
+        return (False,) * route.shape[0]
     cnt = (route >= 0).sum(1)
     # routes visit each token at most once (checked by the route builders), so count == L <=> cover
     info = tuple(bool(v) for v in (cnt == L).tolist())
