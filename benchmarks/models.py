@@ -406,7 +406,21 @@ def environment(device: torch.device) -> dict[str, Any]:
                                             timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         info["git_commit"] = None
+    info["source_sha1"] = source_hash()
     return info
+
+
+def source_hash() -> str:
+    """SHA-1 over the package's Python sources (kernels/, mamba_dense/): names the code that ran
+    even where the checkout's git metadata is stale or absent (e.g. a copied working tree)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for folder in ("kernels", "mamba_dense"):
+        for f in sorted((ROOT / folder).rglob("*.py")):
+            h.update(str(f.relative_to(ROOT)).encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def crossover(rows: list[dict], ours: str, peer: str) -> dict[str, Any]:
