@@ -79,6 +79,33 @@ def build(name, dev, compile_model=False, size=224, task="classifier"):
     return model, fwd, opt
 
 
+def kernel_profile(step, steps: int = 5, top: int = 40) -> dict:
+    """CUDA kernel time per step of ``step()`` (torch.profiler over ``steps`` calls): total, by group
+    (:func:`_group`), the ``top`` kernels, and the launches per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    per = defaultdict(float)
+    cnt = defaultdict(int)
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None)
+        if t is None:
+            t = ev.cuda_time_total
+        if t > 0:
+            per[ev.key] += t / steps / 1e3  # ms per step
+            cnt[ev.key] += ev.count // steps
+    groups = defaultdict(float)
+    for k, v in per.items():
+        groups[_group(k)] += v
+    return dict(kernel_ms=sum(per.values()), groups_ms=dict(sorted(groups.items(), key=lambda kv: -kv[1])),
+                top=[dict(kernel=k[:110], ms=v, calls=cnt[k]) for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:top]],
+                kernels_per_step=sum(cnt.values()))
+
+
 def host_syncs(step) -> dict:
     """Device-to-host synchronisations in one step, by Python source line (``torch.cuda``'s sync debug
     mode warns once per synchronising call). A step that is slower than its kernels (host-bound)
@@ -159,27 +186,7 @@ def bench(name, size, batch, dev, compile_model=False, steps=20, profile=False, 
                compile_mode=COMPILE_MODE if compile_model else None, images_per_s=batch * steps / dt,
                step_ms=1e3 * dt / steps, peak_GiB=torch.cuda.max_memory_allocated() / 2**30, warmup_s=warm)
     if profile:
-        from torch.profiler import ProfilerActivity, profile as tprof
-
-        with tprof(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(5):
-                step()
-            torch.cuda.synchronize()
-        per = defaultdict(float)
-        cnt = defaultdict(int)
-        for ev in prof.key_averages():
-            t = getattr(ev, "device_time_total", None)
-            if t is None:
-                t = ev.cuda_time_total
-            if t > 0:
-                per[ev.key] += t / 5 / 1e3  # ms per step
-                cnt[ev.key] += ev.count // 5
-        groups = defaultdict(float)
-        for k, v in per.items():
-            groups[_group(k)] += v
-        res["groups_ms"] = dict(sorted(groups.items(), key=lambda kv: -kv[1]))
-        res["top"] = [dict(kernel=k[:110], ms=v, calls=cnt[k]) for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:40]]
-        res["kernels_per_step"] = sum(cnt.values())
+        res.update(kernel_profile(step))
         res.update(host_syncs(step))
         res["host_top"] = host_profile(step)
     del model, fwd, opt

@@ -115,38 +115,13 @@ def bench_train(model: torch.nn.Module, args: argparse.Namespace, device: torch.
         times.append(time.perf_counter() - t)
     med = statistics.median(times)
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
-    prof = kernel_profile(step, device) if getattr(args, "profile", False) and device.type == "cuda" else None
+    prof = None
+    if getattr(args, "profile", False) and device.type == "cuda":
+        from model_profile import kernel_profile  # kernel time per step by group, top kernels
+
+        prof = kernel_profile(step, steps=3, top=25)
     return {**({"profile": prof} if prof else {}), "step_s": med, "volumes_per_s": args.batch / med, "peak_gib": mem,
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
-
-
-def kernel_profile(step: Callable[[], None], device: torch.device, steps: int = 3) -> dict:
-    """CUDA kernel time per step, by group (scan, conv, norm, copies, ...) and the top kernels
-    (the grouping of ``benchmarks/model_profile.py``)."""
-    from collections import defaultdict
-
-    from model_profile import _group
-    from torch.profiler import ProfilerActivity, profile
-
-    sync(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            step()
-        sync(device)
-    per: dict = defaultdict(float)
-    cnt: dict = defaultdict(int)
-    for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
-        if t > 0:
-            per[ev.key] += t / steps / 1e3
-            cnt[ev.key] += ev.count // steps
-    groups: dict = defaultdict(float)
-    for k, v in per.items():
-        groups[_group(k)] += v
-    top = sorted(per.items(), key=lambda kv: -kv[1])[:25]
-    return {"kernel_ms": sum(per.values()), "kernels": sum(cnt.values()),
-            "groups_ms": dict(sorted(groups.items(), key=lambda kv: -kv[1])),
-            "top": [{"kernel": k[:110], "ms": v, "calls": cnt[k]} for k, v in top]}
 
 
 def bench_sliding_window(args: argparse.Namespace, device: torch.device) -> dict:
@@ -238,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name}: {rows[name]}", flush=True)
         if prof:
             rows[name]["profile"] = prof
-            print(f"  kernels {prof['kernel_ms']:.1f} ms/step ({prof['kernels']} launches): " + ", ".join(
+            print(f"  kernels {prof['kernel_ms']:.1f} ms/step ({prof['kernels_per_step']} launches): " + ", ".join(
                 f"{k} {v:.1f}" for k, v in prof["groups_ms"].items()), flush=True)
             for t in prof["top"][:15]:
                 print(f"  {t['ms']:7.2f} ms x{t['calls']:4d} {t['kernel']}", flush=True)
