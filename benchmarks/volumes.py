@@ -92,10 +92,19 @@ def bench_train(model: torch.nn.Module, args: argparse.Namespace, device: torch.
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(args.batch, args.in_chans, *(args.size,) * 3, generator=gen).to(device)
     y = torch.randint(0, args.classes, (args.batch, *(args.size,) * 3), generator=gen).to(device)
+    if getattr(args, "channels_last", False):
+        model = model.to(memory_format=torch.channels_last_3d)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    fwd = model
+    if getattr(args, "compile", False):
+        # one eager forward first: our routes become cached device tensors the graph can treat as constants
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
+            model(x)
+        fwd = torch.compile(model, dynamic=False)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
-            out = model(x)
+            out = fwd(x)
         out = out[0] if isinstance(out, (list, tuple)) else out
         loss = dice_ce(out, y)
         opt.zero_grad(set_to_none=True)
@@ -169,6 +178,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--no-sw", action="store_true", help="skip the sliding-window benchmark")
     p.add_argument("--encoder-kwargs", type=json.loads, default={},
                    help='JSON overrides of our encoders for smoke runs, e.g. \'{"dims": [8, 16, 16, 16]}\'')
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile every model's forward (ours and the peers alike); warm-up steps compile")
+    p.add_argument("--channels-last", action="store_true",
+                   help="every model and its input in torch.channels_last_3d (NDHWC) memory format")
     p.add_argument("--profile", action="store_true",
                    help="also print each model's CUDA kernel time per step by group and its top kernels")
     p.add_argument("--out", default=None, help="folder for volumes.json (default $OUT or .)")
@@ -221,7 +234,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_sw:
         result["sliding_window"] = bench_sliding_window(args, device)
 
-    shape = f"{args.size}^3 x {args.batch}, {args.in_chans} ch, {args.classes} classes, {args.dtype}"
+    shape = (f"{args.size}^3 x {args.batch}, {args.in_chans} ch, {args.classes} classes, {args.dtype}"
+             f"{', compiled' if args.compile else ''}{', channels_last_3d' if args.channels_last else ''}")
     print(f"\nTraining step ({shape}) on {info['device']}")
     print(f"{'model':<16} {'params M':>9} {'step ms':>9} {'volumes/s':>10} {'peak GiB':>9}")
     for name, r in rows.items():

@@ -268,7 +268,6 @@ def _bwd_kernel(
     HAS_G0: tl.constexpr,  # start from the carried dh in g_ptr (chunk-parallel)
     T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, CT: tl.constexpr,
     X_PER_ROUTE: tl.constexpr = False,  # x is (b, L, K, D): one input per route (dx likewise)
-    SHIFT_FREE: tl.constexpr = False,  # experimental: a_{s+1} from the tile's own a (no shifted reload)
 ):
     pid_c, b64, k, pid_d, d, dmask, n, nmask, offs_t = _program_coords(k0, KL, Dm, N, BD, NP, T)
     nd_mask = nmask[:, None] & dmask[None, :]
@@ -287,27 +286,24 @@ def _bwd_kernel(
     c_begin = pid_c * tiles_per_prog
     c_end = tl.minimum(c_begin + tiles_per_prog, n_tiles)
     first2 = (offs_t == 0)[:, None]
-    if SHIFT_FREE:
-        # delta and decay at the step after this program's last tile (0 and 1 past the route's end)
-        _s0, _sm0, _v0, _r0, _rk0, _x0, _p0, delta_nx, _B0 = _load_tile(
-            x_ptr, dt_ptr, B_ptr, route_ptr, bias, b64, k, c_end * T, L, S, K, Dm, N,
-            offs_t, d, dmask, n, nmask, HAS_BIAS, SOFTPLUS, CT, False,
-        )
-        d_next = tl.sum(tl.where(first2, delta_nx, 0.0), axis=0)
-        gA = tl.exp(d_next[None, :] * A) * g  # a_{next step} * dh_{next step}
-        d_first = tl.zeros([BD], dtype=CT)
+    # The reverse scan needs a_{s+1}. It is taken from the tile's own decays: a reverse scan of
+    # segments that carry their first step's decay (_combine_seg), and across tiles gA = a * g of the
+    # later tile's first step. (A second load of every tile shifted by one step, exponentiated again,
+    # cost more: H100 f+b S1 2.17 -> 1.90 ms, S4 8.40 -> 7.87, S5 N16 12.91 -> 11.75 without it.)
+    # delta and decay at the step after this program's last tile (0 and 1 past the route's end):
+    _s0, _sm0, _v0, _r0, _rk0, _x0, _p0, delta_nx, _B0 = _load_tile(
+        x_ptr, dt_ptr, B_ptr, route_ptr, bias, b64, k, c_end * T, L, S, K, Dm, N,
+        offs_t, d, dmask, n, nmask, HAS_BIAS, SOFTPLUS, CT, False,
+    )
+    d_next = tl.sum(tl.where(first2, delta_nx, 0.0), axis=0)
+    gA = tl.exp(d_next[None, :] * A) * g  # a_{next step} * dh_{next step}
+    d_first = tl.zeros([BD], dtype=CT)
     for ci in range(c_begin, c_end):
         c = c_end - 1 - (ci - c_begin)
         s, smask, valid, row, rk, xv, pre, delta, Bv = _load_tile(
             x_ptr, dt_ptr, B_ptr, route_ptr, bias, b64, k, c * T, L, S, K, Dm, N,
             offs_t, d, dmask, n, nmask, HAS_BIAS, SOFTPLUS, CT, PHASE == 0, X_PER_ROUTE,
         )
-        if not SHIFT_FREE:
-            # decay of the following step (s + 1): the reverse scan needs a_{s+1}
-            _s1, _sm1, _v1, _r1, _rk1, _x1, _p1, delta_n, _B1 = _load_tile(
-                x_ptr, dt_ptr, B_ptr, route_ptr, bias, b64, k, c * T + 1, L, S, K, Dm, N,
-                offs_t, d, dmask, n, nmask, HAS_BIAS, SOFTPLUS, CT, False,
-            )
         m2 = valid[:, None] & dmask[None, :]
         Cv = tl.load(C_ptr + rk[:, None] * N + n[None, :], mask=valid[:, None] & nmask[None, :], other=0.0).to(CT)
         if DY_PER_ROUTE:
@@ -319,31 +315,20 @@ def _bwd_kernel(
         # reverse scans as flip -> forward scan -> flip: with the step axis inside each thread the
         # flips are register renames, whereas Triton lowers reverse=True with a 5-shuffle lane
         # reversal of every input and output value (640 SHFL of the 2976 SASS instructions at N=16)
-        if SHIFT_FREE:
-            a = tl.exp(delta[:, None, :] * A[None, :, :])
-            _f, qa, v = tl.associative_scan(
-                (tl.flip(a, 0), tl.full([T, NP, BD], 1.0, CT), tl.flip(e, 0)), 0, _combine_seg
-            )
-            dh = tl.flip(v, 0) + tl.flip(qa, 0) * gA[None, :, :]
-            g = tl.sum(tl.where(first, dh, 0.0), axis=0)
-            gA = tl.sum(tl.where(first, a, 0.0), axis=0) * g
-        else:
-            a_n = tl.exp(delta_n[:, None, :] * A[None, :, :])
-            p_cum, q = tl.associative_scan((tl.flip(a_n, 0), tl.flip(e, 0)), 0, _combine)
-            dh = tl.flip(q, 0) + tl.flip(p_cum, 0) * g[None, :, :]
-            g = tl.sum(tl.where(first, dh, 0.0), axis=0)
+        a = tl.exp(delta[:, None, :] * A[None, :, :])
+        _f, qa, v = tl.associative_scan(
+            (tl.flip(a, 0), tl.full([T, NP, BD], 1.0, CT), tl.flip(e, 0)), 0, _combine_seg
+        )
+        dh = tl.flip(v, 0) + tl.flip(qa, 0) * gA[None, :, :]
+        g = tl.sum(tl.where(first, dh, 0.0), axis=0)
+        gA = tl.sum(tl.where(first, a, 0.0), axis=0) * g
         if PHASE == 1:
-            if SHIFT_FREE:
-                # summed over the program: the deltas of steps c_begin*T + 1 ... c_end*T
-                gsum += tl.sum(delta, axis=0)
-                d_first = tl.sum(tl.where(first2, delta, 0.0), axis=0)
-            else:
-                gsum += tl.sum(delta_n, axis=0)
+            # summed over the program: the deltas of steps c_begin*T + 1 ... c_end*T
+            gsum += tl.sum(delta, axis=0)
+            d_first = tl.sum(tl.where(first2, delta, 0.0), axis=0)
         else:
             # recompute forward states of this tile
             h0 = tl.load(states_ptr + (st_base + c) * N * Dm + st_off, mask=nd_mask, other=0.0).to(CT)
-            if not SHIFT_FREE:
-                a = tl.exp(delta[:, None, :] * A[None, :, :])
             bx = Bv[:, :, None] * xv[:, None, :]  # B_s x_s (T, NP, BD)
             u = delta[:, None, :] * bx
             a_cum, h_loc = tl.associative_scan((a, u), 0, _combine)
@@ -389,8 +374,7 @@ def _bwd_kernel(
             else:
                 tl.store(dx_ptr + xoff, dxv.to(dx_ptr.dtype.element_ty), mask=m2)
     if PHASE == 1:
-        if SHIFT_FREE:
-            gsum += d_next - d_first
+        gsum += d_next - d_first
         tl.store(g_ptr + g_slot * N * Dm + st_off, g, mask=nd_mask)
         tl.store(gsum_ptr + g_slot * Dm + d, gsum, mask=dmask)
     else:
@@ -610,10 +594,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
 
 def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softplus: bool,
              tiles_per_chunk: int | None = None):
-    """Backward from the forward's tile states. MAMBA_DENSE_BWD_SHIFT_FREE=1 (read at each call)
-    selects the experimental variant that takes a_{s+1} from the tile's own decays instead of a
-    second, shifted load of the tile (ahead-of-time SASS: N=1 3832 -> 3000 instructions, N=16
-    2336 -> 2152; correct against the reference in the interpreter, not yet timed on a GPU)."""
+    """Backward from the forward's tile states: per tile, recompute the states and run the reverse scan."""
     x_per_route = x.dim() == 4
     batch, L, Dm = x.shape[0], x.shape[1], x.shape[-1]
     K, S = route.shape
@@ -644,7 +625,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
     kw = dict(
         HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         DY_PER_ROUTE=(merge == "none"), T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps,
-        X_PER_ROUTE=x_per_route, SHIFT_FREE=os.environ.get("MAMBA_DENSE_BWD_SHIFT_FREE", "0") == "1",
+        X_PER_ROUTE=x_per_route,
     )
     gbuf = gsum = dummy
     if chunked:
