@@ -22,7 +22,7 @@ What it does:
    data root, per-device ``batch_size`` (``--batch-size``, default 8: 2 GPUs x 8 = the recipe's
    batch 16), ``num_workers`` per rank, ``trainer.devices``, ``max_steps`` = ``--skip`` +
    ``--steps``, no validation, no progress bar, a run folder under the temp folder, and the
-   ``StepTimer`` callback. Everything else is the recipe's: DDP, SyncBatchNorm, ``precision``
+   ``StepTimer`` callback. Everything else is the recipe's: DDP, SyncBatchNorm (the CLI's ``NoHostSyncBatchNorm``), ``precision``
    32-true (``--precision`` to change it), AdamW, the data pipeline with its random resize, crop,
    flip and photometric distortion;
 3. reads the steady-state step times (steps after ``--skip``; median of the intervals between step

@@ -19,12 +19,14 @@ from typing import Any
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.plugins.layer_sync import LayerSync
 from lightning.pytorch.utilities import rank_zero_info
 
 import mamba_dense.datamodules  # noqa: F401  (classes imported here resolve by short name)
 import mamba_dense.tasks  # noqa: F401
 from mamba_dense.tasks.guards import AtomicCheckpointIO, NonFiniteGuard, OutOfMemoryGuard
 from mamba_dense.tasks.resume import ExactResume, find_last_checkpoint
+from mamba_dense.tasks.sync_bn import NoHostSyncBatchNorm
 
 mamba_dense.datamodules.load_all()
 
@@ -33,14 +35,21 @@ class MambaDenseCLI(LightningCLI):
     """LightningCLI with our defaults: configs overwrite their saved copy in the log directory, every run
     has a `NonFiniteGuard`, an `OutOfMemoryGuard` and an `ExactResume` (on top of the configured
     callbacks) and writes checkpoints with `AtomicCheckpointIO` unless the config gives its own
-    CheckpointIO plugin. `fit --ckpt_path last` resumes from the newest `last*.ckpt` of any earlier run
+    CheckpointIO plugin. `trainer.sync_batchnorm: true` uses `NoHostSyncBatchNorm` (PyTorch's
+    SyncBatchNorm without its host sync per layer) unless the config gives a LayerSync plugin. `fit --ckpt_path last` resumes from the newest `last*.ckpt` of any earlier run
     in the same log folder (Lightning alone looks only in the new run's empty version folder)."""
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        plugins = self._get(self.config_init, "trainer", default={}).get("plugins")
+        trainer = self._get(self.config_init, "trainer", default={})
+        plugins = trainer.get("plugins")
         plugins = [] if plugins is None else list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+        extra = []
         if not any(isinstance(p, CheckpointIO) for p in plugins):
-            kwargs.setdefault("plugins", [*plugins, AtomicCheckpointIO()])
+            extra.append(AtomicCheckpointIO())
+        if trainer.get("sync_batchnorm") and not any(isinstance(p, LayerSync) for p in plugins):
+            extra.append(NoHostSyncBatchNorm())
+        if extra:
+            kwargs.setdefault("plugins", [*plugins, *extra])
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:

@@ -115,7 +115,8 @@ def test_real_data_root_and_multi_gpu_flags_parse(root_flag, tmp_path):
                      "--trainer.devices", "4", "--trainer.strategy", "ddp", "--trainer.sync_batchnorm", "true"], run=False)
     assert str(cli.datamodule.root) == str(tmp_path)
     assert cli.trainer.num_devices == 4 and type(cli.trainer.strategy).__name__ == "DDPStrategy"
-    assert cli.trainer.strategy._layer_sync is not None  # SyncBatchNorm conversion at setup
+    # SyncBatchNorm conversion at setup, with our plugin (no host sync per layer)
+    assert type(cli.trainer.strategy._layer_sync).__name__ == "NoHostSyncBatchNorm"
 
 
 def test_console_script_is_declared():
