@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 
 from mamba_dense.kernels import routes as _routes
+from mamba_dense.kernels.instance_norm import instance_norm_act
 from mamba_dense.layers.block import VSSBlock
 from mamba_dense.layers.seq_mixer import RouteMamba
 from mamba_dense.layers.ssm import SSMCore
@@ -101,16 +102,19 @@ def _pad_even(x: torch.Tensor) -> torch.Tensor:
 
 
 class InstanceNorm3d(nn.Module):
-    """Parameter-free instance norm of (B, C, D, H, W), valid for a single voxel too (gives 0)."""
+    """Parameter-free instance norm of (B, C, D, H, W), valid for a single voxel too (gives 0).
+
+    ``forward(x, act)`` fuses an activation ("none", "relu", "leaky_relu"). CUDA tensors run the
+    split-reduction Triton kernels of ``mamba_dense.kernels.instance_norm`` (statistics in fp32, I/O in
+    x's dtype); CPU tensors ``torch.group_norm`` with one group per channel (same numbers).
+    """
 
     def __init__(self, num_channels: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.num_channels, self.eps = num_channels, eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # NOTE: group norm with C groups == InstanceNorm3d(affine=False); the ATen op is called directly
-        # because F.instance_norm / F.group_norm refuse a single value per channel in training.
-        return torch.group_norm(x, self.num_channels, None, None, self.eps, torch.backends.cudnn.enabled)
+    def forward(self, x: torch.Tensor, act: str = "none") -> torch.Tensor:
+        return instance_norm_act(x, None, None, self.eps, act)
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}, eps={self.eps}"
@@ -135,13 +139,12 @@ class GSC(nn.Module):
         self.norm3 = InstanceNorm3d(dim)
         self.proj4 = nn.Conv3d(dim, dim, 1, 1, 0)
         self.norm4 = InstanceNorm3d(dim)
-        self.act = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x1 = self.act(self.norm(self.proj(x)))
-        x1 = self.act(self.norm2(self.proj2(x1)))
-        x2 = self.act(self.norm3(self.proj3(x)))
-        return x + self.act(self.norm4(self.proj4(x1 + x2)))
+        x1 = self.norm(self.proj(x), act="relu")  # = ReLU(IN(.)), fused
+        x1 = self.norm2(self.proj2(x1), act="relu")
+        x2 = self.norm3(self.proj3(x), act="relu")
+        return x + self.norm4(self.proj4(x1 + x2), act="relu")
 
 
 class ToMLayer(nn.Module):

@@ -22,11 +22,17 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from mamba_dense.kernels.instance_norm import instance_norm_act
+
 __all__ = ["InstanceNorm3dAffine", "ResBlock3d", "UNet3DDecoder", "UpBlock3d"]
 
 
 class InstanceNorm3dAffine(nn.Module):
-    """Instance norm with per-channel affine parameters, valid for 1 voxel per channel."""
+    """Instance norm with per-channel affine parameters, valid for 1 voxel per channel.
+
+    ``forward(x, act)`` fuses "none", "relu" or "leaky_relu" (slope 0.01); see
+    ``mamba_dense.kernels.instance_norm`` (Triton on CUDA, ``torch.group_norm`` on CPU).
+    """
 
     def __init__(self, num_channels: int, eps: float = 1e-5) -> None:
         super().__init__()
@@ -34,10 +40,8 @@ class InstanceNorm3dAffine(nn.Module):
         self.weight = nn.Parameter(torch.ones(num_channels))
         self.bias = nn.Parameter(torch.zeros(num_channels))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # NOTE: the ATen op directly: F.group_norm / F.instance_norm refuse one value per channel.
-        return torch.group_norm(x, self.num_channels, self.weight, self.bias, self.eps,
-                                torch.backends.cudnn.enabled)
+    def forward(self, x: torch.Tensor, act: str = "none") -> torch.Tensor:
+        return instance_norm_act(x, self.weight, self.bias, self.eps, act, 0.01)
 
 
 class ResBlock3d(nn.Module):
@@ -56,7 +60,7 @@ class ResBlock3d(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.act(self.norm1(self.conv1(x)))
+        y = self.norm1(self.conv1(x), act="leaky_relu")  # = LeakyReLU(IN(.)), fused
         y = self.norm2(self.conv2(y))
         return self.act(y + self.shortcut(x))
 
