@@ -61,7 +61,12 @@ def test_fit_then_predict_from_checkpoint(shapes_args, tmp_path):
     assert "val/mIoU" in fit.trainer.callback_metrics
     log_dir = fit.trainer.log_dir
     assert os.path.isfile(os.path.join(log_dir, "config.yaml"))
-    assert glob.glob(os.path.join(log_dir, "overlays", "epoch_000", "*.png"))  # OverlayLogger (no TensorBoard)
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    if isinstance(fit.trainer.logger, TensorBoardLogger):  # Lightning's default where tensorboard is installed
+        assert glob.glob(os.path.join(log_dir, "events.out.tfevents.*"))  # OverlayLogger's add_image
+    else:
+        assert glob.glob(os.path.join(log_dir, "overlays", "epoch_000", "*.png"))  # OverlayLogger's PNGs
     out = tmp_path / "from_ckpt"
     build_cli(["predict", *shapes_args, f"--ckpt_path={ckpt}", f"--model.init_args.predict_dir={out}"])
     assert len(glob.glob(str(out / "labels" / "*.png"))) == 2
