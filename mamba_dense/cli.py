@@ -36,8 +36,9 @@ class MambaDenseCLI(LightningCLI):
     has a `NonFiniteGuard`, an `OutOfMemoryGuard` and an `ExactResume` (on top of the configured
     callbacks) and writes checkpoints with `AtomicCheckpointIO` unless the config gives its own
     CheckpointIO plugin. `trainer.sync_batchnorm: true` uses `NoHostSyncBatchNorm` (PyTorch's
-    SyncBatchNorm without its host sync per layer) unless the config gives a LayerSync plugin. `fit --ckpt_path last` resumes from the newest `last*.ckpt` of any earlier run
-    in the same log folder (Lightning alone looks only in the new run's empty version folder)."""
+    SyncBatchNorm without its host sync per layer) unless the config gives a LayerSync plugin.
+    `fit --ckpt_path last` resumes from the newest `last*.ckpt` of any earlier run in the same log
+    folder (Lightning alone looks only in the new run's empty version folder)."""
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = self._get(self.config_init, "trainer", default={})
