@@ -38,9 +38,10 @@ def scan_fwd(
     out_dtype: torch.dtype,
     save_states: bool,
 ) -> tuple[Tensor, Tensor]:
-    from .triton_scan import scan_fwd as _fwd
+    from .triton_scan import on_device, scan_fwd as _fwd
 
-    return _fwd(x, dt, A, B, C, D, dt_bias, route, _merge_str(merge_none), dt_softplus, out_dtype, save_states)
+    with on_device(x):
+        return _fwd(x, dt, A, B, C, D, dt_bias, route, _merge_str(merge_none), dt_softplus, out_dtype, save_states)
 
 
 @scan_fwd.register_fake
@@ -74,11 +75,12 @@ def scan_bwd(
     merge_none: bool,
     dt_softplus: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from .triton_scan import scan_bwd as _bwd
+    from .triton_scan import on_device, scan_bwd as _bwd
 
-    dx, ddt, dA, dB, dC, dD, dbias = _bwd(
-        dy, x, dt, A, B, C, D, dt_bias, route, states, _merge_str(merge_none), dt_softplus
-    )
+    with on_device(x):
+        dx, ddt, dA, dB, dC, dD, dbias = _bwd(
+            dy, x, dt, A, B, C, D, dt_bias, route, states, _merge_str(merge_none), dt_softplus
+        )
     K, Dm = A.shape[0], A.shape[1]
     if dD is None:
         dD = x.new_zeros((K, Dm), dtype=A.dtype)

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from .triton_scan import _empty, _num_sms
+from .triton_scan import _empty, _num_sms, on_device
 
 __all__ = ["instance_norm_act"]
 
@@ -343,7 +343,8 @@ class _InstanceNormAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, act, slope):
         x, cl = _layout(x)
-        y, mean, rstd = _forward(x, cl, weight, bias, eps, act, slope)
+        with on_device(x):
+            y, mean, rstd = _forward(x, cl, weight, bias, eps, act, slope)
         ctx.save_for_backward(x, weight, mean, rstd, None if act == "none" else y)
         ctx.cl, ctx.act, ctx.slope = cl, act, slope
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -352,8 +353,9 @@ class _InstanceNormAct(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, mean, rstd, y = ctx.saved_tensors
-        dx, dweight, dbias = _backward(dy, x, ctx.cl, weight, mean, rstd, y, ctx.act, ctx.slope,
-                                       ctx.needs_input_grad[0])
+        with on_device(x):
+            dx, dweight, dbias = _backward(dy, x, ctx.cl, weight, mean, rstd, y, ctx.act, ctx.slope,
+                                           ctx.needs_input_grad[0])
         dweight = dweight.to(weight.dtype) if ctx.needs_input_grad[1] else None
         dbias = dbias.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         return dx, dweight, dbias, None, None, None

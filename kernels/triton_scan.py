@@ -22,6 +22,7 @@ the same element. The same scheme merges dx in the backward.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -392,6 +393,15 @@ def _bwd_kernel(
 # --------------------------------------------------------------------------------------------
 
 _ROUTE_INFO: dict = {}
+
+
+def on_device(t: torch.Tensor):
+    """Context for launching kernels on t's GPU: Triton launches on the current CUDA device, which
+    need not be t's (a model on cuda:1 while cuda:0 is current). A no-op (no device call at all,
+    e.g. inside a CUDA-graph capture) when t is on the CPU or already on the current device."""
+    if t.is_cuda and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def _empty(*shape, device, dtype) -> torch.Tensor:

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from mamba_dense.kernels.triton_scan import on_device
 from mamba_dense.layers.resize import bilinear_matrix
 
 from ._losses import cross_entropy
@@ -140,10 +141,11 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
         BP, BC, warps = _block_sizes(C, "fwd")
         nb = triton.cdiv(C, BC)
         m, s, zt = (torch.empty(B, nb, P, device=logits.device, dtype=torch.float32) for _ in range(3))
-        _upce_fwd_kernel[(triton.cdiv(P, BP), nb, B)](
-            logits, target, m, s, zt, C, h, w, Wc, P, sh, sw, *logits.stride(), ignore_index, BP=BP, BC=BC,
-            num_warps=warps,
-        )
+        with on_device(logits):
+            _upce_fwd_kernel[(triton.cdiv(P, BP), nb, B)](
+                logits, target, m, s, zt, C, h, w, Wc, P, sh, sw, *logits.stride(), ignore_index, BP=BP, BC=BC,
+                num_warps=warps,
+            )
         mx = m.amax(1, keepdim=True)
         lse = (mx + (s * torch.exp(m - mx)).sum(1, keepdim=True).log()).squeeze(1)  # (B, P)
         valid = target.view(B, P) != ignore_index
@@ -168,10 +170,11 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
         out = torch.empty_like(logits, memory_format=torch.contiguous_format)
         G = torch.empty(C, Hc, Wc, device=logits.device, dtype=gdt)
         for i in range(B):
-            _upce_grad_kernel[(triton.cdiv(P, BP), triton.cdiv(C, BC))](
-                logits[i], target[i], lse[i], G, C, h, w, Wc, P, sh, sw, *logits.stride()[1:], ignore_index,
-                BP=BP, BC=BC, num_warps=warps,
-            )
+            with on_device(logits):
+                _upce_grad_kernel[(triton.cdiv(P, BP), triton.cdiv(C, BC))](
+                    logits[i], target[i], lse[i], G, C, h, w, Wc, P, sh, sw, *logits.stride()[1:], ignore_index,
+                    BP=BP, BC=BC, num_warps=warps,
+                )
             gi = G if rx is None else G @ rx  # (C, Hc, w)
             gi = gi if ry is None else ry.transpose(0, 1) @ gi  # (C, h, w)
             out[i] = (gi.float() * scale).to(gdt)

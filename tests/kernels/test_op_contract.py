@@ -114,3 +114,33 @@ def test_routes_made_in_inference_mode():
     assert y.shape == (1, 6, 4)
     y2 = _call(kw)  # the same inference-mode route used again outside
     torch.testing.assert_close(y, y2)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_kernels_launch_on_the_inputs_gpu_not_the_current_one():
+    """Triton launches on the current CUDA device: the ops must switch to their inputs' device."""
+    from mamba_dense.kernels import routes as R
+    from mamba_dense.kernels import selective_scan
+    from mamba_dense.kernels.instance_norm import instance_norm_act
+    from mamba_dense.kernels.reference import selective_scan_ref
+
+    torch.cuda.set_device(0)
+    dev = torch.device("cuda", 1)
+    g = torch.Generator().manual_seed(0)
+    b, h, w, K, Dm, N = 2, 6, 5, 4, 8, 4
+    L = h * w
+    x, dt = torch.randn(b, L, Dm, generator=g), torch.randn(b, L, K, Dm, generator=g)
+    A = -torch.rand(K, Dm, N, generator=g) - 0.5
+    B, C = torch.randn(b, L, K, N, generator=g), torch.randn(b, L, K, N, generator=g)
+    route = R.cross2d(h, w)
+    ins = [t.to(dev).requires_grad_() for t in (x, dt, A, B, C)]
+    y = selective_scan(*ins, route=route.to(dev))
+    gx = torch.autograd.grad(y.sum(), ins[0])[0]
+    ref_ins = [t.double().requires_grad_() for t in (x, dt, A, B, C)]
+    y_ref = selective_scan_ref(*ref_ins, route=route)
+    gx_ref = torch.autograd.grad(y_ref.sum(), ref_ins[0])[0]
+    assert y.device == dev and torch.allclose(y.double().cpu(), y_ref, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(gx.double().cpu(), gx_ref, rtol=1e-4, atol=1e-4)
+    v = torch.randn(2, 3, 4, 5, 6, generator=g) * 2 + 1
+    yn = instance_norm_act(v.to(dev), act="relu")
+    assert torch.allclose(yn.cpu(), torch.relu(torch.group_norm(v, 3)), rtol=1e-4, atol=1e-4)
