@@ -23,6 +23,7 @@ ever read (K-fold memory for those three tensors). See ``NOTE(per-route x)`` bel
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -33,36 +34,39 @@ from mamba_dense.kernels import selective_scan
 
 from .ssm import SSMCore, lowrank_dt, per_route_linear
 
-__all__ = ["RouteMamba", "route_conv1d", "route_plan"]
+__all__ = ["RouteMamba", "RoutePlan", "route_conv1d", "route_plan"]
 
 
 _PLAN_CACHE: dict = {}
 
 
-def route_plan(route: torch.Tensor, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(inverse, stacked) helpers for a (K, S) route over ``num_tokens`` tokens, cached by identity.
+class RoutePlan(NamedTuple):
+    """What :func:`route_conv1d` needs to know about a route, computed once on the CPU."""
 
-    Returns:
-        inv: (K, L) step at which route k visits token t, -1 if never (``routes.inverse``).
-        stacked: (K, S) the route shifted to the k-th copy of the tokens, ``route[k] + k * L``
-            (padding steps stay -1), for a scan over K side-by-side copies of the L tokens.
-    """
+    inv: torch.Tensor  # (K, L) step at which route k visits token t, -1 if never (``routes.inverse``)
+    has_pad: bool  # some step is a padding step (-1)
+    covers: bool  # every route visits every token
+
+
+def route_plan(route: torch.Tensor, num_tokens: int) -> RoutePlan:
+    """:class:`RoutePlan` of a (K, S) route over ``num_tokens`` tokens, cached by identity (one
+    device-to-host copy per route)."""
     key = (id(route), tuple(route.shape), num_tokens)
     hit = _PLAN_CACHE.get(key)
     if hit is not None and hit[0] is route:
-        return hit[1], hit[2]
+        return hit[1]
     r = route.cpu()
     inv = _routes.inverse(r, num_tokens)
-    offs = torch.arange(r.shape[0], dtype=torch.long)[:, None] * num_tokens
-    stacked = torch.where(r >= 0, r + offs, r).contiguous()
+    plan = RoutePlan(inv, bool((r < 0).any()), bool((inv >= 0).all()))
     if len(_PLAN_CACHE) > 512:
         _PLAN_CACHE.clear()
-    _PLAN_CACHE[key] = (route, inv, stacked)
-    return inv, stacked
+    _PLAN_CACHE[key] = (route, plan)
+    return plan
 
 
 def route_conv1d(
-    u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, route: torch.Tensor, inv: torch.Tensor
+    u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, route: torch.Tensor, inv: torch.Tensor,
+    *, has_pad: bool = True, covers: bool = False,
 ) -> torch.Tensor:
     """Depthwise conv along each route, causal in the route's visiting order.
 
@@ -72,6 +76,9 @@ def route_conv1d(
         bias: (K, E) or None.
         route: (K, S) int64 on u's device; -1 steps read zeros.
         inv: (K, L) from :func:`route_plan`, on u's device.
+        has_pad, covers: from :func:`route_plan`; ``has_pad=False`` skips zeroing the padding steps and
+            ``covers=True`` skips zeroing unvisited tokens (two full-size multiplies, and their
+            gradients, that change nothing then). The defaults are always correct.
 
     Returns:
         (B, K, L, E): route k's conv output, back at token positions (0 where route k never visits).
@@ -79,8 +86,9 @@ def route_conv1d(
     B, L, E = u.shape
     K, S = route.shape
     ksz = weight.shape[-1]
-    valid = (route >= 0).to(u.dtype)[None, :, :, None]
-    seq = u[:, route.clamp(min=0)] * valid  # (B, K, S, E) in visiting order
+    seq = u[:, route.clamp(min=0)]  # (B, K, S, E) in visiting order
+    if has_pad:
+        seq = seq * (route >= 0).to(u.dtype)[None, :, :, None]
     seq = seq.permute(0, 1, 3, 2).reshape(B, K * E, S)
     out = F.conv1d(
         seq,
@@ -91,8 +99,10 @@ def route_conv1d(
     )[..., :S]
     out = out.view(B, K, E, S).permute(0, 1, 3, 2)  # (B, K, S, E)
     idx = inv.clamp(min=0)[None, :, :, None].expand(B, K, L, E)
-    seen = (inv >= 0).to(u.dtype)[None, :, :, None]
-    return out.gather(2, idx) * seen
+    out = out.gather(2, idx)
+    if not covers:
+        out = out * (inv >= 0).to(u.dtype)[None, :, :, None]
+    return out
 
 
 class RouteMamba(nn.Module):
@@ -166,10 +176,11 @@ class RouteMamba(nn.Module):
         K = self.num_routes
         if route.shape[0] != K:
             raise ValueError(f"route has {route.shape[0]} routes but this RouteMamba was built with num_routes={K}")
-        inv, stacked = route_plan(route, L)
+        plan = route_plan(route, L)
         dev = u.device
         route_d = _routes.to_device(route, dev)
-        uk = self.act(route_conv1d(u, self.conv1d_weight, self.conv1d_bias, route_d, _routes.to_device(inv, dev)))
+        uk = self.act(route_conv1d(u, self.conv1d_weight, self.conv1d_bias, route_d, _routes.to_device(plan.inv, dev),
+                                   has_pad=plan.has_pad, covers=plan.covers))
 
         # Per-route projections of each route's own input, token-major (B, L, K, .).
         ssm = self.ssm
