@@ -335,6 +335,10 @@ class SegMambaEncoder(_Volumetric):
         dims: stage widths (48, 96, 192, 384). depths: ToM layers per stage (2, 2, 2, 2).
         d_state, d_conv, expand: Mamba settings (16, 4, 2). mlp_ratio: output MLP width ratio (2).
         drop_path_rate: stochastic depth over the ToM layers (0 as released).
+        channels_last: keep the maps in ``torch.channels_last_3d`` memory (NDHWC) from the stem on:
+            the token view of a map is then free and cuDNN convolves NDHWC directly, without the
+            NCDHW copies around every Mamba stage (False: NCDHW maps; the same values either way).
+            Experimental: not yet timed on a GPU.
 
     Shapes: (B, in_chans, D, H, W) -> [(B, dims[i], ceil(D/2^(i+1)), ceil(H/2^(i+1)), ceil(W/2^(i+1)))].
 
@@ -354,12 +358,13 @@ class SegMambaEncoder(_Volumetric):
         expand: float = 2,
         mlp_ratio: float = 2.0,
         drop_path_rate: float = 0.0,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         if len(dims) != len(depths):
             raise ValueError(f"dims {dims} and depths {depths} must have the same length")
         n = len(dims)
-        self.in_chans, self.dims = in_chans, tuple(dims)
+        self.in_chans, self.dims, self.channels_last = in_chans, tuple(dims), channels_last
         self.stem = nn.Conv3d(in_chans, dims[0], kernel_size=7, stride=2, padding=3)
         self.downsamples = nn.ModuleList(Downsample3d(dims[i], dims[i + 1]) for i in range(n - 1))
         self.gscs = nn.ModuleList(GSC(d) for d in dims)
@@ -374,15 +379,17 @@ class SegMambaEncoder(_Volumetric):
         self.feature_info = [dict(num_chs=d, reduction=2 ** (i + 1), module=f"mlps.{i}") for i, d in enumerate(dims)]
 
     def _begin(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last_3d)
         return self.stem(x)
 
     def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
         if i > 0:
             x = self.downsamples[i - 1](x)
-        x = _to_tokens(self.gscs[i](x))
+        x = _to_tokens(self.gscs[i](x))  # a view when the maps are channels-last
         for layer in self.stages[i]:
             x = layer(x)
-        return _to_maps(x)
+        return x.permute(0, 4, 1, 2, 3) if self.channels_last else _to_maps(x)
 
     def _out(self, i: int, x: torch.Tensor) -> torch.Tensor:
         return self.mlps[i](self.out_norms[i](x))

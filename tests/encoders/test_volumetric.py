@@ -188,3 +188,19 @@ def test_in_package_registry():
     assert isinstance(m, SegMambaEncoder) and m.in_chans == 4
     with pytest.raises(ValueError, match="never downloaded"):
         create_volumetric_encoder("vmamba3d_tiny", pretrained=True)
+
+
+def test_segmamba_channels_last_maps_give_the_same_features_and_gradients():
+    torch.manual_seed(0)
+    kw = dict(in_chans=2, dims=(8, 16, 16, 16), depths=(1, 1, 1, 1), d_state=2)
+    ref, cl = SegMambaEncoder(**kw), SegMambaEncoder(**kw, channels_last=True)
+    cl.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 2, 9, 12, 16) * 2 + 1
+    xr, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fr, fc = ref(xr), cl(xc)
+    assert [f.shape for f in fr] == [f.shape for f in fc]
+    for a, b in zip(fr, fc):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+    sum(f.square().sum() for f in fr).backward()
+    sum(f.square().sum() for f in fc).backward()
+    assert torch.allclose(xr.grad, xc.grad, rtol=1e-4, atol=1e-5)
