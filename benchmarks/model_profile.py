@@ -106,6 +106,34 @@ def kernel_profile(step, steps: int = 5, top: int = 40) -> dict:
                 kernels_per_step=sum(cnt.values()))
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::convolution_backward",
+              "aten::cudnn_convolution", "aten::_convolution")
+
+
+def op_shapes_profile(step, steps: int = 3, ops: tuple[str, ...] = MATMUL_OPS, top: int = 20) -> list[dict]:
+    """Device time per step of the ``ops`` (aten operators, matrix products and convolutions by
+    default) grouped by their input shapes: which GEMM / convolution shapes the kernel time of
+    :func:`kernel_profile`'s "matmul" and "conv" groups comes from. CPU time where there is no GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=acts, record_shapes=True) as prof:
+        for _ in range(steps):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages(group_by_input_shape=True):
+        if ev.key not in ops:
+            continue
+        t = (getattr(ev, "device_time_total", 0) or 0) if cuda else ev.cpu_time_total
+        rows.append(dict(op=ev.key, shapes=str(ev.input_shapes)[:160], ms=t / steps / 1e3, calls=ev.count // steps))
+    return sorted(rows, key=lambda r: -r["ms"])[:top]
+
+
 def host_syncs(step) -> dict:
     """Device-to-host synchronisations in one step, by Python source line (``torch.cuda``'s sync debug
     mode warns once per synchronising call). A step that is slower than its kernels (host-bound)

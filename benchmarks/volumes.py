@@ -126,9 +126,10 @@ def bench_train(model: torch.nn.Module, args: argparse.Namespace, device: torch.
     mem = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     prof = None
     if getattr(args, "profile", False) and device.type == "cuda":
-        from model_profile import kernel_profile  # kernel time per step by group, top kernels
+        from model_profile import kernel_profile, op_shapes_profile  # kernel time by group / GEMM shape
 
         prof = kernel_profile(step, steps=3, top=25)
+        prof["matmul_conv_shapes"] = op_shapes_profile(step, steps=2)
     return {**({"profile": prof} if prof else {}), "step_s": med, "volumes_per_s": args.batch / med, "peak_gib": mem,
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6}
 
@@ -230,6 +231,9 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{k} {v:.1f}" for k, v in prof["groups_ms"].items()), flush=True)
             for t in prof["top"][:15]:
                 print(f"  {t['ms']:7.2f} ms x{t['calls']:4d} {t['kernel']}", flush=True)
+            print("  matrix products and convolutions by input shape (device ms per step, incl. their kernels):")
+            for t in prof["matmul_conv_shapes"][:15]:
+                print(f"  {t['ms']:7.2f} ms x{t['calls']:3d} {t['op']} {t['shapes']}", flush=True)
     result = {**info, "train": rows}
     if not args.no_sw:
         result["sliding_window"] = bench_sliding_window(args, device)
