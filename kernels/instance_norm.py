@@ -298,8 +298,7 @@ def _empty_as(x: torch.Tensor, cl: bool) -> torch.Tensor:
     return _empty(*x.shape, device=x.device, dtype=x.dtype)
 
 
-def _forward(x, cl, weight, bias, eps, act, slope):
-    p = _plan(x, cl)
+def _forward(x, p, weight, bias, eps, act, slope):
     meta = _meta(p, x.dtype)
     sdt = _stat_dtype(x.dtype)
     part = _empty(2, p.B, p.n_split, p.C, device=x.device, dtype=sdt)
@@ -310,7 +309,7 @@ def _forward(x, cl, weight, bias, eps, act, slope):
     _finalize_kernel[(triton.cdiv(p.B * p.C, BLOCK_R),)](
         part, mean, rstd, p.B, p.C, p.S, p.n_split, p.tiles_per_split * p.block_s,
         EPS=eps, BLOCK_R=BLOCK_R, CT=meta["CT"])
-    y = _empty_as(x, cl)
+    y = _empty_as(x, p.cl)
     _norm_kernel[(p.B * p.n_stile * p.n_cblk,)](
         x, y, mean, rstd, mean if weight is None else weight, mean if bias is None else bias,
         p.C, p.S, p.n_stile, p.n_cblk, SLOPE=slope,
@@ -318,11 +317,10 @@ def _forward(x, cl, weight, bias, eps, act, slope):
     return y, mean, rstd
 
 
-def _backward(dy, x, cl, weight, mean, rstd, y, act, slope, need_dx):
-    """(dx or None, dweight, dbias); the parameter gradients in the statistics dtype."""
-    p = _plan(x, cl)
+def _backward(dy, x, p, weight, mean, rstd, y, act, slope, need_dx):
+    """(dx or None, dweight, dbias) with the forward's plan p; the parameter gradients in the statistics dtype."""
     meta = _meta(p, x.dtype)
-    dy = dy.movedim(1, -1).contiguous() if cl else dy.contiguous()
+    dy = dy.movedim(1, -1).contiguous() if p.cl else dy.contiguous()
     y = x if y is None else y  # ACT == 0 never reads it
     part = _empty(2, p.B, p.n_split, p.C, device=x.device, dtype=mean.dtype)
     _bwd_stats_kernel[(p.B * p.n_split * p.n_cblk,)](
@@ -331,7 +329,7 @@ def _backward(dy, x, cl, weight, mean, rstd, y, act, slope, need_dx):
     sums = part.sum(2)  # (2, B, C): sum(g), sum(g * xhat) per row
     dx = None
     if need_dx:
-        dx = _empty_as(x, cl)
+        dx = _empty_as(x, p.cl)
         _bwd_dx_kernel[(p.B * p.n_stile * p.n_cblk,)](
             x, dy, y, dx, mean, rstd, mean if weight is None else weight, sums, p.B, p.C, p.S,
             p.n_stile, p.n_cblk, SLOPE=slope, HAS_W=weight is not None, ACT=_ACTS[act], **meta)
@@ -343,10 +341,11 @@ class _InstanceNormAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, act, slope):
         x, cl = _layout(x)
+        p = _plan(x, cl)
         with on_device(x):
-            y, mean, rstd = _forward(x, cl, weight, bias, eps, act, slope)
+            y, mean, rstd = _forward(x, p, weight, bias, eps, act, slope)
         ctx.save_for_backward(x, weight, mean, rstd, None if act == "none" else y)
-        ctx.cl, ctx.act, ctx.slope = cl, act, slope
+        ctx.plan, ctx.act, ctx.slope = p, act, slope
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y
 
@@ -354,7 +353,7 @@ class _InstanceNormAct(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, mean, rstd, y = ctx.saved_tensors
         with on_device(x):
-            dx, dweight, dbias = _backward(dy, x, ctx.cl, weight, mean, rstd, y, ctx.act, ctx.slope,
+            dx, dweight, dbias = _backward(dy, x, ctx.plan, weight, mean, rstd, y, ctx.act, ctx.slope,
                                            ctx.needs_input_grad[0])
         dweight = dweight.to(weight.dtype) if ctx.needs_input_grad[1] else None
         dbias = dbias.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import itertools
 import os
 import re
@@ -148,10 +149,13 @@ def sass_opcodes(sass: str) -> Counter:
     return c
 
 
-def sass_counts(ops: Counter) -> dict:
-    def pre(*names):
-        return sum(v for k, v in ops.items() if any(k == n or k.startswith(n + ".") for n in names))
+def _prefix_count(ops: Counter, *names: str) -> int:
+    """Instructions whose opcode is one of ``names`` or starts with one of them plus a '.' modifier."""
+    return sum(v for k, v in ops.items() if any(k == n or k.startswith(n + ".") for n in names))
 
+
+def sass_counts(ops: Counter) -> dict:
+    pre = functools.partial(_prefix_count, ops)
     return dict(
         sass_total=sum(ops.values()),
         sass_LDL=pre("LDL"), sass_STL=pre("STL"),
@@ -182,9 +186,7 @@ def ptx_opcodes(ptx: str) -> Counter:
 
 
 def ptx_counts(ops: Counter) -> dict:
-    def pre(*names):
-        return sum(v for k, v in ops.items() if any(k == n or k.startswith(n + ".") for n in names))
-
+    pre = functools.partial(_prefix_count, ops)
     def fam(op, ty=".f32"):
         return sum(v for k, v in ops.items() if k.split(".")[0] == op and k.endswith(ty))
 
