@@ -140,7 +140,6 @@ def _fwd_kernel(
     HAS_H0: tl.constexpr, STORE_STATES: tl.constexpr,
     T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, CT: tl.constexpr,
     X_PER_ROUTE: tl.constexpr = False,
-    SEED: tl.constexpr = False,  # experimental: the carried state enters the scan (see scan_fwd)
 ):
     pid_c, b64, k, pid_d, d, dmask, n, nmask, offs_t = _program_coords(k0, KL, Dm, N, BD, NP, T)
     A, bias, Dv = _route_params(A_ptr, bias_ptr, D_ptr, k, Dm, N, d, dmask, n, nmask, HAS_BIAS, HAS_D, BD, CT)
@@ -165,12 +164,9 @@ def _fwd_kernel(
         )
         a = tl.exp(delta[:, None, :] * A[None, :, :])  # (T, NP, BD)
         u = (delta * xv)[:, None, :] * Bv[:, :, None]
-        if SEED:
-            # the carried state enters the first step, so the scan's decay products go unused
-            _a_cum, h_all = tl.associative_scan((a, tl.where(first, u + a * h[None, :, :], u)), 0, _combine)
-        else:
-            a_cum, h_loc = tl.associative_scan((a, u), 0, _combine)
-            h_all = h_loc + a_cum * h[None, :, :]
+        # the carried state enters the tile's first step, so the scan's decay products go unused
+        # (rather than h_all = h_loc + a_cum * h after the scan: H100 fwd S4 1.25 -> 1.16 ms)
+        _a_cum, h_all = tl.associative_scan((a, tl.where(first, u + a * h[None, :, :], u)), 0, _combine)
         h = tl.sum(tl.where(last, h_all, 0.0), axis=0)
         if PHASE == 1:
             dsum += tl.sum(delta, axis=0)
@@ -275,7 +271,6 @@ def _bwd_kernel(
     HAS_G0: tl.constexpr,  # start from the carried dh in g_ptr (chunk-parallel)
     T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, CT: tl.constexpr,
     X_PER_ROUTE: tl.constexpr = False,  # x is (b, L, K, D): one input per route (dx likewise)
-    SEED: tl.constexpr = False,  # experimental: carried gradient and state enter the scans (see scan_fwd)
 ):
     pid_c, b64, k, pid_d, d, dmask, n, nmask, offs_t = _program_coords(k0, KL, Dm, N, BD, NP, T)
     nd_mask = nmask[:, None] & dmask[None, :]
@@ -325,16 +320,13 @@ def _bwd_kernel(
         # flips are register renames, whereas Triton lowers reverse=True with a 5-shuffle lane
         # reversal of every input and output value (640 SHFL of the 2976 SASS instructions at N=16)
         a = tl.exp(delta[:, None, :] * A[None, :, :])
-        if SEED:
-            # a_{s+1} dh_{s+1} after the tile enters the last step: the decay products go unused
-            e = tl.where(last, e + gA[None, :, :], e)
-        _f, qa, v = tl.associative_scan(
+        # a_{s+1} dh_{s+1} after the tile enters its last step, so the scan's decay products go
+        # unused (rather than dh = v + qa * gA after the scan)
+        e = tl.where(last, e + gA[None, :, :], e)
+        _f, _qa, v = tl.associative_scan(
             (tl.flip(a, 0), tl.full([T, NP, BD], 1.0, CT), tl.flip(e, 0)), 0, _combine_seg
         )
-        if SEED:
-            dh = tl.flip(v, 0)
-        else:
-            dh = tl.flip(v, 0) + tl.flip(qa, 0) * gA[None, :, :]
+        dh = tl.flip(v, 0)
         g = tl.sum(tl.where(first, dh, 0.0), axis=0)
         gA = tl.sum(tl.where(first, a, 0.0), axis=0) * g
         if PHASE == 1:
@@ -346,11 +338,7 @@ def _bwd_kernel(
             h0 = tl.load(states_ptr + (st_base + c) * N * Dm + st_off, mask=nd_mask, other=0.0).to(CT)
             bx = Bv[:, :, None] * xv[:, None, :]  # B_s x_s (T, NP, BD)
             u = delta[:, None, :] * bx
-            if SEED:
-                _a_cum, h_all = tl.associative_scan((a, tl.where(first, u + a * h0[None, :, :], u)), 0, _combine)
-            else:
-                a_cum, h_loc = tl.associative_scan((a, u), 0, _combine)
-                h_all = h_loc + a_cum * h0[None, :, :]
+            _a_cum, h_all = tl.associative_scan((a, tl.where(first, u + a * h0[None, :, :], u)), 0, _combine)
             # a_s * h_{s-1}, exactly 0 where a_s underflows. The GPU contracts h_all - delta * bx
             # into an FMA, which leaves the rounding error of u instead of 0 (eps |u|; times A = -1e4
             # at delta = 1e4, an error of ~10 in ddelta). Where a_s > 0, |delta A| < 104 bounds that
@@ -520,14 +508,6 @@ def _tiles_per_chunk(n_tiles: int, programs: int, n_sm: int, override: int | Non
     return max(2, -(-n_tiles // want_chunks))
 
 
-def _seed() -> bool:
-    """MAMBA_DENSE_SCAN_SEED=1 (read at each call; experimental, not yet timed on a GPU): the state
-    carried into a tile is added to its first step before the tile's scan (and the carried gradient
-    to its last step in the backward) instead of being propagated with the scan's decay products
-    afterwards, which then go unused (ahead-of-time SASS, sm_90a: forward N=16 1432 -> 1320
-    instructions, backward N=16 2152 -> 2016 and N=1 3000 -> 2856 with no spills left)."""
-    return os.environ.get("MAMBA_DENSE_SCAN_SEED", "0") == "1"
-
 
 def _merge_strategy() -> str:
     """How routes are merged (both deterministic): "buffer" (default) writes per-route outputs and
@@ -580,7 +560,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
     dummy = states
     common = dict(
         HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
-        T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps, X_PER_ROUTE=x_per_route, SEED=_seed(),
+        T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps, X_PER_ROUTE=x_per_route,
     )
     cover = route_coverage(route, L)
     if chunked:
@@ -661,7 +641,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
     kw = dict(
         HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         DY_PER_ROUTE=(merge == "none"), T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps,
-        X_PER_ROUTE=x_per_route, SEED=_seed(),
+        X_PER_ROUTE=x_per_route,
     )
     gbuf = gsum = dummy
     if chunked:

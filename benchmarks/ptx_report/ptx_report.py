@@ -86,8 +86,7 @@ def build_source(kernel: str, N: int, T: int, BD: int, NP: int, spec: str):
     from triton.compiler import ASTSource
 
     ts = _import_scan()
-    flags = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, T=T, BD=BD, NP=NP, CT=tl.float32, X_PER_ROUTE=False,
-                 SEED=os.environ.get("MAMBA_DENSE_SCAN_SEED", "0") == "1")
+    flags = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, T=T, BD=BD, NP=NP, CT=tl.float32, X_PER_ROUTE=False)
     if kernel == "fwd":
         fn, ptrs = ts._fwd_kernel, FWD_PTRS
         cx = dict(MODE=0, PHASE=0, HAS_H0=False, STORE_STATES=True, **flags)
