@@ -20,6 +20,19 @@ reference (``kernels/reference.py``). See ``selective_scan`` for the full contra
 
 from __future__ import annotations
 
+if __name__ != "mamba_dense.kernels":
+    # This folder installs as mamba_dense.kernels. Imported a second time as a top-level "kernels"
+    # (a checkout root on sys.path, and a library probing for Hugging Face's `kernels` package, as
+    # transformers does), it would register mamba_dense::scan_fwd again, and torch.library drops the
+    # first registration, leaving the first module's op dangling: a use-after-free that surfaced as
+    # an intermittent "ValueError: vector::reserve" or a segfault in the next scan call.
+    raise ImportError(
+        f"{__path__[0]} is the package mamba_dense.kernels, not a top-level "
+        f"{__name__!r}; import mamba_dense.kernels (a checkout root on sys.path makes this folder look "
+        "like a top-level package)",
+        name=__name__,
+    )
+
 import os
 
 import torch
