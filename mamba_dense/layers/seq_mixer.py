@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mamba_dense.kernels import route_conv as _route_conv
 from mamba_dense.kernels import routes as _routes
 from mamba_dense.kernels import selective_scan
 
@@ -179,13 +180,18 @@ class RouteMamba(nn.Module):
         plan = route_plan(route, L)
         dev = u.device
         route_d = _routes.to_device(route, dev)
-        uk = self.act(route_conv1d(u, self.conv1d_weight, self.conv1d_bias, route_d, _routes.to_device(plan.inv, dev),
-                                   has_pad=plan.has_pad, covers=plan.covers))
+        inv_d = _routes.to_device(plan.inv, dev)
+        if _route_conv.use_triton(u):
+            # gather, conv, scatter back, SiLU and the (B, L, K, E) layout in one kernel
+            xk = _route_conv.route_conv1d_fused(u, self.conv1d_weight, self.conv1d_bias, route_d, inv_d)
+        else:
+            uk = self.act(route_conv1d(u, self.conv1d_weight, self.conv1d_bias, route_d, inv_d,
+                                       has_pad=plan.has_pad, covers=plan.covers))
+            xk = uk.transpose(1, 2).contiguous()  # (B, L, K, E): one input per route
 
         # Per-route projections of each route's own input, token-major (B, L, K, .).
         ssm = self.ssm
         N, R = ssm.d_state, ssm.dt_rank
-        xk = uk.transpose(1, 2).contiguous()  # (B, L, K, E): one input per route
         x_dbl = per_route_linear(xk, ssm.x_proj_weight)  # (B, L, K, R + 2N)
         _, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=-1)
         dt = lowrank_dt(x_dbl.reshape(B, L, -1), ssm.dt_projs_weight, N)  # (B, L, K, E)
@@ -210,7 +216,7 @@ class RouteMamba(nn.Module):
 
     def forward(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
         u, z = self.in_proj(x).chunk(2, dim=-1)
-        y = self.scan_routes(u.contiguous(), route).sum(1)
+        y = self.scan_routes(u, route).sum(1)  # u: a strided view of in_proj's output
         if self.divide_out:
             y = y / self.num_routes
         return self.out_proj(y * self.act(z))

@@ -1,0 +1,228 @@
+"""Depthwise causal conv1d along scan routes, + SiLU, fused with the route gather (Triton).
+
+Mamba's mixer runs a short causal depthwise conv (width 4) before its SSM. Along a scan route
+(:mod:`mamba_dense.kernels.routes`) "causal" means in the route's visiting order, so the PyTorch
+path (``mamba_dense.layers.seq_mixer.route_conv1d``) gathers the tokens into visiting order, masks
+the padding steps, transposes for ``F.conv1d``, scatters the result back to token positions,
+masks unvisited tokens, applies SiLU and transposes again into the (B, L, K, E) layout the scan
+reads: about eight full-size passes, and PyTorch's depthwise conv1d runs as a generic 2D kernel
+(H100, SegMamba stage 1 at 128^3: 3.2 ms forward and 6.2 ms backward per call for 2 x 288 x
+262,144 elements, ~20x its memory time).
+
+Here one kernel reads the tokens through the route and writes the (B, L, K, E) result:
+
+    out[b, t, k, e] = act(bias[k, e] + sum_j w[k, e, j] * u[b, route[k, s - (KSZ-1) + j], e]),
+    s = inv[k, t]  (the step at which route k visits token t),
+
+with zeros for steps before the start and for padding steps (-1), and out = 0 where route k never
+visits t (``inv = -1``). The backward recomputes the conv (no pre-activation is stored):
+
+    1. ``_bwd_pre_kernel`` (token order): gpre = g * act'(pre), and per-tile partial sums of
+       gpre (dbias) and gpre * tap input (dweight), reduced afterwards (deterministic, no atomics);
+    2. ``_bwd_du_kernel`` (token order): du[b, t, e] = sum_k sum_j w[k, e, j] *
+       gpre[b, route[k, s + (KSZ-1) - j], k, e], for each token the routes' later steps that read it.
+
+Compute is in fp32 (fp64 for fp64 inputs) with the weights as given (fp32 parameters stay fp32
+under autocast); output and input gradient in u's dtype. ``u`` may be a strided view (the first
+half of ``in_proj``'s output) as long as its channels are contiguous.
+
+CUDA tensors run the kernels; CPU tensors take the PyTorch path in ``seq_mixer.route_conv1d``
+unless ``MAMBA_DENSE_TRITON_CPU=1`` and ``TRITON_INTERPRET=1`` (the tests). Under
+``torch.compile`` the PyTorch path is used too (Inductor fuses it).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_scan import _ct, _empty, on_device
+
+BLOCK_T = 128  # tokens per program
+MAX_BLOCK_E = 32  # channels per program
+
+
+@triton.jit
+def _coords(n_ttile, L, E, BT: tl.constexpr, BE: tl.constexpr):
+    pid = tl.program_id(0)
+    b = (pid // n_ttile).to(tl.int64)
+    t = (pid % n_ttile) * BT + tl.arange(0, BT)
+    e = tl.program_id(1) * BE + tl.arange(0, BE)
+    return pid, b, t, t < L, e, e < E
+
+
+@triton.jit
+def _tap(u_ptr, route_ptr, b, k, s, vis, e, emask, S, stride_ub, stride_ul, sh, CT: tl.constexpr):
+    """u at the step s + sh of route k for each token (0 before the route's start and at padding)."""
+    sj = s + sh
+    ok = vis & (sj >= 0) & (sj < S)
+    src = tl.load(route_ptr + k * S + sj, mask=ok, other=-1)
+    ok = ok & (src >= 0)
+    ptr = u_ptr + b * stride_ub + src[:, None] * stride_ul + e[None, :]
+    return tl.load(ptr, mask=ok[:, None] & emask[None, :], other=0.0).to(CT)
+
+
+@triton.jit
+def _pre(u_ptr, w_ptr, b_ptr, route_ptr, b, k, s, vis, e, emask, E, S, stride_ub, stride_ul,
+         HAS_BIAS: tl.constexpr, KSZ: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, CT: tl.constexpr):
+    """The conv (before the activation) of route k at the tokens' steps s."""
+    acc = tl.zeros([BT, BE], CT)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + k * E + e, mask=emask, other=0.0).to(CT)[None, :]
+    for j in tl.static_range(KSZ):
+        x = _tap(u_ptr, route_ptr, b, k, s, vis, e, emask, S, stride_ub, stride_ul, j - (KSZ - 1), CT)
+        w = tl.load(w_ptr + (k * E + e) * KSZ + j, mask=emask, other=0.0).to(CT)
+        acc += x * w[None, :]
+    return acc
+
+
+@triton.jit
+def _fwd_kernel(u_ptr, w_ptr, b_ptr, route_ptr, inv_ptr, out_ptr, L, S, E, K, stride_ub, stride_ul, n_ttile,
+                HAS_BIAS: tl.constexpr, ACT: tl.constexpr, KSZ: tl.constexpr,
+                BT: tl.constexpr, BE: tl.constexpr, CT: tl.constexpr):
+    _pid, b, t, tmask, e, emask = _coords(n_ttile, L, E, BT, BE)
+    m2 = tmask[:, None] & emask[None, :]
+    for k in range(K):
+        s = tl.load(inv_ptr + k * L + t, mask=tmask, other=-1)
+        vis = s >= 0
+        y = _pre(u_ptr, w_ptr, b_ptr, route_ptr, b, k, s, vis, e, emask, E, S, stride_ub, stride_ul,
+                 HAS_BIAS, KSZ, BT, BE, CT)
+        if ACT:
+            y = y * tl.sigmoid(y)
+        y = tl.where(vis[:, None], y, 0.0)
+        off = ((b * L + t[:, None]) * K + k) * E + e[None, :]
+        tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _bwd_pre_kernel(u_ptr, w_ptr, b_ptr, route_ptr, inv_ptr, g_ptr, gpre_ptr, dw_part_ptr, db_part_ptr,
+                    L, S, E, K, stride_ub, stride_ul, n_ttile,
+                    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, KSZ: tl.constexpr,
+                    BT: tl.constexpr, BE: tl.constexpr, CT: tl.constexpr):
+    """gpre = g * act'(pre) -> (B, L, K, E); partials (P, K, KSZ, E) of dweight and (P, K, E) of dbias."""
+    pid, b, t, tmask, e, emask = _coords(n_ttile, L, E, BT, BE)
+    m2 = tmask[:, None] & emask[None, :]
+    for k in range(K):
+        s = tl.load(inv_ptr + k * L + t, mask=tmask, other=-1)
+        vis = s >= 0
+        off = ((b * L + t[:, None]) * K + k) * E + e[None, :]
+        g = tl.load(g_ptr + off, mask=m2 & vis[:, None], other=0.0).to(CT)
+        if ACT:
+            pre = _pre(u_ptr, w_ptr, b_ptr, route_ptr, b, k, s, vis, e, emask, E, S, stride_ub, stride_ul,
+                       HAS_BIAS, KSZ, BT, BE, CT)
+            sg = tl.sigmoid(pre)
+            g = g * sg * (1.0 + pre * (1.0 - sg))
+        tl.store(gpre_ptr + off, g.to(gpre_ptr.dtype.element_ty), mask=m2)
+        tl.store(db_part_ptr + (pid * K + k) * E + e, tl.sum(g, axis=0), mask=emask)
+        for j in tl.static_range(KSZ):
+            x = _tap(u_ptr, route_ptr, b, k, s, vis, e, emask, S, stride_ub, stride_ul, j - (KSZ - 1), CT)
+            tl.store(dw_part_ptr + ((pid * K + k) * KSZ + j) * E + e, tl.sum(g * x, axis=0), mask=emask)
+
+
+@triton.jit
+def _bwd_du_kernel(gpre_ptr, w_ptr, route_ptr, inv_ptr, du_ptr, L, S, E, K, n_ttile,
+                   KSZ: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, CT: tl.constexpr):
+    """du[b, t] = sum over routes k and taps j of w[k, :, j] * gpre at the step s + KSZ-1-j of route k."""
+    _pid, b, t, tmask, e, emask = _coords(n_ttile, L, E, BT, BE)
+    acc = tl.zeros([BT, BE], CT)
+    for k in range(K):
+        s = tl.load(inv_ptr + k * L + t, mask=tmask, other=-1)
+        vis = s >= 0
+        for j in tl.static_range(KSZ):
+            sd = s + (KSZ - 1 - j)
+            ok = vis & (sd < S)
+            dst = tl.load(route_ptr + k * S + sd, mask=ok, other=-1)
+            ok = ok & (dst >= 0)
+            gp = tl.load(gpre_ptr + ((b * L + dst[:, None]) * K + k) * E + e[None, :],
+                         mask=ok[:, None] & emask[None, :], other=0.0).to(CT)
+            w = tl.load(w_ptr + (k * E + e) * KSZ + j, mask=emask, other=0.0).to(CT)
+            acc += gp * w[None, :]
+    off = (b * L + t[:, None]) * E + e[None, :]
+    tl.store(du_ptr + off, acc.to(du_ptr.dtype.element_ty), mask=tmask[:, None] & emask[None, :])
+
+
+def _grid(B: int, L: int, E: int) -> tuple[tuple[int, int], int, int]:
+    be = min(triton.next_power_of_2(E), MAX_BLOCK_E)
+    n_ttile = triton.cdiv(L, BLOCK_T)
+    return (B * n_ttile, triton.cdiv(E, be)), n_ttile, be
+
+
+def _meta(dtype: torch.dtype, ksz: int, be: int) -> dict:
+    return dict(KSZ=ksz, BT=BLOCK_T, BE=be, CT=_ct(dtype), num_warps=4)
+
+
+class _RouteConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, weight, bias, route, inv, act):
+        B, L, E = u.shape
+        K, S = route.shape
+        ksz = weight.shape[-1]
+        weight = weight.contiguous()
+        grid, n_ttile, be = _grid(B, L, E)
+        out = _empty(B, L, K, E, device=u.device, dtype=u.dtype)
+        with on_device(u):
+            _fwd_kernel[grid](
+                u, weight, weight if bias is None else bias, route, inv, out, L, S, E, K,
+                u.stride(0), u.stride(1), n_ttile, HAS_BIAS=bias is not None, ACT=act, **_meta(u.dtype, ksz, be))
+        ctx.save_for_backward(u, weight, bias, route, inv)
+        ctx.act = act
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        u, weight, bias, route, inv = ctx.saved_tensors
+        B, L, E = u.shape
+        K, S = route.shape
+        ksz = weight.shape[-1]
+        g = g.contiguous()
+        grid, n_ttile, be = _grid(B, L, E)
+        meta = _meta(u.dtype, ksz, be)
+        P = grid[0]
+        cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
+        gpre = _empty(B, L, K, E, device=u.device, dtype=g.dtype)
+        dw_part = _empty(P, K, ksz, E, device=u.device, dtype=cdt)
+        db_part = _empty(P, K, E, device=u.device, dtype=cdt)
+        du = _empty(B, L, E, device=u.device, dtype=u.dtype)
+        with on_device(u):
+            _bwd_pre_kernel[grid](
+                u, weight, weight if bias is None else bias, route, inv, g, gpre, dw_part, db_part,
+                L, S, E, K, u.stride(0), u.stride(1), n_ttile, HAS_BIAS=bias is not None, ACT=ctx.act, **meta)
+            _bwd_du_kernel[grid](gpre, weight, route, inv, du, L, S, E, K, n_ttile, **meta)
+        dw = dw_part.sum(0).transpose(1, 2).to(weight.dtype)  # (K, E, KSZ)
+        db = db_part.sum(0).to(bias.dtype) if bias is not None else None
+        return du, dw, db, None, None, None
+
+
+def use_triton(u: torch.Tensor) -> bool:
+    """CUDA (outside torch.compile) -> the kernels; ``MAMBA_DENSE_TRITON_CPU=1`` runs them on CPU
+    tensors through Triton's interpreter (with ``TRITON_INTERPRET=1``)."""
+    from .routes import _compiling
+
+    if _compiling():
+        return False
+    if u.is_cuda:
+        return True
+    return u.device.type == "cpu" and os.environ.get("MAMBA_DENSE_TRITON_CPU", "0") == "1"
+
+
+def route_conv1d_fused(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, route: torch.Tensor,
+                       inv: torch.Tensor, act: bool = True) -> torch.Tensor:
+    """Depthwise causal conv along each route (+ SiLU with ``act``), in token order.
+
+    Args:
+        u: (B, L, E), channels contiguous (``u.stride(-1) == 1``; other strides are free).
+        weight: (K, E, KSZ), ``nn.Conv1d``'s depthwise layout per route (tap KSZ-1 = current step).
+        bias: (K, E) or None.
+        route: (K, S) int64 on u's device, each token at most once per route, -1 = padding step.
+        inv: (K, L) int64 on u's device, ``routes.inverse(route, L)``.
+        act: apply SiLU.
+
+    Returns:
+        (B, L, K, E) in u's dtype: route k's conv output at token t, 0 where route k never visits t.
+    """
+    if u.stride(-1) != 1:
+        u = u.contiguous()
+    return _RouteConv.apply(u, weight, bias, route.contiguous(), inv.contiguous(), bool(act))
