@@ -31,6 +31,8 @@ def _group(name: str) -> str:
     n = name.lower()
     if "_upce_" in n:
         return "loss"  # upsampled_cross_entropy's kernels
+    if "_rconv_" in n or "implicit_gemm" in n:
+        return "conv"  # the route conv's kernels; cuDNN's implicit-GEMM convolutions (named like GEMMs)
     if any(k in n for k in ("_fwd_kernel", "_bwd_kernel", "_carry_kernel", "_sum_routes", "scan")):
         return "scan"
     if any(k in n for k in ("gemm", "sm90", "cutlass", "nvjet", "matmul", "wgrad", "dgrad")) and "conv" not in n:

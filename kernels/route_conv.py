@@ -17,9 +17,9 @@ Here one kernel reads the tokens through the route and writes the (B, L, K, E) r
 with zeros for steps before the start and for padding steps (-1), and out = 0 where route k never
 visits t (``inv = -1``). The backward recomputes the conv (no pre-activation is stored):
 
-    1. ``_bwd_pre_kernel`` (token order): gpre = g * act'(pre), and per-tile partial sums of
+    1. ``_rconv_bwd_pre_kernel`` (token order): gpre = g * act'(pre), and per-tile partial sums of
        gpre (dbias) and gpre * tap input (dweight), reduced afterwards (deterministic, no atomics);
-    2. ``_bwd_du_kernel`` (token order): du[b, t, e] = sum_k sum_j w[k, e, j] *
+    2. ``_rconv_bwd_du_kernel`` (token order): du[b, t, e] = sum_k sum_j w[k, e, j] *
        gpre[b, route[k, s + (KSZ-1) - j], k, e], for each token the routes' later steps that read it.
 
 Compute is in fp32 (fp64 for fp64 inputs) with the weights as given (fp32 parameters stay fp32
@@ -80,7 +80,7 @@ def _pre(u_ptr, w_ptr, b_ptr, route_ptr, b, k, s, vis, e, emask, E, S, stride_ub
 
 
 @triton.jit
-def _fwd_kernel(u_ptr, w_ptr, b_ptr, route_ptr, inv_ptr, out_ptr, L, S, E, K, stride_ub, stride_ul, n_ttile,
+def _rconv_fwd_kernel(u_ptr, w_ptr, b_ptr, route_ptr, inv_ptr, out_ptr, L, S, E, K, stride_ub, stride_ul, n_ttile,
                 HAS_BIAS: tl.constexpr, ACT: tl.constexpr, KSZ: tl.constexpr,
                 BT: tl.constexpr, BE: tl.constexpr, CT: tl.constexpr):
     _pid, b, t, tmask, e, emask = _coords(n_ttile, L, E, BT, BE)
@@ -98,7 +98,7 @@ def _fwd_kernel(u_ptr, w_ptr, b_ptr, route_ptr, inv_ptr, out_ptr, L, S, E, K, st
 
 
 @triton.jit
-def _bwd_pre_kernel(u_ptr, w_ptr, b_ptr, route_ptr, inv_ptr, g_ptr, gpre_ptr, dw_part_ptr, db_part_ptr,
+def _rconv_bwd_pre_kernel(u_ptr, w_ptr, b_ptr, route_ptr, inv_ptr, g_ptr, gpre_ptr, dw_part_ptr, db_part_ptr,
                     L, S, E, K, stride_ub, stride_ul, n_ttile,
                     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, KSZ: tl.constexpr,
                     BT: tl.constexpr, BE: tl.constexpr, CT: tl.constexpr):
@@ -123,7 +123,7 @@ def _bwd_pre_kernel(u_ptr, w_ptr, b_ptr, route_ptr, inv_ptr, g_ptr, gpre_ptr, dw
 
 
 @triton.jit
-def _bwd_du_kernel(gpre_ptr, w_ptr, route_ptr, inv_ptr, du_ptr, L, S, E, K, n_ttile,
+def _rconv_bwd_du_kernel(gpre_ptr, w_ptr, route_ptr, inv_ptr, du_ptr, L, S, E, K, n_ttile,
                    KSZ: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, CT: tl.constexpr):
     """du[b, t] = sum over routes k and taps j of w[k, :, j] * gpre at the step s + KSZ-1-j of route k."""
     _pid, b, t, tmask, e, emask = _coords(n_ttile, L, E, BT, BE)
@@ -164,7 +164,7 @@ class _RouteConv(torch.autograd.Function):
         grid, n_ttile, be = _grid(B, L, E)
         out = _empty(B, L, K, E, device=u.device, dtype=u.dtype)
         with on_device(u):
-            _fwd_kernel[grid](
+            _rconv_fwd_kernel[grid](
                 u, weight, weight if bias is None else bias, route, inv, out, L, S, E, K,
                 u.stride(0), u.stride(1), n_ttile, HAS_BIAS=bias is not None, ACT=act, **_meta(u.dtype, ksz, be))
         ctx.save_for_backward(u, weight, bias, route, inv)
@@ -187,10 +187,10 @@ class _RouteConv(torch.autograd.Function):
         db_part = _empty(P, K, E, device=u.device, dtype=cdt)
         du = _empty(B, L, E, device=u.device, dtype=u.dtype)
         with on_device(u):
-            _bwd_pre_kernel[grid](
+            _rconv_bwd_pre_kernel[grid](
                 u, weight, weight if bias is None else bias, route, inv, g, gpre, dw_part, db_part,
                 L, S, E, K, u.stride(0), u.stride(1), n_ttile, HAS_BIAS=bias is not None, ACT=ctx.act, **meta)
-            _bwd_du_kernel[grid](gpre, weight, route, inv, du, L, S, E, K, n_ttile, **meta)
+            _rconv_bwd_du_kernel[grid](gpre, weight, route, inv, du, L, S, E, K, n_ttile, **meta)
         dw = dw_part.sum(0).transpose(1, 2).to(weight.dtype)  # (K, E, KSZ)
         db = db_part.sum(0).to(bias.dtype) if bias is not None else None
         return du, dw, db, None, None, None

@@ -144,3 +144,26 @@ def test_kernels_launch_on_the_inputs_gpu_not_the_current_one():
     v = torch.randn(2, 3, 4, 5, 6, generator=g) * 2 + 1
     yn = instance_norm_act(v.to(dev), act="relu")
     assert torch.allclose(yn.cpu(), torch.relu(torch.group_norm(v, 3)), rtol=1e-4, atol=1e-4)
+    # the route conv (forward and backward)
+    from mamba_dense.kernels.route_conv import route_conv1d_fused
+    from mamba_dense.layers.seq_mixer import route_conv1d
+
+    u, wc, bc = torch.randn(2, L, Dm, generator=g), torch.randn(K, Dm, 4, generator=g), torch.randn(K, Dm, generator=g)
+    inv = R.inverse(route, L)
+    ins = [t.to(dev).requires_grad_() for t in (u, wc, bc)]
+    yc = route_conv1d_fused(*ins, route.to(dev), inv.to(dev))
+    gc = torch.autograd.grad(yc.square().sum(), ins)
+    ref_ins = [t.double().requires_grad_() for t in (u, wc, bc)]
+    yc_ref = torch.nn.functional.silu(route_conv1d(*ref_ins, route, inv)).transpose(1, 2)
+    gc_ref = torch.autograd.grad(yc_ref.square().sum(), ref_ins)
+    assert yc.device == dev and torch.allclose(yc.double().cpu(), yc_ref, rtol=1e-4, atol=1e-4)
+    for a, r in zip(gc, gc_ref):
+        assert torch.allclose(a.double().cpu(), r, rtol=1e-4, atol=1e-3)
+    # the upsampled cross-entropy
+    from mamba_dense.tasks._upsample_ce import upsampled_cross_entropy
+
+    logits, target = torch.randn(2, 5, 6, 7, generator=g), torch.randint(0, 5, (2, 24, 28), generator=g)
+    loss = upsampled_cross_entropy(logits.to(dev), target.to(dev), impl="triton")
+    loss_ref = torch.nn.functional.cross_entropy(
+        torch.nn.functional.interpolate(logits.double(), (24, 28), mode="bilinear", align_corners=False), target)
+    assert loss.device == dev and abs(float(loss) - float(loss_ref)) < 1e-4 * abs(float(loss_ref))
