@@ -89,6 +89,31 @@ def test_fp32_inputs_public_api_autograd():
         assert _rel(a, b) < 1e-4
 
 
+def test_wide_channel_block_for_small_n16_backward(monkeypatch):
+    """N = 16 on a launch too small to fill the GPU: the backward takes 16 channels per program
+    (instead of 8) and goes chunk-parallel; gradients still match the fp64 reference."""
+    from mamba_dense.kernels import triton_scan as ts
+
+    monkeypatch.setattr(ts, "_num_sms", lambda dev: 64)  # pretend a large GPU: the launch is "small"
+    monkeypatch.delenv("MAMBA_DENSE_SCAN_CFG", raising=False)
+    assert ts._bwd_channel_block(8, 16, 20, 2 * 3, 64) == 16
+    assert ts._bwd_channel_block(8, 16, 20, 2 * 3, 1) == 8  # fills a 1-SM "GPU": unchanged
+    route = routes.segmamba3d(2, 4, 5).to(DEVICE)  # 40 steps = 5 tiles of 8: chunk-parallel
+    assert ts._tiles_per_chunk(5, 1 * 3 * 1, 64) < 5
+    args = _inputs(1, 40, 3, 12, 16, torch.float32, seed=13)  # 12 channels: one block of 16, masked
+    leaves = [a.clone().requires_grad_() for a in args]
+    y = selective_scan(*leaves, route=route)
+    dy = torch.randn_like(y)
+    g = torch.autograd.grad(y, leaves, dy)
+    ref_leaves = [a.double().requires_grad_() for a in args]
+    y_ref = selective_scan_ref(*ref_leaves, route=route)
+    g_ref = torch.autograd.grad(y_ref, ref_leaves, dy.double())
+    assert _rel(y, y_ref) < 1e-4
+    for name, a, b in zip(("dx", "ddt", "dA", "dB", "dC", "dD", "dbias"), g, g_ref):
+        assert torch.isfinite(a).all(), name
+        assert _rel(a, b) < 1e-4, name
+
+
 def test_bf16_inputs_fp32_output():
     route = routes.bidirectional(24).to(DEVICE)
     args = _inputs(2, 24, 2, 8, 1, torch.float32, seed=5)
