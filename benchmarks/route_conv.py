@@ -60,15 +60,20 @@ def _inputs(batch, L, K, E, dtype, dev, gen):
     return u, w, b
 
 
+def _route(rb, dev):
+    """(route on dev, K, L, inv, has_pad, covers) of a route builder."""
+    route = rb().to(dev)
+    L = int(route.max()) + 1
+    inv = routes.inverse(route, L)
+    return route, route.shape[0], L, inv, bool((route < 0).any()), bool((inv >= 0).all())
+
+
 def check(dev) -> list[dict]:
     os.environ["MAMBA_DENSE_POISON"] = "1"
     gen = torch.Generator(device=dev).manual_seed(0)
     rows = []
     for name, batch, rb, E in CHECKS:
-        route = rb().to(dev)
-        K, L = route.shape[0], int(route.max()) + 1
-        inv = routes.inverse(route, L)
-        has_pad, covers = bool((route < 0).any()), bool((inv >= 0).all())
+        route, K, L, inv, has_pad, covers = _route(rb, dev)
         for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
             u, w, b = _inputs(batch, L, K, E, dtype, dev, gen)
             leaves = [t.detach().requires_grad_() for t in (u, w, b)]
@@ -93,10 +98,7 @@ def bench(dev) -> list[dict]:
     gen = torch.Generator(device=dev).manual_seed(1)
     rows = []
     for name, batch, rb, E in SHAPES:
-        route = rb().to(dev)
-        K, L = route.shape[0], int(route.max()) + 1
-        inv = routes.inverse(route, L)
-        has_pad, covers = bool((route < 0).any()), bool((inv >= 0).all())
+        route, K, L, inv, has_pad, covers = _route(rb, dev)
         u, w, b = _inputs(batch, L, K, E, torch.bfloat16, dev, gen)
         dy = torch.randn(batch, L, K, E, device=dev, generator=gen).to(torch.bfloat16)
         paths = {"fused": lambda *a: route_conv.route_conv1d_fused(*a, route, inv),

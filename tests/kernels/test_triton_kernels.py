@@ -73,9 +73,8 @@ def test_forward_backward_match_reference(case, monkeypatch):
         assert _rel(a, b) < 1e-10, name
 
 
-def test_fp32_inputs_public_api_autograd():
-    route = routes.cross2d(3, 6).to(DEVICE)
-    args = _inputs(1, 18, 4, 12, 2, torch.float32, seed=3)
+def _check_fp32_api(route, args, tol=1e-4):
+    """selective_scan and its 7 gradients on fp32 inputs against the fp64 reference."""
     leaves = [a.clone().requires_grad_() for a in args]
     y = selective_scan(*leaves, route=route)
     dy = torch.randn_like(y)
@@ -84,9 +83,14 @@ def test_fp32_inputs_public_api_autograd():
     y_ref = selective_scan_ref(*ref_leaves, route=route)
     g_ref = torch.autograd.grad(y_ref, ref_leaves, dy.double())
     assert y.dtype == torch.float32
-    assert _rel(y, y_ref) < 1e-4
-    for a, b in zip(g, g_ref):
-        assert _rel(a, b) < 1e-4
+    assert _rel(y, y_ref) < tol
+    for name, a, b in zip(("dx", "ddt", "dA", "dB", "dC", "dD", "dbias"), g, g_ref):
+        assert torch.isfinite(a).all(), name
+        assert _rel(a, b) < tol, name
+
+
+def test_fp32_inputs_public_api_autograd():
+    _check_fp32_api(routes.cross2d(3, 6).to(DEVICE), _inputs(1, 18, 4, 12, 2, torch.float32, seed=3))
 
 
 def test_wide_channel_block_for_small_n16_backward(monkeypatch):
@@ -100,18 +104,8 @@ def test_wide_channel_block_for_small_n16_backward(monkeypatch):
     assert ts._bwd_channel_block(8, 16, 20, 2 * 3, 1) == 8  # fills a 1-SM "GPU": unchanged
     route = routes.segmamba3d(2, 4, 5).to(DEVICE)  # 40 steps = 5 tiles of 8: chunk-parallel
     assert ts._tiles_per_chunk(5, 1 * 3 * 1, 64) < 5
-    args = _inputs(1, 40, 3, 12, 16, torch.float32, seed=13)  # 12 channels: one block of 16, masked
-    leaves = [a.clone().requires_grad_() for a in args]
-    y = selective_scan(*leaves, route=route)
-    dy = torch.randn_like(y)
-    g = torch.autograd.grad(y, leaves, dy)
-    ref_leaves = [a.double().requires_grad_() for a in args]
-    y_ref = selective_scan_ref(*ref_leaves, route=route)
-    g_ref = torch.autograd.grad(y_ref, ref_leaves, dy.double())
-    assert _rel(y, y_ref) < 1e-4
-    for name, a, b in zip(("dx", "ddt", "dA", "dB", "dC", "dD", "dbias"), g, g_ref):
-        assert torch.isfinite(a).all(), name
-        assert _rel(a, b) < 1e-4, name
+    # 12 channels: one block of 16, masked
+    _check_fp32_api(route, _inputs(1, 40, 3, 12, 16, torch.float32, seed=13))
 
 
 def test_bf16_inputs_fp32_output():
