@@ -223,6 +223,32 @@ def route_conv1d_fused(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     Returns:
         (B, L, K, E) in u's dtype: route k's conv output at token t, 0 where route k never visits t.
     """
+    _validate(u, weight, bias, route, inv)
     if u.stride(-1) != 1:
         u = u.contiguous()
     return _RouteConv.apply(u, weight, bias, route.contiguous(), inv.contiguous(), bool(act))
+
+
+def _validate(u, weight, bias, route, inv) -> None:
+    """ValueError naming the argument, the shape it got and the shape it needs."""
+    if u.dim() != 3 or not u.is_floating_point():
+        raise ValueError(f"u must be a floating (B, L, E) tensor, got shape {tuple(u.shape)} {u.dtype}")
+    B, L, E = u.shape
+    if route.dim() != 2 or route.dtype != torch.long:
+        raise ValueError(f"route must be an int64 (K, S) tensor, got shape {tuple(route.shape)} {route.dtype}")
+    K = route.shape[0]
+    need = {"weight": (weight, (K, E)), "bias": (bias, (K, E)), "inv": (inv, (K, L))}
+    for name, (t, shape) in need.items():
+        if t is None:
+            continue
+        got = tuple(t.shape[:2]) if name == "weight" else tuple(t.shape)
+        if got != shape or (name == "weight" and t.dim() != 3):
+            want = f"({K}, {E}, d_conv)" if name == "weight" else str(shape)
+            raise ValueError(f"{name} must have shape {want} for u {tuple(u.shape)} and {K} routes, "
+                             f"got {tuple(t.shape)}")
+        if t.device != u.device:
+            raise ValueError(f"{name} is on {t.device} but u is on {u.device}")
+    if inv.dtype != torch.long:
+        raise ValueError(f"inv must be int64 (routes.inverse(route, L)), got {inv.dtype}")
+    if route.device != u.device:
+        raise ValueError(f"route is on {route.device} but u is on {u.device}")

@@ -508,7 +508,6 @@ def _tiles_per_chunk(n_tiles: int, programs: int, n_sm: int, override: int | Non
     return max(2, -(-n_tiles // want_chunks))
 
 
-
 def _bwd_channel_block(BD: int, NP: int, Dm: int, rows: int, n_sm: int) -> int:
     """The backward's channel block: 16 instead of 8 for N >= 8 when the launch is too small to fill
     the GPU, i.e. goes chunk-parallel (rows = batch x routes per launch). Each program then loads a

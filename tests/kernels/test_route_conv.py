@@ -132,3 +132,19 @@ def test_route_mamba_same_with_either_path(monkeypatch):
         outs.append((y.detach(), xi.grad, m.conv1d_weight.grad.clone(), m.conv1d_bias.grad.clone()))
     for a, b in zip(*outs):
         assert _rel(a, b) < 1e-10
+
+
+@pytest.mark.parametrize("change,words", [
+    (dict(u=torch.zeros(2, 5)), "u must be a floating (B, L, E)"),
+    (dict(weight=torch.zeros(2, 4, 4)), "weight must have shape (3, 5, d_conv)"),
+    (dict(bias=torch.zeros(3, 4)), "bias must have shape (3, 5)"),
+    (dict(inv=torch.zeros(3, 7, dtype=torch.long)), "inv must have shape (3, 6)"),
+    (dict(route=torch.zeros(3, 6)), "route must be an int64 (K, S)"),
+])
+def test_bad_input_names_argument_and_shape(change, words):
+    route = routes.segmamba3d(1, 2, 3)
+    args = dict(u=torch.randn(2, 6, 5), weight=torch.randn(3, 5, 4), bias=torch.randn(3, 5), route=route,
+                inv=routes.inverse(route, 6))
+    args.update(change)
+    with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        route_conv.route_conv1d_fused(**args)
