@@ -134,15 +134,16 @@ def validate_inputs(x, dt, A, B, C, D, dt_bias, route, merge, out_dtype, check_v
             )
 
 
-def _use_triton(x: torch.Tensor) -> bool:
-    """CUDA (and meta, for shape inference) -> the registered Triton op; CPU -> the reference.
+def _triton_on_cpu(t: torch.Tensor) -> bool:
+    """``MAMBA_DENSE_TRITON_CPU=1`` together with ``TRITON_INTERPRET=1`` runs the Triton kernels
+    (scan, instance norm, route conv) on CPU tensors through Triton's interpreter (the tests)."""
+    return t.device.type == "cpu" and os.environ.get("MAMBA_DENSE_TRITON_CPU", "0") == "1"
 
-    ``MAMBA_DENSE_TRITON_CPU=1`` together with ``TRITON_INTERPRET=1`` runs the Triton kernels on
-    CPU tensors through Triton's interpreter (used by the tests).
-    """
-    if x.device.type in ("cuda", "meta"):
-        return True
-    return x.device.type == "cpu" and os.environ.get("MAMBA_DENSE_TRITON_CPU", "0") == "1"
+
+def _use_triton(x: torch.Tensor) -> bool:
+    """CUDA (and meta, for shape inference) -> the registered Triton op; CPU -> the reference,
+    unless :func:`_triton_on_cpu`."""
+    return x.device.type in ("cuda", "meta") or _triton_on_cpu(x)
 
 
 

@@ -41,7 +41,6 @@ interpreter, as the tests do.
 from __future__ import annotations
 
 import math
-import os
 from typing import NamedTuple
 
 import torch
@@ -49,6 +48,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import _triton_on_cpu
 from .triton_scan import _empty, _num_sms, on_device
 
 __all__ = ["instance_norm_act"]
@@ -370,9 +370,7 @@ def _use_triton(x: torch.Tensor) -> bool:
     ``MAMBA_DENSE_TRITON_CPU=1`` together with ``TRITON_INTERPRET=1`` runs the Triton kernels on
     CPU tensors through Triton's interpreter (used by the tests).
     """
-    if x.device.type == "cuda":
-        return True
-    return x.device.type == "cpu" and os.environ.get("MAMBA_DENSE_TRITON_CPU", "0") == "1"
+    return x.device.type == "cuda" or _triton_on_cpu(x)
 
 
 def _reference(x, weight, bias, eps, act, slope):

@@ -33,12 +33,13 @@ unless ``MAMBA_DENSE_TRITON_CPU=1`` and ``TRITON_INTERPRET=1`` (the tests). Unde
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from . import _triton_on_cpu
+from .routes import _compiling
 from .triton_scan import _ct, _empty, on_device
 
 BLOCK_T = 128  # tokens per program
@@ -199,13 +200,7 @@ class _RouteConv(torch.autograd.Function):
 def use_triton(u: torch.Tensor) -> bool:
     """CUDA (outside torch.compile) -> the kernels; ``MAMBA_DENSE_TRITON_CPU=1`` runs them on CPU
     tensors through Triton's interpreter (with ``TRITON_INTERPRET=1``)."""
-    from .routes import _compiling
-
-    if _compiling():
-        return False
-    if u.is_cuda:
-        return True
-    return u.device.type == "cpu" and os.environ.get("MAMBA_DENSE_TRITON_CPU", "0") == "1"
+    return not _compiling() and (u.is_cuda or _triton_on_cpu(u))
 
 
 def route_conv1d_fused(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, route: torch.Tensor,

@@ -338,7 +338,8 @@ class SegMambaEncoder(_Volumetric):
         channels_last: keep the maps in ``torch.channels_last_3d`` memory (NDHWC) from the stem on:
             the token view of a map is then free and cuDNN convolves NDHWC directly, without the
             NCDHW copies around every Mamba stage (False: NCDHW maps; the same values either way).
-            Experimental: not yet timed on a GPU.
+            H100, segmamba_tiny at 128^3: no gain alone (160.8 vs 158.7 ms per step); 150.5 ms with the
+            decoder and the input in channels_last_3d too (``benchmarks/RESULTS.md``).
 
     Shapes: (B, in_chans, D, H, W) -> [(B, dims[i], ceil(D/2^(i+1)), ceil(H/2^(i+1)), ceil(W/2^(i+1)))].
 

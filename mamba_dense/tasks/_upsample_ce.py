@@ -169,15 +169,15 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
         scale = grad.float() / count
         out = torch.empty_like(logits, memory_format=torch.contiguous_format)
         G = torch.empty(C, Hc, Wc, device=logits.device, dtype=gdt)
-        for i in range(B):
-            with on_device(logits):
+        with on_device(logits):
+            for i in range(B):
                 _upce_grad_kernel[(triton.cdiv(P, BP), triton.cdiv(C, BC))](
                     logits[i], target[i], lse[i], G, C, h, w, Wc, P, sh, sw, *logits.stride()[1:], ignore_index,
                     BP=BP, BC=BC, num_warps=warps,
                 )
-            gi = G if rx is None else G @ rx  # (C, Hc, w)
-            gi = gi if ry is None else ry.transpose(0, 1) @ gi  # (C, h, w)
-            out[i] = (gi.float() * scale).to(gdt)
+                gi = G if rx is None else G @ rx  # (C, Hc, w)
+                gi = gi if ry is None else ry.transpose(0, 1) @ gi  # (C, h, w)
+                out[i] = (gi.float() * scale).to(gdt)
         return out, None, None, None
 
 
