@@ -183,12 +183,16 @@ def main(argv: list[str] | None = None) -> dict:
                    help="torch.compile every model's forward (ours and the peers alike); warm-up steps compile")
     p.add_argument("--channels-last", action="store_true",
                    help="every model and its input in torch.channels_last_3d (NDHWC) memory format")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="torch.backends.cudnn.benchmark = True for every model (cuDNN times its algorithms per "
+                        "shape in the warm-up steps, as nnU-Net trains; Trainer(benchmark=True) in Lightning)")
     p.add_argument("--profile", action="store_true",
                    help="also print each model's CUDA kernel time per step by group and its top kernels")
     p.add_argument("--out", default=None, help="folder for volumes.json (default $OUT or .)")
     args = p.parse_args(argv)
     ENCODER_KWARGS.clear()
     ENCODER_KWARGS.update(args.encoder_kwargs)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error("no CUDA device: run on a GPU machine, or use --device cpu for a smoke run")
@@ -239,7 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
         result["sliding_window"] = bench_sliding_window(args, device)
 
     shape = (f"{args.size}^3 x {args.batch}, {args.in_chans} ch, {args.classes} classes, {args.dtype}"
-             f"{', compiled' if args.compile else ''}{', channels_last_3d' if args.channels_last else ''}")
+             f"{', compiled' if args.compile else ''}{', channels_last_3d' if args.channels_last else ''}"
+             f"{', cudnn.benchmark' if args.cudnn_benchmark else ''}")
     print(f"\nTraining step ({shape}) on {info['device']}")
     print(f"{'model':<16} {'params M':>9} {'step ms':>9} {'volumes/s':>10} {'peak GiB':>9}")
     for name, r in rows.items():

@@ -199,13 +199,18 @@ def _fwd_kernel(
 @triton.jit
 def _carry_kernel(
     buf_ptr, dsum_ptr, A_ptr, n_chunks, slot_stride, n_slots, Dm, N, K,
-    REVERSE: tl.constexpr, BLK: tl.constexpr, CT: tl.constexpr,
+    REVERSE: tl.constexpr, BLK: tl.constexpr, CB: tl.constexpr, CT: tl.constexpr,
 ):
     """Carry states across chunks, in place: buf[c] <- state entering chunk c.
 
     Phase 1 left in slot ``c * slot_stride`` the chunk's own contribution (end state from a zero
     start, or for the reverse scan the chunk-start gradient from a zero carry) and in ``dsum`` the
     summed delta whose exp(A * dsum) carries the incoming state across the chunk.
+
+    The recurrence h <- exp(A * dsum_c) * h + own_c is scanned CB chunks at a time
+    (``tl.associative_scan`` over a [CB, BLK] tile): a chain of n_chunks dependent global loads
+    (hundreds of chunks when batch x routes is small, e.g. 235 for a 64^3 volume at N=1) becomes
+    n_chunks / CB rounds of independent loads.
     """
     pid = tl.program_id(0)
     pid_bk = tl.program_id(1)
@@ -216,16 +221,47 @@ def _carry_kernel(
     dd = idx % Dm
     A = tl.load(A_ptr + (k * Dm + dd) * N + nn, mask=mask, other=0.0).to(CT)
     base = pid_bk.to(tl.int64) * n_slots
+    j = tl.arange(0, CB)
+    first = (j == 0)[:, None]
     h = tl.zeros([BLK], dtype=CT)
-    for i in range(0, n_chunks):
+    for i0 in range(0, n_chunks, CB):
+        i = i0 + j  # processing order (chunks in reverse order for the reverse scan)
         if REVERSE:
-            c = (n_chunks - 1 - i) * slot_stride
+            c = n_chunks - 1 - i
+            c_next = n_chunks - 2 - i
+            c0 = n_chunks - 1 - i0
         else:
-            c = i * slot_stride
-        own = tl.load(buf_ptr + (base + c) * N * Dm + idx, mask=mask, other=0.0).to(CT)
-        ds = tl.load(dsum_ptr + (base + c) * Dm + dd, mask=mask, other=0.0).to(CT)
-        tl.store(buf_ptr + (base + c) * N * Dm + idx, h, mask=mask)
-        h = tl.exp(A * ds) * h + own
+            c = i
+            c_next = i + 1
+            c0 = i0
+        m2 = (i < n_chunks)[:, None] & mask[None, :]
+        slot = base + c.to(tl.int64) * slot_stride
+        own = tl.load(buf_ptr + slot[:, None] * N * Dm + idx[None, :], mask=m2, other=0.0).to(CT)
+        ds = tl.load(dsum_ptr + slot[:, None] * Dm + dd[None, :], mask=m2, other=0.0).to(CT)
+        a = tl.exp(A[None, :] * ds)  # 1 past the last chunk (ds = 0, own = 0): h passes unchanged
+        # the incoming state enters the block's first chunk; h_after[j] = state after chunk i0 + j
+        _a_cum, h_after = tl.associative_scan((a, tl.where(first, own + a * h[None, :], own)), 0, _combine)
+        # every thread's loads of this block are done before any slot of it is overwritten
+        tl.debug_barrier()
+        tl.store(buf_ptr + (base + c0.to(tl.int64) * slot_stride) * N * Dm + idx, h.to(buf_ptr.dtype.element_ty), mask=mask)
+        # the state after chunk i enters chunk i + 1, which is in this block unless j = CB - 1
+        m_next = ((i + 1 < n_chunks) & (j < CB - 1))[:, None] & mask[None, :]
+        slot_next = base + c_next.to(tl.int64) * slot_stride
+        tl.store(buf_ptr + slot_next[:, None] * N * Dm + idx[None, :], h_after.to(buf_ptr.dtype.element_ty), mask=m_next)
+        h = tl.sum(tl.where((j == CB - 1)[:, None], h_after, 0.0), axis=0)
+        tl.debug_barrier()  # this block's stores land before the next block's loads (its first slot)
+
+
+def carry(buf, dsum, A, n_chunks: int, slot_stride: int, n_slots: int, Dm: int, N: int, K: int, reverse: bool, rows: int):
+    """Launch the chunk carry over ``rows`` = batch x K (state rows of N x D each).
+    MAMBA_DENSE_CARRY_CB (tuning, a power of 2) sets the chunks scanned per round (default 32;
+    1 walks the chunks one at a time, like a plain loop)."""
+    BLK = 128
+    CB = int(os.environ.get("MAMBA_DENSE_CARRY_CB", "32"))
+    _carry_kernel[(triton.cdiv(N * Dm, BLK), rows)](
+        buf, dsum, A, n_chunks, slot_stride, n_slots, Dm, N, K,
+        REVERSE=reverse, BLK=BLK, CB=CB, CT=_ct(buf.dtype), num_warps=4,
+    )
 
 
 @triton.jit
@@ -481,6 +517,25 @@ def _config(N: int, Dm: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     return T, min(BDf, cap), min(BDb, cap), 1
 
 
+def _reg_cap(kind: str, NP: int, T: int, BD: int, warps: int) -> dict:
+    """Launch option capping the registers per thread of the forward ("fwd") or backward ("bwd").
+
+    The N=16 backward tile (T=8, BD=8, one warp) compiles to 255 registers, which leaves 8 one-warp
+    programs per SM; capped at 168 it spills a little (ptxas: 316 B) but 12 programs fit, and the
+    H100 sweep (benchmarks/RESULTS.md, session 7) ran S4 forward+backward 7.69 -> 6.38 ms and S5 N=16
+    10.07 -> 9.67 ms (152: 6.45 / 9.68; 184: 7.71 / 11.48; 128: slower). The N=1 backward (250
+    registers) and the forwards gained nothing from a cap, so they get none.
+    MAMBA_DENSE_SCAN_MAXNREG="fwd_cap,bwd_cap" (0 = no cap) overrides, for tuning."""
+    env = os.environ.get("MAMBA_DENSE_SCAN_MAXNREG")
+    if env:
+        f, b = (int(v) for v in env.split(","))
+        cap = f if kind == "fwd" else b
+        return {"maxnreg": cap} if cap else {}
+    if kind == "bwd" and (NP, T, BD, warps) == (16, 8, 8, 1):
+        return {"maxnreg": 168}
+    return {}
+
+
 def _ct(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -506,19 +561,6 @@ def _tiles_per_chunk(n_tiles: int, programs: int, n_sm: int, override: int | Non
         return n_tiles
     want_chunks = -(-TARGET_PROGRAMS_PER_SM * n_sm // max(1, programs))
     return max(2, -(-n_tiles // want_chunks))
-
-
-def _bwd_channel_block(BD: int, NP: int, Dm: int, rows: int, n_sm: int) -> int:
-    """The backward's channel block: 16 instead of 8 for N >= 8 when the launch is too small to fill
-    the GPU, i.e. goes chunk-parallel (rows = batch x routes per launch). Each program then loads a
-    tile's B and C once for twice the channels, and the chunks restore the parallelism (H100, S5
-    N=16: forward+backward 11.10 -> 10.01 ms). A launch that fills the GPU keeps 8 (S4 with 16:
-    7.67 -> 9.54 ms). MAMBA_DENSE_SCAN_CFG (tuning) disables the rule."""
-    if os.environ.get("MAMBA_DENSE_SCAN_CFG") or NP < 8 or BD != 8 or Dm <= 8:
-        return BD
-    if rows * triton.cdiv(Dm, BD) >= MIN_PROGRAMS_PER_SM * n_sm:
-        return BD
-    return 16
 
 
 def _merge_strategy() -> str:
@@ -573,6 +615,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
     common = dict(
         HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps, X_PER_ROUTE=x_per_route,
+        **_reg_cap("fwd", NP, T, BD, warps),
     )
     cover = route_coverage(route, L)
     if chunked:
@@ -584,10 +627,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
             MODE=0, PHASE=1, HAS_H0=False, STORE_STATES=False, **common,
         )
         # phase 2: carry across chunks
-        BLK = 256
-        _carry_kernel[(triton.cdiv(N * Dm, BLK), batch * K)](
-            states, dsum, A, n_chunks, tpc, n_tiles, Dm, N, K, REVERSE=False, BLK=BLK, CT=_ct(x.dtype),
-        )
+        carry(states, dsum, A, n_chunks, tpc, n_tiles, Dm, N, K, reverse=False, rows=batch * K)
     phase3 = dict(PHASE=0, HAS_H0=chunked, STORE_STATES=save_states)
     if merge == "none" or _merge_strategy() == "buffer":
         # all routes in one launch, per-route outputs at their tokens; merge="sum" then adds the
@@ -633,7 +673,6 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
     n_tiles = triton.cdiv(S, T)
     dev = x.device
     routes_per_launch = K if (x_per_route or _merge_strategy() == "buffer") else 1
-    BD = _bwd_channel_block(BD, NP, Dm, batch * routes_per_launch, _num_sms(dev))
     n_dblk = triton.cdiv(Dm, BD)
     dy = dy.contiguous()
     cover = route_coverage(route, L)
@@ -655,7 +694,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
     kw = dict(
         HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         DY_PER_ROUTE=(merge == "none"), T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps,
-        X_PER_ROUTE=x_per_route,
+        X_PER_ROUTE=x_per_route, **_reg_cap("bwd", NP, T, BD, warps),
     )
     gbuf = gsum = dummy
     if chunked:
@@ -667,10 +706,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
             batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks,
             DXMODE=4, PHASE=1, HAS_G0=False, **kw,
         )
-        BLK = 256
-        _carry_kernel[(triton.cdiv(N * Dm, BLK), batch * K)](
-            gbuf, gsum, A, n_chunks, 1, n_chunks, Dm, N, K, REVERSE=True, BLK=BLK, CT=_ct(x.dtype),
-        )
+        carry(gbuf, gsum, A, n_chunks, 1, n_chunks, Dm, N, K, reverse=True, rows=batch * K)
     if x_per_route or _merge_strategy() == "buffer":
         xdt = x.dtype if x.dtype in (torch.bfloat16, torch.float32, torch.float64) else torch.float32
         if x_per_route:

@@ -30,7 +30,7 @@ so ``triton_scan.scan_bwd`` runs unchanged on the result.
 
 Parallelism over L (chunks of whole tiles) as in the default: phase 1 runs every chunk from a
 zero state and stores its end state and summed delta in the slot of the chunk's first tile,
-``triton_scan._carry_kernel`` turns them into chunk-start states, and the output pass (phase 3)
+``triton_scan.carry`` turns them into chunk-start states, and the output pass (phase 3)
 starts from them. Chunks are cut when batch * K * channel blocks is below
 MAMBA_DENSE_SEQ_PROGRAMS_PER_SM (default 16) per SM, until the launch has about that many.
 
@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from .triton_scan import (
-    _carry_kernel,
+    carry,
     _config,
     _ct,
     _empty,
@@ -294,10 +294,7 @@ def scan_fwd_seq(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: boo
             x, dt, A, B, C, D_, bias_, route, dummy, states, dsum,
             L, S, Dm, N, K, n_tiles, tpc, PHASE=1, HAS_H0=False, STORE_STATES=False, **common,
         )
-        BLK = 256
-        _carry_kernel[(triton.cdiv(N * Dm, BLK), batch * K)](
-            states, dsum, A, n_chunks, tpc, n_tiles, Dm, N, K, REVERSE=False, BLK=BLK, CT=_ct(x.dtype),
-        )
+        carry(states, dsum, A, n_chunks, tpc, n_tiles, Dm, N, K, reverse=False, rows=batch * K)
     cover = route_coverage(route, L)
     if merge == "none":
         bdt = odt

@@ -241,7 +241,10 @@ def run_one(job: dict) -> dict:
     kernel, N, T, BD, NP, w, spec = (job[k] for k in ("kernel", "N", "T", "BD", "NP", "warps", "spec"))
     t0 = time.time()
     src, _ = build_source(kernel, N, T, BD, NP, spec)
-    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": w})
+    opts = {"num_warps": w}
+    if job.get("maxnreg"):
+        opts["maxnreg"] = job["maxnreg"]
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     ptx = ck.asm["ptx"]
     bin_dir = _nv_bin()
     row = dict(job)
@@ -251,6 +254,8 @@ def run_one(job: dict) -> dict:
         p_ptx, p_bin = os.path.join(td, "k.ptx"), os.path.join(td, "k.cubin")
         Path(p_ptx).write_text(ptx)
         cmd = [str(bin_dir / "ptxas"), "-lineinfo", "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", p_ptx, "-o", p_bin]
+        if job.get("maxnreg"):
+            cmd.insert(1, f"--maxrregcount={job['maxnreg']}")
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"ptxas failed for {job}: {r.stderr[-2000:]}")
@@ -298,7 +303,7 @@ def jobs(spec: str, quick: bool):
 
 
 COLS = [
-    ("kernel", "kernel", "{}"), ("N", "N", "{}"), ("T", "T", "{}"), ("BD", "BD", "{}"), ("warps", "w", "{}"),
+    ("kernel", "kernel", "{}"), ("maxnreg", "cap", "{}"), ("N", "N", "{}"), ("T", "T", "{}"), ("BD", "BD", "{}"), ("warps", "w", "{}"),
     ("elem_per_thr", "el/thr", "{}"), ("regs", "regs", "{}"), ("spill_st_B", "spillSt", "{}"),
     ("spill_ld_B", "spillLd", "{}"), ("stack_B", "stack", "{}"), ("smem_B", "smem", "{}"),
     ("sass_LDL", "LDL", "{}"), ("sass_STL", "STL", "{}"), ("sass_SHFL", "SHFL", "{}"),
@@ -372,11 +377,13 @@ def main():
     ap.add_argument("--spec", choices=("runtime", "plain"), default="runtime")
     ap.add_argument("--out", default="ptx_report", help="output stem inside benchmarks/ptx_report/")
     ap.add_argument("--quick", action="store_true", help="only the current default configs")
+    ap.add_argument("--maxnreg", type=int, nargs="*", default=[0],
+                    help="register caps to compile each config with (0: none; Triton's maxnreg option)")
     ap.add_argument("-j", "--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     args = ap.parse_args()
 
     _import_scan()  # install once in the parent if needed
-    todo = jobs(args.spec, args.quick)
+    todo = [dict(j, maxnreg=m) for j in jobs(args.spec, args.quick) for m in args.maxnreg]
     # keep Triton's cache out of ~/.triton unless the user chose one
     os.environ.setdefault("TRITON_CACHE_DIR", str(Path(tempfile.gettempdir()) / "ptx_report_triton_cache"))
     t0 = time.time()

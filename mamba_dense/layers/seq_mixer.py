@@ -168,10 +168,12 @@ class RouteMamba(nn.Module):
         if self.conv1d_bias is not None:
             nn.init.uniform_(self.conv1d_bias, -bound, bound)
 
-    def scan_routes(self, u: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+    def scan_routes(self, u: torch.Tensor, route: torch.Tensor, merge: str = "none") -> torch.Tensor:
         """Per-route conv + SiLU + SSM of u (B, L, E): -> (B, K, L, E), before the gate.
 
         Route k's output sits at the token positions of route k (D * x skip included).
+        ``merge="sum"`` returns the sum over the routes, (B, L, E), added by the scan operator
+        (its backward then reads one gradient per token instead of a copy per route).
         """
         B, L, E = u.shape
         K = self.num_routes
@@ -209,14 +211,14 @@ class RouteMamba(nn.Module):
             ssm.Ds.to(pdt).contiguous(),
             ssm.dt_projs_bias.to(pdt).contiguous(),
             route=route_d,
-            merge="none",
+            merge=merge,
             dt_softplus=True,
-        )  # (B, L, K, E)
-        return y.transpose(1, 2)
+        )  # (B, L, K, E), or (B, L, E) summed over the routes
+        return y.transpose(1, 2) if merge == "none" else y
 
     def forward(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
         u, z = self.in_proj(x).chunk(2, dim=-1)
-        y = self.scan_routes(u, route).sum(1)  # u: a strided view of in_proj's output
+        y = self.scan_routes(u, route, merge="sum")  # u: a strided view of in_proj's output
         if self.divide_out:
             y = y / self.num_routes
         return self.out_proj(y * self.act(z))

@@ -317,6 +317,8 @@ CHUNKED = [
     ("bidir256-N1", lambda: routes.bidirectional(256), 4, 1, "sum", 1, torch.float32),
     ("bidir256-N1-f64", lambda: routes.bidirectional(256), 4, 1, "none", 3, torch.float64),
     ("cross2d-N4-tpc2", lambda: routes.cross2d(8, 16), 4, 4, "sum", 2, torch.bfloat16),
+    # 38 chunks: more than the carry's block of 32 chunks, so it crosses a block boundary
+    ("bidir1200-N1-38chunks", lambda: routes.bidirectional(1200), 4, 1, "sum", 1, torch.float32),
 ]
 
 

@@ -93,19 +93,59 @@ def test_fp32_inputs_public_api_autograd():
     _check_fp32_api(routes.cross2d(3, 6).to(DEVICE), _inputs(1, 18, 4, 12, 2, torch.float32, seed=3))
 
 
-def test_wide_channel_block_for_small_n16_backward(monkeypatch):
-    """N = 16 on a launch too small to fill the GPU: the backward takes 16 channels per program
-    (instead of 8) and goes chunk-parallel; gradients still match the fp64 reference."""
+def test_n16_backward_register_cap_and_chunked_gradients(monkeypatch):
+    """The N=16 backward tile is launched with a register cap (more programs per SM, H100 sweep);
+    other tiles are not, and MAMBA_DENSE_SCAN_MAXNREG overrides. A chunk-parallel N=16 backward
+    launched with the cap still matches the fp64 reference (the cap changes no arithmetic)."""
     from mamba_dense.kernels import triton_scan as ts
 
-    monkeypatch.setattr(ts, "_num_sms", lambda dev: 64)  # pretend a large GPU: the launch is "small"
-    monkeypatch.delenv("MAMBA_DENSE_SCAN_CFG", raising=False)
-    assert ts._bwd_channel_block(8, 16, 20, 2 * 3, 64) == 16
-    assert ts._bwd_channel_block(8, 16, 20, 2 * 3, 1) == 8  # fills a 1-SM "GPU": unchanged
-    route = routes.segmamba3d(2, 4, 5).to(DEVICE)  # 40 steps = 5 tiles of 8: chunk-parallel
-    assert ts._tiles_per_chunk(5, 1 * 3 * 1, 64) < 5
-    # 12 channels: one block of 16, masked
+    monkeypatch.delenv("MAMBA_DENSE_SCAN_MAXNREG", raising=False)
+    assert ts._reg_cap("bwd", 16, 8, 8, 1) == {"maxnreg": 168}
+    assert ts._reg_cap("bwd", 1, 32, 16, 1) == {}
+    assert ts._reg_cap("bwd", 16, 16, 16, 4) == {}  # fp64 tile
+    assert ts._reg_cap("fwd", 16, 8, 16, 1) == {}
+    monkeypatch.setenv("MAMBA_DENSE_SCAN_MAXNREG", "0,200")
+    assert ts._reg_cap("bwd", 16, 8, 8, 1) == {"maxnreg": 200} and ts._reg_cap("fwd", 16, 8, 16, 1) == {}
+    monkeypatch.delenv("MAMBA_DENSE_SCAN_MAXNREG")
+    monkeypatch.setattr(ts, "_num_sms", lambda dev: 64)  # pretend a large GPU: the launch goes chunk-parallel
+    route = routes.segmamba3d(2, 4, 5).to(DEVICE)  # 40 steps = 5 tiles of 8
+    assert ts._tiles_per_chunk(5, 1 * 3 * 2, 64) < 5
+    # 12 channels: two blocks of 8, the second masked
     _check_fp32_api(route, _inputs(1, 40, 3, 12, 16, torch.float32, seed=13))
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_chunk_carry_matches_a_sequential_loop(reverse, dtype):
+    """The carry between chunks (scanned 32 chunks at a time) equals the plain recurrence
+    h <- exp(A * dsum_c) h + own_c, written to every chunk's slot in place, for 70 chunks (two
+    full blocks and a partial one), strided slots (the forward's one slot per chunk's first tile),
+    and leaves every other slot untouched."""
+    from mamba_dense.kernels import triton_scan as ts
+
+    g = torch.Generator().manual_seed(21 + reverse)
+    batch, K, N, Dm, n_chunks = 1, 2, 2, 3, 70
+    stride = 1 if reverse else 3
+    n_slots = (n_chunks - 1) * stride + 2  # one slot past the last chunk's, never a chunk slot
+    buf = torch.randn(batch * K, n_slots, N, Dm, generator=g, dtype=torch.float64)
+    dsum = torch.rand(batch * K, n_slots, Dm, generator=g, dtype=torch.float64)
+    A = -torch.exp(torch.randn(K, Dm, N, generator=g, dtype=torch.float64) * 0.5)
+    want = buf.clone()
+    for r in range(batch * K):
+        h = torch.zeros(N, Dm, dtype=torch.float64)
+        order = range(n_chunks - 1, -1, -1) if reverse else range(n_chunks)
+        for c in order:
+            slot = c * stride
+            own = buf[r, slot].clone()
+            want[r, slot] = h
+            h = torch.exp(A[r % K].T * dsum[r, slot]) * h + own
+    got = buf.to(DEVICE, dtype)
+    ts.carry(got, dsum.to(DEVICE, dtype), A.to(DEVICE, dtype), n_chunks, stride, n_slots, Dm, N, K, reverse, batch * K)
+    assert _rel(got, want) < (1e-12 if dtype == torch.float64 else 1e-6)
+    chunk_slots = torch.arange(n_chunks) * stride
+    other = torch.ones(n_slots, dtype=torch.bool)
+    other[chunk_slots] = False
+    assert torch.equal(got[:, other].double().cpu(), buf[:, other].to(dtype).double())
 
 
 def test_bf16_inputs_fp32_output():
