@@ -550,7 +550,7 @@ def _num_sms(dev: torch.device) -> int:
 # until it has about TARGET programs per SM (H100 sweep: splitting a launch that already has
 # enough programs costs more in the extra phase than it gains).
 MIN_PROGRAMS_PER_SM = int(os.environ.get("MAMBA_DENSE_MIN_PROGRAMS_PER_SM", "4"))
-TARGET_PROGRAMS_PER_SM = 32
+TARGET_PROGRAMS_PER_SM = int(os.environ.get("MAMBA_DENSE_TARGET_PROGRAMS_PER_SM", "32"))
 
 
 def _tiles_per_chunk(n_tiles: int, programs: int, n_sm: int, override: int | None = None) -> int:
