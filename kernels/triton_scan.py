@@ -548,9 +548,11 @@ def _num_sms(dev: torch.device) -> int:
 
 # Chunk-parallel policy: a launch with fewer than MIN programs per SM is split along L into chunks
 # until it has about TARGET programs per SM (H100 sweep: splitting a launch that already has
-# enough programs costs more in the extra phase than it gains).
+# enough programs costs more in the extra phase than it gains). TARGET was 32 while the carry
+# walked the chunks one at a time; with the block-scanned carry more chunks pay (H100, session 7,
+# f+b ms at 32 / 64 / 128: S2 2.96 / 2.80 / 2.74, S5 N=16 9.59 / 9.29 / 8.99, S5 N=1 2.34 / 2.41 / 2.38).
 MIN_PROGRAMS_PER_SM = int(os.environ.get("MAMBA_DENSE_MIN_PROGRAMS_PER_SM", "4"))
-TARGET_PROGRAMS_PER_SM = int(os.environ.get("MAMBA_DENSE_TARGET_PROGRAMS_PER_SM", "32"))
+TARGET_PROGRAMS_PER_SM = int(os.environ.get("MAMBA_DENSE_TARGET_PROGRAMS_PER_SM", "128"))
 
 
 def _tiles_per_chunk(n_tiles: int, programs: int, n_sm: int, override: int | None = None) -> int:
