@@ -183,9 +183,10 @@ def main(argv: list[str] | None = None) -> dict:
                    help="torch.compile every model's forward (ours and the peers alike); warm-up steps compile")
     p.add_argument("--channels-last", action="store_true",
                    help="every model and its input in torch.channels_last_3d (NDHWC) memory format")
-    p.add_argument("--cudnn-benchmark", action="store_true",
-                   help="torch.backends.cudnn.benchmark = True for every model (cuDNN times its algorithms per "
-                        "shape in the warm-up steps, as nnU-Net trains; Trainer(benchmark=True) in Lightning)")
+    p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
+                   help="torch.backends.cudnn.benchmark for every model (default on: cuDNN times its algorithms "
+                        "per shape in the warm-up steps, as nnU-Net trains and as configs/msd/ set "
+                        "trainer.benchmark; numbers before 2026-11-23 were taken with it off)")
     p.add_argument("--profile", action="store_true",
                    help="also print each model's CUDA kernel time per step by group and its top kernels")
     p.add_argument("--out", default=None, help="folder for volumes.json (default $OUT or .)")
