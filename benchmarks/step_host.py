@@ -1,0 +1,95 @@
+"""Is a 3D model's training step GPU-bound or host-bound? (CUDA only)
+
+To run (repo root, on a GPU machine):
+    python benchmarks/step_host.py [--model segmamba_tiny] [--steps 6]
+
+Prints, per step: the time the host takes to enqueue the step (no sync) and the time until the GPU is
+done; then the synchronizing calls inside one step (``torch.cuda.set_sync_debug_mode("warn")``, with
+their Python stacks) and a cProfile of one step by self time. Same step as benchmarks/volumes.py
+(128^3, batch 2, 4 channels, 4 classes, bf16 autocast, SGD, cuDNN benchmark mode).
+"""
+
+import argparse
+import collections
+import cProfile
+import io
+import pstats
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bootstrap  # noqa: E402,F401
+
+import torch  # noqa: E402
+
+import volumes as V  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="segmamba_tiny", choices=V.OURS)
+    ap.add_argument("--steps", type=int, default=6)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        ap.error("needs a CUDA device")
+    dev = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    model = V.build_ours(args.model, 4, 4, 128).to(dev).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 128, 128, 128, generator=g).to(dev)
+    y = torch.randint(0, 4, (2, 128, 128, 128), generator=g).to(dev)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x)
+        out = out[0] if isinstance(out, (list, tuple)) else out
+        loss = V.dice_ce(out, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    for i in range(args.steps):
+        t0 = time.perf_counter()
+        step()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        print(f"step {i}: host enqueue {1e3 * (t1 - t0):.1f} ms, until GPU done {1e3 * (t2 - t0):.1f} ms", flush=True)
+
+    seen: collections.Counter = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        seen["".join(traceback.format_stack(limit=12)[:-2])] += 1
+
+    shown = warnings.showwarning
+    warnings.showwarning = record
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        step()
+        torch.cuda.set_sync_debug_mode(0)
+    warnings.showwarning = shown
+    print(f"{sum(seen.values())} synchronizing calls in one step (the set_sync_debug_mode call itself may "
+          f"count once), {len(seen)} distinct stacks")
+    for st, n in seen.most_common(8):
+        print(f"--- x{n}\n{st}")
+
+    pr = cProfile.Profile()
+    pr.enable()
+    step()
+    torch.cuda.synchronize()
+    pr.disable()
+    s = io.StringIO()
+    pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(25)
+    print(s.getvalue()[:6000])
+
+
+if __name__ == "__main__":
+    main()
