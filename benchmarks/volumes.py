@@ -100,7 +100,7 @@ def bench_train(model: torch.nn.Module, args: argparse.Namespace, device: torch.
         # one eager forward first: our routes become cached device tensors the graph can treat as constants
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
             model(x)
-        fwd = torch.compile(model, dynamic=False)
+        fwd = torch.compile(model, dynamic=False, mode=getattr(args, "compile_mode", None))
 
     def step() -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help='JSON overrides of our encoders for smoke runs, e.g. \'{"dims": [8, 16, 16, 16]}\'')
     p.add_argument("--compile", action="store_true",
                    help="torch.compile every model's forward (ours and the peers alike); warm-up steps compile")
+    p.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune"),
+                   help="torch.compile mode with --compile (reduce-overhead: CUDA graphs, for host-bound steps)")
     p.add_argument("--channels-last", action="store_true",
                    help="every model and its input in torch.channels_last_3d (NDHWC) memory format")
     p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
@@ -244,7 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["sliding_window"] = bench_sliding_window(args, device)
 
     shape = (f"{args.size}^3 x {args.batch}, {args.in_chans} ch, {args.classes} classes, {args.dtype}"
-             f"{', compiled' if args.compile else ''}{', channels_last_3d' if args.channels_last else ''}"
+             f"{(', compiled ' + (args.compile_mode or 'default')) if args.compile else ''}{', channels_last_3d' if args.channels_last else ''}"
              f"{', cudnn.benchmark' if args.cudnn_benchmark else ''}")
     print(f"\nTraining step ({shape}) on {info['device']}")
     print(f"{'model':<16} {'params M':>9} {'step ms':>9} {'volumes/s':>10} {'peak GiB':>9}")
