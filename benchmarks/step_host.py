@@ -37,20 +37,8 @@ def main() -> None:
         ap.error("needs a CUDA device")
     dev = torch.device("cuda")
     torch.backends.cudnn.benchmark = True
-    model = V.build_ours(args.model, 4, 4, 128).to(dev).train()
-    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 4, 128, 128, 128, generator=g).to(dev)
-    y = torch.randint(0, 4, (2, 128, 128, 128), generator=g).to(dev)
-
-    def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(x)
-        out = out[0] if isinstance(out, (list, tuple)) else out
-        loss = V.dice_ce(out, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    shape = argparse.Namespace(batch=2, in_chans=4, size=128, classes=4, dtype="bf16")
+    step = V.make_train_step(V.build_ours(args.model, shape.in_chans, shape.classes, shape.size), shape, dev)
 
     for _ in range(3):
         step()

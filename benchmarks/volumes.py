@@ -86,8 +86,10 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench_train(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> dict:
-    model = model.to(device).train()
+def make_train_step(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> Callable[[], None]:
+    """One training step of ``model`` on a fixed random batch (SGD, Dice + CE, bf16 autocast unless
+    args.dtype is fp32), with the --channels-last / --compile settings applied; returns the step."""
+    model.to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.99, nesterov=True)
     gen = torch.Generator(device="cpu").manual_seed(0)
     x = torch.randn(args.batch, args.in_chans, *(args.size,) * 3, generator=gen).to(device)
@@ -111,6 +113,11 @@ def bench_train(model: torch.nn.Module, args: argparse.Namespace, device: torch.
         loss.backward()
         opt.step()
 
+    return step
+
+
+def bench_train(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> dict:
+    step = make_train_step(model, args, device)
     for _ in range(args.warmup):
         step()
     sync(device)
