@@ -41,7 +41,7 @@ interpreter, as the tests do.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -318,7 +318,8 @@ def _forward(x, p, weight, bias, eps, act, slope):
 
 
 def _backward(dy, x, p, weight, mean, rstd, y, act, slope, need_dx):
-    """(dx or None, dweight, dbias) with the forward's plan p; the parameter gradients in the statistics dtype."""
+    """(dx or None, (2, C) [dbias, dweight]) with the forward's plan p; the parameter gradients in the
+    statistics dtype."""
     meta = _meta(p, x.dtype)
     dy = dy.movedim(1, -1).contiguous() if p.cl else dy.contiguous()
     y = x if y is None else y  # ACT == 0 never reads it
@@ -333,31 +334,81 @@ def _backward(dy, x, p, weight, mean, rstd, y, act, slope, need_dx):
         _bwd_dx_kernel[(p.B * p.n_stile * p.n_cblk,)](
             x, dy, y, dx, mean, rstd, mean if weight is None else weight, sums, p.B, p.C, p.S,
             p.n_stile, p.n_cblk, SLOPE=slope, HAS_W=weight is not None, ACT=_ACTS[act], **meta)
-    dbias, dweight = sums.sum(1)
-    return dx, dweight, dbias
+    return dx, sums.sum(1)
 
 
-class _InstanceNormAct(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps, act, slope):
-        x, cl = _layout(x)
-        p = _plan(x, cl)
-        with on_device(x):
-            y, mean, rstd = _forward(x, p, weight, bias, eps, act, slope)
-        ctx.save_for_backward(x, weight, mean, rstd, None if act == "none" else y)
-        ctx.plan, ctx.act, ctx.slope = p, act, slope
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        return y
+# The Triton path is registered as two custom ops (``mamba_dense::instance_norm_fwd`` / ``_bwd``)
+# tied by ``register_autograd``: opaque to ``torch.compile`` (no graph break, so a whole 3D model
+# compiles into one graph and ``mode="reduce-overhead"`` can replay it as a CUDA graph), with fake
+# implementations for tracing. (Dynamo tracing into the launches, the alternative, failed in
+# Inductor on the H100 with torch 2.11 / triton 3.6: "loop-carried variable acc_g ... fp32 ...
+# re-assigned to fp64" in the backward statistics kernel.)
 
-    @staticmethod
-    def backward(ctx, dy):
-        x, weight, mean, rstd, y = ctx.saved_tensors
-        with on_device(x):
-            dx, dweight, dbias = _backward(dy, x, ctx.plan, weight, mean, rstd, y, ctx.act, ctx.slope,
-                                           ctx.needs_input_grad[0])
-        dweight = dweight.to(weight.dtype) if ctx.needs_input_grad[1] else None
-        dbias = dbias.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
-        return dx, dweight, dbias, None, None, None
+
+def _is_cl(x: torch.Tensor) -> bool:
+    """Whether the kernels read x as channels-last (the layout rule of ``_layout``)."""
+    return not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
+def _like_layout(x: torch.Tensor, cl: bool) -> torch.Tensor:
+    """torch.empty of x's shape and dtype in the layout the kernels write (fake implementations)."""
+    if cl:
+        return x.new_empty((x.shape[0], *x.shape[2:], x.shape[1])).movedim(-1, 1)
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("mamba_dense::instance_norm_fwd", mutates_args=())
+def _fwd_op(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], eps: float, act: str,
+            slope: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y, mean, rstd); mean and rstd are (B * C,) in the statistics dtype."""
+    x, cl = _layout(x)
+    with on_device(x):
+        return _forward(x, _plan(x, cl), weight, bias, eps, act, slope)
+
+
+@_fwd_op.register_fake
+def _(x, weight, bias, eps, act, slope):
+    n = x.shape[0] * x.shape[1]
+    sdt = _stat_dtype(x.dtype)
+    return _like_layout(x, _is_cl(x)), x.new_empty((n,), dtype=sdt), x.new_empty((n,), dtype=sdt)
+
+
+@torch.library.custom_op("mamba_dense::instance_norm_bwd", mutates_args=())
+def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
+            rstd: torch.Tensor, y: Optional[torch.Tensor], act: str, slope: float,
+            need_dx: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dx, (2, C) [dbias, dweight] in the statistics dtype); dx is empty when not needed."""
+    x, cl = _layout(x)
+    with on_device(x):
+        dx, dbw = _backward(dy, x, _plan(x, cl), weight, mean, rstd, y, act, slope, need_dx)
+    return (dx if dx is not None else x.new_empty((0,))), dbw
+
+
+@_bwd_op.register_fake
+def _(dy, x, weight, mean, rstd, y, act, slope, need_dx):
+    dx = _like_layout(x, _is_cl(x)) if need_dx else x.new_empty((0,))
+    return dx, mean.new_empty((2, x.shape[1]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, eps, act, slope = inputs
+    y, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, weight, mean, rstd, None if act == "none" else y)
+    ctx.act, ctx.slope = act, slope
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward_rule(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd, y = ctx.saved_tensors
+    dx, (dbias, dweight) = _bwd_op(dy, x, weight, mean, rstd, y, ctx.act, ctx.slope, ctx.needs_input_grad[0])
+    dx = dx if ctx.needs_input_grad[0] else None
+    dweight = dweight.to(weight.dtype) if ctx.needs_input_grad[1] else None
+    dbias = dbias.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+    return dx, dweight, dbias, None, None, None
+
+
+_fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
 def _use_triton(x: torch.Tensor) -> bool:
@@ -426,9 +477,5 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
     return _fused(x, weight, bias, float(eps), act, float(negative_slope))
 
 
-@torch.compiler.disable
 def _fused(x, weight, bias, eps, act, slope):
-    # Eager under torch.compile (one graph break per call): when Dynamo traced into these Triton
-    # launches, Inductor's recompilation of the backward statistics kernel failed on the H100 (torch
-    # 2.11 / triton 3.6: "loop-carried variable acc_g ... fp32 ... re-assigned to fp64").
-    return _InstanceNormAct.apply(x, weight, bias, eps, act, slope)
+    return _fwd_op(x, weight, bias, eps, act, slope)[0]

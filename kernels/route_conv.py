@@ -27,19 +27,19 @@ under autocast); output and input gradient in u's dtype. ``u`` may be a strided 
 half of ``in_proj``'s output) as long as its channels are contiguous.
 
 CUDA tensors run the kernels; CPU tensors take the PyTorch path in ``seq_mixer.route_conv1d``
-unless ``MAMBA_DENSE_TRITON_CPU=1`` and ``TRITON_INTERPRET=1`` (the tests). Under
-``torch.compile`` the PyTorch path is used too (Inductor fuses it).
+unless ``MAMBA_DENSE_TRITON_CPU=1`` and ``TRITON_INTERPRET=1`` (the tests). The kernels are custom
+ops (``mamba_dense::route_conv_fwd`` / ``_bwd``): ``torch.compile`` keeps them as opaque calls.
 """
 
 from __future__ import annotations
 
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
 from . import _triton_on_cpu
-from .routes import _compiling
 from .triton_scan import _ct, _empty, on_device
 
 BLOCK_T = 128  # tokens per program
@@ -155,52 +155,83 @@ def _meta(dtype: torch.dtype, ksz: int, be: int) -> dict:
     return dict(KSZ=ksz, BT=BLOCK_T, BE=be, CT=_ct(dtype), num_warps=4)
 
 
-class _RouteConv(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, u, weight, bias, route, inv, act):
-        B, L, E = u.shape
-        K, S = route.shape
-        ksz = weight.shape[-1]
-        weight = weight.contiguous()
-        grid, n_ttile, be = _grid(B, L, E)
-        out = _empty(B, L, K, E, device=u.device, dtype=u.dtype)
-        with on_device(u):
-            _rconv_fwd_kernel[grid](
-                u, weight, weight if bias is None else bias, route, inv, out, L, S, E, K,
-                u.stride(0), u.stride(1), n_ttile, HAS_BIAS=bias is not None, ACT=act, **_meta(u.dtype, ksz, be))
-        ctx.save_for_backward(u, weight, bias, route, inv)
-        ctx.act = act
-        return out
+# Registered as custom ops tied by register_autograd: opaque to torch.compile (no graph break; the
+# compiled graph runs these kernels), with fake implementations for tracing.
 
-    @staticmethod
-    def backward(ctx, g):
-        u, weight, bias, route, inv = ctx.saved_tensors
-        B, L, E = u.shape
-        K, S = route.shape
-        ksz = weight.shape[-1]
-        g = g.contiguous()
-        grid, n_ttile, be = _grid(B, L, E)
-        meta = _meta(u.dtype, ksz, be)
-        P = grid[0]
-        cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
-        gpre = _empty(B, L, K, E, device=u.device, dtype=g.dtype)
-        dw_part = _empty(P, K, ksz, E, device=u.device, dtype=cdt)
-        db_part = _empty(P, K, E, device=u.device, dtype=cdt)
-        du = _empty(B, L, E, device=u.device, dtype=u.dtype)
-        with on_device(u):
-            _rconv_bwd_pre_kernel[grid](
-                u, weight, weight if bias is None else bias, route, inv, g, gpre, dw_part, db_part,
-                L, S, E, K, u.stride(0), u.stride(1), n_ttile, HAS_BIAS=bias is not None, ACT=ctx.act, **meta)
-            _rconv_bwd_du_kernel[grid](gpre, weight, route, inv, du, L, S, E, K, n_ttile, **meta)
-        dw = dw_part.sum(0).transpose(1, 2).to(weight.dtype)  # (K, E, KSZ)
-        db = db_part.sum(0).to(bias.dtype) if bias is not None else None
-        return du, dw, db, None, None, None
+
+@torch.library.custom_op("mamba_dense::route_conv_fwd", mutates_args=())
+def _fwd_op(u: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], route: torch.Tensor,
+            inv: torch.Tensor, act: bool) -> torch.Tensor:
+    B, L, E = u.shape
+    K, S = route.shape
+    ksz = weight.shape[-1]
+    weight = weight.contiguous()
+    grid, n_ttile, be = _grid(B, L, E)
+    out = _empty(B, L, K, E, device=u.device, dtype=u.dtype)
+    with on_device(u):
+        _rconv_fwd_kernel[grid](
+            u, weight, weight if bias is None else bias, route, inv, out, L, S, E, K,
+            u.stride(0), u.stride(1), n_ttile, HAS_BIAS=bias is not None, ACT=act, **_meta(u.dtype, ksz, be))
+    return out
+
+
+@_fwd_op.register_fake
+def _(u, weight, bias, route, inv, act):
+    return u.new_empty((u.shape[0], u.shape[1], route.shape[0], u.shape[2]))
+
+
+@torch.library.custom_op("mamba_dense::route_conv_bwd", mutates_args=())
+def _bwd_op(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+            route: torch.Tensor, inv: torch.Tensor, act: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(du (B, L, E) contiguous, dweight (K, E, KSZ), dbias (K, E); dbias is empty without a bias)."""
+    B, L, E = u.shape
+    K, S = route.shape
+    ksz = weight.shape[-1]
+    weight = weight.contiguous()
+    g = g.contiguous()
+    grid, n_ttile, be = _grid(B, L, E)
+    meta = _meta(u.dtype, ksz, be)
+    P = grid[0]
+    cdt = torch.float64 if u.dtype == torch.float64 else torch.float32
+    gpre = _empty(B, L, K, E, device=u.device, dtype=g.dtype)
+    dw_part = _empty(P, K, ksz, E, device=u.device, dtype=cdt)
+    db_part = _empty(P, K, E, device=u.device, dtype=cdt)
+    du = _empty(B, L, E, device=u.device, dtype=u.dtype)
+    with on_device(u):
+        _rconv_bwd_pre_kernel[grid](
+            u, weight, weight if bias is None else bias, route, inv, g, gpre, dw_part, db_part,
+            L, S, E, K, u.stride(0), u.stride(1), n_ttile, HAS_BIAS=bias is not None, ACT=act, **meta)
+        _rconv_bwd_du_kernel[grid](gpre, weight, route, inv, du, L, S, E, K, n_ttile, **meta)
+    dw = dw_part.sum(0).transpose(1, 2).contiguous().to(weight.dtype)  # (K, E, KSZ)
+    db = db_part.sum(0).to(bias.dtype) if bias is not None else weight.new_empty((0,))
+    return du, dw, db
+
+
+@_bwd_op.register_fake
+def _(g, u, weight, bias, route, inv, act):
+    db = bias.new_empty(bias.shape) if bias is not None else weight.new_empty((0,))
+    return u.new_empty(u.shape), weight.new_empty(weight.shape), db
+
+
+def _setup_context(ctx, inputs, output):
+    u, weight, bias, route, inv, act = inputs
+    ctx.save_for_backward(u, weight, bias, route, inv)
+    ctx.act = act
+
+
+def _backward_rule(ctx, g):
+    u, weight, bias, route, inv = ctx.saved_tensors
+    du, dw, db = _bwd_op(g, u, weight, bias, route, inv, ctx.act)
+    return du, dw, (db if bias is not None else None), None, None, None
+
+
+_fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
 def use_triton(u: torch.Tensor) -> bool:
-    """CUDA (outside torch.compile) -> the kernels; ``MAMBA_DENSE_TRITON_CPU=1`` runs them on CPU
+    """CUDA -> the kernels; ``MAMBA_DENSE_TRITON_CPU=1`` runs them on CPU
     tensors through Triton's interpreter (with ``TRITON_INTERPRET=1``)."""
-    return not _compiling() and (u.is_cuda or _triton_on_cpu(u))
+    return u.is_cuda or _triton_on_cpu(u)
 
 
 def route_conv1d_fused(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, route: torch.Tensor,
@@ -221,7 +252,7 @@ def route_conv1d_fused(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     _validate(u, weight, bias, route, inv)
     if u.stride(-1) != 1:
         u = u.contiguous()
-    return _RouteConv.apply(u, weight, bias, route.contiguous(), inv.contiguous(), bool(act))
+    return _fwd_op(u, weight, bias, route.contiguous(), inv.contiguous(), bool(act))
 
 
 def _validate(u, weight, bias, route, inv) -> None:

@@ -62,6 +62,14 @@ __all__ = [
 ]
 
 _segmamba_route = functools.lru_cache(maxsize=64)(_routes.segmamba3d)
+
+
+def _segmamba_inverse(d: int, h: int, w: int) -> torch.Tensor:
+    """``routes.inverse`` of SegMamba's routes for a d x h x w map (a route builder for device_route)."""
+    return _routes.inverse(_segmamba_route(d, h, w), d * h * w)
+
+
+_SEGMAMBA_KEYS = (_routes.source_key(_segmamba_route), _routes.source_key(_segmamba_inverse))
 _axes3d_route = functools.lru_cache(maxsize=64)(_routes.axes3d)
 
 
@@ -163,7 +171,10 @@ class ToMLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, D, H, W, C = x.shape
-        y = self.mamba(self.norm(x).reshape(B, D * H * W, C), _segmamba_route(D, H, W))
+        # routes and their inverses as cached device tensors looked up by string keys: no graph
+        # break under torch.compile (see routes.device_route)
+        route, inv = (_routes.device_route(key, D, H, W, device=x.device) for key in _SEGMAMBA_KEYS)
+        y = self.mamba(self.norm(x).reshape(B, D * H * W, C), route, inv)
         return x + self.drop_path(y.view(B, D, H, W, C))
 
 

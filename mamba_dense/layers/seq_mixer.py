@@ -168,27 +168,40 @@ class RouteMamba(nn.Module):
         if self.conv1d_bias is not None:
             nn.init.uniform_(self.conv1d_bias, -bound, bound)
 
-    def scan_routes(self, u: torch.Tensor, route: torch.Tensor, merge: str = "none") -> torch.Tensor:
+    def scan_routes(
+        self, u: torch.Tensor, route: torch.Tensor, merge: str = "none", inv: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Per-route conv + SiLU + SSM of u (B, L, E): -> (B, K, L, E), before the gate.
 
         Route k's output sits at the token positions of route k (D * x skip included).
         ``merge="sum"`` returns the sum over the routes, (B, L, E), added by the scan operator
         (its backward then reads one gradient per token instead of a copy per route).
+        ``inv``: ``routes.inverse(route, L)`` already on u's device, with ``route`` there too (what
+        ``routes.device_route`` gives under ``torch.compile``, where the per-route plan cache, keyed by
+        tensor identity, cannot run); by default both come from the plan cache.
         """
         B, L, E = u.shape
         K = self.num_routes
         if route.shape[0] != K:
             raise ValueError(f"route has {route.shape[0]} routes but this RouteMamba was built with num_routes={K}")
-        plan = route_plan(route, L)
         dev = u.device
-        route_d = _routes.to_device(route, dev)
-        inv_d = _routes.to_device(plan.inv, dev)
+        if inv is None:
+            plan = route_plan(route, L)
+            route_d = _routes.to_device(route, dev)
+            inv_d = _routes.to_device(plan.inv, dev)
+            has_pad, covers = plan.has_pad, plan.covers
+        else:
+            if tuple(inv.shape) != (K, L) or inv.device != dev or route.device != dev:
+                raise ValueError(f"inv must be routes.inverse(route, L) of shape ({K}, {L}) on {dev} with the "
+                                 f"route there too, got inv {tuple(inv.shape)} on {inv.device}, route on {route.device}")
+            route_d, inv_d = route, inv
+            has_pad, covers = True, False  # the always-correct settings of route_conv1d
         if _route_conv.use_triton(u):
             # gather, conv, scatter back, SiLU and the (B, L, K, E) layout in one kernel
             xk = _route_conv.route_conv1d_fused(u, self.conv1d_weight, self.conv1d_bias, route_d, inv_d)
         else:
             uk = self.act(route_conv1d(u, self.conv1d_weight, self.conv1d_bias, route_d, inv_d,
-                                       has_pad=plan.has_pad, covers=plan.covers))
+                                       has_pad=has_pad, covers=covers))
             xk = uk.transpose(1, 2).contiguous()  # (B, L, K, E): one input per route
 
         # Per-route projections of each route's own input, token-major (B, L, K, .).
@@ -216,9 +229,9 @@ class RouteMamba(nn.Module):
         )  # (B, L, K, E), or (B, L, E) summed over the routes
         return y.transpose(1, 2) if merge == "none" else y
 
-    def forward(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, route: torch.Tensor, inv: torch.Tensor | None = None) -> torch.Tensor:
         u, z = self.in_proj(x).chunk(2, dim=-1)
-        y = self.scan_routes(u, route, merge="sum")  # u: a strided view of in_proj's output
+        y = self.scan_routes(u, route, merge="sum", inv=inv)  # u: a strided view of in_proj's output
         if self.divide_out:
             y = y / self.num_routes
         return self.out_proj(y * self.act(z))

@@ -191,3 +191,39 @@ def test_bad_inputs(kwargs, match):
     args = dict(x=torch.randn(2, 3, 4, 4, 4), weight=None, bias=None, act="none") | kwargs
     with pytest.raises(ValueError, match=match):
         instance_norm_act(**args)
+
+
+@needs_triton
+@pytest.mark.parametrize("layout", [torch.contiguous_format, CL3D], ids=["ncdhw", "ndhwc"])
+def test_registered_ops_pass_opcheck(layout, small_tiles):
+    """The custom ops' schema, fake implementations (shapes, dtypes, strides), autograd registration
+    and dispatch agree with the kernels (torch.library.opcheck)."""
+    x, w, b = _inputs((2, 3, 5, 6, 7), torch.float32, layout, seed=3)
+    x.requires_grad_()
+    torch.library.opcheck(inorm._fwd_op, (x, w.requires_grad_(), b.requires_grad_(), 1e-5, "leaky_relu", 0.01))
+    torch.library.opcheck(inorm._fwd_op, (x, None, None, 1e-5, "none", 0.01))
+    y, mean, rstd = inorm._fwd_op(x.detach(), w.detach(), None, 1e-5, "relu", 0.01)
+    dy = torch.randn_like(y)
+    for need_dx in (True, False):
+        torch.library.opcheck(inorm._bwd_op, (dy, x.detach(), w.detach(), mean, rstd, y, "relu", 0.01, need_dx))
+
+
+@needs_triton
+def test_compiles_without_graph_break_and_matches_eager(small_tiles):
+    """A GSC block (four fused norms) traces as one graph (fullgraph=True): the norm is an opaque op
+    for torch.compile, not a graph break, and gives eager's outputs and gradients."""
+    from mamba_dense.encoders.volumetric import GSC
+
+    torch.manual_seed(0)
+    m = GSC(4)
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True, dynamic=False)
+    x = torch.randn(2, 4, 5, 4, 6, requires_grad=True)
+    y = compiled(x)
+    g = torch.autograd.grad(y.square().sum(), [x, m.proj.weight])
+    x2 = x.detach().clone().requires_grad_()
+    y2 = m(x2)
+    g2 = torch.autograd.grad(y2.square().sum(), [x2, m.proj.weight])
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, y2, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g, g2):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

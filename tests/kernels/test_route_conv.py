@@ -148,3 +148,36 @@ def test_bad_input_names_argument_and_shape(change, words):
     args.update(change)
     with pytest.raises(ValueError, match=words.replace("(", r"\(").replace(")", r"\)")):
         route_conv.route_conv1d_fused(**args)
+
+
+def test_registered_ops_pass_opcheck():
+    """Schema, fake implementations, autograd registration and dispatch of the custom ops agree with
+    the kernels (torch.library.opcheck), with and without a bias, for a strided u."""
+    route = routes.localmamba(4, 5, ("w2", "h_flip")).to(DEVICE)
+    inv = routes.inverse(route, 20)
+    u, w, b = _inputs(20, 2, 3, 4, torch.float64, seed=5, strided=True)
+    u.requires_grad_()
+    for bias in (b.requires_grad_(), None):
+        torch.library.opcheck(route_conv._fwd_op, (u, w.requires_grad_(), bias, route, inv, True))
+        g = torch.randn(2, 20, 2, 3, dtype=torch.float64, device=DEVICE)
+        nb = None if bias is None else bias.detach()
+        torch.library.opcheck(route_conv._bwd_op, (g, u.detach(), w.detach(), nb, route, inv, True))
+
+
+def test_route_mamba_compiles_fullgraph_with_the_fused_conv():
+    """torch.compile traces RouteMamba as one graph with the route conv (and the scan) as opaque
+    ops, and gives eager's outputs and gradients."""
+    torch.manual_seed(0)
+    m = RouteMamba(6, num_routes=3, d_state=4).double().to(DEVICE)
+    route = routes.segmamba3d(2, 3, 4).to(DEVICE)
+    m(torch.randn(1, 24, 6, dtype=torch.float64, device=DEVICE), route)  # eager warm-up: the route is cached
+    compiled = torch.compile(m, backend="aot_eager", fullgraph=True, dynamic=False)
+    x = torch.randn(2, 24, 6, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    y = compiled(x, route)
+    g = torch.autograd.grad(y.square().sum(), [x, m.conv1d_weight, m.conv1d_bias])
+    x2 = x.detach().clone().requires_grad_()
+    y2 = m(x2, route)
+    g2 = torch.autograd.grad(y2.square().sum(), [x2, m.conv1d_weight, m.conv1d_bias])
+    torch.testing.assert_close(y, y2, rtol=1e-10, atol=1e-12)
+    for a, b in zip(g, g2):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
