@@ -32,7 +32,8 @@ __all__ = ["VolumetricSegmentationTask", "render_montage", "write_nifti_like"]
 # evaluation-time options: kept out of the checkpoint's hyperparameters so that `test`/`predict`
 # can change them on the command line (LightningCLI lets saved hyperparameters win otherwise)
 RUNTIME_OPTIONS = ("sw_overlap", "sw_batch_size", "tta_mirror_axes", "sw_buffer_device", "val_hd95",
-                   "predict_dir", "results_dir", "montage")
+                   "predict_dir", "results_dir", "montage", "compile_mode")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 _ITEM_DIMS = {"spacing": 1, "common_shape": 1, "original_shape": 1, "affine": 2, "ornt": 2}  # unbatched dims
 
 
@@ -81,6 +82,12 @@ class VolumetricSegmentationTask(pl.LightningModule):
         predict_dir: where ``predict`` writes (default: <log dir>/predictions).
         results_dir: where ``test`` writes its CSVs (default: the log dir).
         montage: write PNG montages at ``predict``.
+        compile_mode: None (eager), or a ``torch.compile`` mode for the training forward: "default",
+            "reduce-overhead" (the step replayed as CUDA graphs: no per-kernel launch cost) or
+            "max-autotune". The first training step at each patch shape runs eagerly (it caches the
+            scan routes as device tensors, which the compiled graph then reads); evaluation and
+            prediction stay eager (whole volumes, other shapes). The model compiles as one graph:
+            the scan, route conv and instance norm kernels are opaque custom ops.
 
     Example:
         >>> task = VolumetricSegmentationTask(3, encoder_kwargs=dict(dims=(8, 16, 16, 16), depths=(1, 1, 1, 1)),
@@ -120,6 +127,7 @@ class VolumetricSegmentationTask(pl.LightningModule):
         predict_dir: str | None = None,
         results_dir: str | None = None,
         montage: bool = True,
+        compile_mode: Literal["default", "reduce-overhead", "max-autotune"] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=list(RUNTIME_OPTIONS))
@@ -130,6 +138,11 @@ class VolumetricSegmentationTask(pl.LightningModule):
             raise ValueError(f"num_classes counts the background too: >= 2, got {num_classes}")
         if optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
+        if compile_mode is not None and compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be None or one of {list(COMPILE_MODES)}, got {compile_mode!r}")
+        self.compile_mode = compile_mode
+        self._compiled_forward: Any = None  # torch.compile(self.forward), built after the first eager step
+        self._eager_shapes: set[tuple] = set()
         if len(patch_size) != 3:
             raise ValueError(f"patch_size is (D, H, W), got {patch_size}")
         if regions is not None:
@@ -261,9 +274,28 @@ class VolumetricSegmentationTask(pl.LightningModule):
         w = [0.5**i for i in range(n)]
         return [v / sum(w) for v in w]
 
+    _compile_backend = "inductor"  # the tests trace with "aot_eager" (Dynamo + AOTAutograd, no code generation)
+
+    def _train_forward(self, image: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """``self(image)``, through ``torch.compile`` when ``compile_mode`` is set (after one eager step
+        per input shape, which caches the routes the graph reads as device tensors)."""
+        if self.compile_mode is None:
+            return self(image)
+        key = (tuple(image.shape), image.dtype, str(image.device))
+        if key not in self._eager_shapes:
+            self._eager_shapes.add(key)
+            return self(image)
+        if self._compiled_forward is None:
+            # a compiled bound method, not a wrapped module: no second copy of the parameters in the
+            # module tree or the checkpoint
+            mode = None if self._compile_backend != "inductor" else self.compile_mode  # modes are Inductor's
+            self._compiled_forward = torch.compile(self.forward, backend=self._compile_backend, mode=mode,
+                                                   dynamic=False)
+        return self._compiled_forward(image)
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         image, label = batch["image"], batch["label"].long()
-        out = self(image)
+        out = self._train_forward(image)
         outs = out if isinstance(out, list) else [out]
         loss = sum(w * self._loss(o, label) for w, o in zip(self.ds_weights(len(outs)), outs))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(image))

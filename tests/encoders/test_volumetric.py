@@ -213,16 +213,18 @@ def test_segmamba_with_unet3d_decoder_compiles_as_one_graph(monkeypatch):
     Outputs and gradients equal eager's."""
     from mamba_dense.heads.unet3d import UNet3DDecoder
 
-    monkeypatch.setenv("MAMBA_DENSE_TRITON_CPU", "1")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu":
+        monkeypatch.setenv("MAMBA_DENSE_TRITON_CPU", "1")
     torch.manual_seed(0)
     enc = SegMambaEncoder(in_chans=1, dims=(4, 8, 8, 8), depths=(1, 1, 1, 1), d_state=2)
     dec = UNet3DDecoder(enc.dims, num_classes=2, in_channels=1, decoder_channels=(4, 4, 8, 8))
-    model = torch.nn.ModuleDict(dict(enc=enc, dec=dec))
+    model = torch.nn.ModuleDict(dict(enc=enc, dec=dec)).to(dev)
 
     def run(x):
         return model["dec"](x, model["enc"](x))
 
-    x = torch.randn(1, 1, 6, 4, 5)
+    x = torch.randn(1, 1, 6, 4, 5, device=dev)
     run(x)  # eager warm-up at this size: the routes become cached device tensors
     compiled = torch.compile(run, backend="aot_eager", fullgraph=True, dynamic=False)
     params = [enc.stem.weight, enc.stages[0][0].mamba.conv1d_weight, dec.stem.norm1.weight]

@@ -215,9 +215,9 @@ def test_compiles_without_graph_break_and_matches_eager(small_tiles):
     from mamba_dense.encoders.volumetric import GSC
 
     torch.manual_seed(0)
-    m = GSC(4)
+    m = GSC(4).to(DEVICE)
     compiled = torch.compile(m, backend="aot_eager", fullgraph=True, dynamic=False)
-    x = torch.randn(2, 4, 5, 4, 6, requires_grad=True)
+    x = torch.randn(2, 4, 5, 4, 6, device=DEVICE, requires_grad=True)
     y = compiled(x)
     g = torch.autograd.grad(y.square().sum(), [x, m.proj.weight])
     x2 = x.detach().clone().requires_grad_()
