@@ -117,11 +117,19 @@ def make_train_step(model: torch.nn.Module, args: argparse.Namespace, device: to
 
 
 def bench_train(model: torch.nn.Module, args: argparse.Namespace, device: torch.device) -> dict:
+    # CUDA graphs (reduce-overhead) allocate their memory pool while they are captured in the warm-up,
+    # so the peak is then counted from before the warm-up (an upper bound: it includes the eager
+    # first pass and the capture); otherwise from after it
+    graphs = getattr(args, "compile", False) and getattr(args, "compile_mode", None) == "reduce-overhead"
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
     step = make_train_step(model, args, device)
     for _ in range(args.warmup):
         step()
     sync(device)
-    if device.type == "cuda":
+    if device.type == "cuda" and not graphs:
         torch.cuda.reset_peak_memory_stats(device)
     times = []
     for _ in range(args.steps):
@@ -235,6 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
         except torch.OutOfMemoryError:
             rows[name] = {"error": "out of memory"}
         del model
+        if args.compile:
+            torch._dynamo.reset()  # drop the compiled graphs (and CUDA-graph pools) before the next model
         if device.type == "cuda":
             torch.cuda.empty_cache()
         prof = rows[name].pop("profile", None)
