@@ -32,7 +32,7 @@ __all__ = ["VolumetricSegmentationTask", "render_montage", "write_nifti_like"]
 # evaluation-time options: kept out of the checkpoint's hyperparameters so that `test`/`predict`
 # can change them on the command line (LightningCLI lets saved hyperparameters win otherwise)
 RUNTIME_OPTIONS = ("sw_overlap", "sw_batch_size", "tta_mirror_axes", "sw_buffer_device", "val_hd95",
-                   "predict_dir", "results_dir", "montage", "compile_mode")
+                   "predict_dir", "results_dir", "montage", "compile_mode", "channels_last")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 _ITEM_DIMS = {"spacing": 1, "common_shape": 1, "original_shape": 1, "affine": 2, "ornt": 2}  # unbatched dims
 
@@ -88,6 +88,10 @@ class VolumetricSegmentationTask(pl.LightningModule):
             scan routes as device tensors, which the compiled graph then reads); evaluation and
             prediction stay eager (whole volumes, other shapes). The model compiles as one graph:
             the scan, route conv and instance norm kernels are opaque custom ops.
+        channels_last: keep the model's convolution weights, its input and (SegMamba) the encoder's
+            maps in ``torch.channels_last_3d`` (NDHWC): cuDNN then convolves without converting
+            layouts. Same numbers; faster for segmamba_tiny on an H100, much slower for vmamba3d_tiny
+            (its depthwise 3D convolutions; see ``benchmarks/RESULTS.md``).
 
     Example:
         >>> task = VolumetricSegmentationTask(3, encoder_kwargs=dict(dims=(8, 16, 16, 16), depths=(1, 1, 1, 1)),
@@ -128,6 +132,7 @@ class VolumetricSegmentationTask(pl.LightningModule):
         results_dir: str | None = None,
         montage: bool = True,
         compile_mode: Literal["default", "reduce-overhead", "max-autotune"] | None = None,
+        channels_last: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=list(RUNTIME_OPTIONS))
@@ -161,6 +166,11 @@ class VolumetricSegmentationTask(pl.LightningModule):
             self._load_encoder(encoder_weights)
         channels = [f["num_chs"] for f in self.encoder.feature_info]
         self.decoder = UNet3DDecoder(channels, self.out_channels, in_channels, decoder_channels, deep_supervision)
+        self.channels_last = channels_last
+        if channels_last:
+            if hasattr(self.encoder, "channels_last"):  # SegMamba: its maps, not only the weights
+                self.encoder.channels_last = True
+            self.to(memory_format=torch.channels_last_3d)
         self._rows: dict[str, list[MetricRow]] = {"val": [], "test": []}
         self.summary: dict[str, dict[str, dict[str, float]]] = {}
 
@@ -180,6 +190,8 @@ class VolumetricSegmentationTask(pl.LightningModule):
     def forward(self, image: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """(B, C, D, H, W) -> logits (B, K, D, H, W); a list (full resolution first) with deep
         supervision in training."""
+        if self.channels_last:
+            image = image.contiguous(memory_format=torch.channels_last_3d)
         return self.decoder(image, self.encoder(image))
 
     def sliding_window(self, image: torch.Tensor) -> torch.Tensor:

@@ -266,14 +266,14 @@ def test_compile_mode_trains_like_eager(tmp_path, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_compiled_training_matches_eager(tmp_path):
     """bf16, the released segmamba_tiny widths: steps through the Inductor-compiled forward replayed as
-    CUDA graphs (compile_mode="reduce-overhead") track the eager run's losses."""
+    CUDA graphs (compile_mode="reduce-overhead"), NCDHW and channels-last, track the eager run's losses."""
     losses = {}
-    for mode in (None, "reduce-overhead"):
+    for mode, cl in ((None, False), ("reduce-overhead", False), ("reduce-overhead", True)):
         dm = SyntheticVolumesDataModule(root=str(tmp_path / "task"), cache_dir=str(tmp_path / "cache"), num_cases=3,
                                         shape=(40, 36, 44), patch_size=(32, 32, 32), samples_per_volume=2)
         torch.manual_seed(0)
         task = VolumetricSegmentationTask(3, patch_size=(32, 32, 32), deep_supervision=True, optimizer="sgd",
-                                          compile_mode=mode)
+                                          compile_mode=mode, channels_last=cl)
         seen = []
         task.on_train_batch_end = lambda outputs, batch, batch_idx, seen=seen: seen.append(float(outputs["loss"]))
         pl.seed_everything(0)
@@ -281,7 +281,30 @@ def test_gpu_compiled_training_matches_eager(tmp_path):
                              limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False,
                              enable_checkpointing=False, default_root_dir=str(tmp_path / "run"))
         trainer.fit(task, dm)
-        losses[mode] = seen
-    assert len(losses[None]) == 4 and all(np.isfinite(losses[None]))
+        losses[mode, cl] = seen
+    eager = losses[None, False]
+    assert len(eager) == 4 and all(np.isfinite(eager))
     # bf16 autocast: Inductor's fused kernels round differently from eager's, so close, not equal
-    np.testing.assert_allclose(losses["reduce-overhead"], losses[None], rtol=2e-2)
+    np.testing.assert_allclose(losses["reduce-overhead", False], eager, rtol=2e-2)
+    np.testing.assert_allclose(losses["reduce-overhead", True], eager, rtol=2e-2)
+
+
+@pytest.mark.parametrize("encoder", sorted(TINY))
+def test_channels_last_gives_the_same_logits_and_gradients(encoder):
+    """channels_last=True keeps weights, input and SegMamba's maps in NDHWC: same numbers as NCDHW."""
+    base, cl = _task(encoder=encoder, deep_supervision=True), _task(encoder=encoder, deep_supervision=True,
+                                                                    channels_last=True)
+    cl.load_state_dict(base.state_dict())
+    assert cl.decoder.stem.conv1.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    x = torch.randn(2, 1, 17, 16, 18)
+    label = torch.randint(0, 3, (2, 17, 16, 18))
+    grads = []
+    for task in (base, cl):
+        outs = task(x)
+        loss = sum(w * task._loss(o, label) for w, o in zip(task.ds_weights(3), outs))
+        loss.backward()
+        first_conv = next(m for m in task.encoder.modules() if isinstance(m, torch.nn.Conv3d))
+        grads.append((outs[0].detach(), first_conv.weight.grad, task.decoder.head.weight.grad))
+    assert grads[1][0].is_contiguous(memory_format=torch.channels_last_3d)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
