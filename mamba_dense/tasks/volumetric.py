@@ -90,8 +90,8 @@ class VolumetricSegmentationTask(pl.LightningModule):
             the scan, route conv and instance norm kernels are opaque custom ops.
         channels_last: keep the model's convolution weights, its input and (SegMamba) the encoder's
             maps in ``torch.channels_last_3d`` (NDHWC): cuDNN then convolves without converting
-            layouts. Same numbers; faster for segmamba_tiny on an H100, much slower for vmamba3d_tiny
-            (its depthwise 3D convolutions; see ``benchmarks/RESULTS.md``).
+            layouts. Same numbers; faster for segmamba_tiny on an H100, slower for vmamba3d_tiny
+            (cuDNN transforms around its depthwise 3D convolutions; see ``benchmarks/RESULTS.md``).
 
     Example:
         >>> task = VolumetricSegmentationTask(3, encoder_kwargs=dict(dims=(8, 16, 16, 16), depths=(1, 1, 1, 1)),

@@ -36,6 +36,8 @@ def small_tiles(monkeypatch):
     monkeypatch.setattr(inorm, "TILE", 32)
     monkeypatch.setattr(inorm, "MAX_BLOCK_C", 4)
     monkeypatch.setattr(inorm, "_num_sms", lambda dev: 2)  # aim for 16 programs
+    monkeypatch.setattr(inorm, "BLOCK_R", 4)  # finalize: several programs, a masked row tail,
+    monkeypatch.setattr(inorm, "BLOCK_SPLIT", 2)  # several chunk blocks per row and a masked chunk tail
 
 
 def _rel(a, b):
