@@ -145,6 +145,8 @@ def test_cli_demo_config_and_recipes(tmp_path):
         assert (hp.num_classes, hp.in_channels, cli.model.out_channels) == (classes, channels, outputs)
         assert hp.encoder == "segmamba_tiny" and tuple(hp.patch_size) == (128, 128, 128)
         assert cli.model.encoder.dims == (48, 96, 192, 384)  # the released configuration
+        assert cli.model.compile_mode == "reduce-overhead" and cli.model.channels_last
+        assert cli.model.encoder.channels_last
 
 
 def test_real_spleen_round_trip(tmp_path):
