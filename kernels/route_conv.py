@@ -52,7 +52,21 @@ def _coords(n_ttile, L, E, BT: tl.constexpr, BE: tl.constexpr):
     b = (pid // n_ttile).to(tl.int64)
     t = (pid % n_ttile) * BT + tl.arange(0, BT)
     e = tl.program_id(1) * BE + tl.arange(0, BE)
-    return pid, b, t, t < L, e, e < E
+    tmask, emask = t < L, e < E
+    return pid, b, t, tmask, e, emask, tmask[:, None] & emask[None, :]
+
+
+@triton.jit
+def _visit(inv_ptr, k, L, t, tmask):
+    """The step s at which route k visits each token t (-1: never), and whether it does."""
+    s = tl.load(inv_ptr + k * L + t, mask=tmask, other=-1)
+    return s, s >= 0
+
+
+@triton.jit
+def _blke(b, L, t, K, k, E, e):
+    """Offsets of (token t, route k, channel e) of batch item b in a (B, L, K, E) tensor."""
+    return ((b * L + t[:, None]) * K + k) * E + e[None, :]
 
 
 @triton.jit
@@ -84,18 +98,15 @@ def _pre(u_ptr, w_ptr, b_ptr, route_ptr, b, k, s, vis, e, emask, E, S, stride_ub
 def _rconv_fwd_kernel(u_ptr, w_ptr, b_ptr, route_ptr, inv_ptr, out_ptr, L, S, E, K, stride_ub, stride_ul, n_ttile,
                 HAS_BIAS: tl.constexpr, ACT: tl.constexpr, KSZ: tl.constexpr,
                 BT: tl.constexpr, BE: tl.constexpr, CT: tl.constexpr):
-    _pid, b, t, tmask, e, emask = _coords(n_ttile, L, E, BT, BE)
-    m2 = tmask[:, None] & emask[None, :]
+    _pid, b, t, tmask, e, emask, m2 = _coords(n_ttile, L, E, BT, BE)
     for k in range(K):
-        s = tl.load(inv_ptr + k * L + t, mask=tmask, other=-1)
-        vis = s >= 0
+        s, vis = _visit(inv_ptr, k, L, t, tmask)
         y = _pre(u_ptr, w_ptr, b_ptr, route_ptr, b, k, s, vis, e, emask, E, S, stride_ub, stride_ul,
                  HAS_BIAS, KSZ, BT, BE, CT)
         if ACT:
             y = y * tl.sigmoid(y)
         y = tl.where(vis[:, None], y, 0.0)
-        off = ((b * L + t[:, None]) * K + k) * E + e[None, :]
-        tl.store(out_ptr + off, y.to(out_ptr.dtype.element_ty), mask=m2)
+        tl.store(out_ptr + _blke(b, L, t, K, k, E, e), y.to(out_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit
@@ -104,12 +115,10 @@ def _rconv_bwd_pre_kernel(u_ptr, w_ptr, b_ptr, route_ptr, inv_ptr, g_ptr, gpre_p
                     HAS_BIAS: tl.constexpr, ACT: tl.constexpr, KSZ: tl.constexpr,
                     BT: tl.constexpr, BE: tl.constexpr, CT: tl.constexpr):
     """gpre = g * act'(pre) -> (B, L, K, E); partials (P, K, KSZ, E) of dweight and (P, K, E) of dbias."""
-    pid, b, t, tmask, e, emask = _coords(n_ttile, L, E, BT, BE)
-    m2 = tmask[:, None] & emask[None, :]
+    pid, b, t, tmask, e, emask, m2 = _coords(n_ttile, L, E, BT, BE)
     for k in range(K):
-        s = tl.load(inv_ptr + k * L + t, mask=tmask, other=-1)
-        vis = s >= 0
-        off = ((b * L + t[:, None]) * K + k) * E + e[None, :]
+        s, vis = _visit(inv_ptr, k, L, t, tmask)
+        off = _blke(b, L, t, K, k, E, e)
         g = tl.load(g_ptr + off, mask=m2 & vis[:, None], other=0.0).to(CT)
         if ACT:
             pre = _pre(u_ptr, w_ptr, b_ptr, route_ptr, b, k, s, vis, e, emask, E, S, stride_ub, stride_ul,
@@ -127,22 +136,21 @@ def _rconv_bwd_pre_kernel(u_ptr, w_ptr, b_ptr, route_ptr, inv_ptr, g_ptr, gpre_p
 def _rconv_bwd_du_kernel(gpre_ptr, w_ptr, route_ptr, inv_ptr, du_ptr, L, S, E, K, n_ttile,
                    KSZ: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, CT: tl.constexpr):
     """du[b, t] = sum over routes k and taps j of w[k, :, j] * gpre at the step s + KSZ-1-j of route k."""
-    _pid, b, t, tmask, e, emask = _coords(n_ttile, L, E, BT, BE)
+    _pid, b, t, tmask, e, emask, m2 = _coords(n_ttile, L, E, BT, BE)
     acc = tl.zeros([BT, BE], CT)
     for k in range(K):
-        s = tl.load(inv_ptr + k * L + t, mask=tmask, other=-1)
-        vis = s >= 0
+        s, vis = _visit(inv_ptr, k, L, t, tmask)
         for j in tl.static_range(KSZ):
             sd = s + (KSZ - 1 - j)
             ok = vis & (sd < S)
             dst = tl.load(route_ptr + k * S + sd, mask=ok, other=-1)
             ok = ok & (dst >= 0)
-            gp = tl.load(gpre_ptr + ((b * L + dst[:, None]) * K + k) * E + e[None, :],
+            gp = tl.load(gpre_ptr + _blke(b, L, dst, K, k, E, e),
                          mask=ok[:, None] & emask[None, :], other=0.0).to(CT)
             w = tl.load(w_ptr + (k * E + e) * KSZ + j, mask=emask, other=0.0).to(CT)
             acc += gp * w[None, :]
     off = (b * L + t[:, None]) * E + e[None, :]
-    tl.store(du_ptr + off, acc.to(du_ptr.dtype.element_ty), mask=tmask[:, None] & emask[None, :])
+    tl.store(du_ptr + off, acc.to(du_ptr.dtype.element_ty), mask=m2)
 
 
 def _grid(B: int, L: int, E: int) -> tuple[tuple[int, int], int, int]:
