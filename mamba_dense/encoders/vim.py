@@ -105,8 +105,8 @@ class VimBlock(nn.Module):
         )
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
-        return x + self.drop_path(self.mixer(self.norm(x), route))
+    def forward(self, x: torch.Tensor, route: torch.Tensor, inv: torch.Tensor | None = None) -> torch.Tensor:
+        return x + self.drop_path(self.mixer(self.norm(x), route, inv))
 
 
 @functools.lru_cache(maxsize=128)
@@ -132,6 +132,20 @@ def vim_route(num_patches: int, cls_token: bool = True, num_registers: int = 0) 
         seq = torch.cat([seq[:half], torch.tensor([num_patches]), seq[half:]])
     seq = _routes.with_registers(seq, num_patches + int(cls_token), num_registers)
     return _routes.stack(seq, _routes.flip(seq))
+
+
+def _vim_inverse(num_patches: int, cls_token: bool, num_registers: int) -> torch.Tensor:
+    """``routes.inverse`` of :func:`vim_route` over its M + cls + R tokens."""
+    return _routes.inverse(vim_route(num_patches, cls_token, num_registers),
+                           num_patches + int(cls_token) + num_registers)
+
+
+@functools.lru_cache(maxsize=None)
+def _route_keys(cls_token: bool, num_registers: int) -> tuple[str, str]:
+    """``routes.device_route`` keys of the routes and their inverses for one token layout."""
+    kw = dict(cls_token=cls_token, num_registers=num_registers)
+    return (_routes.source_key(functools.partial(vim_route, **kw)),
+            _routes.source_key(functools.partial(_vim_inverse, **kw)))
 
 
 def _even_blocks(depth: int, n: int = 4) -> tuple[int, ...]:
@@ -217,6 +231,9 @@ class Vim(nn.Module):
         self.embed_dim = self.num_features = self.head_hidden_size = embed_dim
         self.has_cls_token = cls_token
         self.num_registers = num_registers
+        # plain strings (constants under torch.compile): the routes and inverses are cached device
+        # tensors looked up by key, so the blocks trace without a graph break
+        self._route_keys = _route_keys(bool(cls_token), int(num_registers))
         self.register_reduce = register_reduce
         self.patch_size = patch_size
         self.grad_checkpointing = False
@@ -365,10 +382,11 @@ class Vim(nn.Module):
         """The (2, S) scan routes for a grid of ``num_patches`` patches (CPU, cached)."""
         return vim_route(num_patches, self.has_cls_token, self.num_registers)
 
-    def _run_block(self, blk: nn.Module, x: torch.Tensor, route: torch.Tensor) -> torch.Tensor:
+    def _run_block(self, blk: nn.Module, x: torch.Tensor, route: torch.Tensor,
+                   inv: torch.Tensor | None = None) -> torch.Tensor:
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint(blk, x, route, use_reentrant=False)
-        return blk(x, route)
+            return checkpoint(blk, x, route, inv, use_reentrant=False)
+        return blk(x, route, inv)
 
     # -- features -------------------------------------------------------------------------------
 
@@ -378,11 +396,11 @@ class Vim(nn.Module):
         """Embed and run blocks 0..last; returns {block: (B, L, C) tokens after it}, the last
         tokens and the patch grid. ``norm`` applies the final norm to the tapped tokens."""
         x, grid = self._embed(x)
-        route = self.route_for(grid[0] * grid[1])
+        route, inv = (_routes.device_route(key, grid[0] * grid[1], device=x.device) for key in self._route_keys)
         last = len(self.blocks) - 1 if last is None else last
         taken = {}
         for i, blk in enumerate(self.blocks[: last + 1]):
-            x = self._run_block(blk, x, route)
+            x = self._run_block(blk, x, route, inv)
             if i in taps:
                 taken[i] = self.norm(x) if norm else x
         return taken, x, grid

@@ -166,14 +166,15 @@ def test_registered_ops_pass_opcheck():
 
 def test_route_mamba_compiles_fullgraph_with_the_fused_conv():
     """torch.compile traces RouteMamba as one graph with the route conv (and the scan) as opaque
-    ops, and gives eager's outputs and gradients."""
+    ops when it gets the route's inverse on the device (as the encoders pass it, from
+    routes.device_route), and gives eager's outputs and gradients."""
     torch.manual_seed(0)
     m = RouteMamba(6, num_routes=3, d_state=4).double().to(DEVICE)
     route = routes.segmamba3d(2, 3, 4).to(DEVICE)
-    m(torch.randn(1, 24, 6, dtype=torch.float64, device=DEVICE), route)  # eager warm-up: the route is cached
+    inv = routes.inverse(route, 24)
     compiled = torch.compile(m, backend="aot_eager", fullgraph=True, dynamic=False)
     x = torch.randn(2, 24, 6, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    y = compiled(x, route)
+    y = compiled(x, route, inv)
     g = torch.autograd.grad(y.square().sum(), [x, m.conv1d_weight, m.conv1d_bias])
     x2 = x.detach().clone().requires_grad_()
     y2 = m(x2, route)
