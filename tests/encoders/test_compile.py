@@ -6,16 +6,25 @@ import torch
 
 from mamba_dense.layers import SS2D
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _registered_op(monkeypatch) -> str:
+    """The device on which the registered Triton op runs: the GPU, or CPU tensors through Triton's
+    interpreter (MAMBA_DENSE_TRITON_CPU=1; TRITON_INTERPRET=1 comes from tests/conftest.py)."""
+    if DEVICE == "cpu":
+        monkeypatch.setenv("MAMBA_DENSE_TRITON_CPU", "1")
+    return DEVICE
+
 
 @pytest.mark.parametrize("via_op", [False, True], ids=["reference", "registered-op"])
 def test_ss2d_compiles_fullgraph_and_matches_eager(monkeypatch, via_op):
-    if via_op:  # CPU tensors through the registered Triton op (Triton interpreter)
-        monkeypatch.setenv("MAMBA_DENSE_TRITON_CPU", "1")
+    dev = _registered_op(monkeypatch) if via_op else "cpu"  # the reference path is the CPU's
     torch.manual_seed(0)
-    m = SS2D(8, d_state=2, ssm_ratio=1.0).double()
+    m = SS2D(8, d_state=2, ssm_ratio=1.0).double().to(dev)
     compiled = torch.compile(m, backend="aot_eager", fullgraph=True, dynamic=False)
     for h, w in ((3, 5), (4, 4), (3, 5)):  # a new size retraces; a repeated one reuses the graph
-        x = torch.randn(2, h, w, 8, dtype=torch.float64, requires_grad=True)
+        x = torch.randn(2, h, w, 8, dtype=torch.float64, device=dev, requires_grad=True)
         y = compiled(x)
         g = torch.autograd.grad(y.square().sum(), [x, m.ssm.dt_projs_weight])
         x2 = x.detach().clone().requires_grad_()
@@ -30,14 +39,14 @@ def test_ss2d_compiles_fullgraph_and_matches_eager(monkeypatch, via_op):
 def test_routes_first_built_in_inference_mode_still_train(monkeypatch):
     """Lightning validates under inference_mode; a route cached there must not be an inference
     tensor, or the next training step at that size fails to save it for backward."""
-    monkeypatch.setenv("MAMBA_DENSE_TRITON_CPU", "1")  # the registered op saves the route for backward
+    dev = _registered_op(monkeypatch)  # the registered op saves the route for backward
     torch.manual_seed(0)
-    m = SS2D(8, d_state=2, ssm_ratio=1.0)
+    m = SS2D(8, d_state=2, ssm_ratio=1.0).to(dev)
     with torch.inference_mode():
-        m(torch.randn(1, 5, 7, 8))  # first sight of a 5x7 map: routes built and cached here
+        m(torch.randn(1, 5, 7, 8, device=dev))  # first sight of a 5x7 map: routes built and cached here
     route = m.routes_for(5, 7)
     assert not route.is_inference()
-    x = torch.randn(1, 5, 7, 8, requires_grad=True)
+    x = torch.randn(1, 5, 7, 8, device=dev, requires_grad=True)
     m(x).square().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
@@ -47,14 +56,14 @@ def test_compiled_after_eager_warmup_reuses_the_cached_route(monkeypatch):
     so the scan's per-route coverage cache stops growing: no device sync per call on a GPU."""
     from mamba_dense.kernels import triton_scan as ts
 
-    monkeypatch.setenv("MAMBA_DENSE_TRITON_CPU", "1")
+    dev = _registered_op(monkeypatch)
     torch.manual_seed(0)
-    m = SS2D(8, d_state=1)
-    m(torch.randn(1, 3, 6, 8))  # eager warm-up at this size
+    m = SS2D(8, d_state=1).to(dev)
+    m(torch.randn(1, 3, 6, 8, device=dev))  # eager warm-up at this size
     compiled = torch.compile(m, backend="aot_eager", fullgraph=True, dynamic=False)
     sizes = []
     for _ in range(3):
-        x = torch.randn(1, 3, 6, 8, requires_grad=True)
+        x = torch.randn(1, 3, 6, 8, device=dev, requires_grad=True)
         y = compiled(x)
         y.square().sum().backward()
         torch.testing.assert_close(y, m(x))
