@@ -29,8 +29,9 @@ from .visualize import overlay, palette
 
 __all__ = ["VolumetricSegmentationTask", "render_montage", "write_nifti_like"]
 
-# evaluation-time options: kept out of the checkpoint's hyperparameters so that `test`/`predict`
-# can change them on the command line (LightningCLI lets saved hyperparameters win otherwise)
+# runtime options (evaluation settings, compilation, memory format): kept out of the checkpoint's
+# hyperparameters so that `test`/`predict` can change them on the command line (LightningCLI lets
+# saved hyperparameters win otherwise)
 RUNTIME_OPTIONS = ("sw_overlap", "sw_batch_size", "tta_mirror_axes", "sw_buffer_device", "val_hd95",
                    "predict_dir", "results_dir", "montage", "compile_mode", "channels_last")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
