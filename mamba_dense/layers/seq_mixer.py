@@ -198,7 +198,7 @@ class RouteMamba(nn.Module):
             # gather, conv, scatter back, SiLU and the (B, L, K, E) layout in one kernel
             xk = _route_conv.route_conv1d_fused(u, self.conv1d_weight, self.conv1d_bias, route_d, inv_d)
         else:
-            if plan is None and not _routes._compiling():
+            if plan is None and route.device.type == "cpu" and not _routes._compiling():
                 plan = route_plan(route, L)  # cached by identity: skips the masks that change nothing
             has_pad, covers = (plan.has_pad, plan.covers) if plan is not None else (True, False)  # always correct
             uk = self.act(route_conv1d(u, self.conv1d_weight, self.conv1d_bias, route_d, inv_d,
