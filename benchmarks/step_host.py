@@ -3,11 +3,12 @@
 To run (repo root, on a GPU machine):
     python benchmarks/step_host.py [--model segmamba_tiny] [--steps 6]
 
-Prints, per step: the time the host takes to enqueue the step (no sync), the time until the GPU is
-done, and the garbage collections that ran inside the step (count, generation 2 count, total ms;
-``--gc freeze`` moves every object alive after the warm-up out of the collector's reach, ``--gc off``
-disables automatic collection); then the synchronizing calls inside one step (``torch.cuda.set_sync_debug_mode("warn")``, with
-their Python stacks) and a cProfile of one step by self time. Same step as benchmarks/volumes.py
+Prints, per step: the time the host takes to enqueue the step (no sync; the host also waits here
+when the launch queue is full), the time until the GPU is done, and the garbage collections that
+ran inside the step (count, generation 2 count, total ms; ``--gc freeze`` moves every object alive
+after the warm-up out of the collector's reach, ``--gc off`` disables automatic collection); then
+the synchronizing calls inside one step (``torch.cuda.set_sync_debug_mode("warn")``, with their
+Python stacks) and a cProfile of one step by self time. Same step as benchmarks/volumes.py
 (128^3, batch 2, 4 channels, 4 classes, bf16 autocast, SGD, cuDNN benchmark mode).
 """
 

@@ -192,7 +192,8 @@ class RouteMamba(nn.Module):
         else:
             if tuple(inv.shape) != (K, L) or inv.device != dev or route.device != dev:
                 raise ValueError(f"inv must be routes.inverse(route, L) of shape ({K}, {L}) on {dev} with the "
-                                 f"route there too, got inv {tuple(inv.shape)} on {inv.device}, route on {route.device}")
+                                 f"route there too, got inv {tuple(inv.shape)} on {inv.device}, "
+                                 f"route on {route.device}")
             route_d, inv_d, plan = route, inv, None
         if _route_conv.use_triton(u):
             # gather, conv, scatter back, SiLU and the (B, L, K, E) layout in one kernel
@@ -200,7 +201,8 @@ class RouteMamba(nn.Module):
         else:
             if plan is None and route.device.type == "cpu" and not _routes._compiling():
                 plan = route_plan(route, L)  # cached by identity: skips the masks that change nothing
-            has_pad, covers = (plan.has_pad, plan.covers) if plan is not None else (True, False)  # always correct
+            # without a plan: the settings that are always correct
+            has_pad, covers = (plan.has_pad, plan.covers) if plan is not None else (True, False)
             uk = self.act(route_conv1d(u, self.conv1d_weight, self.conv1d_bias, route_d, inv_d,
                                        has_pad=has_pad, covers=covers))
             xk = uk.transpose(1, 2).contiguous()  # (B, L, K, E): one input per route

@@ -230,3 +230,16 @@ def test_ss3d_six_axis_orders():
     y = sum(scatter(loop_scan(m.ssm, k, gather(tok, o)), o, d * h * w) for k, o in enumerate(orders))
     y = F.layer_norm(y, (m.d_inner,), m.out_norm.weight, m.out_norm.bias) @ m.out_proj.weight.T
     torch.testing.assert_close(m(x), y.reshape(B, d, h, w, C), rtol=1e-9, atol=1e-10)
+
+
+def test_route_mamba_refuses_an_inverse_of_the_wrong_shape_or_device():
+    """RouteMamba(x, route, inv): a wrong inverse is a ValueError naming inv, its shape and the need."""
+    from mamba_dense.kernels import routes as R
+    from mamba_dense.layers.seq_mixer import RouteMamba
+
+    m = RouteMamba(4, num_routes=3, d_state=2)
+    route = R.segmamba3d(2, 2, 3)
+    x = torch.randn(1, 12, 4)
+    with pytest.raises(ValueError, match=r"inv must be routes.inverse\(route, L\) of shape \(3, 12\)"):
+        m(x, route, R.inverse(route, 12)[:2])
+    torch.testing.assert_close(m(x, route, R.inverse(route, 12)), m(x, route))  # same as the plan's
