@@ -296,11 +296,14 @@ def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _is_cl(x: torch.Tensor) -> bool:
+    """Whether the kernels read x as channels-last: not contiguous, but contiguous with C last."""
+    return not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
+
+
 def _layout(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """(x as the kernels read it, whether it is channels-last)."""
-    if x.is_contiguous():
-        return x, False
-    if x.movedim(1, -1).is_contiguous():
+    """(x as the kernels read it, whether it is channels-last); any other layout is made contiguous."""
+    if _is_cl(x):
         return x, True
     return x.contiguous(), False
 
@@ -357,11 +360,6 @@ def _backward(dy, x, p, weight, mean, rstd, y, act, slope, need_dx):
 # implementations for tracing. (Dynamo tracing into the launches, the alternative, failed in
 # Inductor on the H100 with torch 2.11 / triton 3.6: "loop-carried variable acc_g ... fp32 ...
 # re-assigned to fp64" in the backward statistics kernel.)
-
-
-def _is_cl(x: torch.Tensor) -> bool:
-    """Whether the kernels read x as channels-last (the layout rule of ``_layout``)."""
-    return not x.is_contiguous() and x.movedim(1, -1).is_contiguous()
 
 
 def _like_layout(x: torch.Tensor, cl: bool) -> torch.Tensor:
