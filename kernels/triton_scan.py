@@ -33,6 +33,8 @@ import triton.language as tl
 # device helpers
 # --------------------------------------------------------------------------------------------
 
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+
 
 @triton.jit
 def _combine(a1, b1, a2, b2):
@@ -47,6 +49,25 @@ def _combine_seg(f1, q1, v1, f2, q2, v2):
     # Scanned flipped: 1 is the later segment, 2 the earlier one it is prepended to.
     t = q2 * f1
     return f2, t * q1, v2 + t * v1
+
+
+@triton.jit
+def _ex2_ftz(v):
+    # 2^v as one MUFU.EX2 (denormal results flush to 0). tl.exp(v) lowers to a multiply by log2(e)
+    # and ex2.approx.f32 without .ftz, which sm_90 wraps in a range test and two scaling multiplies.
+    return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [v], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _decay(dA, dA2, FAST: tl.constexpr):
+    """exp(delta * A) from dA = delta * A, or with FAST from dA2 = delta * A * log2(e) (fp32 on a GPU:
+    one multiply and one MUFU per state element instead of five instructions). The two differ by the
+    rounding of A * log2(e) (relative 2^-24 of the exponent) and by flushing results below 2^-126 to
+    0, which the backward's "a > 0" test treats like an underflow."""
+    if FAST:
+        return _ex2_ftz(dA2)
+    else:
+        return tl.exp(dA)
 
 
 @triton.jit
@@ -139,10 +160,11 @@ def _fwd_kernel(
     PHASE: tl.constexpr,  # 0: outputs; 1: chunk-end states with zero start (for the carry pass)
     HAS_H0: tl.constexpr, STORE_STATES: tl.constexpr,
     T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, CT: tl.constexpr,
-    X_PER_ROUTE: tl.constexpr = False,
+    X_PER_ROUTE: tl.constexpr = False, FAST_EXP: tl.constexpr = False,
 ):
     pid_c, b64, k, pid_d, d, dmask, n, nmask, offs_t = _program_coords(k0, KL, Dm, N, BD, NP, T)
     A, bias, Dv = _route_params(A_ptr, bias_ptr, D_ptr, k, Dm, N, d, dmask, n, nmask, HAS_BIAS, HAS_D, BD, CT)
+    A2 = A * LOG2E
     # states: (b, K, n_tiles, N, D)
     st_base = (b64 * K + k) * n_tiles
     st_off = n[:, None] * Dm + d[None, :]
@@ -162,7 +184,7 @@ def _fwd_kernel(
             x_ptr, dt_ptr, B_ptr, route_ptr, bias, b64, k, c * T, L, S, K, Dm, N,
             offs_t, d, dmask, n, nmask, HAS_BIAS, SOFTPLUS, CT, True, X_PER_ROUTE,
         )
-        a = tl.exp(delta[:, None, :] * A[None, :, :])  # (T, NP, BD)
+        a = _decay(delta[:, None, :] * A[None, :, :], delta[:, None, :] * A2[None, :, :], FAST_EXP)  # (T, NP, BD)
         u = (delta * xv)[:, None, :] * Bv[:, :, None]
         # the carried state enters the tile's first step, so the scan's decay products go unused
         # (rather than h_all = h_loc + a_cum * h after the scan: H100 fwd S4 1.25 -> 1.16 ms)
@@ -307,10 +329,12 @@ def _bwd_kernel(
     HAS_G0: tl.constexpr,  # start from the carried dh in g_ptr (chunk-parallel)
     T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, CT: tl.constexpr,
     X_PER_ROUTE: tl.constexpr = False,  # x is (b, L, K, D): one input per route (dx likewise)
+    FAST_EXP: tl.constexpr = False,  # decays through _ex2_ftz (see _decay)
 ):
     pid_c, b64, k, pid_d, d, dmask, n, nmask, offs_t = _program_coords(k0, KL, Dm, N, BD, NP, T)
     nd_mask = nmask[:, None] & dmask[None, :]
     A, bias, Dv = _route_params(A_ptr, bias_ptr, D_ptr, k, Dm, N, d, dmask, n, nmask, HAS_BIAS, HAS_D, BD, CT)
+    A2 = A * LOG2E
     st_base = (b64 * K + k) * n_tiles
     st_off = n[:, None] * Dm + d[None, :]
     g_slot = (b64 * K + k) * n_chunks + pid_c  # (b, K, n_chunks, ...) buffers
@@ -355,7 +379,7 @@ def _bwd_kernel(
         # reverse scans as flip -> forward scan -> flip: with the step axis inside each thread the
         # flips are register renames, whereas Triton lowers reverse=True with a 5-shuffle lane
         # reversal of every input and output value (640 SHFL of the 2976 SASS instructions at N=16)
-        a = tl.exp(delta[:, None, :] * A[None, :, :])
+        a = _decay(delta[:, None, :] * A[None, :, :], delta[:, None, :] * A2[None, :, :], FAST_EXP)
         # a_{s+1} dh_{s+1} after the tile enters its last step, so the scan's decay products go
         # unused (rather than dh = v + qa * gA after the scan)
         e = tl.where(last, e + gA[None, :, :], e)
@@ -540,6 +564,22 @@ def _ct(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
+def _fast_exp(x: torch.Tensor, kind: str, NP: int) -> bool:
+    """Decays through ``ex2.approx.ftz`` (``_decay``) in the forward ("fwd") or backward ("bwd")?
+
+    Only for an fp32 state on a GPU (the interpreter cannot run inline PTX; fp64 keeps tl.exp). On the
+    H100 (benchmarks/RESULTS.md, session 9) the forward gained (S5 N=16 2.26 -> 2.11 ms, the rest
+    within noise) and the N=1 backward 1-3%, while the N=16 backward lost 1-5% (its instruction count
+    fell 14%, but its register allocation under the cap changed), so that one keeps tl.exp.
+    MAMBA_DENSE_SCAN_FAST_EXP=0 (never) or 1 (always, where possible) overrides, for comparisons."""
+    if not x.is_cuda or x.dtype == torch.float64:
+        return False
+    env = os.environ.get("MAMBA_DENSE_SCAN_FAST_EXP", "auto")
+    if env in ("0", "1"):
+        return env == "1"
+    return kind == "fwd" or NP < 16
+
+
 def _num_sms(dev: torch.device) -> int:
     if dev.type != "cuda":
         return 1
@@ -617,7 +657,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
     common = dict(
         HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps, X_PER_ROUTE=x_per_route,
-        **_reg_cap("fwd", NP, T, BD, warps),
+        FAST_EXP=_fast_exp(x, "fwd", NP), **_reg_cap("fwd", NP, T, BD, warps),
     )
     cover = route_coverage(route, L)
     if chunked:
@@ -696,7 +736,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
     kw = dict(
         HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         DY_PER_ROUTE=(merge == "none"), T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps,
-        X_PER_ROUTE=x_per_route, **_reg_cap("bwd", NP, T, BD, warps),
+        X_PER_ROUTE=x_per_route, FAST_EXP=_fast_exp(x, "bwd", NP), **_reg_cap("bwd", NP, T, BD, warps),
     )
     gbuf = gsum = dummy
     if chunked:

@@ -114,6 +114,39 @@ def test_n16_backward_register_cap_and_chunked_gradients(monkeypatch):
     _check_fp32_api(route, _inputs(1, 40, 3, 12, 16, torch.float32, seed=13))
 
 
+def test_fast_exp_policy(monkeypatch):
+    """Which launches take the ex2.approx.ftz decays: GPU fp32 state only; forward always, backward
+    for N < 16 (H100 measurements in benchmarks/RESULTS.md); MAMBA_DENSE_SCAN_FAST_EXP=0/1 overrides."""
+    from types import SimpleNamespace
+
+    from mamba_dense.kernels import triton_scan as ts
+
+    monkeypatch.delenv("MAMBA_DENSE_SCAN_FAST_EXP", raising=False)
+    gpu_bf16 = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
+    assert ts._fast_exp(gpu_bf16, "fwd", 16) and ts._fast_exp(gpu_bf16, "fwd", 1)
+    assert ts._fast_exp(gpu_bf16, "bwd", 1) and not ts._fast_exp(gpu_bf16, "bwd", 16)
+    assert not ts._fast_exp(SimpleNamespace(is_cuda=True, dtype=torch.float64), "fwd", 1)
+    assert not ts._fast_exp(torch.zeros(1), "fwd", 1)  # CPU tensors: the interpreter has no inline PTX
+    monkeypatch.setenv("MAMBA_DENSE_SCAN_FAST_EXP", "1")
+    assert ts._fast_exp(gpu_bf16, "bwd", 16)
+    monkeypatch.setenv("MAMBA_DENSE_SCAN_FAST_EXP", "0")
+    assert not ts._fast_exp(gpu_bf16, "fwd", 1)
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="inline PTX (ex2.approx.ftz) runs on a GPU only; the interpreter takes tl.exp")
+@pytest.mark.parametrize("fast", ["0", "1"])
+@pytest.mark.parametrize("N", [1, 16])
+def test_fast_exp_decays_match_reference(N, fast, monkeypatch):
+    """fp32 forward and gradients with the decays through ex2.approx.ftz (everywhere) or tl.exp
+    (nowhere), against fp64, including steps whose decay underflows (delta * A < -126 ln 2: the
+    flushed-to-zero decay must still give exact zeros in the backward's a_s h_{s-1})."""
+    monkeypatch.setenv("MAMBA_DENSE_SCAN_FAST_EXP", fast)
+    args = _inputs(1, 40, 3, 12, N, torch.float32, seed=17 + N)
+    args[1][0, :5] = 6.0  # softplus(6 + bias) ~ 6: with A ~ -exp(N(0, 0.5)) some decays reach e^-100
+    args[2][0, :3] = -40.0
+    _check_fp32_api(routes.segmamba3d(2, 4, 5).to(DEVICE), args)
+
+
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_chunk_carry_matches_a_sequential_loop(reverse, dtype):
