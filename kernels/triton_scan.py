@@ -92,12 +92,12 @@ def _tile_raw(
     dt, B in their stored dtypes (x and B zeros unless LOAD_XB). Steps outside [0, S) read nothing.
 
     The loads stay in the stored dtype (bf16 for mixed precision); callers convert them where they
-    use them, and the backward issues all loads of a tile (state included) at the tile's start.
+    use them, and both kernels issue all loads of a tile (C, dy, the state) at the tile's start.
     Against converting inside the load helper and loading C, dy and the state later, the kernels
     Triton 3.6 builds from this ran 15-19% faster on the H100 (benchmarks/RESULTS.md, session 9:
-    forward S4 1.17 -> 0.99 ms; forward + backward S4 6.45 -> 5.22 ms, S5 N=16 8.88 -> 7.38 ms), although
-    the offline SASS report (no shape specialization) shows almost the same instruction mix: the
-    cause is not established."""
+    forward S4 1.17 -> 0.99 ms; forward + backward S4 6.45 -> 5.22 ms, S5 N=16 8.88 -> 7.38 ms; the
+    forward's early C load another 2-6%), although the offline SASS report (no shape specialization)
+    shows almost the same instruction mix: the cause is not established."""
     s = s0 + offs_t
     tok = tl.load(route_ptr + k * S + s, mask=(s < S) & (s >= 0), other=-1)
     valid = tok >= 0
@@ -211,10 +211,15 @@ def _fwd_kernel(
     for c in range(c_begin, c_end):
         if STORE_STATES:
             tl.store(states_ptr + (st_base + c) * N * Dm + st_off, h, mask=st_mask)
-        s, smask, valid, row, rk, xv, pre, delta, Bv = _load_tile(
-            x_ptr, dt_ptr, B_ptr, route_ptr, bias, b64, k, c * T, L, S, K, Dm, N,
-            offs_t, d, dmask, n, nmask, HAS_BIAS, SOFTPLUS, CT, True, X_PER_ROUTE,
+        valid, row, rk, xr, dtr, Br = _tile_raw(
+            x_ptr, dt_ptr, B_ptr, route_ptr, b64, k, c * T, L, S, K, Dm, N, offs_t, d, dmask, n, nmask, True, X_PER_ROUTE,
         )
+        if PHASE == 0:
+            Cr = tl.load(C_ptr + rk[:, None] * N + n[None, :], mask=valid[:, None] & nmask[None, :], other=0.0)
+        s = c * T + offs_t
+        smask, pre, delta = _tile_prep(s, S, dtr, bias, HAS_BIAS, SOFTPLUS, CT)
+        xv = xr.to(CT)
+        Bv = Br.to(CT)
         a = _decay(delta[:, None, :] * A[None, :, :], delta[:, None, :] * A2[None, :, :], FAST_EXP)  # (T, NP, BD)
         u = (delta * xv)[:, None, :] * Bv[:, :, None]
         # the carried state enters the tile's first step, so the scan's decay products go unused
@@ -224,8 +229,7 @@ def _fwd_kernel(
         if PHASE == 1:
             dsum += tl.sum(delta, axis=0)
         else:
-            Cv = tl.load(C_ptr + rk[:, None] * N + n[None, :], mask=valid[:, None] & nmask[None, :], other=0.0).to(CT)
-            y = tl.sum(h_all * Cv[:, :, None], axis=1)  # (T, BD)
+            y = tl.sum(h_all * Cr.to(CT)[:, :, None], axis=1)  # (T, BD)
             if HAS_D:
                 y += Dv[None, :] * xv
             m2 = valid[:, None] & dmask[None, :]
@@ -621,20 +625,13 @@ def _ct(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
 
-def _fast_exp(x: torch.Tensor, kind: str, NP: int) -> bool:
-    """Decays through ``ex2.approx.ftz`` (``_decay``) in the forward ("fwd") or backward ("bwd")?
-
-    Only for an fp32 state on a GPU (the interpreter cannot run inline PTX; fp64 keeps tl.exp). On the
-    H100 (benchmarks/RESULTS.md, session 9) the forward gained (S5 N=16 2.26 -> 2.11 ms, the rest
-    within noise) and the N=1 backward 1-3%, while the N=16 backward lost 1-5% (its instruction count
-    fell 14%, but its register allocation under the cap changed), so that one keeps tl.exp.
-    MAMBA_DENSE_SCAN_FAST_EXP=0 (never) or 1 (always, where possible) overrides, for comparisons."""
-    if not x.is_cuda or x.dtype == torch.float64:
-        return False
-    env = os.environ.get("MAMBA_DENSE_SCAN_FAST_EXP", "auto")
-    if env in ("0", "1"):
-        return env == "1"
-    return kind == "fwd" or NP < 16
+def _fast_exp(x: torch.Tensor) -> bool:
+    """Decays through ``ex2.approx.ftz`` (``_decay``): fp32 state on a GPU (the interpreter cannot run
+    inline PTX; fp64 keeps tl.exp). On the H100 (benchmarks/RESULTS.md, session 9) it took S5 N=16's
+    forward from 2.26 to 2.11 ms and, once the loads were reordered, the N=16 backward 5.5% faster
+    (f+b S4 5.24 -> 4.95 ms, S5 N=16 7.41 -> 7.01). MAMBA_DENSE_SCAN_FAST_EXP=0 turns it off, for
+    comparisons."""
+    return x.is_cuda and x.dtype != torch.float64 and os.environ.get("MAMBA_DENSE_SCAN_FAST_EXP", "1") != "0"
 
 
 def _num_sms(dev: torch.device) -> int:
@@ -714,7 +711,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
     common = dict(
         HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps, X_PER_ROUTE=x_per_route,
-        FAST_EXP=_fast_exp(x, "fwd", NP), **_reg_cap("fwd", NP, T, BD, warps),
+        FAST_EXP=_fast_exp(x), **_reg_cap("fwd", NP, T, BD, warps),
     )
     cover = route_coverage(route, L)
     if chunked:
@@ -793,7 +790,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
     kw = dict(
         HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         DY_PER_ROUTE=(merge == "none"), T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps,
-        X_PER_ROUTE=x_per_route, FAST_EXP=_fast_exp(x, "bwd", NP), **_reg_cap("bwd", NP, T, BD, warps),
+        X_PER_ROUTE=x_per_route, FAST_EXP=_fast_exp(x), **_reg_cap("bwd", NP, T, BD, warps),
     )
     gbuf = gsum = dummy
     if chunked:

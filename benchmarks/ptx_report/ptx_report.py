@@ -87,7 +87,7 @@ def build_source(kernel: str, N: int, T: int, BD: int, NP: int, spec: str):
 
     ts = _import_scan()
     flags = dict(HAS_D=True, HAS_BIAS=True, SOFTPLUS=True, T=T, BD=BD, NP=NP, CT=tl.float32, X_PER_ROUTE=False,
-                 FAST_EXP=(kernel == "fwd" or NP < 16))  # as triton_scan._fast_exp picks on a GPU
+                 FAST_EXP=True)  # as triton_scan._fast_exp picks on a GPU
     if kernel == "fwd":
         fn, ptrs = ts._fwd_kernel, FWD_PTRS
         cx = dict(MODE=0, PHASE=0, HAS_H0=False, STORE_STATES=True, **flags)

@@ -115,30 +115,26 @@ def test_n16_backward_register_cap_and_chunked_gradients(monkeypatch):
 
 
 def test_fast_exp_policy(monkeypatch):
-    """Which launches take the ex2.approx.ftz decays: GPU fp32 state only; forward always, backward
-    for N < 16 (H100 measurements in benchmarks/RESULTS.md); MAMBA_DENSE_SCAN_FAST_EXP=0/1 overrides."""
+    """The ex2.approx.ftz decays: fp32 state on a GPU only; MAMBA_DENSE_SCAN_FAST_EXP=0 turns them off."""
     from types import SimpleNamespace
 
     from mamba_dense.kernels import triton_scan as ts
 
     monkeypatch.delenv("MAMBA_DENSE_SCAN_FAST_EXP", raising=False)
     gpu_bf16 = SimpleNamespace(is_cuda=True, dtype=torch.bfloat16)
-    assert ts._fast_exp(gpu_bf16, "fwd", 16) and ts._fast_exp(gpu_bf16, "fwd", 1)
-    assert ts._fast_exp(gpu_bf16, "bwd", 1) and not ts._fast_exp(gpu_bf16, "bwd", 16)
-    assert not ts._fast_exp(SimpleNamespace(is_cuda=True, dtype=torch.float64), "fwd", 1)
-    assert not ts._fast_exp(torch.zeros(1), "fwd", 1)  # CPU tensors: the interpreter has no inline PTX
-    monkeypatch.setenv("MAMBA_DENSE_SCAN_FAST_EXP", "1")
-    assert ts._fast_exp(gpu_bf16, "bwd", 16)
+    assert ts._fast_exp(gpu_bf16) and ts._fast_exp(SimpleNamespace(is_cuda=True, dtype=torch.float32))
+    assert not ts._fast_exp(SimpleNamespace(is_cuda=True, dtype=torch.float64))
+    assert not ts._fast_exp(torch.zeros(1))  # CPU tensors: the interpreter has no inline PTX
     monkeypatch.setenv("MAMBA_DENSE_SCAN_FAST_EXP", "0")
-    assert not ts._fast_exp(gpu_bf16, "fwd", 1)
+    assert not ts._fast_exp(gpu_bf16)
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="inline PTX (ex2.approx.ftz) runs on a GPU only; the interpreter takes tl.exp")
-@pytest.mark.parametrize("fast", ["0", "1"])
+@pytest.mark.parametrize("fast", ["0", "1"], ids=["tl.exp", "ex2.ftz"])
 @pytest.mark.parametrize("N", [1, 16])
 def test_fast_exp_decays_match_reference(N, fast, monkeypatch):
-    """fp32 forward and gradients with the decays through ex2.approx.ftz (everywhere) or tl.exp
-    (nowhere), against fp64, including steps whose decay underflows (delta * A < -126 ln 2: the
+    """fp32 forward and gradients with the decays through ex2.approx.ftz (the default) or tl.exp,
+    against fp64, including steps whose decay underflows (delta * A < -126 ln 2: the
     flushed-to-zero decay must still give exact zeros in the backward's a_s h_{s-1})."""
     monkeypatch.setenv("MAMBA_DENSE_SCAN_FAST_EXP", fast)
     args = _inputs(1, 40, 3, 12, N, torch.float32, seed=17 + N)
