@@ -26,8 +26,10 @@ Forward, x read twice and y written once:
      PROGRAMS_PER_SM programs per SM (when the spatial axis has enough tiles).
   2. finalize, one tiny kernel: merges the chunks of each row (exact parallel formula) -> mean, rstd.
   3. elementwise, grid (B, spatial tiles, channel blocks): y = act((x - mean) * rstd * w + b).
-Backward, with g = dy * act'(y) (y > 0 <=> the pre-activation > 0, for ReLU and LeakyReLU) and
-xhat = (x - mean) * rstd; x, dy (and y) read twice, dx written once:
+Backward, with g = dy * act'(pre) (pre recomputed from x, mean, rstd, weight and bias by the
+forward's own expression: only its sign is needed, for ReLU and LeakyReLU) and
+xhat = (x - mean) * rstd; x and dy read twice, dx written once (reading the output y for the sign
+instead was a third stream, H100 session 10 in benchmarks/RESULTS.md):
   1. split reduction of sum(g) and sum(g * xhat) per (b, split, c); summed over splits with torch
      they give the row means dx needs and, summed over b, dbias and dweight.
   2. elementwise: dx = rstd * w * (g - mean(g) - xhat * mean(g * xhat)).
@@ -100,11 +102,24 @@ def _act(v, SLOPE: tl.constexpr, ACT: tl.constexpr):
 
 
 @triton.jit
-def _act_grad(dy_ptr, y_ptr, off, mask, SLOPE: tl.constexpr, ACT: tl.constexpr, CT: tl.constexpr):
-    """g = dy * act'(pre), the sign of pre read from the output y."""
+def _affine(c, cmask, rstd, w_ptr, b_ptr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, CT: tl.constexpr):
+    """(scale, shift) of channels c: pre = (x - mean) * scale + shift, as the forward computes it."""
+    scale = rstd
+    if HAS_W:
+        scale = scale * tl.load(w_ptr + c, mask=cmask, other=0.0).to(CT)
+    shift = tl.zeros(rstd.shape, CT)
+    if HAS_B:
+        shift = tl.load(b_ptr + c, mask=cmask, other=0.0).to(CT)
+    return scale, shift
+
+
+@triton.jit
+def _act_grad(dy_ptr, off, mask, pre, SLOPE: tl.constexpr, ACT: tl.constexpr, CT: tl.constexpr):
+    """g = dy * act'(pre), with pre recomputed from x by the forward's own expression (the sign of
+    the output y; reading y instead cost a third input stream in both backward kernels)."""
     g = tl.load(dy_ptr + off, mask=mask, other=0.0).to(CT)
     if ACT != 0:
-        pos = tl.load(y_ptr + off, mask=mask, other=0.0) > 0
+        pos = pre > 0
         if ACT == 1:
             g = tl.where(pos, g, 0.0)
         else:
@@ -188,12 +203,8 @@ def _norm_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, C, S, n_stile, 
     c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     mean = tl.load(mean_ptr + b * C + c, mask=cmask, other=0.0)
-    scale = tl.load(rstd_ptr + b * C + c, mask=cmask, other=0.0)
-    if HAS_W:
-        scale = scale * tl.load(w_ptr + c, mask=cmask, other=0.0).to(CT)
-    shift = tl.zeros([BLOCK_C], CT)
-    if HAS_B:
-        shift = tl.load(b_ptr + c, mask=cmask, other=0.0).to(CT)
+    rstd = tl.load(rstd_ptr + b * C + c, mask=cmask, other=0.0)
+    scale, shift = _affine(c, cmask, rstd, w_ptr, b_ptr, HAS_W, HAS_B, CT)
     off, mask = _tile(b, st * BLOCK_S, cb * BLOCK_C, C, S, CL, BLOCK_S, BLOCK_C)
     v = tl.load(x_ptr + off, mask=mask, other=0.0).to(CT)
     y = _act((v - mean[None, :]) * scale[None, :] + shift[None, :], SLOPE, ACT)
@@ -201,24 +212,27 @@ def _norm_kernel(x_ptr, y_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, C, S, n_stile, 
 
 
 @triton.jit
-def _bwd_stats_kernel(x_ptr, dy_ptr, y_ptr, mean_ptr, rstd_ptr, part_ptr, B, C, S, n_split, n_cblk,
-                      tiles_per_split, SLOPE: tl.constexpr, ACT: tl.constexpr,
-                      CL: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, CT: tl.constexpr):
+def _bwd_stats_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr, B, C, S, n_split, n_cblk,
+                      tiles_per_split, SLOPE: tl.constexpr, ACT: tl.constexpr, HAS_W: tl.constexpr,
+                      HAS_B: tl.constexpr, CL: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
+                      CT: tl.constexpr):
     """Backward phase 1: sum(g) and sum(g * xhat) per channel of one chunk -> part (2, B, n_split, C)."""
     b, split, cb = _decode(tl.program_id(0), n_split, n_cblk)
     c0 = cb * BLOCK_C
     c = c0 + tl.arange(0, BLOCK_C)
     cmask = c < C
-    mean = tl.load(mean_ptr + b * C + c, mask=cmask, other=0.0)[None, :]
-    rstd = tl.load(rstd_ptr + b * C + c, mask=cmask, other=0.0)[None, :]
+    mean = tl.load(mean_ptr + b * C + c, mask=cmask, other=0.0)
+    rstd = tl.load(rstd_ptr + b * C + c, mask=cmask, other=0.0)
+    scale, shift = _affine(c, cmask, rstd, w_ptr, b_ptr, HAS_W, HAS_B, CT)
     s_lo = split * tiles_per_split * BLOCK_S
     s_hi = tl.minimum(s_lo + tiles_per_split * BLOCK_S, S)
     acc_g = tl.zeros([BLOCK_S, BLOCK_C], CT)
     acc_gx = tl.zeros([BLOCK_S, BLOCK_C], CT)
     for s0 in range(s_lo, s_hi, BLOCK_S):
         off, mask = _tile(b, s0, c0, C, S, CL, BLOCK_S, BLOCK_C)
-        g = _act_grad(dy_ptr, y_ptr, off, mask, SLOPE, ACT, CT)  # 0 outside the mask
-        xhat = (tl.load(x_ptr + off, mask=mask, other=0.0).to(CT) - mean) * rstd
+        xc = tl.load(x_ptr + off, mask=mask, other=0.0).to(CT) - mean[None, :]
+        g = _act_grad(dy_ptr, off, mask, xc * scale[None, :] + shift[None, :], SLOPE, ACT, CT)  # 0 outside the mask
+        xhat = xc * rstd[None, :]
         acc_g += g
         acc_gx += g * xhat
     out = (b * n_split + split) * C + c
@@ -227,8 +241,9 @@ def _bwd_stats_kernel(x_ptr, dy_ptr, y_ptr, mean_ptr, rstd_ptr, part_ptr, B, C, 
 
 
 @triton.jit
-def _bwd_dx_kernel(x_ptr, dy_ptr, y_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, sums_ptr, B, C, S,
-                   n_stile, n_cblk, SLOPE: tl.constexpr, HAS_W: tl.constexpr, ACT: tl.constexpr,
+def _bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sums_ptr, B, C, S,
+                   n_stile, n_cblk, SLOPE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                   ACT: tl.constexpr,
                    CL: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, CT: tl.constexpr):
     """Backward phase 2: dx = rstd * w * (g - mean(g) - xhat * mean(g * xhat)) on one tile."""
     b, st, cb = _decode(tl.program_id(0), n_stile, n_cblk)
@@ -237,14 +252,13 @@ def _bwd_dx_kernel(x_ptr, dy_ptr, y_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, sums
     row = b * C + c
     mean = tl.load(mean_ptr + row, mask=cmask, other=0.0)
     rstd = tl.load(rstd_ptr + row, mask=cmask, other=0.0)
-    scale = rstd
-    if HAS_W:
-        scale = rstd * tl.load(w_ptr + c, mask=cmask, other=0.0).to(CT)
+    scale, shift = _affine(c, cmask, rstd, w_ptr, b_ptr, HAS_W, HAS_B, CT)
     mean_g = tl.load(sums_ptr + row, mask=cmask, other=0.0) / S
     mean_gx = tl.load(sums_ptr + B * C + row, mask=cmask, other=0.0) / S
     off, mask = _tile(b, st * BLOCK_S, cb * BLOCK_C, C, S, CL, BLOCK_S, BLOCK_C)
-    g = _act_grad(dy_ptr, y_ptr, off, mask, SLOPE, ACT, CT)
-    xhat = (tl.load(x_ptr + off, mask=mask, other=0.0).to(CT) - mean[None, :]) * rstd[None, :]
+    xc = tl.load(x_ptr + off, mask=mask, other=0.0).to(CT) - mean[None, :]
+    g = _act_grad(dy_ptr, off, mask, xc * scale[None, :] + shift[None, :], SLOPE, ACT, CT)
+    xhat = xc * rstd[None, :]
     dx = scale[None, :] * (g - mean_g[None, :] - xhat * mean_gx[None, :])
     tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
@@ -334,23 +348,24 @@ def _forward(x, p, weight, bias, eps, act, slope):
     return y, mean, rstd
 
 
-def _backward(dy, x, p, weight, mean, rstd, y, act, slope, need_dx):
+def _backward(dy, x, p, weight, bias, mean, rstd, act, slope, need_dx):
     """(dx or None, (2, C) [dbias, dweight]) with the forward's plan p; the parameter gradients in the
     statistics dtype."""
     meta = _meta(p, x.dtype)
     dy = dy.movedim(1, -1).contiguous() if p.cl else dy.contiguous()
-    y = x if y is None else y  # ACT == 0 never reads it
+    wb = dict(HAS_W=weight is not None, HAS_B=bias is not None)
+    w_, b_ = (mean if weight is None else weight), (mean if bias is None else bias)
     part = _empty(2, p.B, p.n_split, p.C, device=x.device, dtype=mean.dtype)
     _bwd_stats_kernel[(p.B * p.n_split * p.n_cblk,)](
-        x, dy, y, mean, rstd, part, p.B, p.C, p.S, p.n_split, p.n_cblk, p.tiles_per_split,
-        SLOPE=slope, ACT=_ACTS[act], **meta)
+        x, dy, w_, b_, mean, rstd, part, p.B, p.C, p.S, p.n_split, p.n_cblk, p.tiles_per_split,
+        SLOPE=slope, ACT=_ACTS[act], **wb, **meta)
     sums = part.sum(2)  # (2, B, C): sum(g), sum(g * xhat) per row
     dx = None
     if need_dx:
         dx = _empty_as(x, p.cl)
         _bwd_dx_kernel[(p.B * p.n_stile * p.n_cblk,)](
-            x, dy, y, dx, mean, rstd, mean if weight is None else weight, sums, p.B, p.C, p.S,
-            p.n_stile, p.n_cblk, SLOPE=slope, HAS_W=weight is not None, ACT=_ACTS[act], **meta)
+            x, dy, dx, mean, rstd, w_, b_, sums, p.B, p.C, p.S,
+            p.n_stile, p.n_cblk, SLOPE=slope, ACT=_ACTS[act], **wb, **meta)
     return dx, sums.sum(1)
 
 
@@ -387,17 +402,17 @@ def _(x, weight, bias, eps, act, slope):
 
 @torch.library.custom_op("mamba_dense::instance_norm_bwd", mutates_args=())
 def _bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
-            rstd: torch.Tensor, y: Optional[torch.Tensor], act: str, slope: float,
+            rstd: torch.Tensor, bias: Optional[torch.Tensor], act: str, slope: float,
             need_dx: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx, (2, C) [dbias, dweight] in the statistics dtype); dx is empty when not needed."""
     x, cl = _layout(x)
     with on_device(x):
-        dx, dbw = _backward(dy, x, _plan(x, cl), weight, mean, rstd, y, act, slope, need_dx)
+        dx, dbw = _backward(dy, x, _plan(x, cl), weight, bias, mean, rstd, act, slope, need_dx)
     return (dx if dx is not None else x.new_empty((0,))), dbw
 
 
 @_bwd_op.register_fake
-def _(dy, x, weight, mean, rstd, y, act, slope, need_dx):
+def _(dy, x, weight, mean, rstd, bias, act, slope, need_dx):
     dx = _like_layout(x, _is_cl(x)) if need_dx else x.new_empty((0,))
     return dx, mean.new_empty((2, x.shape[1]))
 
@@ -406,14 +421,14 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, eps, act, slope = inputs
     y, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
-    ctx.save_for_backward(x, weight, mean, rstd, None if act == "none" else y)
+    ctx.save_for_backward(x, weight, mean, rstd, None if act == "none" else bias)
     ctx.act, ctx.slope = act, slope
     ctx.bias_dtype = None if bias is None else bias.dtype
 
 
 def _backward_rule(ctx, dy, _dmean, _drstd):
-    x, weight, mean, rstd, y = ctx.saved_tensors
-    dx, (dbias, dweight) = _bwd_op(dy, x, weight, mean, rstd, y, ctx.act, ctx.slope, ctx.needs_input_grad[0])
+    x, weight, mean, rstd, bias = ctx.saved_tensors
+    dx, (dbias, dweight) = _bwd_op(dy, x, weight, mean, rstd, bias, ctx.act, ctx.slope, ctx.needs_input_grad[0])
     dx = dx if ctx.needs_input_grad[0] else None
     dweight = dweight.to(weight.dtype) if ctx.needs_input_grad[1] else None
     dbias = dbias.to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None

@@ -33,6 +33,7 @@ ops (``mamba_dense::route_conv_fwd`` / ``_bwd``): ``torch.compile`` keeps them a
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -42,8 +43,13 @@ import triton.language as tl
 from . import _triton_on_cpu
 from .triton_scan import _ct, _empty, on_device
 
-BLOCK_T = 128  # tokens per program
-MAX_BLOCK_E = 32  # channels per program
+# Tokens and channels per program, one warp: the H100 sweep of session 10 (benchmarks/RESULTS.md) ran
+# SegMamba stage 1 forward / backward in 0.352 / 1.100 ms against 0.441 / 1.413 with (128, 32, 4
+# warps), and was as fast or faster at stages 2-4; the per-thread work is the same, so is the
+# register count, but programs of one warp fill the SMs more evenly.
+BLOCK_T = 32
+MAX_BLOCK_E = 32
+NUM_WARPS = 1
 
 
 @triton.jit
@@ -153,14 +159,26 @@ def _rconv_bwd_du_kernel(gpre_ptr, w_ptr, route_ptr, inv_ptr, du_ptr, L, S, E, K
     tl.store(du_ptr + off, acc.to(du_ptr.dtype.element_ty), mask=m2)
 
 
+def _cfg() -> tuple[int, int, int]:
+    """(tokens per program, max channels per program, warps); MAMBA_DENSE_RCONV_CFG="BT,BE,warps"
+    overrides (for tuning)."""
+    env = os.environ.get("MAMBA_DENSE_RCONV_CFG")
+    if env:
+        bt, be, w = (int(v) for v in env.split(","))
+        return bt, be, w
+    return BLOCK_T, MAX_BLOCK_E, NUM_WARPS
+
+
 def _grid(B: int, L: int, E: int) -> tuple[tuple[int, int], int, int]:
-    be = min(triton.next_power_of_2(E), MAX_BLOCK_E)
-    n_ttile = triton.cdiv(L, BLOCK_T)
+    bt, max_be, _ = _cfg()
+    be = min(triton.next_power_of_2(E), max_be)
+    n_ttile = triton.cdiv(L, bt)
     return (B * n_ttile, triton.cdiv(E, be)), n_ttile, be
 
 
 def _meta(dtype: torch.dtype, ksz: int, be: int) -> dict:
-    return dict(KSZ=ksz, BT=BLOCK_T, BE=be, CT=_ct(dtype), num_warps=4)
+    bt, _, warps = _cfg()
+    return dict(KSZ=ksz, BT=bt, BE=be, CT=_ct(dtype), num_warps=warps)
 
 
 # Registered as custom ops tied by register_autograd: opaque to torch.compile (no graph break; the

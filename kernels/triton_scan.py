@@ -347,6 +347,39 @@ def sum_routes(buf: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
+@triton.jit
+def _sum_blocks_kernel(part_ptr, out_ptr, M, n_blk, BLOCK: tl.constexpr, CT: tl.constexpr):
+    """out[m] = sum_j part[j, m] over the n_blk channel blocks in a fixed order, accumulated in CT."""
+    m = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = m < M
+    acc = tl.zeros([BLOCK], dtype=CT)
+    for j in range(0, n_blk):
+        acc += tl.load(part_ptr + j * M + m, mask=mask, other=0.0).to(CT)
+    tl.store(out_ptr + m, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def sum_blocks(part: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """(n_blk, *shape) -> shape in out_dtype: the channel blocks' partial sums added in one pass
+    (fp32 accumulation, fp64 for fp64), without an fp32 intermediate when out_dtype is narrower."""
+    if part.shape[0] == 1 and part.dtype == out_dtype:
+        return part[0]
+    out = _empty(*part.shape[1:], device=part.device, dtype=out_dtype)
+    M = out.numel()
+    BLOCK = 2048
+    _sum_blocks_kernel[(triton.cdiv(M, BLOCK),)](
+        part, out, M, part.shape[0], BLOCK=BLOCK, CT=_ct(part.dtype), num_warps=4)
+    return out
+
+
+def _partial_dtype(grad_dtype: torch.dtype, cdt: torch.dtype) -> torch.dtype:
+    """Storage dtype of the backward's per-channel-block dB / dC partials (each a sum over BD channels
+    in fp32). bf16 when the gradient itself is bf16: the partials are then rounded to the gradient's
+    own precision before they are added in fp32, which halves the largest traffic of the N=16
+    backward (H100, segmamba_tiny stage 1: 12 blocks x 2 x 100 MB written and read again per layer;
+    benchmarks/RESULTS.md, session 10). fp32 otherwise (fp16 has too little range for partials)."""
+    return torch.bfloat16 if grad_dtype == torch.bfloat16 else cdt
+
+
 # --------------------------------------------------------------------------------------------
 # backward
 # --------------------------------------------------------------------------------------------
@@ -485,8 +518,8 @@ def _bwd_kernel(
             bc_off = rk[:, None] * N + n[None, :]
             bc_base = pid_d.to(tl.int64) * batch * L * K * N
             bc_mask = valid[:, None] & nmask[None, :]
-            tl.store(dB_ptr + bc_base + bc_off, dBv, mask=bc_mask)
-            tl.store(dC_ptr + bc_base + bc_off, dCv, mask=bc_mask)
+            tl.store(dB_ptr + bc_base + bc_off, dBv.to(dB_ptr.dtype.element_ty), mask=bc_mask)
+            tl.store(dC_ptr + bc_base + bc_off, dCv.to(dC_ptr.dtype.element_ty), mask=bc_mask)
             xoff = row[:, None] * Dm + d[None, :]
             if DXMODE == 0:
                 tl.store(dx_ptr + rk[:, None] * Dm + d[None, :], dxv.to(dx_ptr.dtype.element_ty), mask=m2)
@@ -781,8 +814,8 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
     bias_ = dt_bias if dt_bias is not None else dummy
     ddt = (_empty_like if all(cover) else torch.zeros_like)(dt)
     alloc_bc = _empty if all(cover) else torch.zeros
-    dBp = alloc_bc(n_dblk, batch, L, K, N, device=dev, dtype=cdt)
-    dCp = alloc_bc(n_dblk, batch, L, K, N, device=dev, dtype=cdt)
+    dBp = alloc_bc(n_dblk, batch, L, K, N, device=dev, dtype=_partial_dtype(B.dtype, cdt))
+    dCp = alloc_bc(n_dblk, batch, L, K, N, device=dev, dtype=_partial_dtype(C.dtype, cdt))
     dAp = _empty(batch, n_chunks, K, N, Dm, device=dev, dtype=cdt)
     dDp = _empty(batch, n_chunks, K, Dm, device=dev, dtype=cdt)
     dbp = _empty(batch, n_chunks, K, Dm, device=dev, dtype=cdt)
@@ -832,8 +865,8 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
             )
         if modes[-1] == 2:
             dx.copy_(dxacc)
-    dB = (dBp[0] if n_dblk == 1 else dBp.sum(0)).to(B.dtype)
-    dC = (dCp[0] if n_dblk == 1 else dCp.sum(0)).to(C.dtype)
+    dB = sum_blocks(dBp, B.dtype)
+    dC = sum_blocks(dCp, C.dtype)
     dA = dAp.sum((0, 1)).transpose(1, 2).contiguous().to(A.dtype)  # (K, D, N)
     dD = dDp.sum((0, 1)).to(D.dtype) if D is not None else None
     dbias = dbp.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else None

@@ -204,10 +204,10 @@ def test_registered_ops_pass_opcheck(layout, small_tiles):
     x.requires_grad_()
     torch.library.opcheck(inorm._fwd_op, (x, w.requires_grad_(), b.requires_grad_(), 1e-5, "leaky_relu", 0.01))
     torch.library.opcheck(inorm._fwd_op, (x, None, None, 1e-5, "none", 0.01))
-    y, mean, rstd = inorm._fwd_op(x.detach(), w.detach(), None, 1e-5, "relu", 0.01)
+    y, mean, rstd = inorm._fwd_op(x.detach(), w.detach(), b.detach(), 1e-5, "relu", 0.01)
     dy = torch.randn_like(y)
     for need_dx in (True, False):
-        torch.library.opcheck(inorm._bwd_op, (dy, x.detach(), w.detach(), mean, rstd, y, "relu", 0.01, need_dx))
+        torch.library.opcheck(inorm._bwd_op, (dy, x.detach(), w.detach(), mean, rstd, b.detach(), "relu", 0.01, need_dx))
 
 
 @needs_triton
