@@ -20,9 +20,10 @@ so that loads coalesce along C either way. Any other layout is made contiguous f
 
 Forward, x read twice and y written once:
   1. split reduction, grid (B, n_split, channel blocks): each program walks its chunk of the
-     spatial axis (a run of whole tiles) and writes the chunk's mean and M2 (sum of squared
-     deviations) per channel, merging its tiles with Chan's parallel formula (no cancellation of a
-     sum of squares against a squared sum, whatever the mean). n_split gives the grid at least
+     spatial axis (a run of whole tiles), keeps Welford's running mean and M2 (sum of squared
+     deviations) in every lane of its tile, and writes the chunk's mean and M2 per channel, merging
+     the lanes with Chan's parallel formula (no cancellation of a sum of squares against a squared
+     sum, whatever the mean). n_split gives the grid at least
      PROGRAMS_PER_SM programs per SM (when the spatial axis has enough tiles).
   2. finalize, one tiny kernel: merges the chunks of each row (exact parallel formula) -> mean, rstd.
   3. elementwise, grid (B, spatial tiles, channel blocks): y = act((x - mean) * rstd * w + b).
@@ -135,28 +136,38 @@ def _act_grad(dy_ptr, off, mask, pre, SLOPE: tl.constexpr, ACT: tl.constexpr, CT
 @triton.jit
 def _stats_kernel(x_ptr, part_ptr, B, C, S, n_split, n_cblk, tiles_per_split,
                   CL: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, CT: tl.constexpr):
-    """Forward phase 1: (mean, M2) per channel of one chunk -> part (2, B, n_split, C)."""
+    """Forward phase 1: (mean, M2) per channel of one chunk -> part (2, B, n_split, C).
+
+    Welford's update in every lane of the tile (no reduction inside the loop, so the next tile's
+    load need not wait for one), then the lanes merged with Chan's formula. A merge of every tile
+    into per-channel statistics (a cross-warp reduction per tile) ran the 43 norms of a segmamba_tiny
+    step in 2.54 ms on the H100 against 1.46 ms for the normalization pass, which also writes y.
+    """
     b, split, cb = _decode(tl.program_id(0), n_split, n_cblk)
     c0 = cb * BLOCK_C
     s_lo = split * tiles_per_split * BLOCK_S
     s_hi = tl.minimum(s_lo + tiles_per_split * BLOCK_S, S)
-    mean = tl.zeros([BLOCK_C], CT)
-    m2 = tl.zeros([BLOCK_C], CT)
+    cnt = tl.zeros([BLOCK_S, BLOCK_C], CT)
+    mean = tl.zeros([BLOCK_S, BLOCK_C], CT)
+    m2 = tl.zeros([BLOCK_S, BLOCK_C], CT)
     for s0 in range(s_lo, s_hi, BLOCK_S):
         off, mask = _tile(b, s0, c0, C, S, CL, BLOCK_S, BLOCK_C)
         v = tl.load(x_ptr + off, mask=mask, other=0.0).to(CT)
-        n_tile = tl.minimum(S - s0, BLOCK_S).to(CT)
-        n_seen = (s0 - s_lo).to(CT)  # the tiles before this one are full
-        t_mean = tl.sum(v, axis=0) / n_tile
-        d = tl.where(mask, v - t_mean[None, :], 0.0)
-        delta = t_mean - mean
-        n_new = n_seen + n_tile
-        mean += delta * (n_tile / n_new)
-        m2 += tl.sum(d * d, axis=0) + delta * delta * (n_seen * n_tile / n_new)
+        # a lane is valid in every tile of the chunk but perhaps the last: its count is the tile's
+        # index + 1, the same for all valid lanes
+        r = 1.0 / ((s0 - s_lo) // BLOCK_S + 1).to(CT)
+        delta = v - mean
+        mean = tl.where(mask, mean + delta * r, mean)
+        m2 = tl.where(mask, m2 + delta * (v - mean), m2)
+        cnt += mask.to(CT)
+    n_c = tl.sum(cnt, axis=0)
+    mean_c = tl.sum(cnt * mean, axis=0) / tl.maximum(n_c, 1.0)
+    d = mean - mean_c[None, :]
+    m2_c = tl.sum(m2 + cnt * d * d, axis=0)
     c = c0 + tl.arange(0, BLOCK_C)
     out = (b * n_split + split) * C + c
-    tl.store(part_ptr + out, mean, mask=c < C)
-    tl.store(part_ptr + B * n_split * C + out, m2, mask=c < C)
+    tl.store(part_ptr + out, mean_c, mask=c < C)
+    tl.store(part_ptr + B * n_split * C + out, m2_c, mask=c < C)
 
 
 @triton.jit

@@ -114,6 +114,47 @@ def test_n16_backward_register_cap_and_chunked_gradients(monkeypatch):
     _check_fp32_api(route, _inputs(1, 40, 3, 12, 16, torch.float32, seed=13))
 
 
+def test_bf16_gradients_from_bf16_channel_block_partials():
+    """bf16 B and C: the backward's per-channel-block dB / dC partials are stored in bf16 and summed in
+    fp32 (fp32 / fp16 / fp64 gradients keep fp32 / fp64 partials); with three channel blocks (N=16:
+    8 channels per block, the last masked) the bf16 gradients stay within bf16 tolerance of fp64."""
+    from mamba_dense.kernels import triton_scan as ts
+
+    assert ts._partial_dtype(torch.bfloat16, torch.float32) == torch.bfloat16
+    assert ts._partial_dtype(torch.float16, torch.float32) == torch.float32
+    assert ts._partial_dtype(torch.float32, torch.float32) == torch.float32
+    assert ts._partial_dtype(torch.float64, torch.float64) == torch.float64
+    route = routes.segmamba3d(2, 3, 4).to(DEVICE)
+    args = _inputs(2, 24, 3, 20, 16, torch.float64, seed=21)
+    args[0] = args[0][:, :, None, :].expand(-1, -1, 3, -1).contiguous()  # x per route, as RouteMamba calls it
+    low = [a.to(torch.bfloat16) if i in (0, 1, 3, 4) else a.float() for i, a in enumerate(args)]
+    leaves = [a.clone().requires_grad_() for a in low]
+    y = selective_scan(*leaves, route=route, merge="none")
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(DEVICE, y.dtype)
+    g = torch.autograd.grad(y, leaves, dy)
+    ref_leaves = [a.double().requires_grad_() for a in low]
+    g_ref = torch.autograd.grad(selective_scan_ref(*ref_leaves, route=route, merge="none"), ref_leaves, dy.double())
+    for name, a, b in zip(("dx", "ddt", "dA", "dB", "dC", "dD", "dbias"), g, g_ref):
+        assert torch.isfinite(a).all(), name
+        assert _rel(a, b) < 2e-2, name
+    assert g[3].dtype == g[4].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("n_blk,M,dtype,out", [(1, 37, torch.float32, torch.bfloat16), (5, 2049 + 7, torch.bfloat16, torch.bfloat16),
+                                               (3, 100, torch.float32, torch.float32), (4, 50, torch.float64, torch.float64)])
+def test_sum_blocks_adds_the_partials(n_blk, M, dtype, out):
+    """sum_blocks: the channel blocks' partials added in one pass (one program's tail masked), in the
+    output dtype; no element left unwritten (outputs are poisoned)."""
+    from mamba_dense.kernels import triton_scan as ts
+
+    part = (torch.randn(n_blk, M, generator=torch.Generator().manual_seed(n_blk), dtype=torch.float64) + 0.5)
+    part = part.to(DEVICE, dtype)
+    got = ts.sum_blocks(part.view(n_blk, 1, M), out)
+    assert got.shape == (1, M) and got.dtype == out
+    want = part.double().sum(0).to(out).double()
+    assert _rel(got[0], want) < (1e-2 if out == torch.bfloat16 else 1e-6)
+
+
 def test_fast_exp_policy(monkeypatch):
     """The ex2.approx.ftz decays: fp32 state on a GPU only; MAMBA_DENSE_SCAN_FAST_EXP=0 turns them off."""
     from types import SimpleNamespace
