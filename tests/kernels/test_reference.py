@@ -37,9 +37,16 @@ def problems(draw):
     C = torch.randn(batch, L, K, N, generator=g, dtype=torch.float64)
     D = torch.randn(K, Dm, generator=g, dtype=torch.float64) if draw(st.booleans()) else None
     bias = torch.randn(K, Dm, generator=g, dtype=torch.float64) if draw(st.booleans()) else None
+    softplus = draw(st.booleans())
+    if not softplus:
+        # without softplus dt + dt_bias is the step size itself, which is >= 0 in Mamba; a negative one
+        # makes exp(delta * A) > 1 and the state grows like e^(L |A| |delta|) (1e122 drawn once), where
+        # two fp64 summation orders stop agreeing to 1e-6 and the error norm can overflow
+        dt = dt.abs()
+        bias = bias.abs() if bias is not None else None
     return dict(
         args=(x, dt, A, B, C, D, bias), route=route,
-        merge=draw(st.sampled_from(["sum", "none"])), dt_softplus=draw(st.booleans()),
+        merge=draw(st.sampled_from(["sum", "none"])), dt_softplus=softplus,
         chunk=draw(st.sampled_from([1, 3, 8, 64])),
     )
 
