@@ -45,8 +45,8 @@ from .triton_scan import _ct, _empty, on_device
 
 # Tokens and channels per program, one warp: the H100 sweep of session 10 (benchmarks/RESULTS.md) ran
 # SegMamba stage 1 forward / backward in 0.352 / 1.100 ms against 0.441 / 1.413 with (128, 32, 4
-# warps), and was as fast or faster at stages 2-4; the per-thread work is the same, so is the
-# register count, but programs of one warp fill the SMs more evenly.
+# warps), and was as fast or faster at stages 2-4. The work per thread is the same (32 elements);
+# why the one-warp programs run faster was not profiled.
 BLOCK_T = 32
 MAX_BLOCK_E = 32
 NUM_WARPS = 1
