@@ -50,11 +50,11 @@ PEERS = ("swinunetr", "dynunet_res")
 ENCODER_KWARGS: dict = {}  # --encoder-kwargs (smoke tests use narrow encoders; the benchmark uses none)
 
 
-def build_ours(name: str, in_chans: int, classes: int, size: int) -> torch.nn.Module:
+def build_ours(name: str, in_chans: int, classes: int, size: int, channels_last: bool = False) -> torch.nn.Module:
     from mamba_dense.tasks.volumetric import VolumetricSegmentationTask
 
     return VolumetricSegmentationTask(classes, encoder=name, in_channels=in_chans, patch_size=(size,) * 3,
-                                      encoder_kwargs=dict(ENCODER_KWARGS) or None)
+                                      encoder_kwargs=dict(ENCODER_KWARGS) or None, channels_last=channels_last)
 
 
 def build_peer(name: str, in_chans: int, classes: int, size: int) -> torch.nn.Module:
@@ -199,7 +199,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune"),
                    help="torch.compile mode with --compile (reduce-overhead: CUDA graphs, for host-bound steps)")
     p.add_argument("--channels-last", action="store_true",
-                   help="every model and its input in torch.channels_last_3d (NDHWC) memory format")
+                   help="every model and its input in torch.channels_last_3d (NDHWC) memory format; ours "
+                        "through VolumetricSegmentationTask(channels_last=True), which also keeps SegMamba's "
+                        "maps in NDHWC and returns NCDHW logits")
     p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True,
                    help="torch.backends.cudnn.benchmark for every model (default on: cuDNN times its algorithms "
                         "per shape in the warm-up steps, as nnU-Net trains and as configs/msd/ set "
@@ -235,9 +237,11 @@ def main(argv: list[str] | None = None) -> dict:
             rows[name] = {"skipped": "needs --size >= 64"}
             print(f"{name}: skipped, needs --size >= 64", flush=True)
             continue
-        builder: Callable = build_ours if name in OURS else build_peer
         torch.manual_seed(0)
-        model = builder(name, args.in_chans, args.classes, args.size)
+        if name in OURS:  # --channels-last as a user sets it: the task's option (NCDHW logits out)
+            model = build_ours(name, args.in_chans, args.classes, args.size, channels_last=args.channels_last)
+        else:
+            model = build_peer(name, args.in_chans, args.classes, args.size)
         try:
             rows[name] = bench_train(model, args, device)
         except torch.OutOfMemoryError:

@@ -31,8 +31,8 @@ Backward, with g = dy * act'(pre) (pre recomputed from x, mean, rstd, weight and
 forward's own expression: only its sign is needed, for ReLU and LeakyReLU) and
 xhat = (x - mean) * rstd; x and dy read twice, dx written once (reading the output y for the sign
 instead was a third stream, H100 session 10 in benchmarks/RESULTS.md):
-  1. split reduction of sum(g) and sum(g * xhat) per (b, split, c); summed over splits with torch
-     they give the row means dx needs and, summed over b, dbias and dweight.
+  1. split reduction of sum(g) and sum(g * xhat) per (b, split, c); one tiny kernel sums them over
+     the splits (the row means dx needs); summed over b with torch they give dbias and dweight.
   2. elementwise: dx = rstd * w * (g - mean(g) - xhat * mean(g * xhat)).
 No atomics: results are deterministic. Offsets are int64 wherever they can pass 2^31.
 
@@ -252,6 +252,23 @@ def _bwd_stats_kernel(x_ptr, dy_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, part_ptr,
 
 
 @triton.jit
+def _bwd_sums_kernel(part_ptr, sums_ptr, n_rows, n_split, C, BLOCK_R: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
+                     CT: tl.constexpr):
+    """Backward phase 1b: the chunks' partial sums part (2, B, n_split, C) added per row -> sums
+    (2, B, C), BLOCK_R rows per program, BLOCK_SPLIT chunks per load, in a fixed order."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    rmask = r < n_rows
+    p = (r // C) * n_split * C + r % C  # chunk 0 of row r in part
+    j = tl.arange(0, BLOCK_SPLIT)
+    acc = tl.zeros([BLOCK_R], CT)
+    for i0 in range(0, n_split, BLOCK_SPLIT):
+        i = i0 + j
+        m = rmask[:, None] & (i < n_split)[None, :]
+        acc += tl.sum(tl.load(part_ptr + p[:, None] + i[None, :] * C, mask=m, other=0.0), axis=1)
+    tl.store(sums_ptr + r, acc, mask=rmask)
+
+
+@triton.jit
 def _bwd_dx_kernel(x_ptr, dy_ptr, dx_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, sums_ptr, B, C, S,
                    n_stile, n_cblk, SLOPE: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                    ACT: tl.constexpr,
@@ -370,7 +387,9 @@ def _backward(dy, x, p, weight, bias, mean, rstd, act, slope, need_dx):
     _bwd_stats_kernel[(p.B * p.n_split * p.n_cblk,)](
         x, dy, w_, b_, mean, rstd, part, p.B, p.C, p.S, p.n_split, p.n_cblk, p.tiles_per_split,
         SLOPE=slope, ACT=_ACTS[act], **wb, **meta)
-    sums = part.sum(2)  # (2, B, C): sum(g), sum(g * xhat) per row
+    sums = _empty(2, p.B, p.C, device=x.device, dtype=mean.dtype)  # sum(g), sum(g * xhat) per row
+    _bwd_sums_kernel[(triton.cdiv(2 * p.B * p.C, BLOCK_R),)](
+        part, sums, 2 * p.B * p.C, p.n_split, p.C, BLOCK_R=BLOCK_R, BLOCK_SPLIT=BLOCK_SPLIT, CT=meta["CT"])
     dx = None
     if need_dx:
         dx = _empty_as(x, p.cl)
