@@ -76,46 +76,6 @@ def _blke(b, L, t, K, k, E, e):
 
 
 @triton.jit
-def _tap(u_ptr, route_ptr, b, k, s, vis, e, emask, S, stride_ub, stride_ul, sh, CT: tl.constexpr):
-    """u at the step s + sh of route k for each token (0 before the route's start and at padding)."""
-    sj = s + sh
-    ok = vis & (sj >= 0) & (sj < S)
-    src = tl.load(route_ptr + k * S + sj, mask=ok, other=-1)
-    ok = ok & (src >= 0)
-    ptr = u_ptr + b * stride_ub + src[:, None] * stride_ul + e[None, :]
-    return tl.load(ptr, mask=ok[:, None] & emask[None, :], other=0.0).to(CT)
-
-
-@triton.jit
-def _pre(u_ptr, w_ptr, b_ptr, route_ptr, b, k, s, vis, e, emask, E, S, stride_ub, stride_ul,
-         HAS_BIAS: tl.constexpr, KSZ: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, CT: tl.constexpr):
-    """The conv (before the activation) of route k at the tokens' steps s."""
-    acc = tl.zeros([BT, BE], CT)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + k * E + e, mask=emask, other=0.0).to(CT)[None, :]
-    for j in tl.static_range(KSZ):
-        x = _tap(u_ptr, route_ptr, b, k, s, vis, e, emask, S, stride_ub, stride_ul, j - (KSZ - 1), CT)
-        w = tl.load(w_ptr + (k * E + e) * KSZ + j, mask=emask, other=0.0).to(CT)
-        acc += x * w[None, :]
-    return acc
-
-
-@triton.jit
-def _rconv_fwd_kernel(u_ptr, w_ptr, b_ptr, route_ptr, inv_ptr, out_ptr, L, S, E, K, stride_ub, stride_ul, n_ttile,
-                HAS_BIAS: tl.constexpr, ACT: tl.constexpr, KSZ: tl.constexpr,
-                BT: tl.constexpr, BE: tl.constexpr, CT: tl.constexpr):
-    _pid, b, t, tmask, e, emask, m2 = _coords(n_ttile, L, E, BT, BE)
-    for k in range(K):
-        s, vis = _visit(inv_ptr, k, L, t, tmask)
-        y = _pre(u_ptr, w_ptr, b_ptr, route_ptr, b, k, s, vis, e, emask, E, S, stride_ub, stride_ul,
-                 HAS_BIAS, KSZ, BT, BE, CT)
-        if ACT:
-            y = y * tl.sigmoid(y)
-        y = tl.where(vis[:, None], y, 0.0)
-        tl.store(out_ptr + _blke(b, L, t, K, k, E, e), y.to(out_ptr.dtype.element_ty), mask=m2)
-
-
-@triton.jit
 def _taps(u_ptr, route_ptr, b, k, s, vis, e, emask, S, stride_ub, stride_ul,
           KSZ: tl.constexpr, KP: tl.constexpr, CT: tl.constexpr):
     """All KSZ taps of route k at the tokens' steps s as one (BT, KP, BE) gather (tap j at step
@@ -127,6 +87,34 @@ def _taps(u_ptr, route_ptr, b, k, s, vis, e, emask, S, stride_ub, stride_ul,
     ok = ok & (src >= 0)
     ptr = u_ptr + b * stride_ub + src[:, :, None] * stride_ul + e[None, None, :]
     return tl.load(ptr, mask=ok[:, :, None] & emask[None, None, :], other=0.0).to(CT)
+
+
+@triton.jit
+def _conv(x, w_ptr, b_ptr, k, e, emask, E, HAS_BIAS: tl.constexpr, KSZ: tl.constexpr, KP: tl.constexpr,
+          CT: tl.constexpr):
+    """The conv (before the activation) of route k from its taps x (BT, KP, BE)."""
+    j = tl.arange(0, KP)
+    w = tl.load(w_ptr + (k * E + e[None, :]) * KSZ + j[:, None], mask=(j < KSZ)[:, None] & emask[None, :],
+                other=0.0).to(CT)
+    pre = tl.sum(x * w[None, :, :], axis=1)
+    if HAS_BIAS:
+        pre += tl.load(b_ptr + k * E + e, mask=emask, other=0.0).to(CT)[None, :]
+    return pre
+
+
+@triton.jit
+def _rconv_fwd_kernel(u_ptr, w_ptr, b_ptr, route_ptr, inv_ptr, out_ptr, L, S, E, K, stride_ub, stride_ul, n_ttile,
+                HAS_BIAS: tl.constexpr, ACT: tl.constexpr, KSZ: tl.constexpr,
+                BT: tl.constexpr, BE: tl.constexpr, CT: tl.constexpr, KP: tl.constexpr):
+    _pid, b, t, tmask, e, emask, m2 = _coords(n_ttile, L, E, BT, BE)
+    for k in range(K):
+        s, vis = _visit(inv_ptr, k, L, t, tmask)
+        x = _taps(u_ptr, route_ptr, b, k, s, vis, e, emask, S, stride_ub, stride_ul, KSZ, KP, CT)
+        y = _conv(x, w_ptr, b_ptr, k, e, emask, E, HAS_BIAS, KSZ, KP, CT)
+        if ACT:
+            y = y * tl.sigmoid(y)
+        y = tl.where(vis[:, None], y, 0.0)
+        tl.store(out_ptr + _blke(b, L, t, K, k, E, e), y.to(out_ptr.dtype.element_ty), mask=m2)
 
 
 @triton.jit
@@ -147,10 +135,7 @@ def _rconv_bwd_pre_kernel(u_ptr, w_ptr, b_ptr, route_ptr, inv_ptr, g_ptr, gpre_p
         g = tl.load(g_ptr + off, mask=m2 & vis[:, None], other=0.0).to(CT)
         x = _taps(u_ptr, route_ptr, b, k, s, vis, e, emask, S, stride_ub, stride_ul, KSZ, KP, CT)
         if ACT:
-            w = tl.load(w_ptr + (k * E + e[None, :]) * KSZ + j[:, None], mask=wmask, other=0.0).to(CT)
-            pre = tl.sum(x * w[None, :, :], axis=1)
-            if HAS_BIAS:
-                pre += tl.load(b_ptr + k * E + e, mask=emask, other=0.0).to(CT)[None, :]
+            pre = _conv(x, w_ptr, b_ptr, k, e, emask, E, HAS_BIAS, KSZ, KP, CT)
             sg = tl.sigmoid(pre)
             g = g * sg * (1.0 + pre * (1.0 - sg))
         tl.store(gpre_ptr + off, g.to(gpre_ptr.dtype.element_ty), mask=m2)
@@ -218,7 +203,8 @@ def _fwd_op(u: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     with on_device(u):
         _rconv_fwd_kernel[grid](
             u, weight, weight if bias is None else bias, route, inv, out, L, S, E, K,
-            u.stride(0), u.stride(1), n_ttile, HAS_BIAS=bias is not None, ACT=act, **_meta(u.dtype, ksz, be))
+            u.stride(0), u.stride(1), n_ttile, HAS_BIAS=bias is not None, ACT=act,
+            KP=triton.next_power_of_2(ksz), **_meta(u.dtype, ksz, be))
     return out
 
 
