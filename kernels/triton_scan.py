@@ -207,7 +207,8 @@ def _fwd_kernel(
         h = tl.load(states_ptr + (st_base + c_begin) * N * Dm + st_off, mask=st_mask, other=0.0).to(CT)
     last = (offs_t == T - 1)[:, None, None]
     first = (offs_t == 0)[:, None, None]
-    dsum = tl.zeros([BD], dtype=CT)
+    # phase 1 sums delta elementwise over its tiles and reduces over the steps once, after the loop
+    dacc = tl.zeros([T, BD], dtype=CT)
     for c in range(c_begin, c_end):
         if STORE_STATES:
             tl.store(states_ptr + (st_base + c) * N * Dm + st_off, h, mask=st_mask)
@@ -227,7 +228,7 @@ def _fwd_kernel(
         _a_cum, h_all = tl.associative_scan((a, tl.where(first, u + a * h[None, :, :], u)), 0, _combine)
         h = tl.sum(tl.where(last, h_all, 0.0), axis=0)
         if PHASE == 1:
-            dsum += tl.sum(delta, axis=0)
+            dacc += delta
         else:
             y = tl.sum(h_all * Cr.to(CT)[:, :, None], axis=1)  # (T, BD)
             if HAS_D:
@@ -250,7 +251,7 @@ def _fwd_kernel(
     if PHASE == 1:
         # chunk-end state (from a zero start) and summed delta -> slot of the chunk's first tile
         tl.store(states_ptr + (st_base + c_begin) * N * Dm + st_off, h, mask=st_mask)
-        tl.store(dsum_ptr + (st_base + c_begin) * Dm + d, dsum, mask=dmask)
+        tl.store(dsum_ptr + (st_base + c_begin) * Dm + d, tl.sum(dacc, axis=0), mask=dmask)
 
 
 @triton.jit
@@ -309,15 +310,27 @@ def _carry_kernel(
         tl.debug_barrier()  # this block's stores land before the next block's loads (its first slot)
 
 
+def _carry_cfg(n_chunks: int, ND: int) -> tuple[int, int, int]:
+    """(CB, BLK, num_warps) of the carry: all chunks in one round when they fit (CB up to 512).
+
+    The carry is a chain of n_chunks / CB dependent rounds (a global load, a scan and two stores
+    each) on few programs (batch x K rows): with 32 chunks per round, S3 (683 chunks) and S5 (911)
+    took 52-75 us per carry on the H100 (benchmarks/RESULTS.md, session 12), a latency chain. One
+    round of up to 512 chunks on narrow column blocks (BLK 8-128 of the N x D state elements, about
+    4096 elements per program) keeps the registers per thread where they were and multiplies the
+    programs instead. MAMBA_DENSE_CARRY_CB (a power of 2) overrides CB, for tuning."""
+    env = os.environ.get("MAMBA_DENSE_CARRY_CB")
+    CB = int(env) if env else min(512, max(2, triton.next_power_of_2(n_chunks)))
+    BLK = max(8, min(128, triton.next_power_of_2(ND), 4096 // CB))
+    return CB, BLK, 4 if CB * BLK <= 2048 else 8
+
+
 def carry(buf, dsum, A, n_chunks: int, slot_stride: int, n_slots: int, Dm: int, N: int, K: int, reverse: bool, rows: int):
-    """Launch the chunk carry over ``rows`` = batch x K (state rows of N x D each).
-    MAMBA_DENSE_CARRY_CB (tuning, a power of 2) sets the chunks scanned per round (default 32;
-    1 walks the chunks one at a time, like a plain loop)."""
-    BLK = 128
-    CB = int(os.environ.get("MAMBA_DENSE_CARRY_CB", "32"))
+    """Launch the chunk carry over ``rows`` = batch x K (state rows of N x D each); see _carry_cfg."""
+    CB, BLK, warps = _carry_cfg(n_chunks, N * Dm)
     _carry_kernel[(triton.cdiv(N * Dm, BLK), rows)](
         buf, dsum, A, n_chunks, slot_stride, n_slots, Dm, N, K,
-        REVERSE=reverse, BLK=BLK, CB=CB, CT=_ct(buf.dtype), num_warps=4,
+        REVERSE=reverse, BLK=BLK, CB=CB, CT=_ct(buf.dtype), num_warps=warps,
     )
 
 
@@ -375,6 +388,33 @@ def sum_blocks(part: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     BLOCK = 512
     _sum_blocks_kernel[(triton.cdiv(M, BLOCK),)](
         part, out, M, part.shape[0], BLOCK=BLOCK, U=4, CT=_ct(part.dtype), num_warps=1)
+    return out
+
+
+@triton.jit
+def _sum_rows_kernel(p_ptr, out_ptr, R, M, BR: tl.constexpr, BC: tl.constexpr, CT: tl.constexpr):
+    """out[m] = sum_r p[r, m]: BR rows at a time into a [BR, BC] accumulator, then one fixed tree."""
+    cols = tl.program_id(0) * BC + tl.arange(0, BC)
+    cm = cols < M
+    rr = tl.arange(0, BR)
+    acc = tl.zeros([BR, BC], dtype=CT)
+    for r0 in range(0, R, BR):
+        r = (r0 + rr).to(tl.int64)
+        acc += tl.load(p_ptr + r[:, None] * M + cols[None, :], mask=(r < R)[:, None] & cm[None, :], other=0.0).to(CT)
+    tl.store(out_ptr + cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=cm)
+
+
+def sum_rows(p: torch.Tensor) -> torch.Tensor:
+    """(R, M) -> (M,): the sum over rows in a fixed order (deterministic), in p's dtype.
+
+    For the backward's per-(batch, chunk) parameter partials: R is batch x chunks (683 at S3), M is
+    K x (N + 2) x D. torch's column sum took 23-25 us for each of dA, dD and dbias at S2 / S3 on the
+    H100 (benchmarks/RESULTS.md, session 12); one pass over row blocks of up to 256 does all three."""
+    R, M = p.shape
+    out = _empty(M, device=p.device, dtype=p.dtype)
+    BR = min(256, max(2, triton.next_power_of_2(R)))
+    BC = max(16, 4096 // BR)
+    _sum_rows_kernel[(triton.cdiv(M, BC),)](p, out, R, M, BR=BR, BC=BC, CT=_ct(p.dtype), num_warps=4)
     return out
 
 
@@ -446,7 +486,7 @@ def _bwd_kernel(
     dA_acc = tl.zeros([NP, BD], dtype=CT)
     dD_acc = tl.zeros([BD], dtype=CT)
     dbias_acc = tl.zeros([BD], dtype=CT)
-    gsum = tl.zeros([BD], dtype=CT)
+    gacc = tl.zeros([T, BD], dtype=CT)  # phase 1: deltas summed elementwise, reduced once at the end
     c_begin = pid_c * tiles_per_prog
     c_end = tl.minimum(c_begin + tiles_per_prog, n_tiles)
     first2 = (offs_t == 0)[:, None]
@@ -461,7 +501,6 @@ def _bwd_kernel(
     )
     d_next = tl.sum(tl.where(first2, delta_nx, 0.0), axis=0)
     gA = tl.exp(d_next[None, :] * A) * g  # a_{next step} * dh_{next step}
-    d_first = tl.zeros([BD], dtype=CT)
     for ci in range(c_begin, c_end):
         c = c_end - 1 - (ci - c_begin)
         valid, row, rk, xr, dtr, Br, Cr, dyr, h0r = _bwd_tile_raw(
@@ -488,13 +527,15 @@ def _bwd_kernel(
             (tl.flip(a, 0), tl.full([T, NP, BD], 1.0, CT), tl.flip(e, 0)), 0, _combine_seg
         )
         dh = tl.flip(v, 0)
-        g = tl.sum(tl.where(first, dh, 0.0), axis=0)
-        gA = tl.sum(tl.where(first, a, 0.0), axis=0) * g
         if PHASE == 1:
-            # summed over the program: the deltas of steps c_begin*T + 1 ... c_end*T
-            gsum += tl.sum(delta, axis=0)
-            d_first = tl.sum(tl.where(first2, delta, 0.0), axis=0)
+            g = tl.sum(tl.where(first, dh, 0.0), axis=0)
+            gA = tl.sum(tl.where(first, a, 0.0), axis=0) * g
+            # summed over the program: the deltas of steps c_begin*T + 1 ... c_end*T (d_next added last)
+            gacc += tl.where(first2 & (c == c_begin), 0.0, delta)
         else:
+            # only a_s dh_s of the tile's first step is carried: one reduction instead of two
+            # (dh there, then a times it; the same single product, bit for bit)
+            gA = tl.sum(tl.where(first, a * dh, 0.0), axis=0)
             # recompute forward states of this tile
             h0 = h0r.to(CT)
             bx = Bv[:, :, None] * xv[:, None, :]  # B_s x_s (T, NP, BD)
@@ -541,17 +582,17 @@ def _bwd_kernel(
             else:
                 tl.store(dx_ptr + xoff, dxv.to(dx_ptr.dtype.element_ty), mask=m2)
     if PHASE == 1:
-        gsum += d_next - d_first
         tl.store(g_ptr + g_slot * N * Dm + st_off, g, mask=nd_mask)
-        tl.store(gsum_ptr + g_slot * Dm + d, gsum, mask=dmask)
+        tl.store(gsum_ptr + g_slot * Dm + d, tl.sum(gacc, axis=0) + d_next, mask=dmask)
     else:
-        # per (b, chunk, k) partial parameter gradients: dA (b, n_chunks, K, N, D), dD / dbias (b, n_chunks, K, D)
-        pk = (b64 * n_chunks + pid_c) * K + k
-        tl.store(dA_ptr + pk * N * Dm + st_off, dA_acc, mask=nd_mask)
+        # per (b, chunk, k) partial parameter gradients in one buffer (b, n_chunks, K, N + 2, D):
+        # rows 0..N-1 dA, row N dD, row N + 1 dbias (summed over (b, chunk) by one sum_rows pass)
+        pk = ((b64 * n_chunks + pid_c) * K + k) * (N + 2) * Dm
+        tl.store(dA_ptr + pk + st_off, dA_acc, mask=nd_mask)
         if HAS_D:
-            tl.store(dD_ptr + pk * Dm + d, dD_acc, mask=dmask)
+            tl.store(dD_ptr + pk + N * Dm + d, dD_acc, mask=dmask)
         if HAS_BIAS:
-            tl.store(dbias_ptr + pk * Dm + d, dbias_acc, mask=dmask)
+            tl.store(dbias_ptr + pk + (N + 1) * Dm + d, dbias_acc, mask=dmask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -823,9 +864,10 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
     alloc_bc = _empty if all(cover) else torch.zeros
     dBp = alloc_bc(n_dblk, batch, L, K, N, device=dev, dtype=_partial_dtype(B.dtype, cdt))
     dCp = alloc_bc(n_dblk, batch, L, K, N, device=dev, dtype=_partial_dtype(C.dtype, cdt))
-    dAp = _empty(batch, n_chunks, K, N, Dm, device=dev, dtype=cdt)
-    dDp = _empty(batch, n_chunks, K, Dm, device=dev, dtype=cdt)
-    dbp = _empty(batch, n_chunks, K, Dm, device=dev, dtype=cdt)
+    # dA, dD, dbias partials per (b, chunk, k): one buffer, rows N and N + 1 of each (N + 2, D) slab
+    # hold dD and dbias (left unwritten, and their sums unused, when D / dt_bias are absent)
+    pp = _empty(batch, n_chunks, K, N + 2, Dm, device=dev, dtype=cdt)
+    dAp = dDp = dbp = pp
     dx = _empty_like(x)
     kw = dict(
         HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
@@ -874,7 +916,9 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
             dx.copy_(dxacc)
     dB = sum_blocks(dBp, B.dtype)
     dC = sum_blocks(dCp, C.dtype)
-    dA = dAp.sum((0, 1)).transpose(1, 2).contiguous().to(A.dtype)  # (K, D, N)
-    dD = dDp.sum((0, 1)).to(D.dtype) if D is not None else None
-    dbias = dbp.sum((0, 1)).to(dt_bias.dtype) if dt_bias is not None else None
+    psum = sum_rows(pp.view(batch * n_chunks, K * (N + 2) * Dm)).view(K, N + 2, Dm)
+    # copies: the op's outputs must not alias one another
+    dA = psum[:, :N].transpose(1, 2).to(A.dtype, memory_format=torch.contiguous_format, copy=True)  # (K, D, N)
+    dD = psum[:, N].to(D.dtype, copy=True) if D is not None else None
+    dbias = psum[:, N + 1].to(dt_bias.dtype, copy=True) if dt_bias is not None else None
     return dx, ddt, dA, dB, dC, dD, dbias

@@ -184,14 +184,21 @@ def test_fast_exp_decays_match_reference(N, fast, monkeypatch):
     _check_fp32_api(routes.segmamba3d(2, 4, 5).to(DEVICE), args)
 
 
+@pytest.mark.parametrize("cb", [None, "32"], ids=["one_round", "cb32"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_chunk_carry_matches_a_sequential_loop(reverse, dtype):
-    """The carry between chunks (scanned 32 chunks at a time) equals the plain recurrence
-    h <- exp(A * dsum_c) h + own_c, written to every chunk's slot in place, for 70 chunks (two
-    full blocks and a partial one), strided slots (the forward's one slot per chunk's first tile),
-    and leaves every other slot untouched."""
+def test_chunk_carry_matches_a_sequential_loop(reverse, dtype, cb, monkeypatch):
+    """The carry between chunks equals the plain recurrence h <- exp(A * dsum_c) h + own_c,
+    written to every chunk's slot in place, for 70 chunks, strided slots (the forward's one slot
+    per chunk's first tile), and leaves every other slot untouched: all chunks in one round (the
+    default, CB 128) and 32 chunks per round (two full rounds and a partial one)."""
     from mamba_dense.kernels import triton_scan as ts
+
+    if cb is None:
+        monkeypatch.delenv("MAMBA_DENSE_CARRY_CB", raising=False)
+        assert ts._carry_cfg(70, 6)[0] == 128
+    else:
+        monkeypatch.setenv("MAMBA_DENSE_CARRY_CB", cb)
 
     g = torch.Generator().manual_seed(21 + reverse)
     batch, K, N, Dm, n_chunks = 1, 2, 2, 3, 70
