@@ -3,10 +3,14 @@
 ``mamba_dense::scan_fwd`` and ``mamba_dense::scan_bwd`` are opaque to ``torch.compile`` (no
 graph break inside them), have fake implementations (meta device, FakeTensor tracing) and are
 tied together with ``register_autograd`` so ``torch.autograd.gradcheck`` runs through them.
+
+Eager calls on plain tensors skip the dispatcher: ``_EagerScan``, an ``autograd.Function``, calls
+the same Triton forward and backward (``use_eager_path`` says which path a call takes).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -100,9 +104,18 @@ def _(dy, x, dt, A, B, C, D, dt_bias, route, states, merge_none, dt_softplus):
     )
 
 
+_NO_STATES_MSG = (
+    "selective_scan was run without saving states (no input required grad at forward time); "
+    "cannot backpropagate through it"
+)
+
+
 def _setup_context(ctx, inputs, output):
     x, dt, A, B, C, D, dt_bias, route, merge_none, dt_softplus, out_dtype, save_states = inputs
     _, states = output
+    # the states output carries no gradient: do not have autograd allocate and zero a states-sized
+    # dstates (150 MB at S5 N=16) for every backward
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, route, states)
     ctx.merge_none = merge_none
     ctx.dt_softplus = dt_softplus
@@ -112,12 +125,11 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, dstates):
+    if dy is None:  # y took no part in the loss
+        return (None,) * 12
     x, dt, A, B, C, D, dt_bias, route, states = ctx.saved_tensors
     if not ctx.save_states:
-        raise RuntimeError(
-            "selective_scan was run without saving states (no input required grad at forward time); "
-            "cannot backpropagate through it"
-        )
+        raise RuntimeError(_NO_STATES_MSG)
     dx, ddt, dA, dB, dC, dD, dbias = scan_bwd(
         dy.contiguous(), x, dt, A, B, C, D, dt_bias, route, states, ctx.merge_none, ctx.dt_softplus
     )
@@ -131,12 +143,67 @@ def _backward(ctx, dy, dstates):
 scan_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerScan(torch.autograd.Function):
+    """The eager fast path: the same Triton forward and backward as the registered ops, called
+    directly from one ``autograd.Function``.
+
+    ``torch.library.custom_op`` with ``register_autograd`` costs host time on every call (the
+    dispatcher round trips, the op's autograd wrapper, the output alias checks): on the H100 host
+    (benchmarks/RESULTS.md, session 12) a forward + backward at S3 (1024 x 1024, batch 1) took 1.48 ms
+    of host time for 0.68 ms of kernels, so the op was host-bound. Compiled graphs, FakeTensor / meta
+    tracing and tensor subclasses keep using the registered ops (``use_eager_path``)."""
+
+    @staticmethod
+    def forward(ctx, x, dt, A, B, C, D, dt_bias, route, merge_none, dt_softplus, out_dtype, save_states):
+        from .triton_scan import on_device, scan_fwd as _fwd
+
+        with on_device(x):
+            y, states = _fwd(x, dt, A, B, C, D, dt_bias, route, _merge_str(merge_none), dt_softplus, out_dtype,
+                             save_states)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, route, states)
+        ctx.merge_none, ctx.dt_softplus, ctx.save_states = merge_none, dt_softplus, save_states
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        if dy is None:
+            return (None,) * 12
+        from .triton_scan import on_device, scan_bwd as _bwd
+
+        if not ctx.save_states:
+            raise RuntimeError(_NO_STATES_MSG)
+        x, dt, A, B, C, D, dt_bias, route, states = ctx.saved_tensors
+        with on_device(x):
+            grads = _bwd(dy.contiguous(), x, dt, A, B, C, D, dt_bias, route, states,
+                         _merge_str(ctx.merge_none), ctx.dt_softplus)
+        return (*grads, None, None, None, None, None)
+
+
+def use_eager_path(x: Tensor) -> bool:
+    """Plain tensors in eager mode take ``_EagerScan``; ``torch.compile`` / export tracing, tensor
+    subclasses (FakeTensor, functional tensors), an active dispatch mode and the meta device take the
+    registered ops. MAMBA_DENSE_SCAN_EAGER=op sends eager calls through the ops too (for comparison)."""
+    from .routes import _compiling
+
+    return (
+        not _compiling()  # first: nothing after it is traced by dynamo
+        and type(x) is Tensor
+        and x.device.type != "meta"
+        and torch._C._len_torch_dispatch_stack() == 0
+        and os.environ.get("MAMBA_DENSE_SCAN_EAGER", "function") != "op"
+    )
+
+
 def selective_scan_op(x, dt, A, B, C, D, dt_bias, route, merge, dt_softplus, out_dtype):
-    """Call the registered op; states are saved only when a gradient can flow."""
+    """Run the scan (the eager fast path or the registered op); states are saved only when a
+    gradient can flow."""
     need_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, dt, A, B, C, D, dt_bias)
     )
-    y, _ = scan_fwd(
-        x, dt, A, B, C, D, dt_bias, route, merge == "none", dt_softplus, out_dtype or x.dtype, need_grad
-    )
+    args = (x, dt, A, B, C, D, dt_bias, route, merge == "none", dt_softplus, out_dtype or x.dtype, need_grad)
+    if use_eager_path(x):
+        return _EagerScan.apply(*args)
+    y, _ = scan_fwd(*args)
     return y

@@ -238,12 +238,44 @@ def test_bf16_inputs_fp32_output():
     assert _rel(y32, ref) < 1e-5  # fp32 state from bf16-rounded inputs: only the output rounding differs
 
 
-def test_gradcheck_through_registered_op():
+@pytest.mark.parametrize("path", ["function", "op"])
+def test_gradcheck_through_registered_op(path, monkeypatch):
+    """gradcheck through the eager fast path (_EagerScan) and through the registered ops."""
+    monkeypatch.setenv("MAMBA_DENSE_SCAN_EAGER", path)
     route = torch.tensor([[0, 2, -1, 1], [1, -1, 0, 2]], device=DEVICE)
     args = [a.requires_grad_() for a in _inputs(1, 3, 2, 2, 2, torch.float64, seed=7)]
     assert torch.autograd.gradcheck(
         lambda *a: selective_scan(*a, route=route), args, fast_mode=True, atol=1e-6, rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("merge", ["sum", "none"])
+def test_eager_function_and_registered_op_agree(merge, monkeypatch):
+    """Eager calls take the autograd.Function fast path; MAMBA_DENSE_SCAN_EAGER=op takes the
+    registered ops. Both run the same kernels: outputs and all seven gradients bit for bit equal,
+    chunked (one tile per chunk) and with a padded route."""
+    from mamba_dense.kernels import _op
+    from mamba_dense.kernels import triton_scan as ts
+
+    monkeypatch.setattr(ts, "MIN_PROGRAMS_PER_SM", 64)  # chunk-parallel
+    route = routes.localmamba(7, 9, ("h", "w2_flip")).to(DEVICE)
+    leaves = _inputs(2, 63, 2, 6, 2, torch.float32, seed=23)
+    out = {}
+    for path in ("function", "op"):
+        monkeypatch.setenv("MAMBA_DENSE_SCAN_EAGER", path)
+        assert _op.use_eager_path(leaves[0]) == (path == "function")
+        ins = [a.detach().clone().requires_grad_() for a in leaves]
+        y = selective_scan(*ins, route=route, merge=merge)
+        assert ("_EagerScan" in type(y.grad_fn).__name__) == (path == "function")
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+        out[path] = (y.detach(), *torch.autograd.grad(y, ins, dy))
+    for a, b in zip(out["function"], out["op"]):
+        assert torch.isfinite(a).all() and a.abs().sum() > 0
+        assert torch.equal(a, b)
+    # no gradient at forward time: no graph
+    with torch.no_grad():
+        y = selective_scan(*leaves, route=route, merge=merge)
+    assert y.grad_fn is None
 
 
 def test_torch_compile_no_graph_break():
