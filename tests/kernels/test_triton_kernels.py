@@ -155,6 +155,19 @@ def test_sum_blocks_adds_the_partials(n_blk, M, dtype, out):
     assert _rel(got[0], want) < (1e-2 if out == torch.bfloat16 else 1e-6)
 
 
+@pytest.mark.parametrize("R,M", [(1, 5), (3, 300), (600, 37)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sum_rows_adds_every_row(R, M, dtype):
+    """sum_rows (the backward's dA / dD / dbias partials over batch x chunks): row blocks of up to
+    256 with a masked tail (600 rows: 3 blocks) and masked columns, every output written."""
+    from mamba_dense.kernels import triton_scan as ts
+
+    p = torch.randn(R, M, generator=torch.Generator().manual_seed(R), dtype=torch.float64) + 0.25
+    got = ts.sum_rows(p.to(DEVICE, dtype))
+    assert got.shape == (M,) and got.dtype == dtype
+    assert _rel(got.cpu(), p.sum(0)) < (1e-12 if dtype == torch.float64 else 1e-6)
+
+
 def test_fast_exp_policy(monkeypatch):
     """The ex2.approx.ftz decays: fp32 state on a GPU only; MAMBA_DENSE_SCAN_FAST_EXP=0 turns them off."""
     from types import SimpleNamespace
