@@ -27,6 +27,22 @@ def _merge_str(merge_none: bool) -> str:
     return "none" if merge_none else "sum"
 
 
+def _run_fwd(x, dt, A, B, C, D, dt_bias, route, merge_none, dt_softplus, out_dtype, save_states):
+    """The Triton forward on x's GPU: (y, states). Shared by the registered op and _EagerScan."""
+    from .triton_scan import on_device, scan_fwd as _fwd
+
+    with on_device(x):
+        return _fwd(x, dt, A, B, C, D, dt_bias, route, _merge_str(merge_none), dt_softplus, out_dtype, save_states)
+
+
+def _run_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge_none, dt_softplus):
+    """The Triton backward on x's GPU: (dx, ddt, dA, dB, dC, dD or None, dbias or None)."""
+    from .triton_scan import on_device, scan_bwd as _bwd
+
+    with on_device(x):
+        return _bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, _merge_str(merge_none), dt_softplus)
+
+
 @torch.library.custom_op("mamba_dense::scan_fwd", mutates_args=())
 def scan_fwd(
     x: Tensor,
@@ -42,10 +58,7 @@ def scan_fwd(
     out_dtype: torch.dtype,
     save_states: bool,
 ) -> tuple[Tensor, Tensor]:
-    from .triton_scan import on_device, scan_fwd as _fwd
-
-    with on_device(x):
-        return _fwd(x, dt, A, B, C, D, dt_bias, route, _merge_str(merge_none), dt_softplus, out_dtype, save_states)
+    return _run_fwd(x, dt, A, B, C, D, dt_bias, route, merge_none, dt_softplus, out_dtype, save_states)
 
 
 @scan_fwd.register_fake
@@ -79,12 +92,7 @@ def scan_bwd(
     merge_none: bool,
     dt_softplus: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    from .triton_scan import on_device, scan_bwd as _bwd
-
-    with on_device(x):
-        dx, ddt, dA, dB, dC, dD, dbias = _bwd(
-            dy, x, dt, A, B, C, D, dt_bias, route, states, _merge_str(merge_none), dt_softplus
-        )
+    dx, ddt, dA, dB, dC, dD, dbias = _run_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge_none, dt_softplus)
     K, Dm = A.shape[0], A.shape[1]
     if dD is None:
         dD = x.new_zeros((K, Dm), dtype=A.dtype)
@@ -124,12 +132,17 @@ def _setup_context(ctx, inputs, output):
     ctx.save_states = save_states
 
 
+def _saved(ctx):
+    """The forward's saved tensors (x, dt, A, B, C, D, dt_bias, route, states), or why there are none."""
+    if not ctx.save_states:
+        raise RuntimeError(_NO_STATES_MSG)
+    return ctx.saved_tensors
+
+
 def _backward(ctx, dy, dstates):
     if dy is None:  # y took no part in the loss
         return (None,) * 12
-    x, dt, A, B, C, D, dt_bias, route, states = ctx.saved_tensors
-    if not ctx.save_states:
-        raise RuntimeError(_NO_STATES_MSG)
+    x, dt, A, B, C, D, dt_bias, route, states = _saved(ctx)
     dx, ddt, dA, dB, dC, dD, dbias = scan_bwd(
         dy.contiguous(), x, dt, A, B, C, D, dt_bias, route, states, ctx.merge_none, ctx.dt_softplus
     )
@@ -155,11 +168,7 @@ class _EagerScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, dt_bias, route, merge_none, dt_softplus, out_dtype, save_states):
-        from .triton_scan import on_device, scan_fwd as _fwd
-
-        with on_device(x):
-            y, states = _fwd(x, dt, A, B, C, D, dt_bias, route, _merge_str(merge_none), dt_softplus, out_dtype,
-                             save_states)
+        y, states = _run_fwd(x, dt, A, B, C, D, dt_bias, route, merge_none, dt_softplus, out_dtype, save_states)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, dt, A, B, C, D, dt_bias, route, states)
         ctx.merge_none, ctx.dt_softplus, ctx.save_states = merge_none, dt_softplus, save_states
@@ -170,14 +179,7 @@ class _EagerScan(torch.autograd.Function):
     def backward(ctx, dy):
         if dy is None:
             return (None,) * 12
-        from .triton_scan import on_device, scan_bwd as _bwd
-
-        if not ctx.save_states:
-            raise RuntimeError(_NO_STATES_MSG)
-        x, dt, A, B, C, D, dt_bias, route, states = ctx.saved_tensors
-        with on_device(x):
-            grads = _bwd(dy.contiguous(), x, dt, A, B, C, D, dt_bias, route, states,
-                         _merge_str(ctx.merge_none), ctx.dt_softplus)
+        grads = _run_bwd(dy.contiguous(), *_saved(ctx), ctx.merge_none, ctx.dt_softplus)
         return (*grads, None, None, None, None, None)
 
 

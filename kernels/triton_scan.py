@@ -867,7 +867,6 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
     # dA, dD, dbias partials per (b, chunk, k): one buffer, rows N and N + 1 of each (N + 2, D) slab
     # hold dD and dbias (left unwritten, and their sums unused, when D / dt_bias are absent)
     pp = _empty(batch, n_chunks, K, N + 2, Dm, device=dev, dtype=cdt)
-    dAp = dDp = dbp = pp
     dx = _empty_like(x)
     kw = dict(
         HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
@@ -880,7 +879,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
         gsum = _empty(batch, K, n_chunks, Dm, device=dev, dtype=cdt)
         _bwd_kernel[(K * n_dblk, n_chunks, batch)](
             x, dt, A, B, C, D_, bias_, route, states, dy,
-            dx, dummy, ddt, dBp, dCp, dAp, dDp, dbp, gbuf, gsum,
+            dx, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
             batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks,
             DXMODE=4, PHASE=1, HAS_G0=False, **kw,
         )
@@ -895,7 +894,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
             dxbuf = (_empty if all(cover) else torch.zeros)(batch, L, K, Dm, device=dev, dtype=xdt)
         _bwd_kernel[(K * n_dblk, n_chunks, batch)](
             x, dt, A, B, C, D_, bias_, route, states, dy,
-            dxbuf, dummy, ddt, dBp, dCp, dAp, dDp, dbp, gbuf, gsum,
+            dxbuf, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
             batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks,
             DXMODE=0, PHASE=0, HAS_G0=chunked, **kw,
         )
@@ -908,7 +907,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
         for k, mode in enumerate(modes):
             _bwd_kernel[(n_dblk, n_chunks, batch)](
                 x, dt, A, B, C, D_, bias_, route, states, dy,
-                dx, dxacc, ddt, dBp, dCp, dAp, dDp, dbp, gbuf, gsum,
+                dx, dxacc, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
                 batch, L, S, Dm, N, K, k, 1, n_tiles, tpc, n_chunks,
                 DXMODE=mode, PHASE=0, HAS_G0=chunked, **kw,
             )
