@@ -82,6 +82,54 @@ def _softplus(v):
 
 
 @triton.jit
+def _rcp_approx(v):
+    # 1 / v as one MUFU.RCP (rcp.approx.ftz: within 1 ulp); fp32 division is a MUFU.RCP plus a
+    # Newton step and a range test (about 8 instructions)
+    return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [v], dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _softplus_fast(v):
+    """softplus for an fp32 state on a GPU, about 15 instructions instead of about 40 (the libdevice
+    log, an IEEE division and exp's range test in _softplus: the largest part of the N=1 forward's
+    loop, offline SASS in benchmarks/RESULTS.md, session 13).
+
+    softplus(v) = max(v, 0) + log1p(y), y = exp(-|v|) in (0, 1], and log1p(y) = 2 atanh(s) with
+    s = y / (2 + y) in (0, 1/3], summed as 2 s (1 + s^2/3 + ... + s^12/13): the first term left out,
+    s^14/15, is below 1.4e-8 of the sum. No branch, no cancellation: for v << 0 the result is y to a
+    few ulp; for v >> 0 it is v plus a vanishing term (y = 0 past v = 87, where exp flushes to 0).
+    The error is set by exp of a rounded v * log2(e), as with tl.exp (relative 4e-6 at |v| = 85,
+    4e-7 on average over [-100, 100], against 3e-7 of rounding alone)."""
+    y = _ex2_ftz(-tl.abs(v) * LOG2E)
+    s = y * _rcp_approx(2.0 + y)
+    s2 = s * s
+    p = s2 * (1.0 / 13.0) + (1.0 / 11.0)
+    p = p * s2 + (1.0 / 9.0)
+    p = p * s2 + (1.0 / 7.0)
+    p = p * s2 + (1.0 / 5.0)
+    p = p * s2 + (1.0 / 3.0)
+    p = p * s2 + 1.0
+    return tl.maximum(v, 0.0) + 2.0 * s * p
+
+
+@triton.jit
+def _sigmoid_fast(v):
+    """sigmoid for an fp32 state on a GPU: 1 / (1 + y) for v >= 0, y / (1 + y) below, y = exp(-|v|)
+    (no overflow, no division; tl.sigmoid is an exp and an IEEE division)."""
+    y = _ex2_ftz(-tl.abs(v) * LOG2E)
+    r = _rcp_approx(1.0 + y)
+    return tl.where(v >= 0.0, r, y * r)
+
+
+@triton.jit
+def _softplus_c(v, FAST: tl.constexpr):
+    if FAST:
+        return _softplus_fast(v)
+    else:
+        return _softplus(v)
+
+
+@triton.jit
 def _tile_raw(
     x_ptr, dt_ptr, B_ptr, route_ptr,
     b64, k, s0, L, S, K, Dm, N,
@@ -118,14 +166,16 @@ def _tile_raw(
 
 
 @triton.jit
-def _tile_prep(s, S, dtr, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CT: tl.constexpr):
-    """A tile's step mask, pre-activation (dt + bias in CT) and delta; tail steps (s >= S) get delta = 0."""
+def _tile_prep(s, S, dtr, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CT: tl.constexpr,
+               FAST: tl.constexpr = False):
+    """A tile's step mask, pre-activation (dt + bias in CT) and delta; tail steps (s >= S) get delta = 0.
+    FAST: _softplus_fast (fp32 on a GPU, see _decay)."""
     smask = s < S
     pre = dtr.to(CT)
     if HAS_BIAS:
         pre = pre + bias[None, :]
     if SOFTPLUS:
-        delta = _softplus(pre)
+        delta = _softplus_c(pre, FAST)
     else:
         delta = pre
     delta = tl.where(smask[:, None], delta, 0.0)
@@ -138,14 +188,14 @@ def _load_tile(
     b64, k, s0, L, S, K, Dm, N,
     offs_t, d, dmask, n, nmask,
     HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CT: tl.constexpr, LOAD_XB: tl.constexpr = True,
-    X_PER_ROUTE: tl.constexpr = False,
+    X_PER_ROUTE: tl.constexpr = False, FAST: tl.constexpr = False,
 ):
     """Gather one tile of T steps: tokens, x, raw dt, delta, B. Tail steps (s >= S) get delta = 0."""
     valid, row, rk, xr, dtr, Br = _tile_raw(
         x_ptr, dt_ptr, B_ptr, route_ptr, b64, k, s0, L, S, K, Dm, N, offs_t, d, dmask, n, nmask, LOAD_XB, X_PER_ROUTE,
     )
     s = s0 + offs_t
-    smask, pre, delta = _tile_prep(s, S, dtr, bias, HAS_BIAS, SOFTPLUS, CT)
+    smask, pre, delta = _tile_prep(s, S, dtr, bias, HAS_BIAS, SOFTPLUS, CT, FAST)
     return s, smask, valid, row, rk, xr.to(CT), pre, delta, Br.to(CT)
 
 
@@ -218,7 +268,7 @@ def _fwd_kernel(
         if PHASE == 0:
             Cr = tl.load(C_ptr + rk[:, None] * N + n[None, :], mask=valid[:, None] & nmask[None, :], other=0.0)
         s = c * T + offs_t
-        smask, pre, delta = _tile_prep(s, S, dtr, bias, HAS_BIAS, SOFTPLUS, CT)
+        smask, pre, delta = _tile_prep(s, S, dtr, bias, HAS_BIAS, SOFTPLUS, CT, FAST_EXP)
         xv = xr.to(CT)
         Bv = Br.to(CT)
         a = _decay(delta[:, None, :] * A[None, :, :], delta[:, None, :] * A2[None, :, :], FAST_EXP)  # (T, NP, BD)
@@ -497,7 +547,7 @@ def _bwd_kernel(
     # delta and decay at the step after this program's last tile (0 and 1 past the route's end):
     _s0, _sm0, _v0, _r0, _rk0, _x0, _p0, delta_nx, _B0 = _load_tile(
         x_ptr, dt_ptr, B_ptr, route_ptr, bias, b64, k, c_end * T, L, S, K, Dm, N,
-        offs_t, d, dmask, n, nmask, HAS_BIAS, SOFTPLUS, CT, False,
+        offs_t, d, dmask, n, nmask, HAS_BIAS, SOFTPLUS, CT, False, False, FAST_EXP,
     )
     d_next = tl.sum(tl.where(first2, delta_nx, 0.0), axis=0)
     gA = tl.exp(d_next[None, :] * A) * g  # a_{next step} * dh_{next step}
@@ -508,7 +558,7 @@ def _bwd_kernel(
             offs_t, d, dmask, n, nmask, st_off, nd_mask, T, PHASE == 0, X_PER_ROUTE, DY_PER_ROUTE,
         )
         s = c * T + offs_t
-        smask, pre, delta = _tile_prep(s, S, dtr, bias, HAS_BIAS, SOFTPLUS, CT)
+        smask, pre, delta = _tile_prep(s, S, dtr, bias, HAS_BIAS, SOFTPLUS, CT, FAST_EXP)
         xv = xr.to(CT)
         Bv = Br.to(CT)
         Cv = Cr.to(CT)
@@ -555,7 +605,10 @@ def _bwd_kernel(
             if HAS_D:
                 dD_acc += tl.sum(dyv * xv, axis=0)
             if SOFTPLUS:
-                dpre = ddelta * tl.sigmoid(pre)
+                if FAST_EXP:
+                    dpre = ddelta * _sigmoid_fast(pre)
+                else:
+                    dpre = ddelta * tl.sigmoid(pre)
             else:
                 dpre = ddelta
             dpre = tl.where(smask[:, None] & dmask[None, :], dpre, 0.0)
@@ -707,7 +760,8 @@ def _ct(dtype):
 
 
 def _fast_exp(x: torch.Tensor) -> bool:
-    """Decays through ``ex2.approx.ftz`` (``_decay``): fp32 state on a GPU (the interpreter cannot run
+    """Decays through ``ex2.approx.ftz`` (``_decay``), and softplus / sigmoid through ``_softplus_fast`` /
+    ``_sigmoid_fast``: fp32 state on a GPU (the interpreter cannot run
     inline PTX; fp64 keeps tl.exp). On the H100 (benchmarks/RESULTS.md, session 9) it took S5 N=16's
     forward from 2.26 to 2.11 ms and, once the loads were reordered, the N=16 backward 5.5% faster
     (f+b S4 5.24 -> 4.95 ms, S5 N=16 7.41 -> 7.01). MAMBA_DENSE_SCAN_FAST_EXP=0 turns it off, for

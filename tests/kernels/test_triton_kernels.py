@@ -197,6 +197,43 @@ def test_fast_exp_decays_match_reference(N, fast, monkeypatch):
     _check_fp32_api(routes.segmamba3d(2, 4, 5).to(DEVICE), args)
 
 
+@pytest.mark.skipif(DEVICE == "cpu", reason="inline PTX (ex2 / rcp .approx.ftz) runs on a GPU only")
+def test_fast_softplus_and_sigmoid_match_fp64():
+    """_softplus_fast / _sigmoid_fast (the fp32 GPU path of the scan kernels) against fp64 torch over
+    [-120, 120] and magnitudes from 1e-8 to 1e4, both signs: relative error below 1e-5 wherever the
+    true value is a normal fp32 number (exp(-|v|) flushes to 0 past |v| = 87, as documented), and
+    the exact limits: softplus(v) = v and sigmoid = 1 for large v, 0 for large negative v."""
+    import triton
+    import triton.language as tl
+
+    from mamba_dense.kernels import triton_scan as ts
+
+    @triton.jit
+    def _k(v_ptr, sp_ptr, sg_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = i < n
+        v = tl.load(v_ptr + i, mask=m, other=0.0)
+        tl.store(sp_ptr + i, ts._softplus_fast(v), mask=m)
+        tl.store(sg_ptr + i, ts._sigmoid_fast(v), mask=m)
+
+    mags = torch.logspace(-8, 4, 20001, dtype=torch.float64)
+    v = torch.cat([torch.linspace(-120, 120, 480001, dtype=torch.float64), mags, -mags]).float().to(DEVICE)
+    sp = torch.full_like(v, float("nan"))
+    sg = torch.full_like(v, float("nan"))
+    _k[(triton.cdiv(v.numel(), 1024),)](v, sp, sg, v.numel(), BLOCK=1024)
+    vd = v.double()
+    for got, want in ((sp, torch.nn.functional.softplus(vd)), (sg, torch.sigmoid(vd))):
+        got = got.double()
+        assert torch.isfinite(got).all()
+        normal = want > 2.0**-125
+        rel = ((got - want).abs() / want)[normal]
+        assert rel.max().item() < 1e-5, (rel.max().item(), vd[normal][rel.argmax()].item())
+        assert (got[~normal] <= 2.0**-125).all()  # flushed or tiny, never wrong in sign or size
+    big = vd > 90
+    assert torch.equal(sp.double()[big], vd[big]) and (sg[big] == 1).all()
+    assert (sp[vd < -90] == 0).all() and (sg[vd < -90] == 0).all()
+
+
 @pytest.mark.parametrize("cb", [None, "32"], ids=["one_round", "cb32"])
 @pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -1,0 +1,121 @@
+"""Host time of the selective scan: where a small shape's forward + backward spends its CPU time.
+
+To run (on a CUDA machine, from the repo root):
+    python benchmarks/scan_host.py [--shapes S3,S2] [--calls 40]
+
+For each shape of benchmarks/scan.py (bf16 inputs), the host time per call of:
+    empty launch      an empty Triton kernel (the floor of one launch)
+    triton fwd / bwd  kernels/triton_scan.scan_fwd / scan_bwd called directly
+    public f+b        selective_scan forward + torch.autograd.grad, through the eager
+                      autograd.Function ("function", the default) and through the registered
+                      custom ops (MAMBA_DENSE_SCAN_EAGER=op)
+"host ms" is the time to issue `--calls` calls without a sync; "host+drain" adds the final
+torch.cuda.synchronize(). When the two agree the host is the bottleneck (the GPU waits on it).
+Then triton.testing.do_bench medians of the public forward + backward on both paths, alternated
+twice (the same measurement as benchmarks/scan.py --bench). Results also go to
+$OUT/scan_host.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bootstrap  # noqa: E402,F401
+from scan import SHAPES, make_inputs  # noqa: E402
+
+
+def host_time(fn, calls: int) -> tuple[float, float]:
+    """(host ms per call, host + drain ms per call) over `calls` calls after a warm-up."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    return (t1 - t0) / calls * 1e3, (t2 - t0) / calls * 1e3
+
+
+def main():
+    import triton
+
+    from mamba_dense.kernels import routes, selective_scan
+    from mamba_dense.kernels import triton_scan as ts
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="S3,S2")
+    ap.add_argument("--calls", type=int, default=40)
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+
+    @triton.jit
+    def _empty_kernel(p, n):
+        pass
+
+    buf = torch.empty(1, device=dev)
+    rows = []
+    print(f"{'shape':28s} {'what':22s} {'host ms':>8s} {'host+drain':>10s}", flush=True)
+    for name, batch, L, K, D, N, rdesc in SHAPES:
+        if not any(name.startswith(p) for p in args.shapes.split(",")):
+            continue
+        gen = torch.Generator(device=dev).manual_seed(7)
+        route = getattr(routes, rdesc[0])(*rdesc[1:]).to(dev)
+        x, dt, A, B, C, Dp, bias = make_inputs(batch, L, K, D, N, torch.bfloat16, dev, gen)
+        ins = [t.detach().requires_grad_() for t in (x, dt, A, B, C, Dp, bias)]
+        dy = torch.randn(batch, L, D, device=dev, dtype=torch.bfloat16, generator=gen)
+        y0, states = ts.scan_fwd(x, dt, A, B, C, Dp, bias, route, "sum", True, torch.bfloat16)
+
+        def fwbw():
+            y = selective_scan(*ins, route=route)
+            torch.autograd.grad(y, ins, dy)
+
+        def with_path(path, fn):
+            def run():
+                old = os.environ.get("MAMBA_DENSE_SCAN_EAGER")
+                os.environ["MAMBA_DENSE_SCAN_EAGER"] = path
+                try:
+                    fn()
+                finally:
+                    if old is None:
+                        os.environ.pop("MAMBA_DENSE_SCAN_EAGER")
+                    else:
+                        os.environ["MAMBA_DENSE_SCAN_EAGER"] = old
+            return run
+
+        cases = [
+            ("empty launch", lambda: _empty_kernel[(1,)](buf, 1)),
+            ("triton fwd", lambda: ts.scan_fwd(x, dt, A, B, C, Dp, bias, route, "sum", True, torch.bfloat16)),
+            ("triton bwd", lambda: ts.scan_bwd(dy, x, dt, A, B, C, Dp, bias, route, states, "sum", True)),
+            ("public f+b (function)", with_path("function", fwbw)),
+            ("public f+b (op)", with_path("op", fwbw)),
+        ]
+        for what, fn in cases:
+            h, hd = host_time(fn, args.calls)
+            rows.append(dict(shape=name, what=what, host_ms=h, host_drain_ms=hd))
+            print(f"{name:28s} {what:22s} {h:8.3f} {hd:10.3f}", flush=True)
+        for rep in range(2):
+            for path in ("function", "op"):
+                t = triton.testing.do_bench(with_path(path, fwbw), warmup=50, rep=300, return_mode="median")
+                rows.append(dict(shape=name, what=f"do_bench f+b ({path})", rep=rep, ms=t))
+                print(f"{name:28s} do_bench f+b ({path:8s}) {t:8.3f} ms", flush=True)
+        del x, dt, B, C, ins, dy, states
+        torch.cuda.empty_cache()
+    info = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                date=time.strftime("%Y-%m-%d %H:%M:%S"), cmd=" ".join(sys.argv))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "scan_host.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
