@@ -13,7 +13,8 @@ For each shape of benchmarks/scan.py (bf16 inputs), the host time per call of:
 torch.cuda.synchronize(). When the two agree the host is the bottleneck (the GPU waits on it).
 Then triton.testing.do_bench medians of the public forward + backward on both paths, alternated
 twice (the same measurement as benchmarks/scan.py --bench). Results also go to
-$OUT/scan_host.json.
+$OUT/scan_host.json. --cprofile N: also run the public forward + backward N times under cProfile
+and print the 30 functions with the most own time (where the host time goes, by Python function).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ def main():
     ap.add_argument("--shapes", default="S3,S2")
     ap.add_argument("--calls", type=int, default=40)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--cprofile", type=int, default=0, help="profile this many public f+b calls")
     args = ap.parse_args()
     dev = torch.device("cuda")
 
@@ -104,6 +106,18 @@ def main():
             h, hd = host_time(fn, args.calls)
             rows.append(dict(shape=name, what=what, host_ms=h, host_drain_ms=hd))
             print(f"{name:28s} {what:22s} {h:8.3f} {hd:10.3f}", flush=True)
+        if args.cprofile:
+            import cProfile
+            import pstats
+
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(args.cprofile):
+                fwbw()
+            prof.disable()
+            torch.cuda.synchronize()
+            print(f"cProfile, {args.cprofile} public f+b calls of {name}:", flush=True)
+            pstats.Stats(prof).sort_stats("tottime").print_stats(30)
         for rep in range(2):
             for path in ("function", "op"):
                 t = triton.testing.do_bench(with_path(path, fwbw), warmup=50, rep=300, return_mode="median")

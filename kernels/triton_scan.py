@@ -736,6 +736,18 @@ def _config(N: int, Dm: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     return T, min(BDf, cap), min(BDb, cap), 1
 
 
+def _wide_fwd_block(N: int, Dm: int, dtype: torch.dtype, chunked: bool) -> bool:
+    """Forward channel blocks of 32 instead of 16 for N = 1 when the launch runs chunk-parallel anyway
+    and Dm is a multiple of 32. A token row of 16 bf16 channels is one 32-byte sector, so the gathers
+    of a [T, 16] tile touch T lines for 32 bytes each, and the output pass was bound by the L1
+    (Nsight Compute, S2 output pass: L1/TEX 88% busy, DRAM 31%; benchmarks/RESULTS.md, session 13).
+    Blocks of 32 halve the lines per byte; the chunking makes up the halved program count. H200, same
+    call: S2 forward 0.608 -> 0.535 ms. Launches that fill the GPU without chunks keep 16 (S1: 0.295
+    -> 0.349 with 32). Not with MAMBA_DENSE_SCAN_CFG set (tuning), nor for fp64."""
+    return (chunked and triton.next_power_of_2(N) == 1 and Dm % 32 == 0 and dtype != torch.float64
+            and not os.environ.get("MAMBA_DENSE_SCAN_CFG"))
+
+
 def _reg_cap(kind: str, NP: int, T: int, BD: int, warps: int) -> dict:
     """Launch option capping the registers per thread of the forward ("fwd") or backward ("bwd").
 
@@ -837,8 +849,12 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
     n_dblk = triton.cdiv(Dm, BD)
     odt = out_dtype or x.dtype
     dev = x.device
-    per_launch = batch * n_dblk * (K if (merge == "none" or _merge_strategy() == "buffer") else 1)
-    tpc = _tiles_per_chunk(n_tiles, per_launch, _num_sms(dev), tiles_per_chunk)
+    routes_per_launch = K if (merge == "none" or _merge_strategy() == "buffer") else 1
+    tpc = _tiles_per_chunk(n_tiles, batch * n_dblk * routes_per_launch, _num_sms(dev), tiles_per_chunk)
+    if _wide_fwd_block(N, Dm, x.dtype, tpc < n_tiles):
+        BD = 32
+        n_dblk = triton.cdiv(Dm, BD)
+        tpc = _tiles_per_chunk(n_tiles, batch * n_dblk * routes_per_launch, _num_sms(dev), tiles_per_chunk)
     n_chunks = triton.cdiv(n_tiles, tpc)
     chunked = n_chunks > 1
     states, D_, bias_ = fwd_buffers(batch, K, n_tiles, N, Dm, dev, cdt, save_states or chunked, D, dt_bias)
