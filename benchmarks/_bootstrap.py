@@ -19,3 +19,17 @@ try:
 except ImportError:
     mamba_dense.__path__.append(str(ROOT))
     import mamba_dense.kernels  # noqa: F401
+
+
+def save_results(out, filename: str, payload: dict) -> None:
+    """Write ``payload`` plus the run's facts (GPU, torch, triton, date, command) as JSON to out/filename."""
+    import json
+    import time
+
+    import torch
+    import triton
+
+    info = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                date=time.strftime("%Y-%m-%d %H:%M:%S"), cmd=" ".join(sys.argv))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / filename).write_text(json.dumps({"info": info, **payload}, indent=1, default=str))

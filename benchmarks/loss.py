@@ -15,14 +15,12 @@ and each fused variant's relative error vs the literal fp32 computation (loss an
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _bootstrap  # noqa: E402,F401
+import _bootstrap  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -103,12 +101,7 @@ def main() -> None:
                       f"peak +{row['peak_extra_GiB']:.2f} GiB  err loss {row['loss_rel_err']:.1e} grad {row['grad_rel_err']:.1e}",
                       flush=True)
         _upsample_ce.CONFIG.update(base_cfg)
-    import triton
-
-    info = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                date=time.strftime("%Y-%m-%d %H:%M:%S"), cmd=" ".join(sys.argv))
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "loss.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+    _bootstrap.save_results(args.out, "loss.json", {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ and print the 30 functions with the most own time (where the host time goes, by 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -29,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _bootstrap  # noqa: E402,F401
+import _bootstrap  # noqa: E402
 from scan import SHAPES, make_inputs  # noqa: E402
 
 
@@ -125,10 +124,7 @@ def main():
                 print(f"{name:28s} do_bench f+b ({path:8s}) {t:8.3f} ms", flush=True)
         del x, dt, B, C, ins, dy, states
         torch.cuda.empty_cache()
-    info = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                date=time.strftime("%Y-%m-%d %H:%M:%S"), cmd=" ".join(sys.argv))
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "scan_host.json").write_text(json.dumps({"info": info, "rows": rows}, indent=1))
+    _bootstrap.save_results(args.out, "scan_host.json", {"rows": rows})
 
 
 if __name__ == "__main__":

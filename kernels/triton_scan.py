@@ -713,7 +713,8 @@ def _config(N: int, Dm: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(T, BD_forward, BD_backward, num_warps) for a state size.
 
     T (steps per tile) is shared by forward and backward (states are saved per tile); the channel
-    block may differ. Chosen from the H100 sweep in benchmarks/RESULTS.md (benchmarks/scan_tune.py):
+    block may differ, and scan_fwd widens the N=1 forward block to 32 on chunk-parallel launches
+    (_wide_fwd_block). Chosen from the H100 sweep in benchmarks/RESULTS.md (benchmarks/scan_tune.py):
     one warp per program and small tiles keep registers low enough for useful occupancy.
     MAMBA_DENSE_SCAN_CFG="T,BD,warps" or "T,BDf,BDb,warps" overrides (for tuning).
     """
