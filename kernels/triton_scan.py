@@ -115,7 +115,7 @@ def _softplus_fast(v):
 @triton.jit
 def _sigmoid_fast(v):
     """sigmoid for an fp32 state on a GPU: 1 / (1 + y) for v >= 0, y / (1 + y) below, y = exp(-|v|)
-    (no overflow, no division; tl.sigmoid is an exp and an IEEE division)."""
+    (no overflow; one approximate reciprocal where tl.sigmoid has an exp and an IEEE division)."""
     y = _ex2_ftz(-tl.abs(v) * LOG2E)
     r = _rcp_approx(1.0 + y)
     return tl.where(v >= 0.0, r, y * r)
