@@ -18,6 +18,7 @@ from torch import Tensor
 
 
 def tile_size(N: int, Dm: int, dtype: torch.dtype) -> int:
+    """Steps between the states the forward saves (the backward's tile)."""
     from .triton_scan import _config
 
     return _config(N, Dm, dtype)[0]

@@ -11,8 +11,9 @@ with ``tl.associative_scan`` along the steps, and carries the state to the next 
 Parallelism over L: when (batch x routes x channel blocks) is too small to fill the GPU, the
 forward runs in three phases: chunk-local scans from a zero state (phase 1), a carry pass over
 chunk ends (phase 2), and the output pass from the carried states (phase 3). Either way the
-state at every tile start is stored; the backward recomputes each tile from it and runs the
-reverse scan tile by tile (no per-step state is kept).
+state entering every backward tile is stored (every T steps of _config; the forward's own tiles may
+be a multiple of that); the backward recomputes each tile from it and runs the reverse scan tile by
+tile (no per-step state is kept).
 
 Merge (deterministic, no float atomics): routes are processed one launch after another; the
 first writes the fp32 accumulator, the next ones read-add-write it, the last one writes the
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -242,26 +244,28 @@ def _fwd_kernel(
     HAS_H0: tl.constexpr, STORE_STATES: tl.constexpr,
     T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, CT: tl.constexpr,
     X_PER_ROUTE: tl.constexpr = False, FAST_EXP: tl.constexpr = False,
+    SUB: tl.constexpr = 1,  # state slots per tile: the backward's tiles are T // SUB steps (_Cfg)
 ):
     pid_c, b64, k, pid_d, d, dmask, n, nmask, offs_t = _program_coords(k0, KL, Dm, N, BD, NP, T)
     A, bias, Dv = _route_params(A_ptr, bias_ptr, D_ptr, k, Dm, N, d, dmask, n, nmask, HAS_BIAS, HAS_D, BD, CT)
     A2 = A * LOG2E
-    # states: (b, K, n_tiles, N, D)
-    st_base = (b64 * K + k) * n_tiles
+    # states: (b, K, n_slots, N, D), the state entering every T // SUB steps; tile c starts at slot c * SUB
+    n_slots = tl.cdiv(S, T // SUB)
+    st_base = (b64 * K + k) * n_slots
     st_off = n[:, None] * Dm + d[None, :]
     st_mask = nmask[:, None] & dmask[None, :]
     c_begin = pid_c * tiles_per_prog
     c_end = tl.minimum(c_begin + tiles_per_prog, n_tiles)
     h = tl.zeros([NP, BD], dtype=CT)
     if HAS_H0:
-        h = tl.load(states_ptr + (st_base + c_begin) * N * Dm + st_off, mask=st_mask, other=0.0).to(CT)
+        h = tl.load(states_ptr + (st_base + c_begin * SUB) * N * Dm + st_off, mask=st_mask, other=0.0).to(CT)
     last = (offs_t == T - 1)[:, None, None]
     first = (offs_t == 0)[:, None, None]
     # phase 1 sums delta elementwise over its tiles and reduces over the steps once, after the loop
     dacc = tl.zeros([T, BD], dtype=CT)
     for c in range(c_begin, c_end):
         if STORE_STATES:
-            tl.store(states_ptr + (st_base + c) * N * Dm + st_off, h, mask=st_mask)
+            tl.store(states_ptr + (st_base + c * SUB) * N * Dm + st_off, h, mask=st_mask)
         valid, row, rk, xr, dtr, Br = _tile_raw(
             x_ptr, dt_ptr, B_ptr, route_ptr, b64, k, c * T, L, S, K, Dm, N, offs_t, d, dmask, n, nmask, True, X_PER_ROUTE,
         )
@@ -277,6 +281,11 @@ def _fwd_kernel(
         # (rather than h_all = h_loc + a_cum * h after the scan: H100 fwd S4 1.25 -> 1.16 ms)
         _a_cum, h_all = tl.associative_scan((a, tl.where(first, u + a * h[None, :, :], u)), 0, _combine)
         h = tl.sum(tl.where(last, h_all, 0.0), axis=0)
+        if STORE_STATES:
+            for j in tl.static_range(1, SUB):  # the states inside the tile, for the backward's shorter tiles
+                hj = tl.sum(tl.where((offs_t == j * (T // SUB) - 1)[:, None, None], h_all, 0.0), axis=0)
+                tl.store(states_ptr + (st_base + c * SUB + j) * N * Dm + st_off, hj,
+                         mask=st_mask & (c * SUB + j < n_slots))
         if PHASE == 1:
             dacc += delta
         else:
@@ -300,8 +309,8 @@ def _fwd_kernel(
                     tl.store(out_ptr + yoff, y.to(out_ptr.dtype.element_ty), mask=m2)
     if PHASE == 1:
         # chunk-end state (from a zero start) and summed delta -> slot of the chunk's first tile
-        tl.store(states_ptr + (st_base + c_begin) * N * Dm + st_off, h, mask=st_mask)
-        tl.store(dsum_ptr + (st_base + c_begin) * Dm + d, tl.sum(dacc, axis=0), mask=dmask)
+        tl.store(states_ptr + (st_base + c_begin * SUB) * N * Dm + st_off, h, mask=st_mask)
+        tl.store(dsum_ptr + (st_base + c_begin * SUB) * Dm + d, tl.sum(dacc, axis=0), mask=dmask)
 
 
 @triton.jit
@@ -709,32 +718,50 @@ def route_coverage(route: torch.Tensor, L: int) -> tuple[bool, ...]:
     return info
 
 
-def _config(N: int, Dm: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(T, BD_forward, BD_backward, num_warps) for a state size.
+class _Cfg(NamedTuple):
+    """Tile configuration of one (N, Dm, dtype); see _config."""
 
-    T (steps per tile) is shared by forward and backward (states are saved per tile); the channel
-    block may differ, and scan_fwd widens the N=1 forward block to 32 on chunk-parallel launches
-    (_wide_fwd_block). Chosen from the H100 sweep in benchmarks/RESULTS.md (benchmarks/scan_tune.py):
-    one warp per program and small tiles keep registers low enough for useful occupancy.
-    MAMBA_DENSE_SCAN_CFG="T,BD,warps" or "T,BDf,BDb,warps" overrides (for tuning).
+    T: int  # steps per backward tile = steps between the saved states
+    BDf: int  # forward channel block (scan_fwd widens it for chunk-parallel N=1, _wide_fwd_block)
+    BDb: int  # backward channel block
+    warps: int
+    Tf: int  # steps per forward tile, a multiple of T (the forward saves Tf // T states per tile)
+
+
+def _config(N: int, Dm: int, dtype: torch.dtype) -> _Cfg:
+    """Tiles, channel blocks and warps for a state size.
+
+    The backward walks tiles of T steps from the states the forward saved every T steps; the forward
+    may walk longer tiles (Tf, a multiple of T) and save Tf // T states per tile. Chosen from the H100
+    sweeps in benchmarks/RESULTS.md (benchmarks/scan_tune.py): one warp per program and small tiles
+    keep registers low enough for useful occupancy. For N = 1 the forward is fastest on 32-step tiles
+    and the backward on 16-step tiles of 32 channels (session 14, H100, kernel time of the backward:
+    S1 1.09 -> 0.84 ms, S2 1.37 -> 1.16 ms; the forward on 16-step tiles was slower, S1 0.33 -> 0.48).
+    MAMBA_DENSE_SCAN_CFG="T,BD,warps", "T,BDf,BDb,warps" (Tf = T) or "Tf,T,BDf,BDb,warps" overrides
+    (for tuning).
     """
     NP = triton.next_power_of_2(N)
     env = os.environ.get("MAMBA_DENSE_SCAN_CFG")
     if env:
         vals = [int(v) for v in env.split(",")]
         if len(vals) == 3:
-            return vals[0], vals[1], vals[1], vals[2]
-        return vals[0], vals[1], vals[2], vals[3]
+            return _Cfg(vals[0], vals[1], vals[1], vals[2], vals[0])
+        if len(vals) == 4:
+            return _Cfg(vals[0], vals[1], vals[2], vals[3], vals[0])
+        Tf, T, BDf, BDb, warps = vals
+        if Tf % T:
+            raise ValueError(f"MAMBA_DENSE_SCAN_CFG: the forward tile {Tf} must be a multiple of the backward tile {T}")
+        return _Cfg(T, BDf, BDb, warps, Tf)
     if dtype == torch.float64:
-        return 16, 16, 16, 4
+        return _Cfg(16, 16, 16, 4, 16)
+    cap = max(8, triton.next_power_of_2(Dm))
     if NP == 1:
-        T, BDf, BDb = 32, 16, 16
-    elif NP <= 4:
+        return _Cfg(16, min(16, cap), min(32 if Dm % 32 == 0 else 16, cap), 1, 32)
+    if NP <= 4:
         T, BDf, BDb = 16, 16, 16
     else:
         T, BDf, BDb = 8, 16, 8
-    cap = max(8, triton.next_power_of_2(Dm))
-    return T, min(BDf, cap), min(BDb, cap), 1
+    return _Cfg(T, min(BDf, cap), min(BDb, cap), 1, T)
 
 
 def _wide_fwd_block(N: int, Dm: int, dtype: torch.dtype, chunked: bool) -> bool:
@@ -844,9 +871,11 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
     K, S = route.shape
     N = A.shape[2]
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    T, BD, _, warps = _config(N, Dm, x.dtype)
+    cfg = _config(N, Dm, x.dtype)
+    T, BD, warps, SUB = cfg.Tf, cfg.BDf, cfg.warps, cfg.Tf // cfg.T
     NP = triton.next_power_of_2(N)
     n_tiles = triton.cdiv(S, T)
+    n_slots = triton.cdiv(S, cfg.T)  # saved states: one every cfg.T steps
     n_dblk = triton.cdiv(Dm, BD)
     odt = out_dtype or x.dtype
     dev = x.device
@@ -858,24 +887,24 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
         tpc = _tiles_per_chunk(n_tiles, batch * n_dblk * routes_per_launch, _num_sms(dev), tiles_per_chunk)
     n_chunks = triton.cdiv(n_tiles, tpc)
     chunked = n_chunks > 1
-    states, D_, bias_ = fwd_buffers(batch, K, n_tiles, N, Dm, dev, cdt, save_states or chunked, D, dt_bias)
+    states, D_, bias_ = fwd_buffers(batch, K, n_slots, N, Dm, dev, cdt, save_states or chunked, D, dt_bias)
     dummy = states
     common = dict(
         HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps, X_PER_ROUTE=x_per_route,
-        FAST_EXP=_fast_exp(x), **_reg_cap("fwd", NP, T, BD, warps),
+        FAST_EXP=_fast_exp(x), SUB=SUB, **_reg_cap("fwd", NP, T, BD, warps),
     )
     cover = route_coverage(route, L)
     if chunked:
         # phase 1: every chunk of every route from a zero state -> slot of the chunk's first tile
-        dsum = _empty(batch, K, n_tiles, Dm, device=dev, dtype=cdt)
+        dsum = _empty(batch, K, n_slots, Dm, device=dev, dtype=cdt)
         _fwd_kernel[(K * n_dblk, n_chunks, batch)](
             x, dt, A, B, C, D_, bias_, route, dummy, dummy, states, dsum,
             L, S, Dm, N, K, 0, K, n_tiles, tpc,
             MODE=0, PHASE=1, HAS_H0=False, STORE_STATES=False, **common,
         )
         # phase 2: carry across chunks
-        carry(states, dsum, A, n_chunks, tpc, n_tiles, Dm, N, K, reverse=False, rows=batch * K)
+        carry(states, dsum, A, n_chunks, tpc * SUB, n_slots, Dm, N, K, reverse=False, rows=batch * K)
     phase3 = dict(PHASE=0, HAS_H0=chunked, STORE_STATES=save_states)
     if merge == "none" or _merge_strategy() == "buffer":
         # all routes in one launch, per-route outputs at their tokens; merge="sum" then adds the
@@ -916,7 +945,8 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
     K, S = route.shape
     N = A.shape[2]
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    T, _, BD, warps = _config(N, Dm, x.dtype)
+    cfg = _config(N, Dm, x.dtype)
+    T, BD, warps = cfg.T, cfg.BDb, cfg.warps
     NP = triton.next_power_of_2(N)
     n_tiles = triton.cdiv(S, T)
     dev = x.device

@@ -331,7 +331,7 @@ def test_triton_chunk_parallel_extreme(case, triton_path):
     route = rb().to(DEVICE)
     L = int(route.max()) + 1
     args = _cast(_extreme_inputs(1, L, route.shape[0], Dm, N, seed=L + N), dtype)
-    T = ts._config(N, Dm, dtype)[0]
+    T = ts._config(N, Dm, dtype).Tf  # the forward's tiles (the backward's are no longer)
     assert -(-route.shape[1] // T) // tpc >= 3, "the case must really run chunk-parallel"
     odt = torch.float64 if dtype == torch.float64 else torch.float32
     y, states = ts.scan_fwd(*args, route, merge, True, odt, True, tiles_per_chunk=tpc)

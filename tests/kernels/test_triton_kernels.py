@@ -127,6 +127,44 @@ def test_wide_forward_block_policy_and_chunked_result(monkeypatch):
     assert any(phase == 1 and chunks > 1 for _, phase, chunks in seen), seen
 
 
+@pytest.mark.parametrize("tpc", [None, 1], ids=["one-pass", "chunks-of-1-tile"])
+def test_forward_tiles_longer_than_backward_tiles(tpc, monkeypatch):
+    """N=1 in fp32: the forward walks 32-step tiles and saves the state every 16 steps (two per tile)
+    for the backward's 16-step tiles. With S = 72 the last forward tile holds one saved state only
+    (5 slots). The saved states (poisoned buffers) equal those of a forward on 16-step tiles, one
+    pass or chunk-parallel (the carry then strides over 2 slots per tile), and the result and
+    gradients match the fp64 reference."""
+    from mamba_dense.kernels import triton_scan as ts
+
+    monkeypatch.delenv("MAMBA_DENSE_SCAN_CFG", raising=False)
+    cfg = ts._config(1, 16, torch.float32)
+    assert (cfg.Tf, cfg.T) == (32, 16)
+    assert ts._config(1, 16, torch.float64).Tf == ts._config(1, 16, torch.float64).T
+    assert ts._config(16, 16, torch.float32).Tf == ts._config(16, 16, torch.float32).T
+    route = routes.bidirectional(72).to(DEVICE)
+    args = _inputs(2, 72, 2, 16, 1, torch.float32, seed=43)
+    y, st = ts.scan_fwd(*args, route, "sum", True, torch.float32, True, tiles_per_chunk=tpc)
+    assert st.shape == (2, 2, 5, 1, 16)
+    monkeypatch.setenv("MAMBA_DENSE_SCAN_CFG", "16,16,16,16,1")
+    y16, st16 = ts.scan_fwd(*args, route, "sum", True, torch.float32, True, tiles_per_chunk=tpc)
+    assert torch.isfinite(st).all()
+    torch.testing.assert_close(st, st16, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y, y16, rtol=1e-5, atol=1e-6)
+    monkeypatch.delenv("MAMBA_DENSE_SCAN_CFG")
+    dy = torch.randn_like(y)
+    grads = ts.scan_bwd(dy, *args, route, st, "sum", True, tiles_per_chunk=tpc)
+    ref = [a.double().requires_grad_() for a in args]
+    y_ref = selective_scan_ref(*ref, route=route)
+    g_ref = torch.autograd.grad(y_ref, ref, dy.double())
+    assert _rel(y, y_ref) < 1e-5
+    for name, a, b in zip(("dx", "ddt", "dA", "dB", "dC", "dD", "dbias"), grads, g_ref):
+        assert torch.isfinite(a).all(), name
+        assert _rel(a, b) < 1e-5, name
+    monkeypatch.setenv("MAMBA_DENSE_SCAN_CFG", "32,24,16,16,1")
+    with pytest.raises(ValueError, match="multiple of the backward tile"):
+        ts._config(1, 16, torch.float32)
+
+
 def test_n16_backward_register_cap_and_chunked_gradients(monkeypatch):
     """The N=16 backward tile is launched with a register cap (more programs per SM, H100 sweep);
     other tiles are not, and MAMBA_DENSE_SCAN_MAXNREG overrides. A chunk-parallel N=16 backward
