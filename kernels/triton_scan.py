@@ -722,8 +722,8 @@ class _Cfg(NamedTuple):
     """Tile configuration of one (N, Dm, dtype); see _config."""
 
     T: int  # steps per backward tile = steps between the saved states
-    BDf: int  # forward channel block (scan_fwd widens it for chunk-parallel N=1, _wide_fwd_block)
-    BDb: int  # backward channel block
+    BDf: int  # forward channel block (widened for chunk-parallel N=1 launches, _wide_block)
+    BDb: int  # backward channel block (likewise)
     warps: int
     Tf: int  # steps per forward tile, a multiple of T (the forward saves Tf // T states per tile)
 
@@ -735,8 +735,9 @@ def _config(N: int, Dm: int, dtype: torch.dtype) -> _Cfg:
     may walk longer tiles (Tf, a multiple of T) and save Tf // T states per tile. Chosen from the H100
     sweeps in benchmarks/RESULTS.md (benchmarks/scan_tune.py): one warp per program and small tiles
     keep registers low enough for useful occupancy. For N = 1 the forward is fastest on 32-step tiles
-    and the backward on 16-step tiles of 32 channels (session 14, H100, kernel time of the backward:
-    S1 1.09 -> 0.84 ms, S2 1.37 -> 1.16 ms; the forward on 16-step tiles was slower, S1 0.33 -> 0.48).
+    and the backward on 16-step tiles (session 14, H100, kernel time of the backward: S1 1.09 -> 0.84
+    ms, S2 1.37 -> 1.16 ms with blocks of 32, _wide_block; the forward on 16-step tiles was slower, S1
+    0.33 -> 0.48).
     MAMBA_DENSE_SCAN_CFG="T,BD,warps", "T,BDf,BDb,warps" (Tf = T) or "Tf,T,BDf,BDb,warps" overrides
     (for tuning).
     """
@@ -756,7 +757,7 @@ def _config(N: int, Dm: int, dtype: torch.dtype) -> _Cfg:
         return _Cfg(16, 16, 16, 4, 16)
     cap = max(8, triton.next_power_of_2(Dm))
     if NP == 1:
-        return _Cfg(16, min(16, cap), min(32 if Dm % 32 == 0 else 16, cap), 1, 32)
+        return _Cfg(16, min(16, cap), min(16, cap), 1, 32)
     if NP <= 4:
         T, BDf, BDb = 16, 16, 16
     else:
@@ -764,14 +765,17 @@ def _config(N: int, Dm: int, dtype: torch.dtype) -> _Cfg:
     return _Cfg(T, min(BDf, cap), min(BDb, cap), 1, T)
 
 
-def _wide_fwd_block(N: int, Dm: int, dtype: torch.dtype, chunked: bool) -> bool:
-    """Forward channel blocks of 32 instead of 16 for N = 1 when the launch runs chunk-parallel anyway
-    and Dm is a multiple of 32. A token row of 16 bf16 channels is one 32-byte sector, so the gathers
-    of a [T, 16] tile touch T lines for 32 bytes each, and the output pass was bound by the L1
-    (Nsight Compute, S2 output pass: L1/TEX 88% busy, DRAM 31%; benchmarks/RESULTS.md, session 13).
-    Blocks of 32 halve the lines per byte; the chunking makes up the halved program count. H200, same
-    call: S2 forward 0.608 -> 0.535 ms. Launches that fill the GPU without chunks keep 16 (S1: 0.295
-    -> 0.349 with 32). Not with MAMBA_DENSE_SCAN_CFG set (tuning), nor for fp64."""
+def _wide_block(N: int, Dm: int, dtype: torch.dtype, chunked: bool) -> bool:
+    """Channel blocks of 32 instead of 16 for N = 1 launches (forward or backward) that run
+    chunk-parallel anyway, when Dm is a multiple of 32; the chunking makes up the halved program count.
+
+    Forward: a token row of 16 bf16 channels is one 32-byte sector, so the gathers of a [T, 16] tile
+    touch T lines for 32 bytes each, and the output pass was bound by the L1 (Nsight Compute, S2
+    output pass: L1/TEX 88% busy, DRAM 31%; benchmarks/RESULTS.md, session 13). H200, same call: S2
+    forward 0.608 -> 0.535 ms. Backward (16-step tiles, session 14, H100, kernel time of the
+    backward): S2 1.37 -> 1.16 ms, S3 0.41 -> 0.37. Launches that fill the GPU without chunks keep 16
+    (S1 forward 0.295 -> 0.349 ms with 32; S1 backward 0.84 ms with 16 against 0.88). Not with
+    MAMBA_DENSE_SCAN_CFG set (tuning), nor for fp64."""
     return (chunked and triton.next_power_of_2(N) == 1 and Dm % 32 == 0 and dtype != torch.float64
             and not os.environ.get("MAMBA_DENSE_SCAN_CFG"))
 
@@ -881,7 +885,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
     dev = x.device
     routes_per_launch = K if (merge == "none" or _merge_strategy() == "buffer") else 1
     tpc = _tiles_per_chunk(n_tiles, batch * n_dblk * routes_per_launch, _num_sms(dev), tiles_per_chunk)
-    if _wide_fwd_block(N, Dm, x.dtype, tpc < n_tiles):
+    if _wide_block(N, Dm, x.dtype, tpc < n_tiles):
         BD = 32
         n_dblk = triton.cdiv(Dm, BD)
         tpc = _tiles_per_chunk(n_tiles, batch * n_dblk * routes_per_launch, _num_sms(dev), tiles_per_chunk)
@@ -956,6 +960,11 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
     cover = route_coverage(route, L)
     per_launch = batch * n_dblk * routes_per_launch
     tpc = _tiles_per_chunk(n_tiles, per_launch, _num_sms(dev), tiles_per_chunk)
+    if _wide_block(N, Dm, x.dtype, tpc < n_tiles):
+        BD = 32
+        n_dblk = triton.cdiv(Dm, BD)
+        per_launch = batch * n_dblk * routes_per_launch
+        tpc = _tiles_per_chunk(n_tiles, per_launch, _num_sms(dev), tiles_per_chunk)
     n_chunks = triton.cdiv(n_tiles, tpc)
     chunked = n_chunks > 1
     dummy = states

@@ -93,38 +93,42 @@ def test_fp32_inputs_public_api_autograd():
     _check_fp32_api(routes.cross2d(3, 6).to(DEVICE), _inputs(1, 18, 4, 12, 2, torch.float32, seed=3))
 
 
-def test_wide_forward_block_policy_and_chunked_result(monkeypatch):
-    """N=1 forwards that run chunk-parallel take channel blocks of 32 when Dm is a multiple of 32
-    (fewer L1 lines per byte gathered); one-pass launches, other N, fp64, Dm not a multiple of 32 and
-    a MAMBA_DENSE_SCAN_CFG override keep 16. Such a chunked fp32 forward (a channel block of 32,
-    chunk carry) and its gradients match the fp64 reference."""
+def test_wide_block_policy_and_chunked_result(monkeypatch):
+    """N=1 forwards and backwards that run chunk-parallel take channel blocks of 32 when Dm is a
+    multiple of 32; one-pass launches, other N, fp64, Dm not a multiple of 32 and a
+    MAMBA_DENSE_SCAN_CFG override keep 16. Such a chunked fp32 forward and backward (channel blocks
+    of 32, chunk carries) match the fp64 reference."""
     from mamba_dense.kernels import triton_scan as ts
 
     monkeypatch.delenv("MAMBA_DENSE_SCAN_CFG", raising=False)
-    assert ts._wide_fwd_block(1, 96, torch.bfloat16, True)
-    assert not ts._wide_fwd_block(1, 96, torch.bfloat16, False)
-    assert not ts._wide_fwd_block(16, 96, torch.bfloat16, True)
-    assert not ts._wide_fwd_block(1, 48, torch.bfloat16, True)
-    assert not ts._wide_fwd_block(1, 96, torch.float64, True)
+    assert ts._wide_block(1, 96, torch.bfloat16, True)
+    assert not ts._wide_block(1, 96, torch.bfloat16, False)
+    assert not ts._wide_block(16, 96, torch.bfloat16, True)
+    assert not ts._wide_block(1, 48, torch.bfloat16, True)
+    assert not ts._wide_block(1, 96, torch.float64, True)
     monkeypatch.setenv("MAMBA_DENSE_SCAN_CFG", "32,16,16,1")
-    assert not ts._wide_fwd_block(1, 96, torch.bfloat16, True)
+    assert not ts._wide_block(1, 96, torch.bfloat16, True)
     monkeypatch.delenv("MAMBA_DENSE_SCAN_CFG")
 
     monkeypatch.setattr(ts, "_num_sms", lambda dev: 64)  # pretend a large GPU: the launch goes chunk-parallel
     seen = []
-    real = ts._fwd_kernel
 
-    class _Spy:  # records the channel block of every forward launch
+    class _Spy:  # records the channel block of every launch
+        def __init__(self, real, kind):
+            self.real, self.kind = real, kind
+
         def __getitem__(self, grid):
             def launch(*a, **kw):
-                seen.append((kw["BD"], kw["PHASE"], grid[1]))
-                return real[grid](*a, **kw)
+                seen.append((self.kind, kw["BD"], kw["PHASE"], grid[1]))
+                return self.real[grid](*a, **kw)
             return launch
 
-    monkeypatch.setattr(ts, "_fwd_kernel", _Spy())
+    monkeypatch.setattr(ts, "_fwd_kernel", _Spy(ts._fwd_kernel, "fwd"))
+    monkeypatch.setattr(ts, "_bwd_kernel", _Spy(ts._bwd_kernel, "bwd"))
     _check_fp32_api(routes.cross2d(8, 16).to(DEVICE), _inputs(1, 128, 4, 32, 1, torch.float32, seed=41))
-    assert seen and all(bd == 32 for bd, _, _ in seen), seen
-    assert any(phase == 1 and chunks > 1 for _, phase, chunks in seen), seen
+    assert seen and all(bd == 32 for _, bd, _, _ in seen), seen
+    for kind in ("fwd", "bwd"):
+        assert any(k == kind and phase == 1 and chunks > 1 for k, _, phase, chunks in seen), seen
 
 
 @pytest.mark.parametrize("tpc", [None, 1], ids=["one-pass", "chunks-of-1-tile"])
