@@ -10,7 +10,8 @@ STATIC counts (instructions in the code, not executed instructions).
 Launch the kernels are compiled for: the main (non-chunked, buffer-merge) launch of scan_fwd /
 scan_bwd, bf16 activations:
 
-    forward : MODE=0 PHASE=0 HAS_H0=False STORE_STATES=True HAS_D HAS_BIAS SOFTPLUS X_PER_ROUTE=False CT=fp32
+    forward : MODE=0 PHASE=0 HAS_H0=False STORE_STATES=True HAS_D HAS_BIAS SOFTPLUS X_PER_ROUTE=False CT=fp32,
+              SUB = T // 16 for N=1 (a state saved every 16 steps), 1 otherwise
     backward: DXMODE=0 PHASE=0 HAS_G0=False DY_PER_ROUTE=False, same flags
 
 Pointers: x, dt, B, C, dy, out, dx and ddt (= empty_like(dt)) are bf16; route is int64; A, D,
@@ -90,7 +91,9 @@ def build_source(kernel: str, N: int, T: int, BD: int, NP: int, spec: str):
                  FAST_EXP=True)  # as triton_scan._fast_exp picks on a GPU
     if kernel == "fwd":
         fn, ptrs = ts._fwd_kernel, FWD_PTRS
-        cx = dict(MODE=0, PHASE=0, HAS_H0=False, STORE_STATES=True, **flags)
+        # states saved every 16 steps for N=1 (the backward's tiles, triton_scan._config), every tile otherwise
+        sub = max(1, T // 16) if N == 1 else 1
+        cx = dict(MODE=0, PHASE=0, HAS_H0=False, STORE_STATES=True, SUB=sub, **flags)
     else:
         fn, ptrs = ts._bwd_kernel, BWD_PTRS
         cx = dict(DXMODE=0, PHASE=0, HAS_G0=False, DY_PER_ROUTE=False, **flags)
@@ -284,7 +287,8 @@ def run_one(job: dict) -> dict:
 # sweep
 # --------------------------------------------------------------------------------------------
 
-DEFAULTS = {("fwd", 16): (8, 16, 1), ("bwd", 16): (8, 8, 1), ("fwd", 1): (32, 16, 1), ("bwd", 1): (32, 16, 1)}
+# triton_scan._config's defaults (N=1 forward and backward take blocks of 32 on chunk-parallel launches)
+DEFAULTS = {("fwd", 16): (8, 16, 1), ("bwd", 16): (8, 8, 1), ("fwd", 1): (32, 16, 1), ("bwd", 1): (16, 16, 1)}
 
 
 def jobs(spec: str, quick: bool):
