@@ -54,6 +54,18 @@ def _combine_seg(f1, q1, v1, f2, q2, v2):
 
 
 @triton.jit
+def _flip0(x, INTERP: tl.constexpr):
+    """tl.flip(x, 0) of a 3D tensor. Under Triton's interpreter as a tl.gather (the same permutation):
+    tl.flip's xor reductions run there as a Python loop over the elements, which took most of the
+    interpreted backward's time (CI runs the kernel tests under the interpreter)."""
+    if INTERP:
+        rev = x.shape[0] - 1 - tl.arange(0, x.shape[0])
+        return tl.gather(x, tl.broadcast_to(rev[:, None, None], x.shape), 0)
+    else:
+        return tl.flip(x, 0)
+
+
+@triton.jit
 def _ex2_ftz(v):
     # 2^v as one MUFU.EX2 (denormal results flush to 0). tl.exp(v) lowers to a multiply by log2(e)
     # and ex2.approx.f32 without .ftz, which sm_90 wraps in a range test and two scaling multiplies.
@@ -529,6 +541,7 @@ def _bwd_kernel(
     T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, CT: tl.constexpr,
     X_PER_ROUTE: tl.constexpr = False,  # x is (b, L, K, D): one input per route (dx likewise)
     FAST_EXP: tl.constexpr = False,  # decays through _ex2_ftz (see _decay)
+    INTERP: tl.constexpr = False,  # running under Triton's interpreter (see _flip0)
 ):
     pid_c, b64, k, pid_d, d, dmask, n, nmask, offs_t = _program_coords(k0, KL, Dm, N, BD, NP, T)
     nd_mask = nmask[:, None] & dmask[None, :]
@@ -583,9 +596,9 @@ def _bwd_kernel(
         # unused (rather than dh = v + qa * gA after the scan)
         e = tl.where(last, e + gA[None, :, :], e)
         _f, _qa, v = tl.associative_scan(
-            (tl.flip(a, 0), tl.full([T, NP, BD], 1.0, CT), tl.flip(e, 0)), 0, _combine_seg
+            (_flip0(a, INTERP), tl.full([T, NP, BD], 1.0, CT), _flip0(e, INTERP)), 0, _combine_seg
         )
-        dh = tl.flip(v, 0)
+        dh = _flip0(v, INTERP)
         if PHASE == 1:
             g = tl.sum(tl.where(first, dh, 0.0), axis=0)
             gA = tl.sum(tl.where(first, a, 0.0), axis=0) * g
@@ -981,7 +994,8 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
     kw = dict(
         HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         DY_PER_ROUTE=(merge == "none"), T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps,
-        X_PER_ROUTE=x_per_route, FAST_EXP=_fast_exp(x), **_reg_cap("bwd", NP, T, BD, warps),
+        X_PER_ROUTE=x_per_route, FAST_EXP=_fast_exp(x), INTERP=os.environ.get("TRITON_INTERPRET") == "1",
+        **_reg_cap("bwd", NP, T, BD, warps),
     )
     gbuf = gsum = dummy
     if chunked:

@@ -317,17 +317,20 @@ CHUNKED = [
     ("bidir256-N1", lambda: routes.bidirectional(256), 4, 1, "sum", 1, torch.float32),
     ("bidir256-N1-f64", lambda: routes.bidirectional(256), 4, 1, "none", 3, torch.float64),
     ("cross2d-N4-tpc2", lambda: routes.cross2d(8, 16), 4, 4, "sum", 2, torch.bfloat16),
-    # 38 chunks: more than the carry's block of 32 chunks, so it crosses a block boundary
-    ("bidir1200-N1-38chunks", lambda: routes.bidirectional(1200), 4, 1, "sum", 1, torch.float32),
+    # 19 forward / 38 backward chunks: more than the carry's 16 chunks per round (set below), so the
+    # carries cross round boundaries
+    ("bidir600-N1-19chunks", lambda: routes.bidirectional(600), 4, 1, "sum", 1, torch.float32),
 ]
 
 
 @needs_triton
 @pytest.mark.parametrize("case", CHUNKED, ids=[c[0] for c in CHUNKED])
-def test_triton_chunk_parallel_extreme(case, triton_path):
-    """scan_fwd / scan_bwd with tiles_per_chunk forced: L = 128..256 split into 4..8 chunks, with
-    steps of delta = 1e4 (carried decay exp(A * sum(delta)) = 0) and delta ~ 1e-9 (decay 1)."""
+def test_triton_chunk_parallel_extreme(case, triton_path, monkeypatch):
+    """scan_fwd / scan_bwd with tiles_per_chunk forced: L = 128..600 split into 4..38 chunks, with
+    steps of delta = 1e4 (carried decay exp(A * sum(delta)) = 0) and delta ~ 1e-9 (decay 1); the
+    carries take 16 chunks per round."""
     _, rb, Dm, N, merge, tpc, dtype = case
+    monkeypatch.setenv("MAMBA_DENSE_CARRY_CB", "16")
     route = rb().to(DEVICE)
     L = int(route.max()) + 1
     args = _cast(_extreme_inputs(1, L, route.shape[0], Dm, N, seed=L + N), dtype)

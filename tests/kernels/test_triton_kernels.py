@@ -42,7 +42,7 @@ CASES = [
     # id, route builder, L, Dm, N, merge, merge strategy, tiles per chunk (None = automatic)
     ("cross2d-sum-buffer", lambda: routes.cross2d(5, 7), 35, 20, 3, "sum", "buffer", None),
     ("window-none-chunked", lambda: routes.localmamba(5, 6, ("h_flip", "w2", "v", "w7_flip")), 30, 9, 1, "none", "buffer", 1),
-    ("window-sum-serial-chunked", lambda: routes.localmamba(4, 9, ("w2_flip", "h", "w7", "v_flip")), 36, 9, 4, "sum", "serial", 2),
+    ("window-sum-serial-chunked", lambda: routes.localmamba(4, 7, ("w2_flip", "h", "w7", "v_flip")), 28, 9, 4, "sum", "serial", 2),
     ("segmamba3d-sum", lambda: routes.segmamba3d(3, 4, 3), 36, 8, 4, "sum", "buffer", 1),
 ]
 
