@@ -38,8 +38,10 @@ def main():
     dev = torch.device("cuda")
     gen = torch.Generator(device=dev).manual_seed(0)
     sweeps = {
-        # (T, BD forward, BD backward, warps)
-        1: [(32, 16, 16, 1), (32, 16, 16, 2), (16, 16, 16, 1), (16, 32, 16, 1)],
+        # (T, BD forward, BD backward, warps), or (T forward, T backward, BD forward, BD backward, warps);
+        # MAMBA_DENSE_SCAN_CFG turns _wide_block off, so the first N=1 entry is the default tiles with
+        # blocks of 16 everywhere
+        1: [(32, 16, 16, 16, 1), (32, 16, 16, 32, 1), (32, 16, 16, 1), (32, 16, 16, 2), (16, 16, 16, 1)],
         16: [(8, 16, 8, 1), (8, 16, 16, 1), (16, 16, 8, 2)],
     }
     rows = []
