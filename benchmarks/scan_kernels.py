@@ -1,0 +1,159 @@
+"""GPU kernel time of the selective scan, per variant: the measurement behind the A/B tables of
+benchmarks/RESULTS.md from session 12 on. Until session 14 it was a session-local script
+(.bench_deps/s14_kt.py, run on the H100 in session 14); this committed form adds the options and the
+JSON output and has not yet run on a GPU itself.
+
+To run (on a CUDA machine, from the repo root):
+    python benchmarks/scan_kernels.py [--shapes S1,S2,S3,S4,S5] [--variants SPEC] [--rounds 1] [--seq]
+
+For each shape of benchmarks/scan.py (bf16 inputs) and each variant, the forward and the
+forward + backward of `selective_scan` (the public op, as benchmarks/scan.py times it):
+    fwdK / f+bK   the sum of the CUDA kernels' times in a torch.profiler trace of 20 calls, per call
+                  (no host time in it: the measure to compare kernels by on host-bound shapes like S3)
+    db            triton.testing.do_bench median (host time included, as benchmarks/scan.py)
+    gerr          largest relative difference of the 7 gradients from the first variant's (bf16:
+                  different channel blocks round the dB / dC partials differently, ~3e-3)
+and, per variant, the time of each kernel name. --seq adds one forward + backward's kernels in launch
+order (phase 1, carry, phase 3, route sum, ...).
+
+--variants "name:KEY=VALUE|KEY=VALUE;name2:..." (default "default:"): KEY is an environment variable
+(e.g. MAMBA_DENSE_SCAN_CFG=32,16,16,32,1) or "ts.NAME" for an int attribute of
+mamba_dense.kernels.triton_scan read at each call (e.g. ts.TARGET_PROGRAMS_PER_SM=64); every variant
+starts from the environment and attributes of the start of the run. To compare two versions of the
+kernel source, run this script once per version (copy the file over kernels/triton_scan.py between
+runs) and alternate the runs. Results also go to $OUT/scan_kernels.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _bootstrap  # noqa: E402
+from scan import SHAPES, make_inputs  # noqa: E402
+
+
+def parse_variants(spec: str) -> list[tuple[str, dict[str, str]]]:
+    out = []
+    for part in spec.split(";"):
+        name, _, envs = part.partition(":")
+        out.append((name, dict(e.split("=", 1) for e in envs.split("|") if e)))
+    return out
+
+
+def kernel_times(fn, grad: bool, calls: int = 20) -> tuple[float, dict[str, float]]:
+    """(summed CUDA kernel ms per call, {kernel name: us per call}) from a torch.profiler trace."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.enable_grad() if grad else torch.no_grad():
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as p:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize()
+    ev = [e for e in p.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in ev) / calls / 1e3
+    return total, {e.key[:40]: round(e.self_device_time_total / calls, 1) for e in ev}
+
+
+def launch_sequence(fn) -> list[tuple[str, float]]:
+    """One call's CUDA kernels in launch order, (name, us)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.enable_grad():
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as p:
+            fn()
+            torch.cuda.synchronize()
+    return [(e.name[:40], round(e.device_time_total, 1)) for e in p.events() if e.device_type.name == "CUDA"]
+
+
+def main():
+    import triton
+
+    from mamba_dense.kernels import routes, selective_scan
+    from mamba_dense.kernels import triton_scan as ts
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="S1,S2,S3,S4,S5")
+    ap.add_argument("--variants", default="default:")
+    ap.add_argument("--rounds", type=int, default=1, help="alternate the variants this many times")
+    ap.add_argument("--seq", action="store_true", help="also print one f+b's kernels in launch order")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+
+    variants = parse_variants(args.variants)
+    keys = {k for _, env in variants for k in env}
+    env0 = {k: os.environ.get(k) for k in keys if not k.startswith("ts.")}
+    attr0 = {k[3:]: getattr(ts, k[3:]) for k in keys if k.startswith("ts.")}
+
+    def apply(env: dict[str, str]) -> None:
+        for k, v in env0.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        for k, v in attr0.items():
+            setattr(ts, k, v)
+        for k, v in env.items():
+            if k.startswith("ts."):
+                setattr(ts, k[3:], int(v))
+            else:
+                os.environ[k] = v
+
+    dev = torch.device("cuda")
+    rows = []
+    for sname, batch, L, K, D, N, rdesc in SHAPES:
+        if not any(sname.startswith(p) for p in args.shapes.split(",")):
+            continue
+        gen = torch.Generator(device=dev).manual_seed(3)
+        route = getattr(routes, rdesc[0])(*rdesc[1:]).to(dev)
+        x, dt, A, B, C, Dp, bias = make_inputs(batch, L, K, D, N, torch.bfloat16, dev, gen)
+        ins = [t.detach().requires_grad_() for t in (x, dt, A, B, C, Dp, bias)]
+        dy = torch.randn(batch, L, D, device=dev, dtype=torch.bfloat16, generator=gen)
+
+        def fwd():
+            return selective_scan(x, dt, A, B, C, Dp, bias, route=route)
+
+        def fwd_bwd():
+            y = selective_scan(*ins, route=route)
+            return torch.autograd.grad(y, ins, dy)
+
+        ref = None
+        for rnd in range(args.rounds):
+            for name, env in variants:
+                apply(env)
+                with torch.enable_grad():
+                    g = [t.float() for t in fwd_bwd()]
+                if ref is None:
+                    ref = g
+                gerr = max(((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(g, ref))
+                tf, kf = kernel_times(fwd, grad=False)
+                tfb, kfb = kernel_times(fwd_bwd, grad=True)
+                with torch.no_grad():
+                    dbf = triton.testing.do_bench(fwd, warmup=30, rep=200, return_mode="median")
+                with torch.enable_grad():
+                    dbfb = triton.testing.do_bench(fwd_bwd, warmup=30, rep=200, return_mode="median")
+                row = dict(shape=sname, variant=name, env=env, round=rnd, fwd_kernel_ms=tf, fwdbwd_kernel_ms=tfb,
+                           fwd_do_bench_ms=dbf, fwdbwd_do_bench_ms=dbfb, grad_rel_diff=gerr, fwdbwd_kernels_us=kfb)
+                print(f"{sname[:3]}{' N16' if N == 16 else ''} {name:12s} fwdK {tf:.3f} db {dbf:.3f} | "
+                      f"f+bK {tfb:.3f} db {dbfb:.3f} | gerr {gerr:.1e}", flush=True)
+                print("      f+b kernels (us)", kfb, flush=True)
+                if args.seq:
+                    row["fwdbwd_sequence_us"] = launch_sequence(fwd_bwd)
+                    print("      in launch order", row["fwdbwd_sequence_us"], flush=True)
+                rows.append(row)
+    apply({})
+    _bootstrap.save_results(args.out, "scan_kernels.json", dict(rows=rows))
+
+
+if __name__ == "__main__":
+    main()
