@@ -64,6 +64,24 @@ def make_inputs(batch, L, K, D, N, dtype, device, gen):
     return x, dt, A, B, C, Dp, bias
 
 
+def shape_cases(prefixes: str, device, seed: int):
+    """The SHAPES whose names start with one of the comma-separated prefixes, as (name, N, route,
+    inputs, leaves, dy): bf16 inputs (x, dt, A, B, C, D, dt_bias) from make_inputs, the same as
+    leaves that require grad, and a bf16 dy of the output's shape; a generator seeded with seed
+    for each shape."""
+    from mamba_dense.kernels import routes
+
+    for name, batch, L, K, D, N, rdesc in SHAPES:
+        if not any(name.startswith(p) for p in prefixes.split(",")):
+            continue
+        gen = torch.Generator(device=device).manual_seed(seed)
+        route = getattr(routes, rdesc[0])(*rdesc[1:]).to(device)
+        inputs = make_inputs(batch, L, K, D, N, torch.bfloat16, device, gen)
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        dy = torch.randn(batch, L, D, device=device, dtype=torch.bfloat16, generator=gen)
+        yield name, N, route, inputs, leaves, dy
+
+
 def check(device, seed, out_rows):
     from mamba_dense.kernels import routes, selective_scan, selective_scan_ref
 

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bootstrap  # noqa: E402
-from scan import SHAPES, make_inputs  # noqa: E402
+from scan import shape_cases  # noqa: E402
 
 
 def host_time(fn, calls: int) -> tuple[float, float]:
@@ -49,7 +49,7 @@ def host_time(fn, calls: int) -> tuple[float, float]:
 def main():
     import triton
 
-    from mamba_dense.kernels import routes, selective_scan
+    from mamba_dense.kernels import selective_scan
     from mamba_dense.kernels import triton_scan as ts
 
     ap = argparse.ArgumentParser()
@@ -67,14 +67,7 @@ def main():
     buf = torch.empty(1, device=dev)
     rows = []
     print(f"{'shape':28s} {'what':22s} {'host ms':>8s} {'host+drain':>10s}", flush=True)
-    for name, batch, L, K, D, N, rdesc in SHAPES:
-        if not any(name.startswith(p) for p in args.shapes.split(",")):
-            continue
-        gen = torch.Generator(device=dev).manual_seed(7)
-        route = getattr(routes, rdesc[0])(*rdesc[1:]).to(dev)
-        x, dt, A, B, C, Dp, bias = make_inputs(batch, L, K, D, N, torch.bfloat16, dev, gen)
-        ins = [t.detach().requires_grad_() for t in (x, dt, A, B, C, Dp, bias)]
-        dy = torch.randn(batch, L, D, device=dev, dtype=torch.bfloat16, generator=gen)
+    for name, _, route, (x, dt, A, B, C, Dp, bias), ins, dy in shape_cases(args.shapes, dev, seed=7):
         _, states = ts.scan_fwd(x, dt, A, B, C, Dp, bias, route, "sum", True, torch.bfloat16)  # for "triton bwd"
 
         def fwbw():

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bootstrap  # noqa: E402
-from scan import SHAPES, make_inputs  # noqa: E402
+from scan import shape_cases  # noqa: E402
 
 
 def parse_variants(spec: str) -> list[tuple[str, dict[str, str]]]:
@@ -79,7 +79,7 @@ def launch_sequence(fn) -> list[tuple[str, float]]:
 def main():
     import triton
 
-    from mamba_dense.kernels import routes, selective_scan
+    from mamba_dense.kernels import selective_scan
     from mamba_dense.kernels import triton_scan as ts
 
     ap = argparse.ArgumentParser()
@@ -111,14 +111,7 @@ def main():
 
     dev = torch.device("cuda")
     rows = []
-    for sname, batch, L, K, D, N, rdesc in SHAPES:
-        if not any(sname.startswith(p) for p in args.shapes.split(",")):
-            continue
-        gen = torch.Generator(device=dev).manual_seed(3)
-        route = getattr(routes, rdesc[0])(*rdesc[1:]).to(dev)
-        x, dt, A, B, C, Dp, bias = make_inputs(batch, L, K, D, N, torch.bfloat16, dev, gen)
-        ins = [t.detach().requires_grad_() for t in (x, dt, A, B, C, Dp, bias)]
-        dy = torch.randn(batch, L, D, device=dev, dtype=torch.bfloat16, generator=gen)
+    for sname, N, route, (x, dt, A, B, C, Dp, bias), ins, dy in shape_cases(args.shapes, dev, seed=3):
 
         def fwd():
             return selective_scan(x, dt, A, B, C, Dp, bias, route=route)
