@@ -326,6 +326,116 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _fwd_lb_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, route_ptr,
+    out_ptr, states_ptr, agg_ptr, flag_ptr,
+    L, S, Dm, N, K, n_dblk, n_rows, n_tiles,
+    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, STORE_STATES: tl.constexpr,
+    T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, CT: tl.constexpr, W: tl.constexpr,
+    X_PER_ROUTE: tl.constexpr = False, FAST_EXP: tl.constexpr = False, SUB: tl.constexpr = 1,
+    AGG_ONLY: tl.constexpr = False,  # tests: publish maps only, so every look-back walks to the start
+):
+    """One-pass chunk-parallel forward: one tile of T steps per program, chained by decoupled look-back.
+
+    The program takes a ticket (an atomic counter, so every tile it waits on belongs to a program that
+    is already running: no deadlock whatever order the GPU schedules programs in), tile = ticket //
+    n_rows, row = ticket % n_rows (rows = (batch, channel block, route) as in _program_coords). It
+    scans its tile from a zero state, publishes the tile's map h -> a_tot * h + h_tot (flag 1), looks
+    back over the flags of the W tiles before it until the nearest one with an inclusive state
+    (flag 2), composes the maps in between, publishes its own inclusive state (flag 2), and writes the
+    outputs from its registers: the inputs are read once (the three-phase forward reads them twice).
+
+    agg: (n_rows, n_tiles, 3, NP, BD) fp32: the tile's a_tot, h_tot and inclusive state.
+    flag: int32, [0] the ticket counter, then (n_rows, n_tiles) flags; zeroed before the launch.
+    """
+    tk = tl.atomic_add(flag_ptr, 1)
+    c = tk // n_rows
+    r = tk % n_rows
+    b64 = (r // (K * n_dblk)).to(tl.int64)
+    pid0 = r % (K * n_dblk)
+    k = pid0 % K
+    d = (pid0 // K) * BD + tl.arange(0, BD)
+    dmask = d < Dm
+    n = tl.arange(0, NP)
+    nmask = n < N
+    offs_t = tl.arange(0, T)
+    valid, row, rk, xr, dtr, Br = _tile_raw(
+        x_ptr, dt_ptr, B_ptr, route_ptr, b64, k, c * T, L, S, K, Dm, N, offs_t, d, dmask, n, nmask, True, X_PER_ROUTE,
+    )
+    Cr = tl.load(C_ptr + rk[:, None] * N + n[None, :], mask=valid[:, None] & nmask[None, :], other=0.0)
+    A, bias, Dv = _route_params(A_ptr, bias_ptr, D_ptr, k, Dm, N, d, dmask, n, nmask, HAS_BIAS, HAS_D, BD, CT)
+    s = c * T + offs_t
+    smask, pre, delta = _tile_prep(s, S, dtr, bias, HAS_BIAS, SOFTPLUS, CT, FAST_EXP)
+    xv = xr.to(CT)
+    a = _decay(delta[:, None, :] * A[None, :, :], delta[:, None, :] * (A * LOG2E)[None, :, :], FAST_EXP)
+    u = (delta * xv)[:, None, :] * Br.to(CT)[:, :, None]
+    a_cum, h_loc = tl.associative_scan((a, u), 0, _combine)
+    last = (offs_t == T - 1)[:, None, None]
+    a_tot = tl.sum(tl.where(last, a_cum, 0.0), axis=0)
+    h_tot = tl.sum(tl.where(last, h_loc, 0.0), axis=0)
+    # publish the tile's own map, then look back
+    NB: tl.constexpr = NP * BD
+    e_off = n[:, None] * BD + tl.arange(0, BD)[None, :]
+    r64 = r.to(tl.int64)
+    fbase = flag_ptr + 1 + r64 * n_tiles
+    gbase = agg_ptr + r64 * n_tiles * 3 * NB
+    h_in = tl.zeros([NP, BD], dtype=CT)
+    if (c > 0) | AGG_ONLY:
+        tl.store(gbase + (c * 3) * NB + e_off, a_tot)
+        tl.store(gbase + (c * 3 + 1) * NB + e_off, h_tot)
+        tl.debug_barrier()  # every thread's stores before the flag (release)
+        tl.atomic_xchg(fbase + c, 1, sem="release")
+        acc_a = tl.full([NP, BD], 1.0, CT)
+        acc_h = tl.zeros([NP, BD], dtype=CT)
+        offs_w = tl.arange(0, W)
+        hi = c - 1
+        while hi >= 0:
+            j = hi - (W - 1) + offs_w
+            jm = j >= 0
+            f = tl.atomic_add(fbase + j, 0, mask=jm, sem="acquire")
+            f = tl.where(jm, f, 2)  # before tile 0: the zero start state, "inclusive"
+            inc = tl.max(tl.where(f == 2, j, -2 * W - 2), axis=0)  # nearest inclusive tile in the window
+            ready = tl.min(tl.where(j > inc, f, 2), axis=0) >= 1
+            if ready:
+                tl.debug_barrier()
+                use = (j > inc)[:, None, None]
+                jo = j.to(tl.int64)[:, None, None] * 3 * NB
+                aw = tl.load(gbase + jo + e_off[None, :, :], mask=use, other=1.0, cache_modifier=".cg")
+                hw = tl.load(gbase + jo + NB + e_off[None, :, :], mask=use, other=0.0, cache_modifier=".cg")
+                wa_c, wh_c = tl.associative_scan((aw, hw), 0, _combine)
+                lastw = (offs_w == W - 1)[:, None, None]
+                wa = tl.sum(tl.where(lastw, wa_c, 0.0), axis=0)
+                wh = tl.sum(tl.where(lastw, wh_c, 0.0), axis=0)
+                acc_h = acc_a * wh + acc_h
+                acc_a = acc_a * wa
+                if (inc >= hi - (W - 1)) | (hi < W):  # found, or the window reached tile 0
+                    hv = tl.load(gbase + (tl.maximum(inc, 0).to(tl.int64) * 3 + 2) * NB + e_off,
+                                 mask=(inc >= 0) & (e_off >= 0), other=0.0, cache_modifier=".cg")
+                    h_in = acc_a * hv + acc_h
+                    hi = -1
+                else:
+                    hi = hi - W
+    if not AGG_ONLY:
+        tl.store(gbase + (c * 3 + 2) * NB + e_off, a_tot * h_in + h_tot)
+        tl.debug_barrier()
+        tl.atomic_xchg(fbase + c, 2, sem="release")
+    # outputs and the states the backward starts from
+    h_all = h_loc + a_cum * h_in[None, :, :]
+    y = tl.sum(h_all * Cr.to(CT)[:, :, None], axis=1)
+    if HAS_D:
+        y += Dv[None, :] * xv
+    tl.store(out_ptr + rk[:, None] * Dm + d[None, :], y.to(out_ptr.dtype.element_ty), mask=valid[:, None] & dmask[None, :])
+    if STORE_STATES:
+        n_slots = tl.cdiv(S, T // SUB)
+        st = states_ptr + ((b64 * K + k) * n_slots + c * SUB) * N * Dm + n[:, None] * Dm + d[None, :]
+        st_mask = nmask[:, None] & dmask[None, :]
+        tl.store(st, h_in, mask=st_mask)
+        for jj in tl.static_range(1, SUB):
+            hj = tl.sum(tl.where((offs_t == jj * (T // SUB) - 1)[:, None, None], h_all, 0.0), axis=0)
+            tl.store(st + jj * N * Dm, hj, mask=st_mask & (c * SUB + jj < n_slots))
+
+
+@triton.jit
 def _carry_kernel(
     buf_ptr, dsum_ptr, A_ptr, n_chunks, slot_stride, n_slots, Dm, N, K,
     REVERSE: tl.constexpr, BLK: tl.constexpr, CB: tl.constexpr, CT: tl.constexpr,
@@ -904,6 +1014,9 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
         tpc = _tiles_per_chunk(n_tiles, batch * n_dblk * routes_per_launch, _num_sms(dev), tiles_per_chunk)
     n_chunks = triton.cdiv(n_tiles, tpc)
     chunked = n_chunks > 1
+    lb = _lookback_cfg(N, Dm, x.dtype, chunked, cfg.T)
+    if lb is not None and (merge == "none" or _merge_strategy() == "buffer"):
+        return _fwd_lookback(x, dt, A, B, C, D, dt_bias, route, merge, dt_softplus, odt, save_states, cfg, lb)
     states, D_, bias_ = fwd_buffers(batch, K, n_slots, N, Dm, dev, cdt, save_states or chunked, D, dt_bias)
     dummy = states
     common = dict(
@@ -949,6 +1062,70 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
             )
         if modes[-1] == 2:
             out.copy_(acc)
+    if not save_states:
+        states = states.new_empty(0)
+    return out, states
+
+
+_LB_AGG_ONLY = False  # tests set it: _fwd_lb_kernel's AGG_ONLY
+
+
+class _LbCfg(NamedTuple):
+    """Tiles of the one-pass look-back forward (_fwd_lb_kernel)."""
+
+    T: int  # steps per program (a multiple of the backward's tile)
+    BD: int
+    warps: int
+    W: int  # tiles looked back at per round
+
+
+def _lookback_cfg(N: int, Dm: int, dtype: torch.dtype, chunked: bool, T_bwd: int) -> _LbCfg | None:
+    """The look-back forward's tiles, or None for the three-phase forward.
+
+    MAMBA_DENSE_FWD_LB: "auto" (default: launches that run chunk-parallel, N = 1, not fp64), "1"
+    (every launch) or "0" (never). MAMBA_DENSE_FWD_LB_CFG="T,BD,warps,W" overrides the tiles."""
+    mode = os.environ.get("MAMBA_DENSE_FWD_LB", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"MAMBA_DENSE_FWD_LB must be 'auto', '0' or '1', got {mode!r}")
+    if mode == "0" or (mode == "auto" and not (chunked and triton.next_power_of_2(N) == 1 and dtype != torch.float64)):
+        return None
+    env = os.environ.get("MAMBA_DENSE_FWD_LB_CFG")
+    if env:
+        cfg = _LbCfg(*(int(v) for v in env.split(",")))
+    elif triton.next_power_of_2(N) == 1:
+        cfg = _LbCfg(max(32, T_bwd), 32 if Dm % 32 == 0 else 16, 1, 16)
+    else:
+        cfg = _LbCfg(T_bwd, min(16, max(8, triton.next_power_of_2(Dm))), 1, 8)
+    if cfg.T % T_bwd:
+        raise ValueError(f"MAMBA_DENSE_FWD_LB_CFG: the tile {cfg.T} must be a multiple of the backward tile {T_bwd}")
+    return cfg
+
+
+def _fwd_lookback(x, dt, A, B, C, D, dt_bias, route, merge, dt_softplus, odt, save_states, cfg, lb):
+    """scan_fwd through _fwd_lb_kernel: one launch (after a memset of the flags), then the route sum."""
+    batch, L, Dm = x.shape[0], x.shape[1], x.shape[-1]
+    K, S = route.shape
+    N = A.shape[2]
+    NP = triton.next_power_of_2(N)
+    dev = x.device
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    n_tiles = triton.cdiv(S, lb.T)
+    n_dblk = triton.cdiv(Dm, lb.BD)
+    n_rows = batch * K * n_dblk
+    states, D_, bias_ = fwd_buffers(batch, K, triton.cdiv(S, cfg.T), N, Dm, dev, cdt, save_states, D, dt_bias)
+    agg = torch.empty(n_rows, n_tiles, 3, NP, lb.BD, device=dev, dtype=cdt)
+    flag = torch.zeros(1 + n_rows * n_tiles, device=dev, dtype=torch.int32)
+    bdt = odt if (merge == "none" or odt in (torch.bfloat16, torch.float32, torch.float64)) else torch.float32
+    out = (_empty if all(route_coverage(route, L)) else torch.zeros)(batch, L, K, Dm, device=dev, dtype=bdt)
+    _fwd_lb_kernel[(n_rows * n_tiles,)](
+        x, dt, A, B, C, D_, bias_, route, out, states, agg, flag,
+        L, S, Dm, N, K, n_dblk, n_rows, n_tiles,
+        HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, STORE_STATES=save_states,
+        T=lb.T, BD=lb.BD, NP=NP, CT=_ct(x.dtype), W=lb.W, X_PER_ROUTE=x.dim() == 4, FAST_EXP=_fast_exp(x),
+        SUB=lb.T // cfg.T, AGG_ONLY=_LB_AGG_ONLY, num_warps=lb.warps,
+    )
+    if merge == "sum":
+        out = sum_routes(out, odt)
     if not save_states:
         states = states.new_empty(0)
     return out, states
