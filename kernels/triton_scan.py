@@ -385,36 +385,7 @@ def _fwd_lb_kernel(
         tl.store(gbase + (c * 3 + 1) * NB + e_off, h_tot)
         tl.debug_barrier()  # every thread's stores before the flag (release)
         tl.atomic_xchg(fbase + c, 1, sem="release")
-        acc_a = tl.full([NP, BD], 1.0, CT)
-        acc_h = tl.zeros([NP, BD], dtype=CT)
-        offs_w = tl.arange(0, W)
-        hi = c - 1
-        while hi >= 0:
-            j = hi - (W - 1) + offs_w
-            jm = j >= 0
-            f = tl.atomic_add(fbase + j, 0, mask=jm, sem="acquire")
-            f = tl.where(jm, f, 2)  # before tile 0: the zero start state, "inclusive"
-            inc = tl.max(tl.where(f == 2, j, -2 * W - 2), axis=0)  # nearest inclusive tile in the window
-            ready = tl.min(tl.where(j > inc, f, 2), axis=0) >= 1
-            if ready:
-                tl.debug_barrier()
-                use = (j > inc)[:, None, None]
-                jo = j.to(tl.int64)[:, None, None] * 3 * NB
-                aw = tl.load(gbase + jo + e_off[None, :, :], mask=use, other=1.0, cache_modifier=".cg")
-                hw = tl.load(gbase + jo + NB + e_off[None, :, :], mask=use, other=0.0, cache_modifier=".cg")
-                wa_c, wh_c = tl.associative_scan((aw, hw), 0, _combine)
-                lastw = (offs_w == W - 1)[:, None, None]
-                wa = tl.sum(tl.where(lastw, wa_c, 0.0), axis=0)
-                wh = tl.sum(tl.where(lastw, wh_c, 0.0), axis=0)
-                acc_h = acc_a * wh + acc_h
-                acc_a = acc_a * wa
-                if (inc >= hi - (W - 1)) | (hi < W):  # found, or the window reached tile 0
-                    hv = tl.load(gbase + (tl.maximum(inc, 0).to(tl.int64) * 3 + 2) * NB + e_off,
-                                 mask=(inc >= 0) & (e_off >= 0), other=0.0, cache_modifier=".cg")
-                    h_in = acc_a * hv + acc_h
-                    hi = -1
-                else:
-                    hi = hi - W
+        h_in = _lookback(fbase, gbase, c, e_off, W, NP, BD, CT)
     if not AGG_ONLY:
         tl.store(gbase + (c * 3 + 2) * NB + e_off, a_tot * h_in + h_tot)
         tl.debug_barrier()
@@ -433,6 +404,134 @@ def _fwd_lb_kernel(
         for jj in tl.static_range(1, SUB):
             hj = tl.sum(tl.where((offs_t == jj * (T // SUB) - 1)[:, None, None], h_all, 0.0), axis=0)
             tl.store(st + jj * N * Dm, hj, mask=st_mask & (c * SUB + jj < n_slots))
+
+
+@triton.jit
+def _lookback(fbase, gbase, c, e_off, W: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr, CT: tl.constexpr):
+    """The state entering tile (or chunk) c > 0 of a row: composes the published maps of the tiles
+    before it, W flags per round, back to the nearest published inclusive state (or to the start)."""
+    NB: tl.constexpr = NP * BD
+    acc_a = tl.full([NP, BD], 1.0, CT)
+    acc_h = tl.zeros([NP, BD], dtype=CT)
+    h_in = tl.zeros([NP, BD], dtype=CT)
+    offs_w = tl.arange(0, W)
+    hi = c - 1
+    while hi >= 0:
+        j = hi - (W - 1) + offs_w
+        jm = j >= 0
+        f = tl.atomic_add(fbase + j, 0, mask=jm, sem="acquire")
+        f = tl.where(jm, f, 2)  # before tile 0: the zero start state, "inclusive"
+        inc = tl.max(tl.where(f == 2, j, -2 * W - 2), axis=0)  # nearest inclusive tile in the window
+        ready = tl.min(tl.where(j > inc, f, 2), axis=0) >= 1
+        if ready:
+            tl.debug_barrier()
+            use = (j > inc)[:, None, None]
+            jo = j.to(tl.int64)[:, None, None] * 3 * NB
+            aw = tl.load(gbase + jo + e_off[None, :, :], mask=use, other=1.0, cache_modifier=".cg")
+            hw = tl.load(gbase + jo + NB + e_off[None, :, :], mask=use, other=0.0, cache_modifier=".cg")
+            wa_c, wh_c = tl.associative_scan((aw, hw), 0, _combine)
+            lastw = (offs_w == W - 1)[:, None, None]
+            wa = tl.sum(tl.where(lastw, wa_c, 0.0), axis=0)
+            wh = tl.sum(tl.where(lastw, wh_c, 0.0), axis=0)
+            acc_h = acc_a * wh + acc_h
+            acc_a = acc_a * wa
+            if (inc >= hi - (W - 1)) | (hi < W):  # found, or the window reached tile 0
+                hv = tl.load(gbase + (tl.maximum(inc, 0).to(tl.int64) * 3 + 2) * NB + e_off,
+                             mask=(inc >= 0) & (e_off >= 0), other=0.0, cache_modifier=".cg")
+                h_in = acc_a * hv + acc_h
+                hi = -1
+            else:
+                hi = hi - W
+    return h_in
+
+
+@triton.jit
+def _fwd_lbc_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, route_ptr,
+    out_ptr, states_ptr, agg_ptr, flag_ptr,
+    L, S, Dm, N, K, n_dblk, n_rows, n_tiles, n_chunks,
+    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, STORE_STATES: tl.constexpr,
+    T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, CT: tl.constexpr, W: tl.constexpr, CH: tl.constexpr,
+    X_PER_ROUTE: tl.constexpr = False, FAST_EXP: tl.constexpr = False, SUB: tl.constexpr = 1,
+    AGG_ONLY: tl.constexpr = False,
+):
+    """_fwd_lb_kernel with chunks of CH tiles per program: a first walk over the chunk from a zero
+    state gives its map (the three-phase forward's phase 1), the look-back gives the entering state,
+    and a second walk writes the outputs and states (phase 3), re-reading the chunk's inputs while
+    they are likely still in L2. The map's decay is exp(A * sum of delta), as the carry pass takes it."""
+    tk = tl.atomic_add(flag_ptr, 1)
+    c = tk // n_rows
+    r = tk % n_rows
+    b64 = (r // (K * n_dblk)).to(tl.int64)
+    pid0 = r % (K * n_dblk)
+    k = pid0 % K
+    d = (pid0 // K) * BD + tl.arange(0, BD)
+    dmask = d < Dm
+    n = tl.arange(0, NP)
+    nmask = n < N
+    offs_t = tl.arange(0, T)
+    A, bias, Dv = _route_params(A_ptr, bias_ptr, D_ptr, k, Dm, N, d, dmask, n, nmask, HAS_BIAS, HAS_D, BD, CT)
+    A2 = A * LOG2E
+    last = (offs_t == T - 1)[:, None, None]
+    first = (offs_t == 0)[:, None, None]
+    t_begin = c * CH
+    t_end = tl.minimum(t_begin + CH, n_tiles)
+    NB: tl.constexpr = NP * BD
+    e_off = n[:, None] * BD + tl.arange(0, BD)[None, :]
+    r64 = r.to(tl.int64)
+    fbase = flag_ptr + 1 + r64 * n_chunks
+    gbase = agg_ptr + r64 * n_chunks * 3 * NB
+    h = tl.zeros([NP, BD], dtype=CT)
+    dacc = tl.zeros([T, BD], dtype=CT)
+    for t in range(t_begin, t_end):
+        valid, row, rk, xr, dtr, Br = _tile_raw(
+            x_ptr, dt_ptr, B_ptr, route_ptr, b64, k, t * T, L, S, K, Dm, N, offs_t, d, dmask, n, nmask, True, X_PER_ROUTE,
+        )
+        smask, pre, delta = _tile_prep(t * T + offs_t, S, dtr, bias, HAS_BIAS, SOFTPLUS, CT, FAST_EXP)
+        a = _decay(delta[:, None, :] * A[None, :, :], delta[:, None, :] * A2[None, :, :], FAST_EXP)
+        u = (delta * xr.to(CT))[:, None, :] * Br.to(CT)[:, :, None]
+        _a_cum, h_all = tl.associative_scan((a, tl.where(first, u + a * h[None, :, :], u)), 0, _combine)
+        h = tl.sum(tl.where(last, h_all, 0.0), axis=0)
+        dacc += delta
+    h_in = tl.zeros([NP, BD], dtype=CT)
+    if (c > 0) | AGG_ONLY:
+        a_tot = tl.exp(A * tl.sum(dacc, axis=0)[None, :])
+        tl.store(gbase + (c * 3) * NB + e_off, a_tot)
+        tl.store(gbase + (c * 3 + 1) * NB + e_off, h)
+        tl.debug_barrier()  # every thread's stores before the flag (release)
+        tl.atomic_xchg(fbase + c, 1, sem="release")
+        if c > 0:
+            h_in = _lookback(fbase, gbase, c, e_off, W, NP, BD, CT)
+        h = a_tot * h_in + h  # the chunk's inclusive (end) state
+    if not AGG_ONLY:
+        tl.store(gbase + (c * 3 + 2) * NB + e_off, h)
+        tl.debug_barrier()
+        tl.atomic_xchg(fbase + c, 2, sem="release")
+    n_slots = tl.cdiv(S, T // SUB)
+    st = states_ptr + ((b64 * K + k) * n_slots) * N * Dm + n[:, None] * Dm + d[None, :]
+    st_mask = nmask[:, None] & dmask[None, :]
+    h = h_in
+    for t in range(t_begin, t_end):
+        if STORE_STATES:
+            tl.store(st + (t * SUB) * N * Dm, h, mask=st_mask)
+        valid, row, rk, xr, dtr, Br = _tile_raw(
+            x_ptr, dt_ptr, B_ptr, route_ptr, b64, k, t * T, L, S, K, Dm, N, offs_t, d, dmask, n, nmask, True, X_PER_ROUTE,
+        )
+        Cr = tl.load(C_ptr + rk[:, None] * N + n[None, :], mask=valid[:, None] & nmask[None, :], other=0.0)
+        smask, pre, delta = _tile_prep(t * T + offs_t, S, dtr, bias, HAS_BIAS, SOFTPLUS, CT, FAST_EXP)
+        xv = xr.to(CT)
+        a = _decay(delta[:, None, :] * A[None, :, :], delta[:, None, :] * A2[None, :, :], FAST_EXP)
+        u = (delta * xv)[:, None, :] * Br.to(CT)[:, :, None]
+        _a_cum, h_all = tl.associative_scan((a, tl.where(first, u + a * h[None, :, :], u)), 0, _combine)
+        h = tl.sum(tl.where(last, h_all, 0.0), axis=0)
+        if STORE_STATES:
+            for jj in tl.static_range(1, SUB):
+                hj = tl.sum(tl.where((offs_t == jj * (T // SUB) - 1)[:, None, None], h_all, 0.0), axis=0)
+                tl.store(st + (t * SUB + jj) * N * Dm, hj, mask=st_mask & (t * SUB + jj < n_slots))
+        y = tl.sum(h_all * Cr.to(CT)[:, :, None], axis=1)
+        if HAS_D:
+            y += Dv[None, :] * xv
+        tl.store(out_ptr + rk[:, None] * Dm + d[None, :], y.to(out_ptr.dtype.element_ty), mask=valid[:, None] & dmask[None, :])
 
 
 @triton.jit
@@ -1076,14 +1175,15 @@ class _LbCfg(NamedTuple):
     T: int  # steps per program (a multiple of the backward's tile)
     BD: int
     warps: int
-    W: int  # tiles looked back at per round
+    W: int  # tiles (or chunks) looked back at per round
+    CH: int = 0  # 0: one tile per program, kept in registers (_fwd_lb_kernel); else tiles per chunk (_fwd_lbc_kernel)
 
 
 def _lookback_cfg(N: int, Dm: int, dtype: torch.dtype, chunked: bool, T_bwd: int) -> _LbCfg | None:
     """The look-back forward's tiles, or None for the three-phase forward.
 
     MAMBA_DENSE_FWD_LB: "auto" (default: launches that run chunk-parallel, N = 1, not fp64), "1"
-    (every launch) or "0" (never). MAMBA_DENSE_FWD_LB_CFG="T,BD,warps,W" overrides the tiles."""
+    (every launch) or "0" (never). MAMBA_DENSE_FWD_LB_CFG="T,BD,warps,W[,CH]" overrides the tiles."""
     mode = os.environ.get("MAMBA_DENSE_FWD_LB", "auto")
     if mode not in ("auto", "0", "1"):
         raise ValueError(f"MAMBA_DENSE_FWD_LB must be 'auto', '0' or '1', got {mode!r}")
@@ -1113,17 +1213,26 @@ def _fwd_lookback(x, dt, A, B, C, D, dt_bias, route, merge, dt_softplus, odt, sa
     n_dblk = triton.cdiv(Dm, lb.BD)
     n_rows = batch * K * n_dblk
     states, D_, bias_ = fwd_buffers(batch, K, triton.cdiv(S, cfg.T), N, Dm, dev, cdt, save_states, D, dt_bias)
-    agg = torch.empty(n_rows, n_tiles, 3, NP, lb.BD, device=dev, dtype=cdt)
-    flag = torch.zeros(1 + n_rows * n_tiles, device=dev, dtype=torch.int32)
+    n_chunks = triton.cdiv(n_tiles, lb.CH) if lb.CH else n_tiles
+    agg = torch.empty(n_rows, n_chunks, 3, NP, lb.BD, device=dev, dtype=cdt)
+    flag = torch.zeros(1 + n_rows * n_chunks, device=dev, dtype=torch.int32)
     bdt = odt if (merge == "none" or odt in (torch.bfloat16, torch.float32, torch.float64)) else torch.float32
     out = (_empty if all(route_coverage(route, L)) else torch.zeros)(batch, L, K, Dm, device=dev, dtype=bdt)
-    _fwd_lb_kernel[(n_rows * n_tiles,)](
-        x, dt, A, B, C, D_, bias_, route, out, states, agg, flag,
-        L, S, Dm, N, K, n_dblk, n_rows, n_tiles,
+    kw = dict(
         HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, STORE_STATES=save_states,
         T=lb.T, BD=lb.BD, NP=NP, CT=_ct(x.dtype), W=lb.W, X_PER_ROUTE=x.dim() == 4, FAST_EXP=_fast_exp(x),
         SUB=lb.T // cfg.T, AGG_ONLY=_LB_AGG_ONLY, num_warps=lb.warps,
     )
+    if lb.CH:
+        _fwd_lbc_kernel[(n_rows * n_chunks,)](
+            x, dt, A, B, C, D_, bias_, route, out, states, agg, flag,
+            L, S, Dm, N, K, n_dblk, n_rows, n_tiles, n_chunks, CH=lb.CH, **kw,
+        )
+    else:
+        _fwd_lb_kernel[(n_rows * n_tiles,)](
+            x, dt, A, B, C, D_, bias_, route, out, states, agg, flag,
+            L, S, Dm, N, K, n_dblk, n_rows, n_tiles, **kw,
+        )
     if merge == "sum":
         out = sum_routes(out, odt)
     if not save_states:
