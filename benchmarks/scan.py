@@ -65,14 +65,15 @@ def make_inputs(batch, L, K, D, N, dtype, device, gen):
 
 
 def shape_cases(prefixes: str, device, seed: int):
-    """The SHAPES whose names start with one of the comma-separated prefixes, as (name, N, route,
+    """The SHAPES whose names start with one of the comma-separated prefixes (a prefix ending in "$":
+    the whole name, e.g. "S5 volume 64^3 b2 N1$" without the N16 shape), as (name, N, route,
     inputs, leaves, dy): bf16 inputs (x, dt, A, B, C, D, dt_bias) from make_inputs, the same as
     leaves that require grad, and a bf16 dy of the output's shape; a generator seeded with seed
     for each shape."""
     from mamba_dense.kernels import routes
 
     for name, batch, L, K, D, N, rdesc in SHAPES:
-        if not any(name.startswith(p) for p in prefixes.split(",")):
+        if not any(name == p[:-1] if p.endswith("$") else name.startswith(p) for p in prefixes.split(",")):
             continue
         gen = torch.Generator(device=device).manual_seed(seed)
         route = getattr(routes, rdesc[0])(*rdesc[1:]).to(device)

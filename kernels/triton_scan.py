@@ -160,8 +160,21 @@ def _tile_raw(
     forward S4 1.17 -> 0.99 ms; forward + backward S4 6.45 -> 5.22 ms, S5 N=16 8.88 -> 7.38 ms; the
     forward's early C load another 2-6%), although the offline SASS report (no shape specialization)
     shows almost the same instruction mix: the cause is not established."""
+    tok = _route_tok(route_ptr, k, s0, S, offs_t)
+    return _gather_tok(x_ptr, dt_ptr, B_ptr, tok, b64, k, L, K, Dm, N, d, dmask, n, nmask, LOAD_XB, X_PER_ROUTE)
+
+
+@triton.jit
+def _route_tok(route_ptr, k, s0, S, offs_t):
+    """The tokens of route k at steps s0 + offs_t (-1 outside [0, S) and at padding steps)."""
     s = s0 + offs_t
-    tok = tl.load(route_ptr + k * S + s, mask=(s < S) & (s >= 0), other=-1)
+    return tl.load(route_ptr + k * S + s, mask=(s < S) & (s >= 0), other=-1)
+
+
+@triton.jit
+def _gather_tok(x_ptr, dt_ptr, B_ptr, tok, b64, k, L, K, Dm, N, d, dmask, n, nmask,
+                LOAD_XB: tl.constexpr = True, X_PER_ROUTE: tl.constexpr = False):
+    """_tile_raw's gathers for the tokens tok."""
     valid = tok >= 0
     row = b64 * L + tl.where(valid, tok, 0).to(tl.int64)  # token row in (b, L)
     m2 = valid[:, None] & dmask[None, :]
@@ -257,6 +270,7 @@ def _fwd_kernel(
     T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, CT: tl.constexpr,
     X_PER_ROUTE: tl.constexpr = False, FAST_EXP: tl.constexpr = False,
     SUB: tl.constexpr = 1,  # state slots per tile: the backward's tiles are T // SUB steps (_Cfg)
+    PREFETCH: tl.constexpr = False,  # gather tile c + 1 (and load the route of c + 2) while c computes
 ):
     pid_c, b64, k, pid_d, d, dmask, n, nmask, offs_t = _program_coords(k0, KL, Dm, N, BD, NP, T)
     A, bias, Dv = _route_params(A_ptr, bias_ptr, D_ptr, k, Dm, N, d, dmask, n, nmask, HAS_BIAS, HAS_D, BD, CT)
@@ -275,14 +289,38 @@ def _fwd_kernel(
     first = (offs_t == 0)[:, None, None]
     # phase 1 sums delta elementwise over its tiles and reduces over the steps once, after the loop
     dacc = tl.zeros([T, BD], dtype=CT)
+    if PREFETCH:
+        tok_n = _route_tok(route_ptr, k, c_begin * T, S, offs_t)
+        tok_nn = _route_tok(route_ptr, k, c_begin * T + T, S, offs_t)
+        valid_n, _row, rk_n, x_n, dt_n, B_n = _gather_tok(x_ptr, dt_ptr, B_ptr, tok_n, b64, k, L, K, Dm, N, d, dmask, n, nmask,
+                                                          True, X_PER_ROUTE)
+        if PHASE == 0:
+            C_n = tl.load(C_ptr + rk_n[:, None] * N + n[None, :], mask=valid_n[:, None] & nmask[None, :], other=0.0)
+        else:
+            C_n = B_n
     for c in range(c_begin, c_end):
         if STORE_STATES:
             tl.store(states_ptr + (st_base + c * SUB) * N * Dm + st_off, h, mask=st_mask)
-        valid, row, rk, xr, dtr, Br = _tile_raw(
-            x_ptr, dt_ptr, B_ptr, route_ptr, b64, k, c * T, L, S, K, Dm, N, offs_t, d, dmask, n, nmask, True, X_PER_ROUTE,
-        )
-        if PHASE == 0:
-            Cr = tl.load(C_ptr + rk[:, None] * N + n[None, :], mask=valid[:, None] & nmask[None, :], other=0.0)
+        if PREFETCH:
+            tok = tok_n
+            xr, dtr, Br, Cr = x_n, dt_n, B_n, C_n
+            valid = tok >= 0
+            row = b64 * L + tl.where(valid, tok, 0).to(tl.int64)
+            rk = row * K + k
+            tok_n = tok_nn
+            tok_nn = _route_tok(route_ptr, k, c * T + 2 * T, S, offs_t)
+            valid_n, _row, rk_n, x_n, dt_n, B_n = _gather_tok(x_ptr, dt_ptr, B_ptr, tok_n, b64, k, L, K, Dm, N, d, dmask,
+                                                              n, nmask, True, X_PER_ROUTE)
+            if PHASE == 0:
+                C_n = tl.load(C_ptr + rk_n[:, None] * N + n[None, :], mask=valid_n[:, None] & nmask[None, :], other=0.0)
+            else:
+                C_n = B_n
+        else:
+            valid, row, rk, xr, dtr, Br = _tile_raw(
+                x_ptr, dt_ptr, B_ptr, route_ptr, b64, k, c * T, L, S, K, Dm, N, offs_t, d, dmask, n, nmask, True, X_PER_ROUTE,
+            )
+            if PHASE == 0:
+                Cr = tl.load(C_ptr + rk[:, None] * N + n[None, :], mask=valid[:, None] & nmask[None, :], other=0.0)
         s = c * T + offs_t
         smask, pre, delta = _tile_prep(s, S, dtr, bias, HAS_BIAS, SOFTPLUS, CT, FAST_EXP)
         xv = xr.to(CT)
@@ -812,6 +850,15 @@ def _reg_cap(kind: str, NP: int, T: int, BD: int, warps: int) -> dict:
     return {}
 
 
+def _fwd_prefetch(NP: int) -> bool:
+    """Whether the forward gathers its next tile while the current one computes (_fwd_kernel's
+    PREFETCH). MAMBA_DENSE_FWD_PREFETCH=0/1 overrides."""
+    env = os.environ.get("MAMBA_DENSE_FWD_PREFETCH")
+    if env is not None:
+        return env == "1"
+    return False
+
+
 def _ct(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -909,7 +956,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
     common = dict(
         HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps, X_PER_ROUTE=x_per_route,
-        FAST_EXP=_fast_exp(x), SUB=SUB, **_reg_cap("fwd", NP, T, BD, warps),
+        FAST_EXP=_fast_exp(x), SUB=SUB, PREFETCH=_fwd_prefetch(NP), **_reg_cap("fwd", NP, T, BD, warps),
     )
     cover = route_coverage(route, L)
     if chunked:
