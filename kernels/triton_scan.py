@@ -850,13 +850,17 @@ def _reg_cap(kind: str, NP: int, T: int, BD: int, warps: int) -> dict:
     return {}
 
 
-def _fwd_prefetch(NP: int) -> bool:
-    """Whether the forward gathers its next tile while the current one computes (_fwd_kernel's
-    PREFETCH). MAMBA_DENSE_FWD_PREFETCH=0/1 overrides."""
+def _fwd_prefetch(NP: int, chunked: bool) -> bool:
+    """Whether the forward gathers its next tile (and loads the route of the one after) while the
+    current tile computes (_fwd_kernel's PREFETCH): for one-pass N = 1 launches. H100, kernel time,
+    two alternations (benchmarks/RESULTS.md, session 15): forward S1 0.324 -> 0.317 ms; the
+    chunk-parallel launches lose (S2 0.571 -> 0.597, S3 0.169 -> 0.184, S5 N1 0.538 -> 0.546: the
+    phase-1 kernel goes from 154 to 210 registers). Session 8 found N = 16 spilling with a prefetch.
+    MAMBA_DENSE_FWD_PREFETCH=0/1 overrides (every launch of any N)."""
     env = os.environ.get("MAMBA_DENSE_FWD_PREFETCH")
     if env is not None:
         return env == "1"
-    return False
+    return NP == 1 and not chunked
 
 
 def _ct(dtype):
@@ -956,7 +960,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
     common = dict(
         HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps, X_PER_ROUTE=x_per_route,
-        FAST_EXP=_fast_exp(x), SUB=SUB, PREFETCH=_fwd_prefetch(NP), **_reg_cap("fwd", NP, T, BD, warps),
+        FAST_EXP=_fast_exp(x), SUB=SUB, PREFETCH=_fwd_prefetch(NP, chunked), **_reg_cap("fwd", NP, T, BD, warps),
     )
     cover = route_coverage(route, L)
     if chunked:

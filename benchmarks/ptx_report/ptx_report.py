@@ -11,7 +11,7 @@ Launch the kernels are compiled for: the main (non-chunked, buffer-merge) launch
 scan_bwd, bf16 activations:
 
     forward : MODE=0 PHASE=0 HAS_H0=False STORE_STATES=True HAS_D HAS_BIAS SOFTPLUS X_PER_ROUTE=False CT=fp32,
-              SUB = T // 16 for N=1 (a state saved every 16 steps), 1 otherwise
+              SUB = T // 16 for N=1 (a state saved every 16 steps), 1 otherwise; PREFETCH for N=1
     backward: DXMODE=0 PHASE=0 HAS_G0=False DY_PER_ROUTE=False, same flags
 
 Pointers: x, dt, B, C, dy, out, dx and ddt (= empty_like(dt)) are bf16; route is int64; A, D,
@@ -93,7 +93,8 @@ def build_source(kernel: str, N: int, T: int, BD: int, NP: int, spec: str):
         fn, ptrs = ts._fwd_kernel, FWD_PTRS
         # states saved every 16 steps for N=1 (the backward's tiles, triton_scan._config), every tile otherwise
         sub = max(1, T // 16) if N == 1 else 1
-        cx = dict(MODE=0, PHASE=0, HAS_H0=False, STORE_STATES=True, SUB=sub, **flags)
+        # the one-pass N=1 forward gathers its next tile ahead (triton_scan._fwd_prefetch)
+        cx = dict(MODE=0, PHASE=0, HAS_H0=False, STORE_STATES=True, SUB=sub, PREFETCH=N == 1, **flags)
     else:
         fn, ptrs = ts._bwd_kernel, BWD_PTRS
         cx = dict(DXMODE=0, PHASE=0, HAS_G0=False, DY_PER_ROUTE=False, INTERP=False, **flags)

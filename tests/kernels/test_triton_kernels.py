@@ -169,6 +169,28 @@ def test_forward_tiles_longer_than_backward_tiles(tpc, monkeypatch):
         ts._config(1, 16, torch.float32)
 
 
+@pytest.mark.parametrize("N,tpc", [(1, None), (1, 1), (3, None)], ids=["n1-one-pass", "n1-chunked", "n3-one-pass"])
+def test_forward_prefetch_same_result(N, tpc, monkeypatch):
+    """The forward that gathers its next tile ahead (PREFETCH, the default for one-pass N=1 launches)
+    gives the same outputs and saved states as the plain loop, one pass and chunk-parallel (phases 1
+    and 3), on a route with padding steps (LocalMamba windows) and a ragged last tile."""
+    from mamba_dense.kernels import triton_scan as ts
+
+    assert ts._fwd_prefetch(1, False) and not ts._fwd_prefetch(1, True) and not ts._fwd_prefetch(16, False)
+    route = routes.localmamba(5, 7, ("w2", "v_flip")).to(DEVICE)
+    K, L = route.shape[0], 35
+    args = _inputs(2, L, K, 20, N, torch.float32, seed=53)
+    out = {}
+    for pf in ("0", "1"):
+        monkeypatch.setenv("MAMBA_DENSE_FWD_PREFETCH", pf)
+        out[pf] = ts.scan_fwd(*args, route, "sum", True, torch.float32, True, tiles_per_chunk=tpc)
+    for a, b in zip(out["1"], out["0"]):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    ref = [a.double() for a in args]
+    assert _rel(out["1"][0], selective_scan_ref(*ref, route=route)) < 1e-5
+
+
 def test_n16_backward_register_cap_and_chunked_gradients(monkeypatch):
     """The N=16 backward tile is launched with a register cap (more programs per SM, H100 sweep);
     other tiles are not, and MAMBA_DENSE_SCAN_MAXNREG overrides. A chunk-parallel N=16 backward
