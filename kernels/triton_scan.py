@@ -38,6 +38,17 @@ import triton.language as tl
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 
+def _cdiv(a: int, b: int) -> int:
+    # host-side ceil division: triton.cdiv / next_power_of_2 are constexpr_function objects in recent
+    # Triton (about 2 us per call on the host; a forward + backward makes about 30 of them)
+    return -(-a // b)
+
+
+def _np2(n: int) -> int:
+    # host-side next power of 2 (n >= 1), as triton.next_power_of_2
+    return 1 << (n - 1).bit_length()
+
+
 @triton.jit
 def _combine(a1, b1, a2, b2):
     # compose h -> a1*h + b1, then h -> a2*h + b2
@@ -429,15 +440,15 @@ def _carry_cfg(n_chunks: int, ND: int) -> tuple[int, int, int]:
     4096 elements per program) keeps the registers per thread where they were and multiplies the
     programs instead. MAMBA_DENSE_CARRY_CB (a power of 2) overrides CB, for tuning."""
     env = os.environ.get("MAMBA_DENSE_CARRY_CB")
-    CB = int(env) if env else min(512, max(2, triton.next_power_of_2(n_chunks)))
-    BLK = max(8, min(128, triton.next_power_of_2(ND), 4096 // CB))
+    CB = int(env) if env else min(512, max(2, _np2(n_chunks)))
+    BLK = max(8, min(128, _np2(ND), 4096 // CB))
     return CB, BLK, 4 if CB * BLK <= 2048 else 8
 
 
 def carry(buf, dsum, A, n_chunks: int, slot_stride: int, n_slots: int, Dm: int, N: int, K: int, reverse: bool, rows: int):
     """Launch the chunk carry over ``rows`` = batch x K (state rows of N x D each); see _carry_cfg."""
     CB, BLK, warps = _carry_cfg(n_chunks, N * Dm)
-    _carry_kernel[(triton.cdiv(N * Dm, BLK), rows)](
+    _carry_kernel[(_cdiv(N * Dm, BLK), rows)](
         buf, dsum, A, n_chunks, slot_stride, n_slots, Dm, N, K,
         REVERSE=reverse, BLK=BLK, CB=CB, CT=_ct(buf.dtype), num_warps=warps,
     )
@@ -461,9 +472,9 @@ def sum_routes(buf: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     b, L, K, Dm = buf.shape
     out = _empty(b, L, Dm, device=buf.device, dtype=out_dtype)
     rows = b * L
-    BDS = min(128, triton.next_power_of_2(Dm))
+    BDS = min(128, _np2(Dm))
     BR = max(1, 2048 // BDS)
-    _sum_routes_kernel[(triton.cdiv(rows, BR), triton.cdiv(Dm, BDS))](
+    _sum_routes_kernel[(_cdiv(rows, BR), _cdiv(Dm, BDS))](
         buf, out, rows, K, Dm, BR=BR, BDS=BDS, CT=_ct(buf.dtype), num_warps=4,
     )
     return out
@@ -495,7 +506,7 @@ def sum_blocks(part: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     out = _empty(*part.shape[1:], device=part.device, dtype=out_dtype)
     M = out.numel()
     BLOCK = 512
-    _sum_blocks_kernel[(triton.cdiv(M, BLOCK),)](
+    _sum_blocks_kernel[(_cdiv(M, BLOCK),)](
         part, out, M, part.shape[0], BLOCK=BLOCK, U=4, CT=_ct(part.dtype), num_warps=1)
     return out
 
@@ -521,9 +532,9 @@ def sum_rows(p: torch.Tensor) -> torch.Tensor:
     H100 (benchmarks/RESULTS.md, session 12); one pass over row blocks of up to 256 does all three."""
     R, M = p.shape
     out = _empty(M, device=p.device, dtype=p.dtype)
-    BR = min(256, max(2, triton.next_power_of_2(R)))
+    BR = min(256, max(2, _np2(R)))
     BC = max(16, 4096 // BR)
-    _sum_rows_kernel[(triton.cdiv(M, BC),)](p, out, R, M, BR=BR, BC=BC, CT=_ct(p.dtype), num_warps=4)
+    _sum_rows_kernel[(_cdiv(M, BC),)](p, out, R, M, BR=BR, BC=BC, CT=_ct(p.dtype), num_warps=4)
     return out
 
 
@@ -792,7 +803,7 @@ def _config(N: int, Dm: int, dtype: torch.dtype) -> _Cfg:
     MAMBA_DENSE_SCAN_CFG="T,BD,warps", "T,BDf,BDb,warps" (Tf = T) or "Tf,T,BDf,BDb,warps" overrides
     (for tuning).
     """
-    NP = triton.next_power_of_2(N)
+    NP = _np2(N)
     env = os.environ.get("MAMBA_DENSE_SCAN_CFG")
     if env:
         vals = [int(v) for v in env.split(",")]
@@ -806,7 +817,7 @@ def _config(N: int, Dm: int, dtype: torch.dtype) -> _Cfg:
         return _Cfg(T, BDf, BDb, warps, Tf)
     if dtype == torch.float64:
         return _Cfg(16, 16, 16, 4, 16)
-    cap = max(8, triton.next_power_of_2(Dm))
+    cap = max(8, _np2(Dm))
     if NP == 1:
         return _Cfg(16, min(16, cap), min(16, cap), 1, 32)
     if NP <= 4:
@@ -827,7 +838,7 @@ def _wide_block(N: int, Dm: int, dtype: torch.dtype, chunked: bool) -> bool:
     backward): S2 1.37 -> 1.16 ms, S3 0.41 -> 0.37. Launches that fill the GPU without chunks keep 16
     (S1 forward 0.295 -> 0.349 ms with 32; S1 backward 0.84 ms with 16 against 0.88). Not with
     MAMBA_DENSE_SCAN_CFG set (tuning), nor for fp64."""
-    return (chunked and triton.next_power_of_2(N) == 1 and Dm % 32 == 0 and dtype != torch.float64
+    return (chunked and _np2(N) == 1 and Dm % 32 == 0 and dtype != torch.float64
             and not os.environ.get("MAMBA_DENSE_SCAN_CFG"))
 
 
@@ -941,19 +952,19 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     cfg = _config(N, Dm, x.dtype)
     T, BD, warps, SUB = cfg.Tf, cfg.BDf, cfg.warps, cfg.Tf // cfg.T
-    NP = triton.next_power_of_2(N)
-    n_tiles = triton.cdiv(S, T)
-    n_slots = triton.cdiv(S, cfg.T)  # saved states: one every cfg.T steps
-    n_dblk = triton.cdiv(Dm, BD)
+    NP = _np2(N)
+    n_tiles = _cdiv(S, T)
+    n_slots = _cdiv(S, cfg.T)  # saved states: one every cfg.T steps
+    n_dblk = _cdiv(Dm, BD)
     odt = out_dtype or x.dtype
     dev = x.device
     routes_per_launch = K if (merge == "none" or _merge_strategy() == "buffer") else 1
     tpc = _tiles_per_chunk(n_tiles, batch * n_dblk * routes_per_launch, _num_sms(dev), tiles_per_chunk)
     if _wide_block(N, Dm, x.dtype, tpc < n_tiles):
         BD = 32
-        n_dblk = triton.cdiv(Dm, BD)
+        n_dblk = _cdiv(Dm, BD)
         tpc = _tiles_per_chunk(n_tiles, batch * n_dblk * routes_per_launch, _num_sms(dev), tiles_per_chunk)
-    n_chunks = triton.cdiv(n_tiles, tpc)
+    n_chunks = _cdiv(n_tiles, tpc)
     chunked = n_chunks > 1
     states, D_, bias_ = fwd_buffers(batch, K, n_slots, N, Dm, dev, cdt, save_states or chunked, D, dt_bias)
     dummy = states
@@ -1015,21 +1026,21 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     cfg = _config(N, Dm, x.dtype)
     T, BD, warps = cfg.T, cfg.BDb, cfg.warps
-    NP = triton.next_power_of_2(N)
-    n_tiles = triton.cdiv(S, T)
+    NP = _np2(N)
+    n_tiles = _cdiv(S, T)
     dev = x.device
     routes_per_launch = K if (x_per_route or _merge_strategy() == "buffer") else 1
-    n_dblk = triton.cdiv(Dm, BD)
+    n_dblk = _cdiv(Dm, BD)
     dy = dy.contiguous()
     cover = route_coverage(route, L)
     per_launch = batch * n_dblk * routes_per_launch
     tpc = _tiles_per_chunk(n_tiles, per_launch, _num_sms(dev), tiles_per_chunk)
     if _wide_block(N, Dm, x.dtype, tpc < n_tiles):
         BD = 32
-        n_dblk = triton.cdiv(Dm, BD)
+        n_dblk = _cdiv(Dm, BD)
         per_launch = batch * n_dblk * routes_per_launch
         tpc = _tiles_per_chunk(n_tiles, per_launch, _num_sms(dev), tiles_per_chunk)
-    n_chunks = triton.cdiv(n_tiles, tpc)
+    n_chunks = _cdiv(n_tiles, tpc)
     chunked = n_chunks > 1
     dummy = states
     D_ = D if D is not None else dummy
