@@ -375,6 +375,136 @@ def _fwd_kernel(
 
 
 @triton.jit
+def _pack(a, h):
+    """(a, h) fp32 -> one int64 word (a in the low half): the look-back's per-element record, written
+    and read as a single 64-bit access, so it needs no flag and no fence."""
+    lo = a.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF
+    return lo | (h.to(tl.int32, bitcast=True).to(tl.int64) << 32)
+
+
+@triton.jit
+def _unpack(w):
+    a_bits = w.to(tl.int32)
+    return a_bits, a_bits.to(tl.float32, bitcast=True), (w >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _lookback(wbase, c, e_off, W: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr):
+    """The state entering tile c of a row, per state element: composes the records of the tiles before
+    it, W per round, back to the nearest inclusive one (or to the route's start).
+
+    A record (int64 per element, _pack) is "not yet written" (all bits set: a = NaN with a payload
+    arithmetic never produces), a tile's map (a, h) with a >= 0, or an inclusive state (-1, h), which
+    later overwrites the map. Reads bypass L1 (volatile): records of other programs change under us."""
+    NB: tl.constexpr = NP * BD
+    acc_a = tl.full([NP, BD], 1.0, tl.float32)
+    acc_h = tl.zeros([NP, BD], dtype=tl.float32)
+    h_in = tl.zeros([NP, BD], dtype=tl.float32)
+    hi = tl.full([NP, BD], 0, tl.int32) + (c - 1)
+    done = hi < 0
+    offs_w = tl.arange(0, W)[:, None, None]
+    lastw = offs_w == W - 1
+    while tl.max(tl.max(tl.where(done, 0, 1), axis=1), axis=0) > 0:
+        j = hi[None, :, :] - (W - 1) + offs_w  # [W, NP, BD]
+        jm = (j >= 0) & (~done)[None, :, :]
+        # before tile 0: an inclusive zero state, (-1.0, 0.0) packed
+        w = tl.load(wbase + j.to(tl.int64) * NB + e_off[None, :, :], mask=jm, other=0xBF800000, volatile=True)
+        a_bits, a, h = _unpack(w)
+        inc = tl.max(tl.where(a == -1.0, j, -2 * W - 2), axis=0)  # nearest inclusive record in the window
+        use = j > inc[None, :, :]
+        ready = tl.min(tl.where(use & (a_bits == -1), 0, 1), axis=0) > 0  # every map after it is written
+        wa_c, wh_c = tl.associative_scan((tl.where(use, a, 1.0), tl.where(use, h, 0.0)), 0, _combine)
+        wa = tl.sum(tl.where(lastw, wa_c, 0.0), axis=0)
+        wh = tl.sum(tl.where(lastw, wh_c, 0.0), axis=0)
+        hv = tl.sum(tl.where(j == inc[None, :, :], h, 0.0), axis=0)
+        upd = ready & (~done)
+        found = inc >= hi - (W - 1)
+        new_h = acc_a * wh + acc_h
+        new_a = acc_a * wa
+        h_in = tl.where(upd & found, new_a * hv + new_h, h_in)
+        acc_h = tl.where(upd, new_h, acc_h)
+        acc_a = tl.where(upd, new_a, acc_a)
+        hi = tl.where(upd & (~found), hi - W, hi)
+        done = done | (upd & found)
+    return h_in
+
+
+@triton.jit
+def _fwd_lb_kernel(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, route_ptr,
+    out_ptr, states_ptr, rec_ptr,
+    L, S, Dm, N, K, n_dblk, n_rows, n_tiles,
+    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, STORE_STATES: tl.constexpr,
+    T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, W: tl.constexpr,
+    X_PER_ROUTE: tl.constexpr = False, FAST_EXP: tl.constexpr = False, SUB: tl.constexpr = 1,
+    AGG_ONLY: tl.constexpr = False,  # tests: publish maps only, so every look-back walks to the start
+):
+    """One-pass chunk-parallel forward: one tile of T steps per program, chained by decoupled look-back.
+
+    The program takes a ticket (an atomic counter, so every tile it waits on belongs to a program that
+    is already running: no deadlock whatever order the GPU schedules programs in), tile = ticket //
+    n_rows, row = ticket % n_rows (rows = (batch, channel block, route) as in _program_coords). It
+    scans its tile from a zero state, publishes the tile's map h -> a_tot * h + h_tot, looks back
+    (_lookback) for the state entering the tile, publishes its inclusive state, and writes the
+    outputs and the backward's states from its registers: the inputs are read once (the three-phase
+    forward reads them twice, and recomputes softplus and decays).
+
+    rec: int64 (n_rows, n_tiles, NP, BD) records (_pack), all bits set before the launch; its last
+    element is the ticket counter (starting at -1). fp32 state only.
+    """
+    tk = tl.atomic_add(rec_ptr + n_rows.to(tl.int64) * n_tiles * NP * BD, 1) + 1
+    c = (tk // n_rows).to(tl.int32)
+    r = (tk % n_rows).to(tl.int32)
+    b64 = (r // (K * n_dblk)).to(tl.int64)
+    pid0 = r % (K * n_dblk)
+    k = pid0 % K
+    d = (pid0 // K) * BD + tl.arange(0, BD)
+    dmask = d < Dm
+    n = tl.arange(0, NP)
+    nmask = n < N
+    offs_t = tl.arange(0, T)
+    valid, row, rk, xr, dtr, Br = _tile_raw(
+        x_ptr, dt_ptr, B_ptr, route_ptr, b64, k, c * T, L, S, K, Dm, N, offs_t, d, dmask, n, nmask, True, X_PER_ROUTE,
+    )
+    Cr = tl.load(C_ptr + rk[:, None] * N + n[None, :], mask=valid[:, None] & nmask[None, :], other=0.0)
+    A, bias, Dv = _route_params(A_ptr, bias_ptr, D_ptr, k, Dm, N, d, dmask, n, nmask, HAS_BIAS, HAS_D, BD, tl.float32)
+    s = c * T + offs_t
+    smask, pre, delta = _tile_prep(s, S, dtr, bias, HAS_BIAS, SOFTPLUS, tl.float32, FAST_EXP)
+    xv = xr.to(tl.float32)
+    a = _decay(delta[:, None, :] * A[None, :, :], delta[:, None, :] * (A * LOG2E)[None, :, :], FAST_EXP)
+    u = (delta * xv)[:, None, :] * Br.to(tl.float32)[:, :, None]
+    a_cum, h_loc = tl.associative_scan((a, u), 0, _combine)
+    last = (offs_t == T - 1)[:, None, None]
+    a_tot = tl.sum(tl.where(last, a_cum, 0.0), axis=0)
+    h_tot = tl.sum(tl.where(last, h_loc, 0.0), axis=0)
+    # a computed NaN is never the all-ones "not written" pattern, but make sure
+    a_tot = tl.where(a_tot.to(tl.int32, bitcast=True) == -1, float("nan"), a_tot)
+    NB: tl.constexpr = NP * BD
+    e_off = n[:, None] * BD + tl.arange(0, BD)[None, :]
+    wbase = rec_ptr + r.to(tl.int64) * n_tiles * NB
+    h_in = tl.zeros([NP, BD], dtype=tl.float32)
+    if (c > 0) | AGG_ONLY:
+        tl.store(wbase + c * NB + e_off, _pack(a_tot, h_tot))
+        h_in = _lookback(wbase, c, e_off, W, NP, BD)
+    if not AGG_ONLY:
+        tl.store(wbase + c * NB + e_off, _pack(tl.full([NP, BD], -1.0, tl.float32), a_tot * h_in + h_tot))
+    # outputs and the states the backward starts from
+    h_all = h_loc + a_cum * h_in[None, :, :]
+    y = tl.sum(h_all * Cr.to(tl.float32)[:, :, None], axis=1)
+    if HAS_D:
+        y += Dv[None, :] * xv
+    tl.store(out_ptr + rk[:, None] * Dm + d[None, :], y.to(out_ptr.dtype.element_ty), mask=valid[:, None] & dmask[None, :])
+    if STORE_STATES:
+        n_slots = tl.cdiv(S, T // SUB)
+        st = states_ptr + ((b64 * K + k) * n_slots + c * SUB) * N * Dm + n[:, None] * Dm + d[None, :]
+        st_mask = nmask[:, None] & dmask[None, :]
+        tl.store(st, h_in, mask=st_mask)
+        for jj in tl.static_range(1, SUB):
+            hj = tl.sum(tl.where((offs_t == jj * (T // SUB) - 1)[:, None, None], h_all, 0.0), axis=0)
+            tl.store(st + jj * N * Dm, hj, mask=st_mask & (c * SUB + jj < n_slots))
+
+
+@triton.jit
 def _carry_kernel(
     buf_ptr, dsum_ptr, A_ptr, n_chunks, slot_stride, n_slots, Dm, N, K,
     REVERSE: tl.constexpr, BLK: tl.constexpr, CB: tl.constexpr, CT: tl.constexpr,
@@ -966,6 +1096,9 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
         tpc = _tiles_per_chunk(n_tiles, batch * n_dblk * routes_per_launch, _num_sms(dev), tiles_per_chunk)
     n_chunks = _cdiv(n_tiles, tpc)
     chunked = n_chunks > 1
+    lb = _lookback_cfg(N, Dm, x.dtype, chunked, cfg.T)
+    if lb is not None and (merge == "none" or _merge_strategy() == "buffer"):
+        return _fwd_lookback(x, dt, A, B, C, D, dt_bias, route, merge, dt_softplus, odt, save_states, cfg, lb)
     states, D_, bias_ = fwd_buffers(batch, K, n_slots, N, Dm, dev, cdt, save_states or chunked, D, dt_bias)
     dummy = states
     common = dict(
@@ -1011,6 +1144,69 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
             )
         if modes[-1] == 2:
             out.copy_(acc)
+    if not save_states:
+        states = states.new_empty(0)
+    return out, states
+
+
+_LB_AGG_ONLY = False  # tests set it: _fwd_lb_kernel's AGG_ONLY
+
+
+class _LbCfg(NamedTuple):
+    """Tiles of the one-pass look-back forward (_fwd_lb_kernel)."""
+
+    T: int  # steps per program (a multiple of the backward's tile)
+    BD: int
+    warps: int
+    W: int  # tiles looked back at per round
+
+
+def _lookback_cfg(N: int, Dm: int, dtype: torch.dtype, chunked: bool, T_bwd: int) -> _LbCfg | None:
+    """The look-back forward's tiles, or None for the three-phase forward (always for fp64: the
+    look-back records pack two fp32 values).
+
+    MAMBA_DENSE_FWD_LB: "auto" (default: launches that run chunk-parallel, N = 1), "1" (every
+    launch) or "0" (never). MAMBA_DENSE_FWD_LB_CFG="T,BD,warps,W" overrides the tiles."""
+    mode = os.environ.get("MAMBA_DENSE_FWD_LB", "auto")
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"MAMBA_DENSE_FWD_LB must be 'auto', '0' or '1', got {mode!r}")
+    if mode == "0" or dtype == torch.float64 or (mode == "auto" and not (chunked and _np2(N) == 1)):
+        return None
+    env = os.environ.get("MAMBA_DENSE_FWD_LB_CFG")
+    if env:
+        cfg = _LbCfg(*(int(v) for v in env.split(",")))
+    elif _np2(N) == 1:
+        cfg = _LbCfg(max(32, T_bwd), 32 if Dm % 32 == 0 else 16, 1, 16)
+    else:
+        cfg = _LbCfg(T_bwd, min(16, max(8, _np2(Dm))), 1, 8)
+    if cfg.T % T_bwd:
+        raise ValueError(f"MAMBA_DENSE_FWD_LB_CFG: the tile {cfg.T} must be a multiple of the backward tile {T_bwd}")
+    return cfg
+
+
+def _fwd_lookback(x, dt, A, B, C, D, dt_bias, route, merge, dt_softplus, odt, save_states, cfg, lb):
+    """scan_fwd through _fwd_lb_kernel: one fill of the records, the kernel, then the route sum."""
+    batch, L, Dm = x.shape[0], x.shape[1], x.shape[-1]
+    K, S = route.shape
+    N = A.shape[2]
+    NP = _np2(N)
+    dev = x.device
+    n_tiles = _cdiv(S, lb.T)
+    n_dblk = _cdiv(Dm, lb.BD)
+    n_rows = batch * K * n_dblk
+    states, D_, bias_ = fwd_buffers(batch, K, _cdiv(S, cfg.T), N, Dm, dev, torch.float32, save_states, D, dt_bias)
+    rec = torch.full((n_rows * n_tiles * NP * lb.BD + 1,), -1, device=dev, dtype=torch.int64)
+    bdt = odt if (merge == "none" or odt in (torch.bfloat16, torch.float32)) else torch.float32
+    out = (_empty if all(route_coverage(route, L)) else torch.zeros)(batch, L, K, Dm, device=dev, dtype=bdt)
+    _fwd_lb_kernel[(n_rows * n_tiles,)](
+        x, dt, A, B, C, D_, bias_, route, out, states, rec,
+        L, S, Dm, N, K, n_dblk, n_rows, n_tiles,
+        HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus, STORE_STATES=save_states,
+        T=lb.T, BD=lb.BD, NP=NP, W=lb.W, X_PER_ROUTE=x.dim() == 4, FAST_EXP=_fast_exp(x),
+        SUB=lb.T // cfg.T, AGG_ONLY=_LB_AGG_ONLY, num_warps=lb.warps,
+    )
+    if merge == "sum":
+        out = sum_routes(out, odt)
     if not save_states:
         states = states.new_empty(0)
     return out, states
