@@ -111,7 +111,6 @@ def test_wide_block_policy_and_chunked_result(monkeypatch):
     monkeypatch.delenv("MAMBA_DENSE_SCAN_CFG")
 
     monkeypatch.setattr(ts, "_num_sms", lambda dev: 64)  # pretend a large GPU: the launch goes chunk-parallel
-    monkeypatch.setenv("MAMBA_DENSE_FWD_LB", "0")  # the three-phase forward (test_lookback_forward: the other)
     seen = []
 
     class _Spy:  # records the channel block of every launch
@@ -190,86 +189,6 @@ def test_forward_prefetch_same_result(N, tpc, monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     ref = [a.double() for a in args]
     assert _rel(out["1"][0], selective_scan_ref(*ref, route=route)) < 1e-5
-
-
-LB_CASES = [
-    # id, route, L, Dm, N, merge, "T,BD,warps,W" (None: the default), AGG_ONLY
-    ("default-sum", lambda: routes.cross2d(9, 11), 99, 32, 1, "sum", None, False),
-    ("bd16-w2-none", lambda: routes.localmamba(5, 6, ("h_flip", "w2", "v", "w7_flip")), 30, 20, 1, "none", "16,16,1,2", False),
-    ("w2-agg-only", lambda: routes.cross2d(9, 11), 99, 16, 1, "sum", "16,16,1,2", True),
-    ("w4-agg-only-n3", lambda: routes.bidirectional(99), 99, 12, 3, "sum", "16,16,1,4", True),
-    ("t32-sub2-n3", lambda: routes.cross2d(9, 11), 99, 12, 3, "none", "32,16,1,4", False),
-    ("w2-agg-only-n3-none", lambda: routes.cross2d(9, 11), 99, 12, 3, "none", "16,16,1,2", True),
-]
-
-
-@pytest.mark.parametrize("case", LB_CASES, ids=[c[0] for c in LB_CASES])
-def test_lookback_forward(case, monkeypatch):
-    """The one-pass look-back forward (_fwd_lb_kernel): outputs and saved states (poisoned buffers)
-    equal the three-phase forward's, the outputs match the fp64 reference, and the backward from its
-    states gives the reference gradients. AGG_ONLY makes every tile publish its map only, so each
-    look-back composes every earlier tile window by window (on a GPU the tiles run concurrently and
-    take that path when a predecessor has not finished; under the interpreter they run in order)."""
-    from mamba_dense.kernels import triton_scan as ts
-
-    _, rb, L, Dm, N, merge, cfg, agg_only = case
-    route = rb().to(DEVICE)
-    K = route.shape[0]
-    args = _inputs(2, L, K, Dm, N, torch.float32, seed=47)
-    monkeypatch.setenv("MAMBA_DENSE_FWD_LB", "1")
-    if cfg:
-        monkeypatch.setenv("MAMBA_DENSE_FWD_LB_CFG", cfg)
-    monkeypatch.setattr(ts, "_LB_AGG_ONLY", agg_only)
-    launches = []
-    real = ts._fwd_lb_kernel
-
-    class _Spy:
-        def __getitem__(self, grid):
-            launches.append(grid)
-            return real[grid]
-
-    monkeypatch.setattr(ts, "_fwd_lb_kernel", _Spy())
-    y, st = ts.scan_fwd(*args, route, merge, True, torch.float32, True)
-    assert launches, "the look-back forward did not run"
-    monkeypatch.setenv("MAMBA_DENSE_FWD_LB", "0")
-    y3, st3 = ts.scan_fwd(*args, route, merge, True, torch.float32, True)
-    assert torch.isfinite(st).all() and torch.isfinite(y).all()
-    assert _rel(st, st3) < 1e-5 and _rel(y, y3) < 1e-5  # not bitwise: ex2.approx on a GPU, other rounding
-    dy = torch.randn_like(y)
-    grads = ts.scan_bwd(dy, *args, route, st, merge, True)
-    ref = [a.double().requires_grad_() for a in args]
-    y_ref = selective_scan_ref(*ref, route=route, merge=merge)
-    g_ref = torch.autograd.grad(y_ref, ref, dy.double())
-    assert _rel(y, y_ref) < 1e-5
-    for name, a, b in zip(("dx", "ddt", "dA", "dB", "dC", "dD", "dbias"), grads, g_ref):
-        assert _rel(a, b) < 1e-5, name
-
-
-def test_lookback_policy(monkeypatch):
-    """The look-back forward takes chunk-parallel N=1 launches (not fp64) by default; MAMBA_DENSE_FWD_LB
-    forces it on or off (never for fp64); a bad value or a tile that is not a multiple of the backward's
-    raises."""
-    from mamba_dense.kernels import triton_scan as ts
-
-    for k in ("MAMBA_DENSE_FWD_LB", "MAMBA_DENSE_FWD_LB_CFG"):
-        monkeypatch.delenv(k, raising=False)
-    assert ts._lookback_cfg(1, 96, torch.bfloat16, True, 16)[:4] == (32, 32, 1, 16)
-    assert ts._lookback_cfg(1, 48, torch.bfloat16, True, 16).BD == 16
-    assert ts._lookback_cfg(1, 96, torch.bfloat16, False, 16) is None
-    assert ts._lookback_cfg(16, 96, torch.bfloat16, True, 8) is None
-    assert ts._lookback_cfg(1, 96, torch.float64, True, 16) is None
-    monkeypatch.setenv("MAMBA_DENSE_FWD_LB", "1")
-    assert ts._lookback_cfg(16, 96, torch.bfloat16, False, 8) is not None
-    assert ts._lookback_cfg(1, 96, torch.float64, True, 16) is None
-    monkeypatch.setenv("MAMBA_DENSE_FWD_LB", "0")
-    assert ts._lookback_cfg(1, 96, torch.bfloat16, True, 16) is None
-    monkeypatch.setenv("MAMBA_DENSE_FWD_LB", "yes")
-    with pytest.raises(ValueError, match="MAMBA_DENSE_FWD_LB"):
-        ts._lookback_cfg(1, 96, torch.bfloat16, True, 16)
-    monkeypatch.setenv("MAMBA_DENSE_FWD_LB", "1")
-    monkeypatch.setenv("MAMBA_DENSE_FWD_LB_CFG", "24,16,1,4")
-    with pytest.raises(ValueError, match="multiple of the backward tile"):
-        ts._lookback_cfg(1, 96, torch.bfloat16, True, 16)
 
 
 def test_n16_backward_register_cap_and_chunked_gradients(monkeypatch):
