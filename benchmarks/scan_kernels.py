@@ -1,7 +1,7 @@
 """GPU kernel time of the selective scan, per variant: the measurement behind the A/B tables of
 benchmarks/RESULTS.md from session 12 on. Until session 14 it was a session-local script
-(.bench_deps/s14_kt.py, run on the H100 in session 14); this committed form adds the options and the
-JSON output and has not yet run on a GPU itself.
+(.bench_deps/s14_kt.py); this committed form adds the options and the JSON output, and produced the
+session-15 tables (H100).
 
 To run (on a CUDA machine, from the repo root):
     python benchmarks/scan_kernels.py [--shapes S1,S2,S3,S4,S5] [--variants SPEC] [--rounds 1] [--seq]
