@@ -183,13 +183,19 @@ def _route_tok(route_ptr, k, s0, S, offs_t):
 
 
 @triton.jit
+def _token_rows(tok, b64, L, K, k):
+    """valid steps, token rows in (b, L) and rows in (b, L, K) of the tokens tok."""
+    valid = tok >= 0
+    row = b64 * L + tl.where(valid, tok, 0).to(tl.int64)
+    return valid, row, row * K + k
+
+
+@triton.jit
 def _gather_tok(x_ptr, dt_ptr, B_ptr, tok, b64, k, L, K, Dm, N, d, dmask, n, nmask,
                 LOAD_XB: tl.constexpr = True, X_PER_ROUTE: tl.constexpr = False):
     """_tile_raw's gathers for the tokens tok."""
-    valid = tok >= 0
-    row = b64 * L + tl.where(valid, tok, 0).to(tl.int64)  # token row in (b, L)
+    valid, row, rk = _token_rows(tok, b64, L, K, k)
     m2 = valid[:, None] & dmask[None, :]
-    rk = row * K + k
     dtr = tl.load(dt_ptr + rk[:, None] * Dm + d[None, :], mask=m2, other=0.0)
     if LOAD_XB:
         if X_PER_ROUTE:
@@ -315,9 +321,7 @@ def _fwd_kernel(
         if PREFETCH:
             tok = tok_n
             xr, dtr, Br, Cr = x_n, dt_n, B_n, C_n
-            valid = tok >= 0
-            row = b64 * L + tl.where(valid, tok, 0).to(tl.int64)
-            rk = row * K + k
+            valid, row, rk = _token_rows(tok, b64, L, K, k)
             tok_n = tok_nn
             tok_nn = _route_tok(route_ptr, k, c * T + 2 * T, S, offs_t)
             valid_n, _row, rk_n, x_n, dt_n, B_n = _gather_tok(x_ptr, dt_ptr, B_ptr, tok_n, b64, k, L, K, Dm, N, d, dmask,
