@@ -294,6 +294,7 @@ def _fwd_kernel(
     PREFETCH: tl.constexpr = False,  # gather tile c + 1 (and load the route of c + 2) while c computes
     REPS: tl.constexpr = 1,  # 2: a route pair (phase 0, MODE 5): route k0's chunk c, then route k_pair
     # (k0's reverse) over its chunk n_chunks - 1 - c, which visits the same tokens; both add into out
+    EARLY_PREV: tl.constexpr = True,  # MODE 5 / 6 load the running sum with the tile's inputs
 ):
     pid_c, b64, k, pid_d, d, dmask, n, nmask, offs_t = _program_coords(k0, KL, Dm, N, BD, NP, T)
     if REPS == 1:
@@ -314,7 +315,7 @@ def _fwd_kernel(
                 tl.where(rep == 0, pid_c, tl.cdiv(n_tiles, tiles_per_prog) - 1 - pid_c), b64,
                 tl.where(rep == 0, k1, k2), d, dmask, n, nmask, offs_t, (rep > 0) | (acc_in != 0),
                 HAS_D, HAS_BIAS, SOFTPLUS, MODE, PHASE, HAS_H0, STORE_STATES, T, BD, NP, CT,
-                X_PER_ROUTE, FAST_EXP, SUB, PREFETCH, plane, KL,
+                X_PER_ROUTE, FAST_EXP, SUB, PREFETCH, plane, KL, EARLY_PREV,
             )
 
 
@@ -337,7 +338,7 @@ def _fwd_route_chunk(
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, MODE: tl.constexpr, PHASE: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_STATES: tl.constexpr, T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
     CT: tl.constexpr, X_PER_ROUTE: tl.constexpr, FAST_EXP: tl.constexpr, SUB: tl.constexpr, PREFETCH: tl.constexpr,
-    plane=0, n_planes=1,
+    plane=0, n_planes=1, EARLY_PREV: tl.constexpr = True,
 ):
     """_fwd_kernel's work for route k and chunk pid_c (add_prev: MODE 5 / 6 add to what out holds;
     MODE 6 writes plane `plane` of out (b, L, n_planes, D))."""
@@ -388,7 +389,7 @@ def _fwd_route_chunk(
             if PHASE == 0:
                 Cr = tl.load(C_ptr + rk[:, None] * N + n[None, :], mask=valid[:, None] & nmask[None, :], other=0.0)
         if PHASE == 0:
-            if MODE >= 5:
+            if MODE >= 5 and EARLY_PREV:
                 # the running sum this tile adds to, loaded with the tile's other inputs
                 if MODE == 5:
                     yoff = row[:, None] * Dm + d[None, :]
@@ -434,6 +435,8 @@ def _fwd_route_chunk(
                 else:
                     if MODE == 6:
                         yoff = (row[:, None] * n_planes + plane) * Dm + d[None, :]
+                    if not EARLY_PREV:
+                        prev = tl.load(out_ptr + yoff, mask=m2 & add_prev, other=0.0)
                     tl.store(out_ptr + yoff, (prev.to(CT) + y).to(out_ptr.dtype.element_ty), mask=m2)
     if PHASE == 1:
         # chunk-end state (from a zero start) and summed delta -> slot of the chunk's first tile
@@ -661,6 +664,7 @@ def _bwd_kernel(
     FAST_EXP: tl.constexpr = False,  # decays through _ex2_ftz (see _decay)
     INTERP: tl.constexpr = False,  # running under Triton's interpreter (see _flip0)
     REPS: tl.constexpr = 1,  # 2: route k0's chunk, then its reverse k_pair's mirrored chunk (_fwd_kernel)
+    EARLY_PREV: tl.constexpr = True,  # DXMODE 5 / 6 load the running sum with the tile's inputs
 ):
     pid_c, b64, k, pid_d, d, dmask, n, nmask, offs_t = _program_coords(k0, KL, Dm, N, BD, NP, T)
     if REPS == 1:
@@ -683,7 +687,7 @@ def _bwd_kernel(
                 tl.where(rep == 0, pid_c, n_chunks - 1 - pid_c), b64, tl.where(rep == 0, k1, k2), pid_d, d,
                 dmask, n, nmask, offs_t, (rep > 0) | (acc_in != 0),
                 HAS_D, HAS_BIAS, SOFTPLUS, DY_PER_ROUTE, DXMODE, PHASE, HAS_G0, T, BD, NP, CT, X_PER_ROUTE, FAST_EXP,
-                INTERP, plane, KL,
+                INTERP, plane, KL, EARLY_PREV,
             )
 
 
@@ -696,7 +700,7 @@ def _bwd_route_chunk(
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, DY_PER_ROUTE: tl.constexpr,
     DXMODE: tl.constexpr, PHASE: tl.constexpr, HAS_G0: tl.constexpr, T: tl.constexpr, BD: tl.constexpr,
     NP: tl.constexpr, CT: tl.constexpr, X_PER_ROUTE: tl.constexpr, FAST_EXP: tl.constexpr, INTERP: tl.constexpr,
-    plane=0, n_planes=1,
+    plane=0, n_planes=1, EARLY_PREV: tl.constexpr = True,
 ):
     """_bwd_kernel's work for route k and chunk pid_c (add_prev: DXMODE 5 / 6 add to what dx holds;
     DXMODE 6 writes plane `plane` of dx (b, L, n_planes, D))."""
@@ -736,7 +740,7 @@ def _bwd_route_chunk(
             offs_t, d, dmask, n, nmask, st_off, nd_mask, T, PHASE == 0, X_PER_ROUTE, DY_PER_ROUTE,
         )
         if PHASE == 0:
-            if DXMODE >= 5:
+            if DXMODE >= 5 and EARLY_PREV:
                 # the running sum this tile adds to, loaded with the tile's other inputs
                 if DXMODE == 5:
                     xoff = row[:, None] * Dm + d[None, :]
@@ -822,6 +826,12 @@ def _bwd_route_chunk(
             elif DXMODE == 4:
                 tl.store(dx_ptr + xoff, dxv.to(dx_ptr.dtype.element_ty), mask=m2)
             else:
+                if not EARLY_PREV:
+                    if DXMODE == 5:
+                        xoff = row[:, None] * Dm + d[None, :]
+                    else:
+                        xoff = (row[:, None] * n_planes + plane) * Dm + d[None, :]
+                    prev = tl.load(dx_ptr + xoff, mask=m2 & add_prev, other=0.0)
                 tl.store(dx_ptr + xoff, (prev.to(CT) + dxv).to(dx_ptr.dtype.element_ty), mask=m2)
     if PHASE == 1:
         tl.store(g_ptr + g_slot * N * Dm + st_off, g, mask=nd_mask)
@@ -966,6 +976,12 @@ def _pair_plan(route, merge: str, x_per_route: bool, cover, S: int, T: int, n_ti
 
 # a pair program walks two chunks: the pair plan aims at chunks of the policy's tiles / PAIR_CHUNK_DIV
 PAIR_CHUNK_DIV = int(os.environ.get("MAMBA_DENSE_PAIR_CHUNK_DIV", "2"))
+
+
+def _pair_early(i: int) -> bool:
+    """Whether the pair launches load the running sum with the tile's inputs (forward i=0, backward
+    i=1); MAMBA_DENSE_PAIR_EARLY="fb" digits (tuning)."""
+    return os.environ.get("MAMBA_DENSE_PAIR_EARLY", "10")[i] == "1"
 
 
 def _pair_code(groups) -> int:
@@ -1200,7 +1216,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
         out = _empty(batch, L, G, Dm, device=dev, dtype=bdt if G > 1 else odt)
         _fwd_kernel[(G * n_dblk, n_chunks, batch)](
             x, dt, A, B, C, D_, bias_, route, out, dummy, states, dummy,
-            L, S, Dm, N, K, 0, G, n_tiles, tpc, _pair_code(plan[0]), 0, MODE=6, REPS=2, **phase3, **common,
+            L, S, Dm, N, K, 0, G, n_tiles, tpc, _pair_code(plan[0]), 0, MODE=6, REPS=2, EARLY_PREV=_pair_early(0), **phase3, **common,
         )
         out = sum_routes(out, odt) if G > 1 else out.view(batch, L, Dm)
     elif plan is not None:
@@ -1210,7 +1226,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
             _fwd_kernel[(n_dblk, n_chunks, batch)](
                 x, dt, A, B, C, D_, bias_, route, out, dummy, states, dummy,
                 L, S, Dm, N, K, grp[0], 1, n_tiles, tpc, grp[-1] if len(grp) == 2 else -1, int(gi > 0),
-                MODE=5, REPS=2, **phase3, **common,
+                MODE=5, REPS=2, EARLY_PREV=_pair_early(0), **phase3, **common,
             )
     elif merge == "none" or _merge_strategy() != "serial":
         # all routes in one launch, per-route outputs at their tokens; merge="sum" then adds the
@@ -1308,7 +1324,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
             x, dt, A, B, C, D_, bias_, route, states, dy,
             dxbuf, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
             batch, L, S, Dm, N, K, 0, G, n_tiles, tpc, n_chunks, _pair_code(plan[0]), 0,
-            DXMODE=6, PHASE=0, HAS_G0=chunked, REPS=2, **kw,
+            DXMODE=6, PHASE=0, HAS_G0=chunked, REPS=2, EARLY_PREV=_pair_early(1), **kw,
         )
         if G > 1:
             dx = sum_routes(dxbuf, x.dtype)
@@ -1319,7 +1335,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
                 x, dt, A, B, C, D_, bias_, route, states, dy,
                 dx, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
                 batch, L, S, Dm, N, K, grp[0], 1, n_tiles, tpc, n_chunks, grp[-1] if len(grp) == 2 else -1,
-                int(gi > 0), DXMODE=5, PHASE=0, HAS_G0=chunked, REPS=2, **kw,
+                int(gi > 0), DXMODE=5, PHASE=0, HAS_G0=chunked, REPS=2, EARLY_PREV=_pair_early(1), **kw,
             )
     elif x_per_route or _merge_strategy() != "serial":
         xdt = x.dtype if x.dtype in (torch.bfloat16, torch.float32, torch.float64) else torch.float32
