@@ -15,10 +15,13 @@ state entering every backward tile is stored (every T steps of _config; the forw
 be a multiple of that); the backward recomputes each tile from it and runs the reverse scan tile by
 tile (no per-step state is kept).
 
-Merge (deterministic, no float atomics): routes are processed one launch after another; the
-first writes the fp32 accumulator, the next ones read-add-write it, the last one writes the
-output dtype. A route visits each token at most once, so no two programs of one launch touch
-the same element. The same scheme merges dx in the backward.
+Merge (deterministic, no float atomics; _merge_strategy): by default each route writes its outputs
+(dx in the backward) to a per-route buffer that a second pass sums in a fixed order. A chunk-parallel
+forward whose routes come in reversed pairs (cross2d, segmamba3d, Vim) instead lets one program walk
+route k's chunk and its reverse's mirrored chunk (the same tokens) and sum both into the output in
+place, one launch per route group (_pair_plan). "serial" runs one launch per route with a
+read-add-write of an fp32 accumulator. A route visits each token at most once, so no two programs
+of one launch touch the same element.
 """
 
 from __future__ import annotations
@@ -284,17 +287,15 @@ def _fwd_kernel(
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     MODE: tl.constexpr,  # 0: per-route out (b,L,K,D); 1: acc = y; 2: acc += y; 3: out = acc + y; 4: out = y;
     # 5: out (b,L,D) in its own dtype, read-add-written (written without the read in the first pass
-    # of a program whose acc_in is 0): the route pairs' merge, see REPS; 6: the same into plane g of
-    # out (b, L, G, D), one plane per route group (_pair_decode)
+    # of a program whose acc_in is 0): the route pairs' merge, see REPS
     PHASE: tl.constexpr,  # 0: outputs; 1: chunk-end states with zero start (for the carry pass)
     HAS_H0: tl.constexpr, STORE_STATES: tl.constexpr,
     T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, CT: tl.constexpr,
     X_PER_ROUTE: tl.constexpr = False, FAST_EXP: tl.constexpr = False,
     SUB: tl.constexpr = 1,  # state slots per tile: the backward's tiles are T // SUB steps (_Cfg)
     PREFETCH: tl.constexpr = False,  # gather tile c + 1 (and load the route of c + 2) while c computes
-    REPS: tl.constexpr = 1,  # 2: a route pair (phase 0, MODE 5): route k0's chunk c, then route k_pair
-    # (k0's reverse) over its chunk n_chunks - 1 - c, which visits the same tokens; both add into out
-    EARLY_PREV: tl.constexpr = True,  # MODE 5 / 6 load the running sum with the tile's inputs
+    REPS: tl.constexpr = 1,  # 2: a route group (phase 0, MODE 5): route k0's chunk c, then (k_pair >= 0)
+    # route k_pair, k0's reverse, over its chunk n_chunks - 1 - c, which visits the same tokens
 ):
     pid_c, b64, k, pid_d, d, dmask, n, nmask, offs_t = _program_coords(k0, KL, Dm, N, BD, NP, T)
     if REPS == 1:
@@ -305,30 +306,17 @@ def _fwd_kernel(
             X_PER_ROUTE, FAST_EXP, SUB, PREFETCH,
         )
     else:
-        k1, k2, plane = _pair_decode(k, k_pair, MODE == 6)
-        for rep in range(0, tl.where(k2 >= 0, 2, 1)):
+        for rep in range(0, tl.where(k_pair >= 0, 2, 1)):
             # the second route reads what other threads of this program wrote in the first
             tl.debug_barrier()
             _fwd_route_chunk(
                 x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, route_ptr, out_ptr, acc_ptr, states_ptr, dsum_ptr,
                 L, S, Dm, N, K, n_tiles, tiles_per_prog,
                 tl.where(rep == 0, pid_c, tl.cdiv(n_tiles, tiles_per_prog) - 1 - pid_c), b64,
-                tl.where(rep == 0, k1, k2), d, dmask, n, nmask, offs_t, (rep > 0) | (acc_in != 0),
+                tl.where(rep == 0, k, k_pair), d, dmask, n, nmask, offs_t, (rep > 0) | (acc_in != 0),
                 HAS_D, HAS_BIAS, SOFTPLUS, MODE, PHASE, HAS_H0, STORE_STATES, T, BD, NP, CT,
-                X_PER_ROUTE, FAST_EXP, SUB, PREFETCH, plane, KL, EARLY_PREV,
+                X_PER_ROUTE, FAST_EXP, SUB, PREFETCH,
             )
-
-
-@triton.jit
-def _pair_decode(k, k_pair, PACKED: tl.constexpr):
-    """A pair program's routes (k1, k2; k2 = -1 for a single route) and output plane. PACKED (MODE /
-    DXMODE 6): k is the group g (grid over KL = G groups) and k_pair packs every group's routes,
-    8 bits per group (k1 in the low 4, k2 + 1 in the high 4); else k_pair is k's partner."""
-    if PACKED:
-        code = k_pair >> (8 * k).to(tl.int64)
-        return (code & 15).to(tl.int32), ((code >> 4) & 15).to(tl.int32) - 1, k
-    else:
-        return k, k_pair + 0 * k, k
 
 
 @triton.jit
@@ -338,10 +326,8 @@ def _fwd_route_chunk(
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, MODE: tl.constexpr, PHASE: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_STATES: tl.constexpr, T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
     CT: tl.constexpr, X_PER_ROUTE: tl.constexpr, FAST_EXP: tl.constexpr, SUB: tl.constexpr, PREFETCH: tl.constexpr,
-    plane=0, n_planes=1, EARLY_PREV: tl.constexpr = True,
 ):
-    """_fwd_kernel's work for route k and chunk pid_c (add_prev: MODE 5 / 6 add to what out holds;
-    MODE 6 writes plane `plane` of out (b, L, n_planes, D))."""
+    """_fwd_kernel's work for route k and chunk pid_c (add_prev: MODE 5 adds to what out holds)."""
     A, bias, Dv = _route_params(A_ptr, bias_ptr, D_ptr, k, Dm, N, d, dmask, n, nmask, HAS_BIAS, HAS_D, BD, CT)
     A2 = A * LOG2E
     # states: (b, K, n_slots, N, D), the state entering every T // SUB steps; tile c starts at slot c * SUB
@@ -389,13 +375,12 @@ def _fwd_route_chunk(
             if PHASE == 0:
                 Cr = tl.load(C_ptr + rk[:, None] * N + n[None, :], mask=valid[:, None] & nmask[None, :], other=0.0)
         if PHASE == 0:
-            if MODE >= 5 and EARLY_PREV:
-                # the running sum this tile adds to, loaded with the tile's other inputs
-                if MODE == 5:
-                    yoff = row[:, None] * Dm + d[None, :]
-                else:
-                    yoff = (row[:, None] * n_planes + plane) * Dm + d[None, :]
-                prev = tl.load(out_ptr + yoff, mask=valid[:, None] & dmask[None, :] & add_prev, other=0.0)
+            if MODE == 5:
+                # the running sum this tile adds to, loaded with the tile's other inputs (loaded where
+                # it is added, and with chunks of the policy's size, the pair launches ran the S2
+                # forward in 0.626 ms against 0.572 for the buffer merge; H100, session 16)
+                prev = tl.load(out_ptr + row[:, None] * Dm + d[None, :], mask=valid[:, None] & dmask[None, :] & add_prev,
+                               other=0.0)
         s = c * T + offs_t
         smask, pre, delta = _tile_prep(s, S, dtr, bias, HAS_BIAS, SOFTPLUS, CT, FAST_EXP)
         xv = xr.to(CT)
@@ -433,10 +418,6 @@ def _fwd_route_chunk(
                 elif MODE == 4:
                     tl.store(out_ptr + yoff, y.to(out_ptr.dtype.element_ty), mask=m2)
                 else:
-                    if MODE == 6:
-                        yoff = (row[:, None] * n_planes + plane) * Dm + d[None, :]
-                    if not EARLY_PREV:
-                        prev = tl.load(out_ptr + yoff, mask=m2 & add_prev, other=0.0)
                     tl.store(out_ptr + yoff, (prev.to(CT) + y).to(out_ptr.dtype.element_ty), mask=m2)
     if PHASE == 1:
         # chunk-end state (from a zero start) and summed delta -> slot of the chunk's first tile
@@ -651,59 +632,18 @@ def _bwd_tile_raw(
 def _bwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, route_ptr, states_ptr, dy_ptr,
     dx_ptr, dxacc_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, g_ptr, gsum_ptr,
-    batch, L, S, Dm, N, K, k0, KL, n_tiles, tiles_per_prog, n_chunks, k_pair, acc_in,
+    batch, L, S, Dm, N, K, k0, KL, n_tiles, tiles_per_prog, n_chunks,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     DY_PER_ROUTE: tl.constexpr,  # dy is (b, L, K, D) (merge="none") instead of (b, L, D)
-    DXMODE: tl.constexpr,  # 0: per-route dx (b,L,K,D); 1: acc = dx; 2: acc += dx; 3: out = acc + dx; 4: out = dx;
-    # 5: dx (b,L,D) read-add-written in its own dtype (see _fwd_kernel's MODE 5 and REPS); 6: the same
-    # into plane g of dx (b, L, G, D)
+    DXMODE: tl.constexpr,  # 0: per-route dx (b,L,K,D); 1: acc = dx; 2: acc += dx; 3: out = acc + dx; 4: out = dx
     PHASE: tl.constexpr,  # 0: gradients; 1: chunk-start dh from a zero carry (for the carry pass)
     HAS_G0: tl.constexpr,  # start from the carried dh in g_ptr (chunk-parallel)
     T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, CT: tl.constexpr,
     X_PER_ROUTE: tl.constexpr = False,  # x is (b, L, K, D): one input per route (dx likewise)
     FAST_EXP: tl.constexpr = False,  # decays through _ex2_ftz (see _decay)
     INTERP: tl.constexpr = False,  # running under Triton's interpreter (see _flip0)
-    REPS: tl.constexpr = 1,  # 2: route k0's chunk, then its reverse k_pair's mirrored chunk (_fwd_kernel)
-    EARLY_PREV: tl.constexpr = True,  # DXMODE 5 / 6 load the running sum with the tile's inputs
 ):
     pid_c, b64, k, pid_d, d, dmask, n, nmask, offs_t = _program_coords(k0, KL, Dm, N, BD, NP, T)
-    if REPS == 1:
-        _bwd_route_chunk(
-            x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, route_ptr, states_ptr, dy_ptr,
-            dx_ptr, dxacc_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, g_ptr, gsum_ptr,
-            batch, L, S, Dm, N, K, n_tiles, tiles_per_prog, n_chunks, pid_c, b64, k, pid_d, d, dmask, n, nmask,
-            offs_t, acc_in != 0,
-            HAS_D, HAS_BIAS, SOFTPLUS, DY_PER_ROUTE, DXMODE, PHASE, HAS_G0, T, BD, NP, CT, X_PER_ROUTE, FAST_EXP, INTERP,
-        )
-    else:
-        k1, k2, plane = _pair_decode(k, k_pair, DXMODE == 6)
-        for rep in range(0, tl.where(k2 >= 0, 2, 1)):
-            # the second route reads the dx that other threads of this program wrote in the first
-            tl.debug_barrier()
-            _bwd_route_chunk(
-                x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, route_ptr, states_ptr, dy_ptr,
-                dx_ptr, dxacc_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, g_ptr, gsum_ptr,
-                batch, L, S, Dm, N, K, n_tiles, tiles_per_prog, n_chunks,
-                tl.where(rep == 0, pid_c, n_chunks - 1 - pid_c), b64, tl.where(rep == 0, k1, k2), pid_d, d,
-                dmask, n, nmask, offs_t, (rep > 0) | (acc_in != 0),
-                HAS_D, HAS_BIAS, SOFTPLUS, DY_PER_ROUTE, DXMODE, PHASE, HAS_G0, T, BD, NP, CT, X_PER_ROUTE, FAST_EXP,
-                INTERP, plane, KL, EARLY_PREV,
-            )
-
-
-@triton.jit
-def _bwd_route_chunk(
-    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, route_ptr, states_ptr, dy_ptr,
-    dx_ptr, dxacc_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, g_ptr, gsum_ptr,
-    batch, L, S, Dm, N, K, n_tiles, tiles_per_prog, n_chunks, pid_c, b64, k, pid_d, d, dmask, n, nmask,
-    offs_t, add_prev,
-    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, DY_PER_ROUTE: tl.constexpr,
-    DXMODE: tl.constexpr, PHASE: tl.constexpr, HAS_G0: tl.constexpr, T: tl.constexpr, BD: tl.constexpr,
-    NP: tl.constexpr, CT: tl.constexpr, X_PER_ROUTE: tl.constexpr, FAST_EXP: tl.constexpr, INTERP: tl.constexpr,
-    plane=0, n_planes=1, EARLY_PREV: tl.constexpr = True,
-):
-    """_bwd_kernel's work for route k and chunk pid_c (add_prev: DXMODE 5 / 6 add to what dx holds;
-    DXMODE 6 writes plane `plane` of dx (b, L, n_planes, D))."""
     nd_mask = nmask[:, None] & dmask[None, :]
     A, bias, Dv = _route_params(A_ptr, bias_ptr, D_ptr, k, Dm, N, d, dmask, n, nmask, HAS_BIAS, HAS_D, BD, CT)
     A2 = A * LOG2E
@@ -739,14 +679,6 @@ def _bwd_route_chunk(
             x_ptr, dt_ptr, B_ptr, C_ptr, dy_ptr, route_ptr, states_ptr, b64, k, c, st_base, L, S, K, Dm, N,
             offs_t, d, dmask, n, nmask, st_off, nd_mask, T, PHASE == 0, X_PER_ROUTE, DY_PER_ROUTE,
         )
-        if PHASE == 0:
-            if DXMODE >= 5 and EARLY_PREV:
-                # the running sum this tile adds to, loaded with the tile's other inputs
-                if DXMODE == 5:
-                    xoff = row[:, None] * Dm + d[None, :]
-                else:
-                    xoff = (row[:, None] * n_planes + plane) * Dm + d[None, :]
-                prev = tl.load(dx_ptr + xoff, mask=valid[:, None] & dmask[None, :] & add_prev, other=0.0)
         s = c * T + offs_t
         smask, pre, delta = _tile_prep(s, S, dtr, bias, HAS_BIAS, SOFTPLUS, CT, FAST_EXP)
         xv = xr.to(CT)
@@ -811,8 +743,7 @@ def _bwd_route_chunk(
             bc_mask = valid[:, None] & nmask[None, :]
             tl.store(dB_ptr + bc_base + bc_off, dBv.to(dB_ptr.dtype.element_ty), mask=bc_mask)
             tl.store(dC_ptr + bc_base + bc_off, dCv.to(dC_ptr.dtype.element_ty), mask=bc_mask)
-            if DXMODE < 5:
-                xoff = row[:, None] * Dm + d[None, :]
+            xoff = row[:, None] * Dm + d[None, :]
             if DXMODE == 0:
                 tl.store(dx_ptr + rk[:, None] * Dm + d[None, :], dxv.to(dx_ptr.dtype.element_ty), mask=m2)
             elif DXMODE == 1:
@@ -823,16 +754,8 @@ def _bwd_route_chunk(
             elif DXMODE == 3:
                 prev = tl.load(dxacc_ptr + xoff, mask=m2, other=0.0)
                 tl.store(dx_ptr + xoff, (prev + dxv).to(dx_ptr.dtype.element_ty), mask=m2)
-            elif DXMODE == 4:
-                tl.store(dx_ptr + xoff, dxv.to(dx_ptr.dtype.element_ty), mask=m2)
             else:
-                if not EARLY_PREV:
-                    if DXMODE == 5:
-                        xoff = row[:, None] * Dm + d[None, :]
-                    else:
-                        xoff = (row[:, None] * n_planes + plane) * Dm + d[None, :]
-                    prev = tl.load(dx_ptr + xoff, mask=m2 & add_prev, other=0.0)
-                tl.store(dx_ptr + xoff, (prev.to(CT) + dxv).to(dx_ptr.dtype.element_ty), mask=m2)
+                tl.store(dx_ptr + xoff, dxv.to(dx_ptr.dtype.element_ty), mask=m2)
     if PHASE == 1:
         tl.store(g_ptr + g_slot * N * Dm + st_off, g, mask=nd_mask)
         tl.store(gsum_ptr + g_slot * Dm + d, tl.sum(gacc, axis=0) + d_next, mask=dmask)
@@ -939,24 +862,23 @@ def route_groups(route: torch.Tensor) -> tuple[tuple[int, ...], ...]:
 
 
 def _pair_tiles(n_tiles: int, tpc: int) -> int | None:
-    """Tiles per chunk for the paired merge: a divisor of n_tiles (so the mirrored chunks of a
-    reversed route cover the same tokens), within a factor 2 of the policy's tpc, at least 2 chunks."""
+    """Tiles per chunk for the pair merge: the divisor of n_tiles (so a reversed route's mirrored
+    chunks cover the same tokens) nearest tpc, within a factor 2 of it, leaving at least 2 chunks."""
     best = None
-    for t in range(1, n_tiles // 2 + 1):
-        if n_tiles % t == 0 and tpc / 2 <= t <= tpc * 2:
-            if best is None or abs(math.log(t / tpc)) < abs(math.log(best / tpc)):
-                best = t
+    for t in range(max(1, -(-tpc // 2)), min(2 * tpc, n_tiles // 2) + 1):
+        if n_tiles % t == 0 and (best is None or abs(math.log(t / tpc)) < abs(math.log(best / tpc))):
+            best = t
     return best
 
 
 def _pair_plan(route, merge: str, x_per_route: bool, cover, S: int, T: int, n_tiles: int, tpc: int,
                odt: torch.dtype, exact: bool = False):
-    """(groups, tiles per chunk) when a chunk-parallel pass merges its routes by reversed pairs
+    """(groups, tiles per chunk) when a chunk-parallel forward merges its routes by reversed pairs
     (_fwd_kernel's REPS), else None.
 
     Each program then walks route k's chunk c and route k2's chunk n_chunks - 1 - c: the same tokens,
-    so the pair's outputs (dx in the backward) are summed in place before any other route adds to
-    them, group after group, in the output dtype. That writes the output once per group instead of
+    so the pair's outputs are summed in place before any other route adds to them, group after
+    group (one launch each), in the output dtype. That writes the output once per group instead of
     writing K per-route planes and reading them back (merge "buffer"). Needs: merge "sum", one x
     for all routes, routes that cover every token, a reversed pair, S a multiple of the tile, and
     the output in bf16 / fp32 / fp64 (an fp16 running sum could overflow where the total does not).
@@ -968,35 +890,14 @@ def _pair_plan(route, merge: str, x_per_route: bool, cover, S: int, T: int, n_ti
     groups = route_groups(route)
     if all(len(g) == 1 for g in groups):
         return None
-    if len(groups) > 7 or route.shape[0] > 15:  # _pair_decode's packing
-        return None
     t = (tpc if n_tiles % tpc == 0 else None) if exact else _pair_tiles(n_tiles, max(1, tpc // PAIR_CHUNK_DIV))
     return None if t is None else (groups, t)
 
 
 # a pair program walks two chunks: the pair plan aims at chunks of the policy's tiles / PAIR_CHUNK_DIV
+# (H100, session 16, forward kernel ms at 1 / 2 / 4: S2 0.586 / 0.536 / 0.582, S3 0.151 / 0.167 / 0.167,
+# S5 N=1 0.547 / 0.537 / 0.554, measured with one plane per group)
 PAIR_CHUNK_DIV = int(os.environ.get("MAMBA_DENSE_PAIR_CHUNK_DIV", "2"))
-
-
-def _pair_early(i: int) -> bool:
-    """Whether the pair launches load the running sum with the tile's inputs (forward i=0, backward
-    i=1); MAMBA_DENSE_PAIR_EARLY="fb" digits (tuning)."""
-    return os.environ.get("MAMBA_DENSE_PAIR_EARLY", "10")[i] == "1"
-
-
-def _pair_code(groups) -> int:
-    """_pair_decode's packing of the route groups: 8 bits per group, k1 | (k2 + 1) << 4."""
-    return sum((g[0] | ((g[-1] + 1 if len(g) == 2 else 0) << 4)) << (8 * i) for i, g in enumerate(groups))
-
-
-def _pair_out() -> str:
-    """Where the pair programs sum: "planes" (default): one launch, plane g of a (b, L, G, D)
-    buffer per group, then the G planes summed; "inplace": one launch per group, read-add-written
-    into the output. MAMBA_DENSE_PAIR_OUT chooses."""
-    v = os.environ.get("MAMBA_DENSE_PAIR_OUT", "planes")
-    if v not in ("planes", "inplace"):
-        raise ValueError(f"MAMBA_DENSE_PAIR_OUT must be 'planes' or 'inplace', got {v!r}")
-    return v
 
 
 class _Cfg(NamedTuple):
@@ -1134,7 +1035,7 @@ def _tiles_per_chunk(n_tiles: int, programs: int, n_sm: int, override: int | Non
 
 def _merge_strategy() -> str:
     """How routes are merged (all deterministic): "pairs" (default) merges reversed route pairs in
-    place on chunk-parallel passes (_pair_plan) and otherwise works as "buffer"; "buffer" writes
+    place in chunk-parallel forwards (_pair_plan) and otherwise works as "buffer"; "buffer" writes
     per-route outputs and sums them in a second pass; "serial" runs one launch per route with a
     read-add-write of an fp32 accumulator (less memory, less parallelism). Set MAMBA_DENSE_MERGE to
     choose."""
@@ -1209,24 +1110,14 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
         # phase 2: carry across chunks
         carry(states, dsum, A, n_chunks, tpc * SUB, n_slots, Dm, N, K, reverse=False, rows=batch * K)
     phase3 = dict(PHASE=0, HAS_H0=chunked, STORE_STATES=save_states)
-    if plan is not None and _pair_out() == "planes":
-        # one plane per route group (a reversed pair summed by its program), then the planes summed
-        G = len(plan[0])
-        bdt = odt if odt in (torch.bfloat16, torch.float32, torch.float64) else torch.float32
-        out = _empty(batch, L, G, Dm, device=dev, dtype=bdt if G > 1 else odt)
-        _fwd_kernel[(G * n_dblk, n_chunks, batch)](
-            x, dt, A, B, C, D_, bias_, route, out, dummy, states, dummy,
-            L, S, Dm, N, K, 0, G, n_tiles, tpc, _pair_code(plan[0]), 0, MODE=6, REPS=2, EARLY_PREV=_pair_early(0), **phase3, **common,
-        )
-        out = sum_routes(out, odt) if G > 1 else out.view(batch, L, Dm)
-    elif plan is not None:
+    if plan is not None:
         # reversed route pairs (and single routes) summed in place into out, one group per launch
         out = _empty(batch, L, Dm, device=dev, dtype=odt)
         for gi, grp in enumerate(plan[0]):
             _fwd_kernel[(n_dblk, n_chunks, batch)](
                 x, dt, A, B, C, D_, bias_, route, out, dummy, states, dummy,
                 L, S, Dm, N, K, grp[0], 1, n_tiles, tpc, grp[-1] if len(grp) == 2 else -1, int(gi > 0),
-                MODE=5, REPS=2, EARLY_PREV=_pair_early(0), **phase3, **common,
+                MODE=5, REPS=2, **phase3, **common,
             )
     elif merge == "none" or _merge_strategy() != "serial":
         # all routes in one launch, per-route outputs at their tokens; merge="sum" then adds the
@@ -1283,9 +1174,6 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
         n_dblk = _cdiv(Dm, BD)
         per_launch = batch * n_dblk * routes_per_launch
         tpc = _tiles_per_chunk(n_tiles, per_launch, _num_sms(dev), tiles_per_chunk)
-    plan = _pair_plan(route, merge, x_per_route, cover, S, T, n_tiles, tpc, x.dtype, tiles_per_chunk is not None)
-    if plan is not None:
-        tpc = plan[1]
     n_chunks = _cdiv(n_tiles, tpc)
     chunked = n_chunks > 1
     dummy = states
@@ -1312,32 +1200,11 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
         _bwd_kernel[(K * n_dblk, n_chunks, batch)](
             x, dt, A, B, C, D_, bias_, route, states, dy,
             dx, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
-            batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks, 0, 0,
+            batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks,
             DXMODE=4, PHASE=1, HAS_G0=False, **kw,
         )
         carry(gbuf, gsum, A, n_chunks, 1, n_chunks, Dm, N, K, reverse=True, rows=batch * K)
-    if plan is not None and _pair_out() == "planes":
-        G = len(plan[0])
-        xdt = x.dtype if x.dtype in (torch.bfloat16, torch.float32, torch.float64) else torch.float32
-        dxbuf = _empty(batch, L, G, Dm, device=dev, dtype=xdt) if G > 1 else dx
-        _bwd_kernel[(G * n_dblk, n_chunks, batch)](
-            x, dt, A, B, C, D_, bias_, route, states, dy,
-            dxbuf, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
-            batch, L, S, Dm, N, K, 0, G, n_tiles, tpc, n_chunks, _pair_code(plan[0]), 0,
-            DXMODE=6, PHASE=0, HAS_G0=chunked, REPS=2, EARLY_PREV=_pair_early(1), **kw,
-        )
-        if G > 1:
-            dx = sum_routes(dxbuf, x.dtype)
-    elif plan is not None:
-        # reversed route pairs (and single routes) summed in place into dx, one group per launch
-        for gi, grp in enumerate(plan[0]):
-            _bwd_kernel[(n_dblk, n_chunks, batch)](
-                x, dt, A, B, C, D_, bias_, route, states, dy,
-                dx, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
-                batch, L, S, Dm, N, K, grp[0], 1, n_tiles, tpc, n_chunks, grp[-1] if len(grp) == 2 else -1,
-                int(gi > 0), DXMODE=5, PHASE=0, HAS_G0=chunked, REPS=2, EARLY_PREV=_pair_early(1), **kw,
-            )
-    elif x_per_route or _merge_strategy() != "serial":
+    if x_per_route or _merge_strategy() != "serial":
         xdt = x.dtype if x.dtype in (torch.bfloat16, torch.float32, torch.float64) else torch.float32
         if x_per_route:
             dx = dxbuf = (_empty_like if all(cover) else torch.zeros_like)(x)  # per-route dx, no merge
@@ -1348,7 +1215,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
         _bwd_kernel[(K * n_dblk, n_chunks, batch)](
             x, dt, A, B, C, D_, bias_, route, states, dy,
             dxbuf, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
-            batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks, 0, 0,
+            batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks,
             DXMODE=0, PHASE=0, HAS_G0=chunked, **kw,
         )
         if dxbuf is not dx:
@@ -1361,7 +1228,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
             _bwd_kernel[(n_dblk, n_chunks, batch)](
                 x, dt, A, B, C, D_, bias_, route, states, dy,
                 dx, dxacc, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
-                batch, L, S, Dm, N, K, k, 1, n_tiles, tpc, n_chunks, 0, 0,
+                batch, L, S, Dm, N, K, k, 1, n_tiles, tpc, n_chunks,
                 DXMODE=mode, PHASE=0, HAS_G0=chunked, **kw,
             )
         if modes[-1] == 2:

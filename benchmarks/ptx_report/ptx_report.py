@@ -94,10 +94,10 @@ def build_source(kernel: str, N: int, T: int, BD: int, NP: int, spec: str):
         # states saved every 16 steps for N=1 (the backward's tiles, triton_scan._config), every tile otherwise
         sub = max(1, T // 16) if N == 1 else 1
         # the one-pass N=1 forward gathers its next tile ahead (triton_scan._fwd_prefetch)
-        cx = dict(MODE=0, PHASE=0, HAS_H0=False, STORE_STATES=True, SUB=sub, PREFETCH=N == 1, REPS=1, EARLY_PREV=True, **flags)
+        cx = dict(MODE=0, PHASE=0, HAS_H0=False, STORE_STATES=True, SUB=sub, PREFETCH=N == 1, REPS=1, **flags)
     else:
         fn, ptrs = ts._bwd_kernel, BWD_PTRS
-        cx = dict(DXMODE=0, PHASE=0, HAS_G0=False, DY_PER_ROUTE=False, INTERP=False, REPS=1, EARLY_PREV=True, **flags)
+        cx = dict(DXMODE=0, PHASE=0, HAS_G0=False, DY_PER_ROUTE=False, INTERP=False, REPS=1, **flags)
     sig, attrs = {}, {}
     for i, a in enumerate(fn.arg_names):
         if a in cx:

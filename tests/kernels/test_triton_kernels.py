@@ -484,3 +484,104 @@ def test_unknown_coverage_path_matches_reference(strategy, monkeypatch):
     for name, a, b in zip(("dx", "ddt", "dA", "dB", "dC", "dD", "dbias"), grads, g_ref):
         assert torch.isfinite(a).all(), name
         assert _rel(a, b) < 1e-10, name
+
+
+def test_route_groups_pair_reversed_routes():
+    """Merge groups: a route and its exact reverse form a pair, every other route stays alone."""
+    from mamba_dense.kernels import triton_scan as ts
+
+    assert ts.route_groups(routes.cross2d(3, 5).to(DEVICE)) == ((0, 2), (1, 3))
+    assert ts.route_groups(routes.segmamba3d(2, 3, 4).to(DEVICE)) == ((0, 1), (2,))
+    assert ts.route_groups(routes.bidirectional(7).to(DEVICE)) == ((0, 1),)
+    assert ts.route_groups(routes.localmamba(5, 6, ("w2", "h", "w2_flip")).to(DEVICE)) == ((0, 2), (1,))
+    assert ts.route_groups(torch.stack([routes.raster(3, 4), routes.column(3, 4)]).to(DEVICE)) == ((0,), (1,))
+    # registers spliced at the same steps of both directions: no longer each other's reverse
+    assert ts.route_groups(routes.with_registers(routes.bidirectional(9), 9, 2).to(DEVICE)) == ((0,), (1,))
+    assert ts.route_groups(routes.raster(6)[None].to(DEVICE)) == ((0,),)
+
+
+def test_pair_tiles_divide_the_route():
+    from mamba_dense.kernels import triton_scan as ts
+
+    assert ts._pair_tiles(512, 3) == 4  # divisors of 512 within [2, 6]: 2, 4
+    assert ts._pair_tiles(98, 5) == 7
+    assert ts._pair_tiles(97, 5) is None  # prime: no chunking into mirrored pieces
+    assert ts._pair_tiles(4, 2) == 2 and ts._pair_tiles(2, 1) == 1 and ts._pair_tiles(2, 2) == 1
+
+
+PAIR_CASES = [
+    # id, route builder, L, Dm, N, tiles per chunk
+    ("cross2d-n1", lambda: routes.cross2d(8, 8), 64, 20, 1, 1),
+    ("segmamba3d-n4", lambda: routes.segmamba3d(4, 4, 4), 64, 8, 4, 2),
+    ("localmamba-padded-windows", lambda: routes.localmamba(7, 8, ("w2", "h", "w2_flip")), 56, 9, 2, 1),
+]
+
+
+@pytest.mark.parametrize("case", PAIR_CASES, ids=[c[0] for c in PAIR_CASES])
+def test_pair_merge_forward_matches_reference(case, monkeypatch):
+    """The pair merge (the default for chunk-parallel forwards over reversed route pairs): one
+    program walks route k's chunk and its reverse's mirrored chunk and adds both into the output in
+    place, group after group. On poisoned buffers, its outputs and saved states match the fp64
+    reference and the per-route buffer merge, and the backward from its states gives the reference
+    gradients."""
+    from mamba_dense.kernels import triton_scan as ts
+
+    _, rb, L, Dm, N, tpc = case
+    monkeypatch.setenv("MAMBA_DENSE_POISON", "1")
+    route = rb().to(DEVICE)
+    K = route.shape[0]
+    args = _inputs(2, L, K, Dm, N, torch.float64, seed=len(case[0]))
+    seen = []
+
+    class _Spy:  # records the merge mode and route group of every output launch
+        def __init__(self, real):
+            self.real = real
+
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                if kw["PHASE"] == 0:
+                    seen.append((kw["MODE"], kw.get("REPS", 1), a[17], a[21]))  # MODE, REPS, k0, k_pair
+                return self.real[grid](*a, **kw)
+            return launch
+
+    monkeypatch.setattr(ts, "_fwd_kernel", _Spy(ts._fwd_kernel))
+    monkeypatch.setenv("MAMBA_DENSE_MERGE", "pairs")
+    y, st = ts.scan_fwd(*args, route, "sum", True, torch.float64, True, tiles_per_chunk=tpc)
+    groups = ts.route_groups(route)
+    assert [(m, r, k0, kp) for m, r, k0, kp in seen] == [(5, 2, g[0], g[-1] if len(g) == 2 else -1) for g in groups]
+    seen.clear()
+    monkeypatch.setenv("MAMBA_DENSE_MERGE", "buffer")
+    y_buf, st_buf = ts.scan_fwd(*args, route, "sum", True, torch.float64, True, tiles_per_chunk=tpc)
+    assert [m for m, *_ in seen] == [0]
+    leaves = [a.clone().requires_grad_() for a in args]
+    y_ref = selective_scan_ref(*leaves, route=route, merge="sum")
+    assert torch.isfinite(y).all() and torch.isfinite(st).all()
+    assert _rel(y, y_ref) < 1e-10
+    torch.testing.assert_close(y, y_buf, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(st, st_buf, rtol=0, atol=0)
+    dy = torch.randn_like(y_ref)
+    g_ref = torch.autograd.grad(y_ref, leaves, dy)
+    grads = ts.scan_bwd(dy, *args, route, st, "sum", True, tiles_per_chunk=tpc)
+    for name, a, b in zip(("dx", "ddt", "dA", "dB", "dC", "dD", "dbias"), grads, g_ref):
+        assert torch.isfinite(a).all(), name
+        assert _rel(a, b) < 1e-10, name
+
+
+def test_pair_merge_needs_mirrored_chunks(monkeypatch):
+    """No pair merge where it cannot hold: a route length not a multiple of the tile, tiles per chunk
+    that do not divide the route, merge="none", one x per route, or an fp16 output."""
+    from mamba_dense.kernels import triton_scan as ts
+
+    monkeypatch.setenv("MAMBA_DENSE_MERGE", "pairs")
+    r = routes.cross2d(8, 8)
+    cover = (True,) * 4
+    assert ts._pair_plan(r, "sum", False, cover, 64, 16, 4, 1, torch.bfloat16, exact=True) == (((0, 2), (1, 3)), 1)
+    assert ts._pair_plan(r, "sum", False, cover, 64, 16, 4, 3, torch.bfloat16, exact=True) is None
+    assert ts._pair_plan(r, "sum", False, cover, 60, 16, 4, 1, torch.bfloat16, exact=True) is None
+    assert ts._pair_plan(r, "none", False, cover, 64, 16, 4, 1, torch.bfloat16, exact=True) is None
+    assert ts._pair_plan(r, "sum", True, cover, 64, 16, 4, 1, torch.bfloat16, exact=True) is None
+    assert ts._pair_plan(r, "sum", False, cover, 64, 16, 4, 1, torch.float16, exact=True) is None
+    assert ts._pair_plan(r, "sum", False, (False,) * 4, 64, 16, 4, 1, torch.bfloat16, exact=True) is None
+    assert ts._pair_plan(r, "sum", False, cover, 64, 16, 4, 4, torch.bfloat16, exact=True) is None  # one pass
+    monkeypatch.setenv("MAMBA_DENSE_MERGE", "buffer")
+    assert ts._pair_plan(r, "sum", False, cover, 64, 16, 4, 1, torch.bfloat16, exact=True) is None
