@@ -872,7 +872,7 @@ def _pair_tiles(n_tiles: int, tpc: int) -> int | None:
 
 
 def _pair_plan(route, merge: str, x_per_route: bool, cover, S: int, T: int, n_tiles: int, tpc: int,
-               odt: torch.dtype, exact: bool = False):
+               odt: torch.dtype, N: int, exact: bool = False):
     """(groups, tiles per chunk) when a chunk-parallel forward merges its routes by reversed pairs
     (_fwd_kernel's REPS), else None.
 
@@ -880,11 +880,12 @@ def _pair_plan(route, merge: str, x_per_route: bool, cover, S: int, T: int, n_ti
     so the pair's outputs are summed in place before any other route adds to them, group after
     group (one launch each), in the output dtype. That writes the output once per group instead of
     writing K per-route planes and reading them back (merge "buffer"). Needs: merge "sum", one x
-    for all routes, routes that cover every token, a reversed pair, S a multiple of the tile, and
-    the output in bf16 / fp32 / fp64 (an fp16 running sum could overflow where the total does not).
+    for all routes, routes that cover every token, a reversed pair, S a multiple of the tile, the
+    output in bf16 / fp32 / fp64 (an fp16 running sum could overflow where the total does not) and
+    N <= PAIR_MAX_N.
     MAMBA_DENSE_MERGE=buffer / serial turns it off. exact (a tiles_per_chunk override): tpc itself or
     nothing."""
-    if (merge != "sum" or x_per_route or _merge_strategy() != "pairs" or tpc >= n_tiles or S % T
+    if (merge != "sum" or x_per_route or _merge_strategy() != "pairs" or tpc >= n_tiles or S % T or N > PAIR_MAX_N
             or not all(cover) or odt not in (torch.bfloat16, torch.float32, torch.float64)):
         return None
     groups = route_groups(route)
@@ -898,6 +899,11 @@ def _pair_plan(route, merge: str, x_per_route: bool, cover, S: int, T: int, n_ti
 # (H100, session 16, forward kernel ms at 1 / 2 / 4: S2 0.586 / 0.536 / 0.582, S3 0.151 / 0.167 / 0.167,
 # S5 N=1 0.547 / 0.537 / 0.554, measured with one plane per group)
 PAIR_CHUNK_DIV = int(os.environ.get("MAMBA_DENSE_PAIR_CHUNK_DIV", "2"))
+# the pair merge for N <= PAIR_MAX_N only. H100, session 16, kernel ms, buffer -> pairs, forward /
+# forward + backward: S2 0.572 -> 0.534 / 1.752 -> 1.708, S3 0.170 -> 0.158 / 0.546 -> 0.533, S5 N=1
+# 0.538 -> 0.477 / 1.671 -> 1.606; but S5 N=16 1.456 -> 1.436 / 5.60 -> 5.78 (with the backward's
+# states stored, its pair launches took 811 + 337 us against 934 + 81 us)
+PAIR_MAX_N = 1
 
 
 class _Cfg(NamedTuple):
@@ -1087,7 +1093,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
         n_dblk = _cdiv(Dm, BD)
         tpc = _tiles_per_chunk(n_tiles, batch * n_dblk * routes_per_launch, _num_sms(dev), tiles_per_chunk)
     cover = route_coverage(route, L)
-    plan = _pair_plan(route, merge, x_per_route, cover, S, T, n_tiles, tpc, odt, tiles_per_chunk is not None)
+    plan = _pair_plan(route, merge, x_per_route, cover, S, T, n_tiles, tpc, odt, N, tiles_per_chunk is not None)
     if plan is not None:
         tpc = plan[1]
     n_chunks = _cdiv(n_tiles, tpc)

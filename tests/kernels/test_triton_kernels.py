@@ -528,6 +528,7 @@ def test_pair_merge_forward_matches_reference(case, monkeypatch):
 
     _, rb, L, Dm, N, tpc = case
     monkeypatch.setenv("MAMBA_DENSE_POISON", "1")
+    monkeypatch.setattr(ts, "PAIR_MAX_N", 16)  # the kernel for N > 1 too (the policy takes N = 1 only)
     route = rb().to(DEVICE)
     K = route.shape[0]
     args = _inputs(2, L, K, Dm, N, torch.float64, seed=len(case[0]))
@@ -569,19 +570,21 @@ def test_pair_merge_forward_matches_reference(case, monkeypatch):
 
 def test_pair_merge_needs_mirrored_chunks(monkeypatch):
     """No pair merge where it cannot hold: a route length not a multiple of the tile, tiles per chunk
-    that do not divide the route, merge="none", one x per route, or an fp16 output."""
+    that do not divide the route, merge="none", one x per route, or an fp16 output; nor (measured
+    slower) for N > 1."""
     from mamba_dense.kernels import triton_scan as ts
 
     monkeypatch.setenv("MAMBA_DENSE_MERGE", "pairs")
     r = routes.cross2d(8, 8)
     cover = (True,) * 4
-    assert ts._pair_plan(r, "sum", False, cover, 64, 16, 4, 1, torch.bfloat16, exact=True) == (((0, 2), (1, 3)), 1)
-    assert ts._pair_plan(r, "sum", False, cover, 64, 16, 4, 3, torch.bfloat16, exact=True) is None
-    assert ts._pair_plan(r, "sum", False, cover, 60, 16, 4, 1, torch.bfloat16, exact=True) is None
-    assert ts._pair_plan(r, "none", False, cover, 64, 16, 4, 1, torch.bfloat16, exact=True) is None
-    assert ts._pair_plan(r, "sum", True, cover, 64, 16, 4, 1, torch.bfloat16, exact=True) is None
-    assert ts._pair_plan(r, "sum", False, cover, 64, 16, 4, 1, torch.float16, exact=True) is None
-    assert ts._pair_plan(r, "sum", False, (False,) * 4, 64, 16, 4, 1, torch.bfloat16, exact=True) is None
-    assert ts._pair_plan(r, "sum", False, cover, 64, 16, 4, 4, torch.bfloat16, exact=True) is None  # one pass
+    assert ts._pair_plan(r, "sum", False, cover, 64, 16, 4, 1, torch.bfloat16, 1, exact=True) == (((0, 2), (1, 3)), 1)
+    assert ts._pair_plan(r, "sum", False, cover, 64, 16, 4, 3, torch.bfloat16, 1, exact=True) is None
+    assert ts._pair_plan(r, "sum", False, cover, 60, 16, 4, 1, torch.bfloat16, 1, exact=True) is None
+    assert ts._pair_plan(r, "none", False, cover, 64, 16, 4, 1, torch.bfloat16, 1, exact=True) is None
+    assert ts._pair_plan(r, "sum", True, cover, 64, 16, 4, 1, torch.bfloat16, 1, exact=True) is None
+    assert ts._pair_plan(r, "sum", False, cover, 64, 16, 4, 1, torch.float16, 1, exact=True) is None
+    assert ts._pair_plan(r, "sum", False, (False,) * 4, 64, 16, 4, 1, torch.bfloat16, 1, exact=True) is None
+    assert ts._pair_plan(r, "sum", False, cover, 64, 16, 4, 4, torch.bfloat16, 1, exact=True) is None  # one pass
+    assert ts._pair_plan(r, "sum", False, cover, 64, 16, 4, 1, torch.bfloat16, 16, exact=True) is None  # N=16 loses
     monkeypatch.setenv("MAMBA_DENSE_MERGE", "buffer")
-    assert ts._pair_plan(r, "sum", False, cover, 64, 16, 4, 1, torch.bfloat16, exact=True) is None
+    assert ts._pair_plan(r, "sum", False, cover, 64, 16, 4, 1, torch.bfloat16, 1, exact=True) is None
