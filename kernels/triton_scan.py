@@ -898,10 +898,9 @@ def _pair_plan(route, merge: str, x_per_route: bool, cover, S: int, T: int, n_ti
 # a pair program walks two chunks: the pair plan aims at chunks of max(2, the policy's tiles //
 # PAIR_CHUNK_DIV) tiles. H100, session 16, in-place pair forward, kernel ms at 1 / 2 / 3 / 4:
 # S2 0.585 / 0.533 / 0.499 / 0.533 (8 / 4 / 2 / 1 tiles per chunk), S3 0.142 at 2 tiles against
-# 0.157 at 1, S5 N=1 0.496 / 0.475 / 0.476 / 0.491 (8 / 4 / 4 / 2 tiles)
+# 0.157 at 1, S5 N=1 0.496 / 0.475 / 0.476 / 0.491 (8 / 4 / 4 / 2 tiles). With 3 (call 6): S2 0.572
+# -> 0.499, S3 0.169 -> 0.142, S5 N=1 0.537 -> 0.476 against the buffer merge
 PAIR_CHUNK_DIV = int(os.environ.get("MAMBA_DENSE_PAIR_CHUNK_DIV", "3"))
-# phase 1 (chunk-end states) by pairs too: one program per pair and chunk, as the output pass
-PAIR_PHASE1 = int(os.environ.get("MAMBA_DENSE_PAIR_PHASE1", "1"))
 # the pair merge for N <= PAIR_MAX_N only. H100, session 16, kernel ms, buffer -> pairs, forward /
 # forward + backward: S2 0.572 -> 0.534 / 1.752 -> 1.708, S3 0.170 -> 0.158 / 0.546 -> 0.533, S5 N=1
 # 0.538 -> 0.477 / 1.671 -> 1.606; but S5 N=16 1.456 -> 1.436 / 5.60 -> 5.78 (with the backward's
@@ -1111,20 +1110,13 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
     if chunked:
         # phase 1: every chunk of every route from a zero state -> slot of the chunk's first tile
         dsum = _empty(batch, K, n_slots, Dm, device=dev, dtype=cdt)
-        if plan is not None and PAIR_PHASE1:
-            # a pair's program walks both routes over the same tokens (x read once from DRAM)
-            for grp in plan[0]:
-                _fwd_kernel[(n_dblk, n_chunks, batch)](
-                    x, dt, A, B, C, D_, bias_, route, dummy, dummy, states, dsum,
-                    L, S, Dm, N, K, grp[0], 1, n_tiles, tpc, grp[-1] if len(grp) == 2 else -1, 0,
-                    MODE=0, PHASE=1, HAS_H0=False, STORE_STATES=False, REPS=2, **common,
-                )
-        else:
-            _fwd_kernel[(K * n_dblk, n_chunks, batch)](
-                x, dt, A, B, C, D_, bias_, route, dummy, dummy, states, dsum,
-                L, S, Dm, N, K, 0, K, n_tiles, tpc, 0, 0,
-                MODE=0, PHASE=1, HAS_H0=False, STORE_STATES=False, **common,
-            )
+        # (by pairs, as the output pass, it was slower: H100, session 16, phase 1 S2 243 -> 260 us, S3 67
+        # -> 84, S5 N=1 205 -> 227; a pair's second route finds x in the L2 either way)
+        _fwd_kernel[(K * n_dblk, n_chunks, batch)](
+            x, dt, A, B, C, D_, bias_, route, dummy, dummy, states, dsum,
+            L, S, Dm, N, K, 0, K, n_tiles, tpc, 0, 0,
+            MODE=0, PHASE=1, HAS_H0=False, STORE_STATES=False, **common,
+        )
         # phase 2: carry across chunks
         carry(states, dsum, A, n_chunks, tpc * SUB, n_slots, Dm, N, K, reverse=False, rows=batch * K)
     phase3 = dict(PHASE=0, HAS_H0=chunked, STORE_STATES=save_states)
