@@ -901,7 +901,7 @@ def _pair_plan(route, merge: str, x_per_route: bool, cover, S: int, T: int, n_ti
 # 0.157 at 1, S5 N=1 0.496 / 0.475 / 0.476 / 0.491 (8 / 4 / 4 / 2 tiles). With 3 (call 6): S2 0.572
 # -> 0.499, S3 0.169 -> 0.142, S5 N=1 0.537 -> 0.476 against the buffer merge
 PAIR_CHUNK_DIV = int(os.environ.get("MAMBA_DENSE_PAIR_CHUNK_DIV", "3"))
-# the pair merge for N <= PAIR_MAX_N only. H100, session 16, kernel ms, buffer -> pairs, forward /
+# the pair merge for N <= PAIR_MAX_N only. H100, session 16 (call 3, chunks of tpc // 2), kernel ms, buffer -> pairs, forward /
 # forward + backward: S2 0.572 -> 0.534 / 1.752 -> 1.708, S3 0.170 -> 0.158 / 0.546 -> 0.533, S5 N=1
 # 0.538 -> 0.477 / 1.671 -> 1.606; but S5 N=16 1.456 -> 1.436 / 5.60 -> 5.78 (with the backward's
 # states stored, its pair launches took 811 + 337 us against 934 + 81 us)
