@@ -548,8 +548,8 @@ def test_pair_merge_forward_matches_reference(case, monkeypatch):
     monkeypatch.setenv("MAMBA_DENSE_MERGE", "pairs")
     y, st = ts.scan_fwd(*args, route, "sum", True, torch.float64, True, tiles_per_chunk=tpc)
     groups = ts.route_groups(route)
-    # phase 1 (chunk-end states) per route, then the output pass group after group
-    pairs = [(g[0], g[-1] if len(g) == 2 else -1) for g in groups]
+    # phase 1 (chunk-end states) per route, then the output pass group after group, single routes first
+    pairs = [(g[0], g[-1] if len(g) == 2 else -1) for g in sorted(groups, key=len)]
     assert seen == [(1, 0, 1, 0, 0)] + [(0, 5, 2, *p) for p in pairs]
     seen.clear()
     monkeypatch.setenv("MAMBA_DENSE_MERGE", "buffer")
