@@ -805,60 +805,63 @@ def fwd_buffers(batch, K, n_tiles, N, Dm, dev, cdt, need_states: bool, D, dt_bia
     return states, (D if D is not None else states), (dt_bias if dt_bias is not None else states)
 
 
-def route_coverage(route: torch.Tensor, L: int) -> tuple[bool, ...]:
-    """Per route: does it visit every one of the L tokens? Cached per route tensor (one sync).
-
-    The cache entry holds the tensor, so its memory cannot be reused by another route meanwhile.
-    """
+def _route_info(route: torch.Tensor, what, compute, capturing):
+    """compute(), a fact about the route tensor that needs a sync, cached per (what, route tensor):
+    the cache entry holds the tensor, so its memory cannot be reused by another route meanwhile.
+    Under CUDA-graph capture the sync is forbidden: capturing() is returned instead, uncached."""
     from . import tensor_version
 
-    key = (route.data_ptr(), tuple(route.shape), route.device, tensor_version(route), L)
+    key = (what, route.data_ptr(), tuple(route.shape), route.device, tensor_version(route))
     hit = _ROUTE_INFO.get(key)
     if hit is not None and hit[0] is route:
         return hit[1]
     if route.is_cuda and torch.cuda.is_current_stream_capturing():
-        # CUDA graph capture (torch.compile mode="reduce-overhead" copies graph inputs into static
-        # buffers, so the route is a tensor not seen before) forbids the sync: report "not covered",
-        # which makes the callers zero-fill their outputs. That is correct for every route, at the
-        # cost of a memset in the captured graph.
-        return (False,) * route.shape[0]
-    cnt = (route >= 0).sum(1)
-    # routes visit each token at most once (checked by the route builders), so count == L <=> cover
-    info = tuple(bool(v) for v in (cnt == L).tolist())
+        return capturing()
+    info = compute()
     if len(_ROUTE_INFO) > 256:  # entries hold their tensors: keep the cache small
         _ROUTE_INFO.clear()
     _ROUTE_INFO[key] = (route, info)
     return info
 
 
+def route_coverage(route: torch.Tensor, L: int) -> tuple[bool, ...]:
+    """Per route: does it visit every one of the L tokens? Cached per route tensor (one sync).
+
+    Under CUDA graph capture (torch.compile mode="reduce-overhead" copies graph inputs into static
+    buffers, so the route is a tensor not seen before) the sync is forbidden: every route reports
+    "not covered", which makes the callers zero-fill their outputs. That is correct for every route,
+    at the cost of a memset in the captured graph.
+    """
+    def compute():
+        # routes visit each token at most once (checked by the route builders), so count == L <=> cover
+        return tuple(bool(v) for v in ((route >= 0).sum(1) == L).tolist())
+
+    return _route_info(route, ("coverage", L), compute, lambda: (False,) * route.shape[0])
+
+
 def route_groups(route: torch.Tensor) -> tuple[tuple[int, ...], ...]:
     """The routes as merge groups: (k, k2) where route k2 is route k reversed (cross2d's 0/2 and
     1/3, segmamba3d's 0/1, Vim's two directions), (k,) for the others. Cached per route tensor
     (one sync); under CUDA-graph capture (no sync allowed) every route is its own group."""
-    from . import tensor_version
-
-    key = ("groups", route.data_ptr(), tuple(route.shape), route.device, tensor_version(route))
-    hit = _ROUTE_INFO.get(key)
-    if hit is not None and hit[0] is route:
-        return hit[1]
     K = route.shape[0]
-    if K < 2 or (route.is_cuda and torch.cuda.is_current_stream_capturing()):
-        return tuple((k,) for k in range(K))
-    cand = [(i, j) for i in range(K) for j in range(i + 1, K)]
-    rev = route.flip(1)
-    same = torch.stack([(route[i] == rev[j]).all() for i, j in cand]).tolist()
-    groups, used = [], set()
-    for k in range(K):
-        if k in used:
-            continue
-        mate = next((j for (i, j), ok in zip(cand, same) if ok and i == k and j not in used), None)
-        groups.append((k,) if mate is None else (k, mate))
-        used.update(groups[-1])
-    info = tuple(groups)
-    if len(_ROUTE_INFO) > 256:
-        _ROUTE_INFO.clear()
-    _ROUTE_INFO[key] = (route, info)
-    return info
+    singles = lambda: tuple((k,) for k in range(K))  # noqa: E731
+
+    def compute():
+        if K < 2:
+            return singles()
+        cand = [(i, j) for i in range(K) for j in range(i + 1, K)]
+        rev = route.flip(1)
+        same = torch.stack([(route[i] == rev[j]).all() for i, j in cand]).tolist()
+        groups, used = [], set()
+        for k in range(K):
+            if k in used:
+                continue
+            mate = next((j for (i, j), ok in zip(cand, same) if ok and i == k and j not in used), None)
+            groups.append((k,) if mate is None else (k, mate))
+            used.update(groups[-1])
+        return tuple(groups)
+
+    return _route_info(route, "groups", compute, singles)
 
 
 def _pair_tiles(n_tiles: int, tpc: int) -> int | None:
