@@ -52,6 +52,7 @@ import triton
 import triton.language as tl
 
 from . import _triton_on_cpu
+from ._launch import launch
 from .triton_scan import _empty, _num_sms, on_device
 
 __all__ = ["instance_norm_act"]
@@ -361,15 +362,15 @@ def _forward(x, p, weight, bias, eps, act, slope):
     meta = _meta(p, x.dtype)
     sdt = _stat_dtype(x.dtype)
     part = _empty(2, p.B, p.n_split, p.C, device=x.device, dtype=sdt)
-    _stats_kernel[(p.B * p.n_split * p.n_cblk,)](
+    launch(_stats_kernel, (p.B * p.n_split * p.n_cblk,),
         x, part, p.B, p.C, p.S, p.n_split, p.n_cblk, p.tiles_per_split, **meta)
     mean = _empty(p.B * p.C, device=x.device, dtype=sdt)
     rstd = _empty(p.B * p.C, device=x.device, dtype=sdt)
-    _finalize_kernel[(triton.cdiv(p.B * p.C, BLOCK_R),)](
+    launch(_finalize_kernel, (triton.cdiv(p.B * p.C, BLOCK_R),),
         part, mean, rstd, p.B, p.C, p.S, p.n_split, p.tiles_per_split * p.block_s,
         EPS=eps, BLOCK_R=BLOCK_R, BLOCK_SPLIT=BLOCK_SPLIT, CT=meta["CT"])
     y = _empty_as(x, p.cl)
-    _norm_kernel[(p.B * p.n_stile * p.n_cblk,)](
+    launch(_norm_kernel, (p.B * p.n_stile * p.n_cblk,),
         x, y, mean, rstd, mean if weight is None else weight, mean if bias is None else bias,
         p.C, p.S, p.n_stile, p.n_cblk, SLOPE=slope,
         HAS_W=weight is not None, HAS_B=bias is not None, ACT=_ACTS[act], **meta)
@@ -384,16 +385,16 @@ def _backward(dy, x, p, weight, bias, mean, rstd, act, slope, need_dx):
     wb = dict(HAS_W=weight is not None, HAS_B=bias is not None)
     w_, b_ = (mean if weight is None else weight), (mean if bias is None else bias)
     part = _empty(2, p.B, p.n_split, p.C, device=x.device, dtype=mean.dtype)
-    _bwd_stats_kernel[(p.B * p.n_split * p.n_cblk,)](
+    launch(_bwd_stats_kernel, (p.B * p.n_split * p.n_cblk,),
         x, dy, w_, b_, mean, rstd, part, p.B, p.C, p.S, p.n_split, p.n_cblk, p.tiles_per_split,
         SLOPE=slope, ACT=_ACTS[act], **wb, **meta)
     sums = _empty(2, p.B, p.C, device=x.device, dtype=mean.dtype)  # sum(g), sum(g * xhat) per row
-    _bwd_sums_kernel[(triton.cdiv(2 * p.B * p.C, BLOCK_R),)](
+    launch(_bwd_sums_kernel, (triton.cdiv(2 * p.B * p.C, BLOCK_R),),
         part, sums, 2 * p.B * p.C, p.n_split, p.C, BLOCK_R=BLOCK_R, BLOCK_SPLIT=BLOCK_SPLIT, CT=meta["CT"])
     dx = None
     if need_dx:
         dx = _empty_as(x, p.cl)
-        _bwd_dx_kernel[(p.B * p.n_stile * p.n_cblk,)](
+        launch(_bwd_dx_kernel, (p.B * p.n_stile * p.n_cblk,),
             x, dy, dx, mean, rstd, w_, b_, sums, p.B, p.C, p.S,
             p.n_stile, p.n_cblk, SLOPE=slope, ACT=_ACTS[act], **wb, **meta)
     return dx, sums.sum(1)

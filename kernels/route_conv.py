@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from . import _triton_on_cpu
+from ._launch import launch
 from .triton_scan import _ct, _empty, on_device
 
 # Tokens and channels per program, one warp: the H100 sweep of session 10 (benchmarks/RESULTS.md) ran
@@ -201,7 +202,7 @@ def _fwd_op(u: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
     grid, n_ttile, be = _grid(B, L, E)
     out = _empty(B, L, K, E, device=u.device, dtype=u.dtype)
     with on_device(u):
-        _rconv_fwd_kernel[grid](
+        launch(_rconv_fwd_kernel, grid,
             u, weight, weight if bias is None else bias, route, inv, out, L, S, E, K,
             u.stride(0), u.stride(1), n_ttile, HAS_BIAS=bias is not None, ACT=act,
             KP=triton.next_power_of_2(ksz), **_meta(u.dtype, ksz, be))
@@ -231,11 +232,11 @@ def _bwd_op(g: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, bias: Option
     db_part = _empty(P, K, E, device=u.device, dtype=cdt)
     du = _empty(B, L, E, device=u.device, dtype=u.dtype)
     with on_device(u):
-        _rconv_bwd_pre_kernel[grid](
+        launch(_rconv_bwd_pre_kernel, grid,
             u, weight, weight if bias is None else bias, route, inv, g, gpre, dw_part, db_part,
             L, S, E, K, u.stride(0), u.stride(1), n_ttile, HAS_BIAS=bias is not None, ACT=act,
             KP=triton.next_power_of_2(ksz), **meta)
-        _rconv_bwd_du_kernel[grid](gpre, weight, route, inv, du, L, S, E, K, n_ttile, **meta)
+        launch(_rconv_bwd_du_kernel, grid, gpre, weight, route, inv, du, L, S, E, K, n_ttile, **meta)
     dw = dw_part.sum(0).transpose(1, 2).contiguous().to(weight.dtype)  # (K, E, KSZ)
     db = db_part.sum(0).to(bias.dtype) if bias is not None else weight.new_empty((0,))
     return du, dw, db

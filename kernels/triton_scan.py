@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
+
 # --------------------------------------------------------------------------------------------
 # device helpers
 # --------------------------------------------------------------------------------------------
@@ -499,7 +501,7 @@ def _carry_cfg(n_chunks: int, ND: int) -> tuple[int, int, int]:
 def carry(buf, dsum, A, n_chunks: int, slot_stride: int, n_slots: int, Dm: int, N: int, K: int, reverse: bool, rows: int):
     """Launch the chunk carry over ``rows`` = batch x K (state rows of N x D each); see _carry_cfg."""
     CB, BLK, warps = _carry_cfg(n_chunks, N * Dm)
-    _carry_kernel[(_cdiv(N * Dm, BLK), rows)](
+    launch(_carry_kernel, (_cdiv(N * Dm, BLK), rows),
         buf, dsum, A, n_chunks, slot_stride, n_slots, Dm, N, K,
         REVERSE=reverse, BLK=BLK, CB=CB, CT=_ct(buf.dtype), num_warps=warps,
     )
@@ -525,7 +527,7 @@ def sum_routes(buf: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     rows = b * L
     BDS = min(128, _np2(Dm))
     BR = max(1, 2048 // BDS)
-    _sum_routes_kernel[(_cdiv(rows, BR), _cdiv(Dm, BDS))](
+    launch(_sum_routes_kernel, (_cdiv(rows, BR), _cdiv(Dm, BDS)),
         buf, out, rows, K, Dm, BR=BR, BDS=BDS, CT=_ct(buf.dtype), num_warps=4,
     )
     return out
@@ -557,14 +559,17 @@ def sum_blocks(part: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     out = _empty(*part.shape[1:], device=part.device, dtype=out_dtype)
     M = out.numel()
     BLOCK = 512
-    _sum_blocks_kernel[(_cdiv(M, BLOCK),)](
+    launch(_sum_blocks_kernel, (_cdiv(M, BLOCK),),
         part, out, M, part.shape[0], BLOCK=BLOCK, U=4, CT=_ct(part.dtype), num_warps=1)
     return out
 
 
 @triton.jit
-def _sum_rows_kernel(p_ptr, out_ptr, R, M, BR: tl.constexpr, BC: tl.constexpr, CT: tl.constexpr):
-    """out[m] = sum_r p[r, m]: BR rows at a time into a [BR, BC] accumulator, then one fixed tree."""
+def _sum_params_kernel(p_ptr, dA_ptr, dD_ptr, dbias_ptr, R, M, Dm, N, BR: tl.constexpr, BC: tl.constexpr,
+                       CT: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
+    """Column sums of p (R, M), M = K x (N + 2) x D, into their gradients: BR rows at a time into a
+    [BR, BC] accumulator, then one fixed tree; column (k, j, d) goes to dA[k, d, j] for j < N, to
+    dD[k, d] for j = N and to dbias[k, d] for j = N + 1, each in its own dtype."""
     cols = tl.program_id(0) * BC + tl.arange(0, BC)
     cm = cols < M
     rr = tl.arange(0, BR)
@@ -572,21 +577,50 @@ def _sum_rows_kernel(p_ptr, out_ptr, R, M, BR: tl.constexpr, BC: tl.constexpr, C
     for r0 in range(0, R, BR):
         r = (r0 + rr).to(tl.int64)
         acc += tl.load(p_ptr + r[:, None] * M + cols[None, :], mask=(r < R)[:, None] & cm[None, :], other=0.0).to(CT)
-    tl.store(out_ptr + cols, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=cm)
+    tot = tl.sum(acc, axis=0)
+    d = cols % Dm
+    kj = cols // Dm
+    j = kj % (N + 2)
+    kd = (kj // (N + 2)) * Dm + d
+    tl.store(dA_ptr + kd * N + j, _cast_for(tot, dA_ptr), mask=cm & (j < N))
+    if HAS_D:
+        tl.store(dD_ptr + kd, _cast_for(tot, dD_ptr), mask=cm & (j == N))
+    if HAS_BIAS:
+        tl.store(dbias_ptr + kd, _cast_for(tot, dbias_ptr), mask=cm & (j == N + 1))
 
 
-def sum_rows(p: torch.Tensor) -> torch.Tensor:
-    """(R, M) -> (M,): the sum over rows in a fixed order (deterministic), in p's dtype.
+@triton.jit
+def _cast_for(v, ptr):
+    """v in ptr's element dtype; narrower than fp64 through fp32 (Triton's interpreter has no
+    fp64 -> bf16 cast)."""
+    ty = ptr.dtype.element_ty
+    if ty != tl.float64:
+        v = v.to(tl.float32)
+    return v.to(ty)
 
-    For the backward's per-(batch, chunk) parameter partials: R is batch x chunks (683 at S3), M is
-    K x (N + 2) x D. torch's column sum took 23-25 us for each of dA, dD and dbias at S2 / S3 on the
-    H100 (benchmarks/RESULTS.md, session 12); one pass over row blocks of up to 256 does all three."""
+
+def sum_params(p: torch.Tensor, K: int, N: int, Dm: int, A_dtype, D_dtype=None, bias_dtype=None):
+    """The backward's parameter partials p (R, K x (N + 2) x D) summed over rows in a fixed order
+    (deterministic) -> dA (K, D, N) in A_dtype, and dD, dbias (K, D) in D_dtype / bias_dtype (None
+    where that dtype is None). Rows of p are (batch, chunk) pairs (683 at S3).
+
+    torch's column sum took 23-25 us for each of dA, dD and dbias at S2 / S3 on the H100
+    (benchmarks/RESULTS.md, session 12); one pass over row blocks of up to 256 does all three, and
+    since session 17 it also writes each gradient transposed and cast, where three torch copies
+    did (about 50 us of host time per backward on the H100's host)."""
     R, M = p.shape
-    out = _empty(M, device=p.device, dtype=p.dtype)
+    if M != K * (N + 2) * Dm:
+        raise ValueError(f"sum_params: p has {M} columns, K x (N + 2) x D = {K * (N + 2) * Dm} needed")
+    dev = p.device
+    dA = _empty(K, Dm, N, device=dev, dtype=A_dtype)
+    dD = _empty(K, Dm, device=dev, dtype=D_dtype) if D_dtype is not None else None
+    dbias = _empty(K, Dm, device=dev, dtype=bias_dtype) if bias_dtype is not None else None
     BR = min(256, max(2, _np2(R)))
     BC = max(16, 4096 // BR)
-    _sum_rows_kernel[(_cdiv(M, BC),)](p, out, R, M, BR=BR, BC=BC, CT=_ct(p.dtype), num_warps=4)
-    return out
+    launch(_sum_params_kernel, (_cdiv(M, BC),), p, dA, dD if dD is not None else dA,
+           dbias if dbias is not None else dA, R, M, Dm, N, BR=BR, BC=BC, CT=_ct(p.dtype),
+           HAS_D=dD is not None, HAS_BIAS=dbias is not None, num_warps=4)
+    return dA, dD, dbias
 
 
 def _partial_dtype(grad_dtype: torch.dtype, cdt: torch.dtype) -> torch.dtype:
@@ -761,7 +795,7 @@ def _bwd_kernel(
         tl.store(gsum_ptr + g_slot * Dm + d, tl.sum(gacc, axis=0) + d_next, mask=dmask)
     else:
         # per (b, chunk, k) partial parameter gradients in one buffer (b, n_chunks, K, N + 2, D):
-        # rows 0..N-1 dA, row N dD, row N + 1 dbias (summed over (b, chunk) by one sum_rows pass)
+        # rows 0..N-1 dA, row N dD, row N + 1 dbias (summed over (b, chunk) by one sum_params pass)
         pk = ((b64 * n_chunks + pid_c) * K + k) * (N + 2) * Dm
         tl.store(dA_ptr + pk + st_off, dA_acc, mask=nd_mask)
         if HAS_D:
@@ -1019,10 +1053,19 @@ def _fast_exp(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype != torch.float64 and os.environ.get("MAMBA_DENSE_SCAN_FAST_EXP", "1") != "0"
 
 
+_SMS: dict = {}
+
+
 def _num_sms(dev: torch.device) -> int:
+    """The SM count of dev's GPU (1 for other devices), cached: get_device_properties took about
+    14 us of host time per call on the H100's host, four times per forward + backward."""
     if dev.type != "cuda":
         return 1
-    return torch.cuda.get_device_properties(dev).multi_processor_count
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    n = _SMS.get(idx)
+    if n is None:
+        n = _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return n
 
 
 # Chunk-parallel policy: a launch with fewer than MIN programs per SM is split along L into chunks
@@ -1115,7 +1158,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
         dsum = _empty(batch, K, n_slots, Dm, device=dev, dtype=cdt)
         # (by pairs, as the output pass, it was slower: H100, session 16, phase 1 S2 243 -> 260 us, S3 67
         # -> 84, S5 N=1 205 -> 227; a pair's second route finds x in the L2 either way)
-        _fwd_kernel[(K * n_dblk, n_chunks, batch)](
+        launch(_fwd_kernel, (K * n_dblk, n_chunks, batch),
             x, dt, A, B, C, D_, bias_, route, dummy, dummy, states, dsum,
             L, S, Dm, N, K, 0, K, n_tiles, tpc, 0, 0,
             MODE=0, PHASE=1, HAS_H0=False, STORE_STATES=False, **common,
@@ -1129,7 +1172,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
         # with REPS=1 instead was slower, 0.486)
         out = _empty(batch, L, Dm, device=dev, dtype=odt)
         for gi, grp in enumerate(sorted(plan[0], key=len)):
-            _fwd_kernel[(n_dblk, n_chunks, batch)](
+            launch(_fwd_kernel, (n_dblk, n_chunks, batch),
                 x, dt, A, B, C, D_, bias_, route, out, dummy, states, dummy,
                 L, S, Dm, N, K, grp[0], 1, n_tiles, tpc, grp[-1] if len(grp) == 2 else -1, int(gi > 0),
                 MODE=5, REPS=2, **phase3, **common,
@@ -1142,7 +1185,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
         else:
             bdt = odt if odt in (torch.bfloat16, torch.float32, torch.float64) else torch.float32
         out = (_empty if all(cover) else torch.zeros)(batch, L, K, Dm, device=dev, dtype=bdt)
-        _fwd_kernel[(K * n_dblk, n_chunks, batch)](
+        launch(_fwd_kernel, (K * n_dblk, n_chunks, batch),
             x, dt, A, B, C, D_, bias_, route, out, dummy, states, dummy,
             L, S, Dm, N, K, 0, K, n_tiles, tpc, 0, 0, MODE=0, **phase3, **common,
         )
@@ -1154,7 +1197,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
         need_acc = modes != [4]
         acc = (torch.zeros if zero else _empty)(batch, L, Dm, device=dev, dtype=cdt) if need_acc else dummy
         for k, mode in enumerate(modes):
-            _fwd_kernel[(n_dblk, n_chunks, batch)](
+            launch(_fwd_kernel, (n_dblk, n_chunks, batch),
                 x, dt, A, B, C, D_, bias_, route, out, acc, states, dummy,
                 L, S, Dm, N, K, k, 1, n_tiles, tpc, 0, 0, MODE=mode, **phase3, **common,
             )
@@ -1212,7 +1255,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
     if chunked:
         gbuf = _empty(batch, K, n_chunks, N, Dm, device=dev, dtype=cdt)
         gsum = _empty(batch, K, n_chunks, Dm, device=dev, dtype=cdt)
-        _bwd_kernel[(K * n_dblk, n_chunks, batch)](
+        launch(_bwd_kernel, (K * n_dblk, n_chunks, batch),
             x, dt, A, B, C, D_, bias_, route, states, dy,
             dx, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
             batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks,
@@ -1227,7 +1270,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
             dxbuf = dx
         else:
             dxbuf = (_empty if all(cover) else torch.zeros)(batch, L, K, Dm, device=dev, dtype=xdt)
-        _bwd_kernel[(K * n_dblk, n_chunks, batch)](
+        launch(_bwd_kernel, (K * n_dblk, n_chunks, batch),
             x, dt, A, B, C, D_, bias_, route, states, dy,
             dxbuf, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
             batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks,
@@ -1240,7 +1283,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
         need_acc = modes != [4]
         dxacc = (torch.zeros if zero else _empty)(batch, L, Dm, device=dev, dtype=cdt) if need_acc else dummy
         for k, mode in enumerate(modes):
-            _bwd_kernel[(n_dblk, n_chunks, batch)](
+            launch(_bwd_kernel, (n_dblk, n_chunks, batch),
                 x, dt, A, B, C, D_, bias_, route, states, dy,
                 dx, dxacc, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
                 batch, L, S, Dm, N, K, k, 1, n_tiles, tpc, n_chunks,
@@ -1250,9 +1293,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
             dx.copy_(dxacc)
     dB = sum_blocks(dBp, B.dtype)
     dC = sum_blocks(dCp, C.dtype)
-    psum = sum_rows(pp.view(batch * n_chunks, K * (N + 2) * Dm)).view(K, N + 2, Dm)
-    # copies: the op's outputs must not alias one another
-    dA = psum[:, :N].transpose(1, 2).to(A.dtype, memory_format=torch.contiguous_format, copy=True)  # (K, D, N)
-    dD = psum[:, N].to(D.dtype, copy=True) if D is not None else None
-    dbias = psum[:, N + 1].to(dt_bias.dtype, copy=True) if dt_bias is not None else None
+    # three separate tensors: the op's outputs must not alias one another
+    dA, dD, dbias = sum_params(pp.view(batch * n_chunks, K * (N + 2) * Dm), K, N, Dm, A.dtype,
+                               D.dtype if D is not None else None, dt_bias.dtype if dt_bias is not None else None)
     return dx, ddt, dA, dB, dC, dD, dbias

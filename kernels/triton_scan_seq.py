@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
 from .triton_scan import (
     carry,
     _config,
@@ -290,7 +291,7 @@ def scan_fwd_seq(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: boo
     grid = (K * p["n_dblk"], n_chunks, batch)
     if chunked:
         dsum = _empty(batch, K, n_tiles, Dm, device=dev, dtype=cdt)
-        _fwd_seq_kernel[grid](
+        launch(_fwd_seq_kernel, grid,
             x, dt, A, B, C, D_, bias_, route, dummy, states, dsum,
             L, S, Dm, N, K, n_tiles, tpc, PHASE=1, HAS_H0=False, STORE_STATES=False, **common,
         )
@@ -301,7 +302,7 @@ def scan_fwd_seq(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: boo
     else:
         bdt = odt if odt in (torch.bfloat16, torch.float32, torch.float64) else torch.float32
     out = (_empty if all(cover) else torch.zeros)(batch, L, K, Dm, device=dev, dtype=bdt)
-    _fwd_seq_kernel[grid](
+    launch(_fwd_seq_kernel, grid,
         x, dt, A, B, C, D_, bias_, route, out, states, dummy,
         L, S, Dm, N, K, n_tiles, tpc, PHASE=0, HAS_H0=chunked, STORE_STATES=save_states, **common,
     )

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from mamba_dense.kernels._launch import launch
 from mamba_dense.kernels.triton_scan import on_device
 from mamba_dense.layers.resize import bilinear_matrix
 
@@ -142,7 +143,7 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
         nb = triton.cdiv(C, BC)
         m, s, zt = (torch.empty(B, nb, P, device=logits.device, dtype=torch.float32) for _ in range(3))
         with on_device(logits):
-            _upce_fwd_kernel[(triton.cdiv(P, BP), nb, B)](
+            launch(_upce_fwd_kernel, (triton.cdiv(P, BP), nb, B),
                 logits, target, m, s, zt, C, h, w, Wc, P, sh, sw, *logits.stride(), ignore_index, BP=BP, BC=BC,
                 num_warps=warps,
             )
@@ -171,7 +172,7 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
         G = torch.empty(C, Hc, Wc, device=logits.device, dtype=gdt)
         with on_device(logits):
             for i in range(B):
-                _upce_grad_kernel[(triton.cdiv(P, BP), triton.cdiv(C, BC))](
+                launch(_upce_grad_kernel, (triton.cdiv(P, BP), triton.cdiv(C, BC)),
                     logits[i], target[i], lse[i], G, C, h, w, Wc, P, sh, sw, *logits.stride()[1:], ignore_index,
                     BP=BP, BC=BC, num_warps=warps,
                 )

@@ -253,17 +253,37 @@ def test_sum_blocks_adds_the_partials(n_blk, M, dtype, out):
     assert _rel(got[0], want) < (1e-2 if out == torch.bfloat16 else 1e-6)
 
 
-@pytest.mark.parametrize("R,M", [(1, 5), (3, 300), (600, 37)])
+@pytest.mark.parametrize("R,K,N,Dm,has_d,has_bias", [(1, 1, 1, 3, True, True), (3, 2, 4, 37, True, False),
+                                                   (600, 3, 1, 5, False, True), (5, 2, 16, 8, False, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_sum_rows_adds_every_row(R, M, dtype):
-    """sum_rows (the backward's dA / dD / dbias partials over batch x chunks): row blocks of up to
-    256 with a masked tail (600 rows: 3 blocks) and masked columns, every output written."""
+def test_sum_params_adds_every_row(R, K, N, Dm, has_d, has_bias, dtype):
+    """sum_params (the backward's dA / dD / dbias partials over batch x chunks): row blocks of up to
+    256 with a masked tail (600 rows: 3 blocks) and masked columns; dA written transposed to (K, D, N),
+    dD / dbias to (K, D), each in its own dtype, every element written (poisoned buffers)."""
     from mamba_dense.kernels import triton_scan as ts
 
-    p = torch.randn(R, M, generator=torch.Generator().manual_seed(R), dtype=torch.float64) + 0.25
-    got = ts.sum_rows(p.to(DEVICE, dtype))
-    assert got.shape == (M,) and got.dtype == dtype
-    assert _rel(got.cpu(), p.sum(0)) < (1e-12 if dtype == torch.float64 else 1e-6)
+    p = torch.randn(R, K * (N + 2) * Dm, generator=torch.Generator().manual_seed(R), dtype=torch.float64) + 0.25
+    col = p.sum(0).view(K, N + 2, Dm)
+    os.environ["MAMBA_DENSE_POISON"] = "1"
+    try:
+        dA, dD, dbias = ts.sum_params(p.to(DEVICE, dtype), K, N, Dm, dtype,
+                                      torch.bfloat16 if has_d else None, dtype if has_bias else None)
+    finally:
+        os.environ.pop("MAMBA_DENSE_POISON")
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    assert dA.shape == (K, Dm, N) and dA.dtype == dtype and dA.is_contiguous()
+    assert _rel(dA.cpu(), col[:, :N].transpose(1, 2)) < tol
+    if has_d:
+        assert dD.shape == (K, Dm) and dD.dtype == torch.bfloat16
+        assert _rel(dD.cpu(), col[:, N]) < 1e-2
+    else:
+        assert dD is None
+    if has_bias:
+        assert dbias.shape == (K, Dm) and dbias.dtype == dtype and _rel(dbias.cpu(), col[:, N + 1]) < tol
+    else:
+        assert dbias is None
+    with pytest.raises(ValueError, match="columns"):
+        ts.sum_params(p.to(DEVICE, dtype), K + 1, N, Dm, dtype)
 
 
 def test_fast_exp_policy(monkeypatch):

@@ -1,0 +1,123 @@
+"""Launching Triton kernels with less host time per call.
+
+``fn[grid](*args, **meta)`` runs Triton's Python launch path on every call: it binds the arguments,
+computes their specialization, builds a cache key, reads its knobs, fetches the device and stream and
+only then calls the compiled kernel's launcher. On the H100 host that took 23-30 us per launch of
+the scan's kernels against 5-8 us for the launcher alone (benchmarks/RESULTS.md, session 17), and a
+small scan's forward + backward makes 11 launches: at S3 (1024 x 1024, batch 1) the host, not the
+GPU, set the pace.
+
+``launch(fn, grid, *args, **meta)`` does what ``fn[grid]`` does, with a cache in front of it. The
+first call of a (kernel, device, argument specialization, meta) goes through Triton, which compiles
+if needed and returns the compiled kernel; later calls with the same key call that kernel's
+launcher directly, the way Triton's own ``CompiledKernel.__getitem__`` runner does.
+
+The key holds what Triton specializes a kernel on (``_arg_key``): for a tensor its dtype and whether
+its address is 16-byte aligned; for an int whether it is 1, whether it is a multiple of 16 and
+whether it fits 32 or 64 bits; bools and floats by type. Two calls with equal keys therefore get
+the same compiled kernel from Triton, and ``tests/kernels/test_launch.py`` checks that against
+Triton's own binder. Anything else (another argument type, a launch hook such as a profiler's,
+Triton's interpreter) takes Triton's path. ``MAMBA_DENSE_TRITON_LAUNCH=jit`` turns the cache off.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    from triton.runtime.driver import driver as _driver
+    from triton.runtime.jit import JITFunction as _JIT
+except ImportError:  # pragma: no cover - triton is a dependency on Linux
+    triton = None
+
+FAST = os.environ.get("MAMBA_DENSE_TRITON_LAUNCH", "fast") != "jit"
+
+_I32 = 2**31
+_I64 = 2**63
+_SLOW = object()  # cache value: this key always takes Triton's path
+_CACHE: dict = {}
+
+
+def _arg_key(a):
+    """What Triton's specialization sees of one runtime argument (None: not cacheable)."""
+    t = type(a)
+    if t is int:
+        if a == 1:
+            return 1
+        size = 0 if -_I32 <= a < _I32 else (1 if -_I64 <= a < _I64 else 2)
+        return (size, a % 16 == 0)
+    if isinstance(a, torch.Tensor):
+        return (a.dtype, a.data_ptr() % 16 == 0)
+    if t is bool:
+        return ("b", a)  # Triton: i1, not specialized on its value; keyed on it anyway
+    if t is float:
+        return "f"
+    return None
+
+
+def _hooks_set() -> bool:
+    rt = triton.knobs.runtime
+    return rt.launch_enter_hook is not None or rt.launch_exit_hook is not None
+
+
+def launch(fn, grid, *args, **meta):
+    """``fn[grid](*args, **meta)``: ``args`` are the kernel's runtime arguments in order,
+    ``meta`` its constexprs (by name) and launch options (num_warps, maxnreg, ...)."""
+    if not FAST or triton is None or not isinstance(fn, _JIT) or _hooks_set():
+        fn[grid](*args, **meta)
+        return
+    keys = []
+    for a in args:
+        k = _arg_key(a)
+        if k is None:
+            fn[grid](*args, **meta)
+            return
+        keys.append(k)
+    device = _driver.active.get_current_device()
+    key = (fn, device, tuple(keys), tuple(meta.items()))
+    hit = _CACHE.get(key)
+    if hit is None:
+        ck = fn[grid](*args, **meta)
+        _CACHE[key] = _entry(fn, ck, len(args), meta)
+        return
+    if hit is _SLOW:
+        fn[grid](*args, **meta)
+        return
+    ck, tail = hit
+    g1 = grid[1] if len(grid) > 1 else 1
+    g2 = grid[2] if len(grid) > 2 else 1
+    stream = _driver.active.get_current_stream(device)
+    ck.run(grid[0], g1, g2, stream, ck.function, ck.packed_metadata, None, None, None, *args, *tail)
+
+
+def _entry(fn, ck, n_args: int, meta: dict):
+    """(compiled kernel, constexpr values after the runtime arguments in signature order), or _SLOW
+    where the launch did not return a compiled kernel (Triton's interpreter) or the signature is
+    not what launch() assumes."""
+    if not all(hasattr(ck, a) for a in ("run", "function", "packed_metadata")):
+        return _SLOW
+    params = getattr(fn, "params", None)
+    if params is None or len(params) < n_args:
+        return _SLOW
+    tail = []
+    for p in params[n_args:]:
+        if not p.is_constexpr:
+            return _SLOW  # a runtime argument passed by name
+        if p.name in meta:
+            tail.append(meta[p.name])
+        elif p.has_default:
+            tail.append(p.default)
+        else:
+            return _SLOW
+    if any(p.is_constexpr for p in params[:n_args]):
+        return _SLOW  # a constexpr passed by position
+    ck.run  # noqa: B018 - loads the module (first access initializes the handles)
+    return ck, tuple(tail)
+
+
+def clear_cache():
+    """Forget the cached kernels (tests)."""
+    _CACHE.clear()
