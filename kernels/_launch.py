@@ -58,9 +58,17 @@ def _arg_key(a):
     return None
 
 
+def _hook_active(h) -> bool:
+    # triton 3.6 / 3.8 hold the hooks in (usually empty) HookChain objects; anything else set counts
+    if h is None:
+        return False
+    calls = getattr(h, "calls", None)
+    return calls is None or len(calls) > 0
+
+
 def _hooks_set() -> bool:
     rt = triton.knobs.runtime
-    return rt.launch_enter_hook is not None or rt.launch_exit_hook is not None
+    return _hook_active(rt.launch_enter_hook) or _hook_active(rt.launch_exit_hook)
 
 
 def launch(fn, grid, *args, **meta):

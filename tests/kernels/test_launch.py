@@ -78,6 +78,22 @@ def test_keys_separate_what_triton_separates():
     assert k(object()) is None  # not cacheable: Triton's own path
 
 
+def test_launch_hooks_take_tritons_path():
+    """A launch hook (a profiler's) must see every launch: the cache steps aside while one is set."""
+    chain = triton.knobs.runtime.launch_enter_hook
+    assert not _launch._hooks_set()  # triton keeps empty hook chains by default
+
+    def hook(metadata):
+        pass
+
+    chain.add(hook)
+    try:
+        assert _launch._hooks_set()
+    finally:
+        chain.remove(hook)
+    assert not _launch._hooks_set()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="launches compiled kernels (a GPU)")
 def test_cached_launch_matches_triton_launch(monkeypatch):
     fn = triton.jit(_copy_scale)
