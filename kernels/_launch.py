@@ -46,16 +46,32 @@ def _arg_key(a):
     t = type(a)
     if t is int:
         if a == 1:
-            return 1
-        size = 0 if -_I32 <= a < _I32 else (1 if -_I64 <= a < _I64 else 2)
-        return (size, a % 16 == 0)
+            return -1
+        return (a & 15 == 0) if -_I32 <= a < _I32 else (2 + (a & 15 == 0) if -_I64 <= a < _I64 else 4)
     if isinstance(a, torch.Tensor):
-        return (a.dtype, a.data_ptr() % 16 == 0)
+        return (a.dtype, a.data_ptr() & 15 == 0)
     if t is bool:
         return ("b", a)  # Triton: i1, not specialized on its value; keyed on it anyway
     if t is float:
         return "f"
     return None
+
+
+def _args_key(args):
+    """The key of a launch's runtime arguments (None: not cacheable). The common case (ints and
+    tensors) in one comprehension; it runs on every launch (about 3.5 us for 23 arguments here)."""
+    try:
+        keys = tuple([
+            (-1 if a == 1 else ((a & 15 == 0) if -_I32 <= a < _I32 else None)) if a.__class__ is int
+            else (a.dtype, a.data_ptr() & 15 == 0)
+            for a in args
+        ])
+        if None not in keys:
+            return keys
+    except (AttributeError, TypeError):  # another type (bool, float, ...): the detailed path
+        pass
+    keys = tuple(_arg_key(a) for a in args)
+    return None if None in keys else keys
 
 
 def _hook_active(h) -> bool:
@@ -77,15 +93,12 @@ def launch(fn, grid, *args, **meta):
     if not FAST or triton is None or not isinstance(fn, _JIT) or _hooks_set():
         fn[grid](*args, **meta)
         return
-    keys = []
-    for a in args:
-        k = _arg_key(a)
-        if k is None:
-            fn[grid](*args, **meta)
-            return
-        keys.append(k)
+    keys = _args_key(args)
+    if keys is None:
+        fn[grid](*args, **meta)
+        return
     device = _driver.active.get_current_device()
-    key = (fn, device, tuple(keys), tuple(meta.items()))
+    key = (fn, device, keys, tuple(meta.items()))
     hit = _CACHE.get(key)
     if hit is None:
         ck = fn[grid](*args, **meta)

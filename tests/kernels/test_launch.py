@@ -58,7 +58,7 @@ def test_equal_keys_mean_equal_triton_specialization():
             n_, stride = rng.choice(INTS), rng.choice(INTS)
             scale = rng.choice([0.5, 1.0, 2.0])
             args = (x, y, n_, stride, scale)
-            key = tuple(_launch._arg_key(a) for a in args)
+            key = _launch._args_key(args)
             _bound, spec, _opts = binder(*args, BLOCK=128)
             groups.setdefault(key, set()).add(repr(spec))
             n += 1
@@ -71,11 +71,16 @@ def test_equal_keys_mean_equal_triton_specialization():
 
 def test_keys_separate_what_triton_separates():
     # the converse on the cases that matter: 1 vs other ints, multiples of 16, int sizes, alignment
-    k = _launch._arg_key
+    def k(a):
+        return _launch._args_key((a,))
+
     assert k(1) != k(17) and k(16) != k(17) and k(2**31) != k(2**31 - 16) and k(0) == k(16)
+    assert k(2**31) != k(2**31 + 8) and k(2**40) != k(2**64) and k(-1) != k(1)
     t = torch.zeros(8)
     assert k(t) != k(t[1:]) and k(t) == k(t[4:]) and k(t) != k(t.to(torch.bfloat16))
-    assert k(object()) is None  # not cacheable: Triton's own path
+    assert k(torch.nn.Parameter(t)) == k(t)
+    assert k(True) != k(False) and k(True) != k(1) and k(0.5) == k(2.0)
+    assert _launch._args_key((t, object())) is None  # not cacheable: Triton's own path
 
 
 def test_launch_hooks_take_tritons_path():
