@@ -39,6 +39,7 @@ _I32 = 2**31
 _I64 = 2**63
 _SLOW = object()  # cache value: this key always takes Triton's path
 _CACHE: dict = {}
+_KEEP: list = []
 
 
 def _arg_key(a):
@@ -98,11 +99,12 @@ def launch(fn, grid, *args, **meta):
         fn[grid](*args, **meta)
         return
     device = _driver.active.get_current_device()
-    key = (fn, device, keys, tuple(meta.items()))
+    key = (id(fn), device, keys, tuple(meta.items()))  # id: JITFunction's __hash__ is Python code
     hit = _CACHE.get(key)
     if hit is None:
         ck = fn[grid](*args, **meta)
         _CACHE[key] = _entry(fn, ck, len(args), meta)
+        _KEEP.append(fn)  # the id in the key stays this kernel's
         return
     if hit is _SLOW:
         fn[grid](*args, **meta)
@@ -142,3 +144,4 @@ def _entry(fn, ck, n_args: int, meta: dict):
 def clear_cache():
     """Forget the cached kernels (tests)."""
     _CACHE.clear()
+    _KEEP.clear()
