@@ -1244,7 +1244,6 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
     # dA, dD, dbias partials per (b, chunk, k): one buffer, rows N and N + 1 of each (N + 2, D) slab
     # hold dD and dbias (left unwritten, and their sums unused, when D / dt_bias are absent)
     pp = _empty(batch, n_chunks, K, N + 2, Dm, device=dev, dtype=cdt)
-    dx = _empty_like(x)
     kw = dict(
         HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         DY_PER_ROUTE=(merge == "none"), T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps,
@@ -1257,7 +1256,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
         gsum = _empty(batch, K, n_chunks, Dm, device=dev, dtype=cdt)
         launch(_bwd_kernel, (K * n_dblk, n_chunks, batch),
             x, dt, A, B, C, D_, bias_, route, states, dy,
-            dx, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
+            dummy, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,  # phase 1 writes no dx
             batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks,
             DXMODE=4, PHASE=1, HAS_G0=False, **kw,
         )
@@ -1267,8 +1266,9 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
         if x_per_route:
             dx = dxbuf = (_empty_like if all(cover) else torch.zeros_like)(x)  # per-route dx, no merge
         elif K == 1 and cover[0]:
-            dxbuf = dx
+            dx = dxbuf = _empty_like(x)
         else:
+            dx = None  # the routes' sum of dxbuf, below
             dxbuf = (_empty if all(cover) else torch.zeros)(batch, L, K, Dm, device=dev, dtype=xdt)
         launch(_bwd_kernel, (K * n_dblk, n_chunks, batch),
             x, dt, A, B, C, D_, bias_, route, states, dy,
@@ -1276,9 +1276,10 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
             batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks,
             DXMODE=0, PHASE=0, HAS_G0=chunked, **kw,
         )
-        if dxbuf is not dx:
+        if dx is None:
             dx = sum_routes(dxbuf, x.dtype)
     else:
+        dx = _empty_like(x)
         modes, zero = _merge_modes(K, cover)
         need_acc = modes != [4]
         dxacc = (torch.zeros if zero else _empty)(batch, L, Dm, device=dev, dtype=cdt) if need_acc else dummy
