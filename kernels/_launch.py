@@ -17,7 +17,8 @@ its address is 16-byte aligned; for an int whether it is 1, whether it is a mult
 whether it fits 32 or 64 bits; bools and floats by type. Two calls with equal keys therefore get
 the same compiled kernel from Triton, and ``tests/kernels/test_launch.py`` checks that against
 Triton's own binder. Anything else (another argument type, a launch hook such as a profiler's,
-Triton's interpreter) takes Triton's path. ``MAMBA_DENSE_TRITON_LAUNCH=jit`` turns the cache off.
+Triton's interpreter) takes Triton's path. Triton's debug and instrumentation knobs are read when a key is first seen, not on
+every launch. ``MAMBA_DENSE_TRITON_LAUNCH=jit`` turns the cache off.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ _I32 = 2**31
 _I64 = 2**63
 _SLOW = object()  # cache value: this key always takes Triton's path
 _CACHE: dict = {}
-_KEEP: list = []
+_KEEP: dict = {}  # id -> kernel: an id in a key stays that kernel's
 
 
 def _arg_key(a):
@@ -104,7 +105,7 @@ def launch(fn, grid, *args, **meta):
     if hit is None:
         ck = fn[grid](*args, **meta)
         _CACHE[key] = _entry(fn, ck, len(args), meta)
-        _KEEP.append(fn)  # the id in the key stays this kernel's
+        _KEEP[id(fn)] = fn
         return
     if hit is _SLOW:
         fn[grid](*args, **meta)
