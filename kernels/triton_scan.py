@@ -1075,16 +1075,23 @@ def _num_sms(dev: torch.device) -> int:
 # f+b ms at 32 / 64 / 128: S2 2.96 / 2.80 / 2.74, S5 N=16 9.59 / 9.29 / 8.99, S5 N=1 2.34 / 2.41 / 2.38).
 MIN_PROGRAMS_PER_SM = int(os.environ.get("MAMBA_DENSE_MIN_PROGRAMS_PER_SM", "4"))
 TARGET_PROGRAMS_PER_SM = int(os.environ.get("MAMBA_DENSE_TARGET_PROGRAMS_PER_SM", "128"))
+# The backward's chunks are at least this many tiles (or half the route, if that is less). With the
+# policy's 3-tile chunks, S3 (1024 x 1024, batch 1: 12 programs per launch, 1366 chunks) spent more in
+# the per-chunk work and the carry than the extra programs gained: H100, session 17, backward
+# kernels 327 -> 302 us with chunks of 6 tiles; S2 (3 -> 6 tiles) unchanged, S5 (18 tiles) untouched.
+BWD_MIN_TILES_PER_CHUNK = 6
 
 
-def _tiles_per_chunk(n_tiles: int, programs: int, n_sm: int, override: int | None = None) -> int:
-    """Tiles one program walks; fewer than n_tiles means chunk-parallel (3 phases)."""
+def _tiles_per_chunk(n_tiles: int, programs: int, n_sm: int, override: int | None = None,
+                     min_tiles: int = 2) -> int:
+    """Tiles one program walks; fewer than n_tiles means chunk-parallel (3 phases). Chunks hold at
+    least min(min_tiles, n_tiles // 2) tiles and 2."""
     if override is not None:
         return max(1, min(int(override), n_tiles))
     if programs >= MIN_PROGRAMS_PER_SM * n_sm or n_tiles < 4:
         return n_tiles
     want_chunks = -(-TARGET_PROGRAMS_PER_SM * n_sm // max(1, programs))
-    return max(2, -(-n_tiles // want_chunks))
+    return max(2, min(min_tiles, n_tiles // 2), -(-n_tiles // want_chunks))
 
 
 def _merge_strategy() -> str:
@@ -1226,12 +1233,12 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
     dy = dy.contiguous()
     cover = route_coverage(route, L)
     per_launch = batch * n_dblk * routes_per_launch
-    tpc = _tiles_per_chunk(n_tiles, per_launch, _num_sms(dev), tiles_per_chunk)
+    tpc = _tiles_per_chunk(n_tiles, per_launch, _num_sms(dev), tiles_per_chunk, BWD_MIN_TILES_PER_CHUNK)
     if _wide_block(N, Dm, x.dtype, tpc < n_tiles):
         BD = 32
         n_dblk = _cdiv(Dm, BD)
         per_launch = batch * n_dblk * routes_per_launch
-        tpc = _tiles_per_chunk(n_tiles, per_launch, _num_sms(dev), tiles_per_chunk)
+        tpc = _tiles_per_chunk(n_tiles, per_launch, _num_sms(dev), tiles_per_chunk, BWD_MIN_TILES_PER_CHUNK)
     n_chunks = _cdiv(n_tiles, tpc)
     chunked = n_chunks > 1
     dummy = states

@@ -208,6 +208,10 @@ def test_n16_backward_register_cap_and_chunked_gradients(monkeypatch):
     monkeypatch.setattr(ts, "_num_sms", lambda dev: 64)  # pretend a large GPU: the launch goes chunk-parallel
     route = routes.segmamba3d(2, 4, 5).to(DEVICE)  # 40 steps = 5 tiles of 8
     assert ts._tiles_per_chunk(5, 1 * 3 * 2, 64) < 5
+    # the backward's chunks: at least BWD_MIN_TILES_PER_CHUNK tiles, or half the route
+    assert ts._tiles_per_chunk(4096, 12, 132) == 3 and ts._tiles_per_chunk(4096, 12, 132, None, 6) == 6
+    assert ts._tiles_per_chunk(8, 4, 64, None, 6) == 4 and ts._tiles_per_chunk(5, 6, 64, None, 6) == 2
+    assert ts._tiles_per_chunk(16384, 18, 132, None, 6) == ts._tiles_per_chunk(16384, 18, 132) == 18
     # 12 channels: two blocks of 8, the second masked
     _check_fp32_api(route, _inputs(1, 40, 3, 12, 16, torch.float32, seed=13))
 
