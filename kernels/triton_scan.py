@@ -607,7 +607,7 @@ def sum_params(p: torch.Tensor, K: int, N: int, Dm: int, A_dtype, D_dtype=None, 
     torch's column sum took 23-25 us for each of dA, dD and dbias at S2 / S3 on the H100
     (benchmarks/RESULTS.md, session 12); one pass over row blocks of up to 256 does all three, and
     since session 17 it also writes each gradient transposed and cast, where three torch copies
-    did (about 50 us of host time per backward on the H100's host)."""
+    did (about 50 us per backward under cProfile on the H100's host)."""
     R, M = p.shape
     if M != K * (N + 2) * Dm:
         raise ValueError(f"sum_params: p has {M} columns, K x (N + 2) x D = {K * (N + 2) * Dm} needed")
