@@ -1141,7 +1141,8 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
     n_dblk = _cdiv(Dm, BD)
     odt = out_dtype or x.dtype
     dev = x.device
-    routes_per_launch = K if (merge == "none" or _merge_strategy() != "serial") else 1
+    serial = _merge_strategy() == "serial"  # read once per call (an environment read)
+    routes_per_launch = K if (merge == "none" or not serial) else 1
     tpc = _tiles_per_chunk(n_tiles, batch * n_dblk * routes_per_launch, _num_sms(dev), tiles_per_chunk)
     if _wide_block(N, Dm, x.dtype, tpc < n_tiles):
         BD = 32
@@ -1184,7 +1185,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
                 L, S, Dm, N, K, grp[0], 1, n_tiles, tpc, grp[-1] if len(grp) == 2 else -1, int(gi > 0),
                 MODE=5, REPS=2, **phase3, **common,
             )
-    elif merge == "none" or _merge_strategy() != "serial":
+    elif merge == "none" or not serial:
         # all routes in one launch, per-route outputs at their tokens; merge="sum" then adds the
         # K routes in a fixed order (deterministic) with fp32 accumulation
         if merge == "none":
@@ -1228,7 +1229,8 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
     NP = _np2(N)
     n_tiles = _cdiv(S, T)
     dev = x.device
-    routes_per_launch = K if (x_per_route or _merge_strategy() != "serial") else 1
+    serial = _merge_strategy() == "serial"
+    routes_per_launch = K if (x_per_route or not serial) else 1
     n_dblk = _cdiv(Dm, BD)
     dy = dy.contiguous()
     cover = route_coverage(route, L)
@@ -1268,7 +1270,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
             DXMODE=4, PHASE=1, HAS_G0=False, **kw,
         )
         carry(gbuf, gsum, A, n_chunks, 1, n_chunks, Dm, N, K, reverse=True, rows=batch * K)
-    if x_per_route or _merge_strategy() != "serial":
+    if x_per_route or not serial:
         xdt = x.dtype if x.dtype in (torch.bfloat16, torch.float32, torch.float64) else torch.float32
         if x_per_route:
             dx = dxbuf = (_empty_like if all(cover) else torch.zeros_like)(x)  # per-route dx, no merge
