@@ -136,9 +136,11 @@ def main():
                 with torch.enable_grad():
                     dbfb = triton.testing.do_bench(fwd_bwd, warmup=30, rep=200, return_mode="median")
                 row = dict(shape=sname, variant=name, env=env, round=rnd, fwd_kernel_ms=tf, fwdbwd_kernel_ms=tfb,
-                           fwd_do_bench_ms=dbf, fwdbwd_do_bench_ms=dbfb, grad_rel_diff=gerr, fwdbwd_kernels_us=kfb)
+                           fwd_do_bench_ms=dbf, fwdbwd_do_bench_ms=dbfb, grad_rel_diff=gerr, fwd_kernels_us=kf,
+                           fwdbwd_kernels_us=kfb)
                 print(f"{sname[:3]}{' N16' if N == 16 else ''} {name:12s} fwdK {tf:.3f} db {dbf:.3f} | "
                       f"f+bK {tfb:.3f} db {dbfb:.3f} | gerr {gerr:.1e}", flush=True)
+                print("      fwd kernels (us)", kf, flush=True)
                 print("      f+b kernels (us)", kfb, flush=True)
                 if args.seq:
                     row["fwdbwd_sequence_us"] = launch_sequence(fwd_bwd)

@@ -10,11 +10,12 @@ the same Triton forward and backward (``use_eager_path`` says which path a call 
 
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
+
+from ._launch import getenv
 
 
 def tile_size(N: int, Dm: int, dtype: torch.dtype) -> int:
@@ -195,7 +196,7 @@ def use_eager_path(x: Tensor) -> bool:
         and type(x) is Tensor
         and x.device.type != "meta"
         and torch._C._len_torch_dispatch_stack() == 0
-        and os.environ.get("MAMBA_DENSE_SCAN_EAGER", "function") != "op"
+        and getenv("MAMBA_DENSE_SCAN_EAGER", "function") != "op"
     )
 
 

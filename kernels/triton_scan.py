@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch
+from ._launch import getenv, launch
 
 # --------------------------------------------------------------------------------------------
 # device helpers
@@ -190,9 +190,11 @@ def _route_tok(route_ptr, k, s0, S, offs_t):
 
 @triton.jit
 def _token_rows(tok, b64, L, K, k):
-    """valid steps, token rows in (b, L) and rows in (b, L, K) of the tokens tok."""
+    """valid steps, token rows in (b, L) and rows in (b, L, K) of the tokens tok, in tok's integer type:
+    int64, or int32 when the host passed an int32 copy of the route (_kernel_route: every row offset
+    of the launch fits 31 bits)."""
     valid = tok >= 0
-    row = b64 * L + tl.where(valid, tok, 0).to(tl.int64)
+    row = b64.to(tok.dtype) * L + tl.where(valid, tok, 0)
     return valid, row, row * K + k
 
 
@@ -492,7 +494,7 @@ def _carry_cfg(n_chunks: int, ND: int) -> tuple[int, int, int]:
     round of up to 512 chunks on narrow column blocks (BLK 8-128 of the N x D state elements, about
     4096 elements per program) keeps the registers per thread where they were and multiplies the
     programs instead. MAMBA_DENSE_CARRY_CB (a power of 2) overrides CB, for tuning."""
-    env = os.environ.get("MAMBA_DENSE_CARRY_CB")
+    env = getenv("MAMBA_DENSE_CARRY_CB")
     CB = int(env) if env else min(512, max(2, _np2(n_chunks)))
     BLK = max(8, min(128, _np2(ND), 4096 // CB))
     return CB, BLK, 4 if CB * BLK <= 2048 else 8
@@ -534,9 +536,7 @@ def sum_routes(buf: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
 
 
 @triton.jit
-def _sum_blocks_kernel(part_ptr, out_ptr, M, n_blk, BLOCK: tl.constexpr, U: tl.constexpr, CT: tl.constexpr):
-    """out[m] = sum_j part[j, m] over the n_blk channel blocks in a fixed order, accumulated in CT;
-    U blocks' loads are issued together (unrolled), the rest of the order unchanged."""
+def _sum_blocks_one(part_ptr, out_ptr, M, n_blk, BLOCK: tl.constexpr, U: tl.constexpr, CT: tl.constexpr):
     m = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = m < M
     acc = tl.zeros([BLOCK], dtype=CT)
@@ -545,6 +545,19 @@ def _sum_blocks_kernel(part_ptr, out_ptr, M, n_blk, BLOCK: tl.constexpr, U: tl.c
             j = j0 + u
             acc += tl.load(part_ptr + j * M + m, mask=mask & (j < n_blk), other=0.0).to(CT)
     tl.store(out_ptr + m, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _sum_blocks_kernel(part_ptr, out_ptr, part2_ptr, out2_ptr, M, n_blk, BLOCK: tl.constexpr, U: tl.constexpr,
+                       CT: tl.constexpr):
+    """out[m] = sum_j part[j, m] over the n_blk channel blocks in a fixed order, accumulated in CT;
+    U blocks' loads are issued together (unrolled), the rest of the order unchanged. Programs with
+    program_id(1) == 1 do the same for (part2, out2), a second sum of the same shape and dtypes
+    (the backward's dB and dC in one launch)."""
+    if tl.program_id(1) == 0:
+        _sum_blocks_one(part_ptr, out_ptr, M, n_blk, BLOCK, U, CT)
+    else:
+        _sum_blocks_one(part2_ptr, out2_ptr, M, n_blk, BLOCK, U, CT)
 
 
 def sum_blocks(part: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
@@ -559,9 +572,24 @@ def sum_blocks(part: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     out = _empty(*part.shape[1:], device=part.device, dtype=out_dtype)
     M = out.numel()
     BLOCK = 512
-    launch(_sum_blocks_kernel, (_cdiv(M, BLOCK),),
-        part, out, M, part.shape[0], BLOCK=BLOCK, U=4, CT=_ct(part.dtype), num_warps=1)
+    launch(_sum_blocks_kernel, (_cdiv(M, BLOCK), 1),
+        part, out, part, out, M, part.shape[0], BLOCK=BLOCK, U=4, CT=_ct(part.dtype), num_warps=1)
     return out
+
+
+def sum_blocks2(part: torch.Tensor, out_dtype: torch.dtype, part2: torch.Tensor, out2_dtype: torch.dtype):
+    """sum_blocks of two partials, in one launch where they share shape and dtypes (the backward's dB
+    and dC partials: one launch less per backward); two separate output tensors."""
+    if (part.shape != part2.shape or part.dtype != part2.dtype or out_dtype != out2_dtype
+            or (part.shape[0] == 1 and part.dtype == out_dtype)):
+        return sum_blocks(part, out_dtype), sum_blocks(part2, out2_dtype)
+    out = _empty(*part.shape[1:], device=part.device, dtype=out_dtype)
+    out2 = _empty(*part.shape[1:], device=part.device, dtype=out_dtype)
+    M = out.numel()
+    BLOCK = 512
+    launch(_sum_blocks_kernel, (_cdiv(M, BLOCK), 2),
+        part, out, part2, out2, M, part.shape[0], BLOCK=BLOCK, U=4, CT=_ct(part.dtype), num_warps=1)
+    return out, out2
 
 
 @triton.jit
@@ -823,7 +851,7 @@ def on_device(t: torch.Tensor):
 def _empty(*shape, device, dtype) -> torch.Tensor:
     """torch.empty, filled with NaN when MAMBA_DENSE_POISON=1 (tests catch unwritten elements)."""
     t = torch.empty(*shape, device=device, dtype=dtype)
-    if os.environ.get("MAMBA_DENSE_POISON", "0") == "1":
+    if getenv("MAMBA_DENSE_POISON", "0") == "1":
         t.fill_(float("nan"))
     return t
 
@@ -856,6 +884,16 @@ def _route_info(route: torch.Tensor, what, compute, capturing):
         _ROUTE_INFO.clear()
     _ROUTE_INFO[key] = (route, info)
     return info
+
+
+def _kernel_route(route: torch.Tensor, rows: int) -> torch.Tensor:
+    """The route the scan kernels read: an int32 copy (cached per route tensor, like route_coverage)
+    when every token-row offset of the launch, rows = batch * L * K * max(Dm, N), fits 31 bits; the
+    kernels then compute their row offsets in int32 (_token_rows), else from the int64 route.
+    MAMBA_DENSE_SCAN_I64=1 keeps int64 (for comparisons)."""
+    if rows >= 2**31 or getenv("MAMBA_DENSE_SCAN_I64") == "1":
+        return route
+    return _route_info(route, "int32", lambda: route.to(torch.int32), lambda: route.to(torch.int32))
 
 
 def route_coverage(route: torch.Tensor, L: int) -> tuple[bool, ...]:
@@ -969,7 +1007,7 @@ def _config(N: int, Dm: int, dtype: torch.dtype) -> _Cfg:
     (for tuning).
     """
     NP = _np2(N)
-    env = os.environ.get("MAMBA_DENSE_SCAN_CFG")
+    env = getenv("MAMBA_DENSE_SCAN_CFG")
     if env:
         vals = [int(v) for v in env.split(",")]
         if len(vals) == 3:
@@ -1004,7 +1042,7 @@ def _wide_block(N: int, Dm: int, dtype: torch.dtype, chunked: bool) -> bool:
     (S1 forward 0.295 -> 0.349 ms with 32; S1 backward 0.84 ms with 16 against 0.88). Not with
     MAMBA_DENSE_SCAN_CFG set (tuning), nor for fp64."""
     return (chunked and _np2(N) == 1 and Dm % 32 == 0 and dtype != torch.float64
-            and not os.environ.get("MAMBA_DENSE_SCAN_CFG"))
+            and not getenv("MAMBA_DENSE_SCAN_CFG"))
 
 
 def _reg_cap(kind: str, NP: int, T: int, BD: int, warps: int) -> dict:
@@ -1016,7 +1054,7 @@ def _reg_cap(kind: str, NP: int, T: int, BD: int, warps: int) -> dict:
     10.07 -> 9.67 ms (152: 6.45 / 9.68; 184: 7.71 / 11.48; 128: slower). The N=1 backward (250
     registers) and the forwards gained nothing from a cap, so they get none.
     MAMBA_DENSE_SCAN_MAXNREG="fwd_cap,bwd_cap" (0 = no cap) overrides, for tuning."""
-    env = os.environ.get("MAMBA_DENSE_SCAN_MAXNREG")
+    env = getenv("MAMBA_DENSE_SCAN_MAXNREG")
     if env:
         f, b = (int(v) for v in env.split(","))
         cap = f if kind == "fwd" else b
@@ -1033,7 +1071,7 @@ def _fwd_prefetch(NP: int, chunked: bool) -> bool:
     chunk-parallel launches lose (S2 0.571 -> 0.597, S3 0.169 -> 0.184, S5 N1 0.538 -> 0.546: the
     phase-1 kernel goes from 154 to 210 registers). Session 8 found N = 16 spilling with a prefetch.
     MAMBA_DENSE_FWD_PREFETCH=0/1 overrides (every launch of any N)."""
-    env = os.environ.get("MAMBA_DENSE_FWD_PREFETCH")
+    env = getenv("MAMBA_DENSE_FWD_PREFETCH")
     if env is not None:
         return env == "1"
     return NP == 1 and not chunked
@@ -1050,7 +1088,7 @@ def _fast_exp(x: torch.Tensor) -> bool:
     forward from 2.26 to 2.11 ms and, once the loads were reordered, the N=16 backward 5.5% faster
     (f+b S4 5.24 -> 4.95 ms, S5 N=16 7.41 -> 7.01). MAMBA_DENSE_SCAN_FAST_EXP=0 turns it off, for
     comparisons."""
-    return x.is_cuda and x.dtype != torch.float64 and os.environ.get("MAMBA_DENSE_SCAN_FAST_EXP", "1") != "0"
+    return x.is_cuda and x.dtype != torch.float64 and getenv("MAMBA_DENSE_SCAN_FAST_EXP", "1") != "0"
 
 
 _SMS: dict = {}
@@ -1100,7 +1138,7 @@ def _merge_strategy() -> str:
     per-route outputs and sums them in a second pass; "serial" runs one launch per route with a
     read-add-write of an fp32 accumulator (less memory, less parallelism). Set MAMBA_DENSE_MERGE to
     choose."""
-    v = os.environ.get("MAMBA_DENSE_MERGE", "pairs")
+    v = getenv("MAMBA_DENSE_MERGE", "pairs")
     if v not in ("pairs", "buffer", "serial"):
         raise ValueError(f"MAMBA_DENSE_MERGE must be 'pairs', 'buffer' or 'serial', got {v!r}")
     return v
@@ -1149,6 +1187,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
         n_dblk = _cdiv(Dm, BD)
         tpc = _tiles_per_chunk(n_tiles, batch * n_dblk * routes_per_launch, _num_sms(dev), tiles_per_chunk)
     cover = route_coverage(route, L)
+    kroute = _kernel_route(route, batch * L * K * max(Dm, N))
     plan = _pair_plan(route, merge, x_per_route, cover, S, T, n_tiles, tpc, odt, N, tiles_per_chunk is not None)
     if plan is not None:
         tpc = plan[1]
@@ -1167,7 +1206,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
         # (by pairs, as the output pass, it was slower: H100, session 16, phase 1 S2 243 -> 260 us, S3 67
         # -> 84, S5 N=1 205 -> 227; a pair's second route finds x in the L2 either way)
         launch(_fwd_kernel, (K * n_dblk, n_chunks, batch),
-            x, dt, A, B, C, D_, bias_, route, dummy, dummy, states, dsum,
+            x, dt, A, B, C, D_, bias_, kroute, dummy, dummy, states, dsum,
             L, S, Dm, N, K, 0, K, n_tiles, tpc, 0, 0,
             MODE=0, PHASE=1, HAS_H0=False, STORE_STATES=False, **common,
         )
@@ -1181,7 +1220,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
         out = _empty(batch, L, Dm, device=dev, dtype=odt)
         for gi, grp in enumerate(sorted(plan[0], key=len)):
             launch(_fwd_kernel, (n_dblk, n_chunks, batch),
-                x, dt, A, B, C, D_, bias_, route, out, dummy, states, dummy,
+                x, dt, A, B, C, D_, bias_, kroute, out, dummy, states, dummy,
                 L, S, Dm, N, K, grp[0], 1, n_tiles, tpc, grp[-1] if len(grp) == 2 else -1, int(gi > 0),
                 MODE=5, REPS=2, **phase3, **common,
             )
@@ -1194,7 +1233,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
             bdt = odt if odt in (torch.bfloat16, torch.float32, torch.float64) else torch.float32
         out = (_empty if all(cover) else torch.zeros)(batch, L, K, Dm, device=dev, dtype=bdt)
         launch(_fwd_kernel, (K * n_dblk, n_chunks, batch),
-            x, dt, A, B, C, D_, bias_, route, out, dummy, states, dummy,
+            x, dt, A, B, C, D_, bias_, kroute, out, dummy, states, dummy,
             L, S, Dm, N, K, 0, K, n_tiles, tpc, 0, 0, MODE=0, **phase3, **common,
         )
         if merge == "sum":
@@ -1206,7 +1245,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
         acc = (torch.zeros if zero else _empty)(batch, L, Dm, device=dev, dtype=cdt) if need_acc else dummy
         for k, mode in enumerate(modes):
             launch(_fwd_kernel, (n_dblk, n_chunks, batch),
-                x, dt, A, B, C, D_, bias_, route, out, acc, states, dummy,
+                x, dt, A, B, C, D_, bias_, kroute, out, acc, states, dummy,
                 L, S, Dm, N, K, k, 1, n_tiles, tpc, 0, 0, MODE=mode, **phase3, **common,
             )
         if modes[-1] == 2:
@@ -1234,6 +1273,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
     n_dblk = _cdiv(Dm, BD)
     dy = dy.contiguous()
     cover = route_coverage(route, L)
+    kroute = _kernel_route(route, batch * L * K * max(Dm, N))
     per_launch = batch * n_dblk * routes_per_launch
     tpc = _tiles_per_chunk(n_tiles, per_launch, _num_sms(dev), tiles_per_chunk, BWD_MIN_TILES_PER_CHUNK)
     if _wide_block(N, Dm, x.dtype, tpc < n_tiles):
@@ -1256,7 +1296,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
     kw = dict(
         HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         DY_PER_ROUTE=(merge == "none"), T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps,
-        X_PER_ROUTE=x_per_route, FAST_EXP=_fast_exp(x), INTERP=os.environ.get("TRITON_INTERPRET") == "1",
+        X_PER_ROUTE=x_per_route, FAST_EXP=_fast_exp(x), INTERP=getenv("TRITON_INTERPRET") == "1",
         **_reg_cap("bwd", NP, T, BD, warps),
     )
     gbuf = gsum = dummy
@@ -1264,7 +1304,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
         gbuf = _empty(batch, K, n_chunks, N, Dm, device=dev, dtype=cdt)
         gsum = _empty(batch, K, n_chunks, Dm, device=dev, dtype=cdt)
         launch(_bwd_kernel, (K * n_dblk, n_chunks, batch),
-            x, dt, A, B, C, D_, bias_, route, states, dy,
+            x, dt, A, B, C, D_, bias_, kroute, states, dy,
             dummy, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,  # phase 1 writes no dx
             batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks,
             DXMODE=4, PHASE=1, HAS_G0=False, **kw,
@@ -1280,7 +1320,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
             dx = None  # the routes' sum of dxbuf, below
             dxbuf = (_empty if all(cover) else torch.zeros)(batch, L, K, Dm, device=dev, dtype=xdt)
         launch(_bwd_kernel, (K * n_dblk, n_chunks, batch),
-            x, dt, A, B, C, D_, bias_, route, states, dy,
+            x, dt, A, B, C, D_, bias_, kroute, states, dy,
             dxbuf, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
             batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks,
             DXMODE=0, PHASE=0, HAS_G0=chunked, **kw,
@@ -1294,15 +1334,14 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
         dxacc = (torch.zeros if zero else _empty)(batch, L, Dm, device=dev, dtype=cdt) if need_acc else dummy
         for k, mode in enumerate(modes):
             launch(_bwd_kernel, (n_dblk, n_chunks, batch),
-                x, dt, A, B, C, D_, bias_, route, states, dy,
+                x, dt, A, B, C, D_, bias_, kroute, states, dy,
                 dx, dxacc, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
                 batch, L, S, Dm, N, K, k, 1, n_tiles, tpc, n_chunks,
                 DXMODE=mode, PHASE=0, HAS_G0=chunked, **kw,
             )
         if modes[-1] == 2:
             dx.copy_(dxacc)
-    dB = sum_blocks(dBp, B.dtype)
-    dC = sum_blocks(dCp, C.dtype)
+    dB, dC = sum_blocks2(dBp, B.dtype, dCp, C.dtype)
     # three separate tensors: the op's outputs must not alias one another
     dA, dD, dbias = sum_params(pp.view(batch * n_chunks, K * (N + 2) * Dm), K, N, Dm, A.dtype,
                                D.dtype if D is not None else None, dt_bias.dtype if dt_bias is not None else None)

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import launch
+from ._launch import getenv, launch
 from .triton_scan import (
     carry,
     _config,
@@ -205,7 +205,7 @@ def _fwd_seq_kernel(
 
 def impl() -> str:
     """The forward selected by MAMBA_DENSE_SCAN_IMPL ("default" or "seq"), read at call time."""
-    v = os.environ.get("MAMBA_DENSE_SCAN_IMPL", "default") or "default"
+    v = getenv("MAMBA_DENSE_SCAN_IMPL", "default") or "default"
     if v not in ("default", "seq"):
         raise ValueError(f"MAMBA_DENSE_SCAN_IMPL must be 'default' or 'seq', got {v!r}")
     return v

@@ -257,6 +257,25 @@ def test_sum_blocks_adds_the_partials(n_blk, M, dtype, out):
     assert _rel(got[0], want) < (1e-2 if out == torch.bfloat16 else 1e-6)
 
 
+@pytest.mark.parametrize("n_blk,M,dtype,out,dtype2", [(5, 2049 + 7, torch.bfloat16, torch.bfloat16, torch.bfloat16),
+                                                      (3, 100, torch.float32, torch.float32, torch.float32),
+                                                      (3, 100, torch.float32, torch.float32, torch.bfloat16)])
+def test_sum_blocks2_adds_both_partials(n_blk, M, dtype, out, dtype2):
+    """sum_blocks2 (the backward's dB and dC sums in one launch): each output is its own partial's sum,
+    in its own tensor; partials of different dtypes take two sum_blocks launches instead."""
+    from mamba_dense.kernels import triton_scan as ts
+
+    gen = torch.Generator().manual_seed(M)
+    p1 = (torch.randn(n_blk, 1, M, generator=gen, dtype=torch.float64) + 0.5).to(DEVICE, dtype)
+    p2 = (torch.randn(n_blk, 1, M, generator=gen, dtype=torch.float64) - 0.5).to(DEVICE, dtype2)
+    a, b = ts.sum_blocks2(p1, out, p2, out)
+    assert a.shape == b.shape == (1, M) and a.dtype == b.dtype == out
+    assert a.data_ptr() != b.data_ptr() and a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()
+    tol = 1e-2 if torch.bfloat16 in (out, dtype, dtype2) else 1e-6
+    assert _rel(a[0], p1.double().sum(0)[0].to(out).double()) < tol
+    assert _rel(b[0], p2.double().sum(0)[0].to(out).double()) < tol
+
+
 @pytest.mark.parametrize("R,K,N,Dm,has_d,has_bias", [(1, 1, 1, 3, True, True), (3, 2, 4, 37, True, False),
                                                    (600, 3, 1, 5, False, True), (5, 2, 16, 8, False, False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
