@@ -694,18 +694,59 @@ def _bwd_tile_raw(
 def _bwd_kernel(
     x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, route_ptr, states_ptr, dy_ptr,
     dx_ptr, dxacc_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, g_ptr, gsum_ptr,
-    batch, L, S, Dm, N, K, k0, KL, n_tiles, tiles_per_prog, n_chunks,
+    batch, L, S, Dm, N, K, k0, KL, n_tiles, tiles_per_prog, n_chunks, k_pair, acc_in,
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     DY_PER_ROUTE: tl.constexpr,  # dy is (b, L, K, D) (merge="none") instead of (b, L, D)
-    DXMODE: tl.constexpr,  # 0: per-route dx (b,L,K,D); 1: acc = dx; 2: acc += dx; 3: out = acc + dx; 4: out = dx
+    DXMODE: tl.constexpr,  # 0: per-route dx (b,L,K,D); 1: acc = dx; 2: acc += dx; 3: out = acc + dx; 4: out = dx;
+    # 5: dx (b,L,D) in its own dtype, read-add-written (written without the read in the first pass of a
+    # program whose acc_in is 0): the route pairs' merge, see REPS and _fwd_kernel's MODE 5
     PHASE: tl.constexpr,  # 0: gradients; 1: chunk-start dh from a zero carry (for the carry pass)
     HAS_G0: tl.constexpr,  # start from the carried dh in g_ptr (chunk-parallel)
     T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr, CT: tl.constexpr,
     X_PER_ROUTE: tl.constexpr = False,  # x is (b, L, K, D): one input per route (dx likewise)
     FAST_EXP: tl.constexpr = False,  # decays through _ex2_ftz (see _decay)
     INTERP: tl.constexpr = False,  # running under Triton's interpreter (see _flip0)
+    REPS: tl.constexpr = 1,  # 2: a route group (phase 0, DXMODE 5): route k0's chunk c, then (k_pair >= 0)
+    # route k_pair, k0's reverse, over its chunk n_chunks - 1 - c, which visits the same tokens
+    PREV_EARLY: tl.constexpr = False,  # DXMODE 5: load the running dx sum with the tile's inputs, not at the store
 ):
     pid_c, b64, k, pid_d, d, dmask, n, nmask, offs_t = _program_coords(k0, KL, Dm, N, BD, NP, T)
+    if REPS == 1:
+        _bwd_route_chunk(
+            x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, route_ptr, states_ptr, dy_ptr,
+            dx_ptr, dxacc_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, g_ptr, gsum_ptr,
+            batch, L, S, Dm, N, K, n_tiles, tiles_per_prog, n_chunks, pid_c, b64, k, pid_d, d, dmask, n, nmask,
+            offs_t, acc_in != 0,
+            HAS_D, HAS_BIAS, SOFTPLUS, DY_PER_ROUTE, DXMODE, PHASE, HAS_G0, T, BD, NP, CT, X_PER_ROUTE, FAST_EXP,
+            INTERP, PREV_EARLY,
+        )
+    else:
+        for rep in range(0, tl.where(k_pair >= 0, 2, 1)):
+            # the second route reads the dx that other threads of this program wrote in the first
+            tl.debug_barrier()
+            _bwd_route_chunk(
+                x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, route_ptr, states_ptr, dy_ptr,
+                dx_ptr, dxacc_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, g_ptr, gsum_ptr,
+                batch, L, S, Dm, N, K, n_tiles, tiles_per_prog, n_chunks,
+                tl.where(rep == 0, pid_c, n_chunks - 1 - pid_c), b64, tl.where(rep == 0, k, k_pair), pid_d, d,
+                dmask, n, nmask, offs_t, (rep > 0) | (acc_in != 0),
+                HAS_D, HAS_BIAS, SOFTPLUS, DY_PER_ROUTE, DXMODE, PHASE, HAS_G0, T, BD, NP, CT, X_PER_ROUTE, FAST_EXP,
+                INTERP, PREV_EARLY,
+            )
+
+
+@triton.jit
+def _bwd_route_chunk(
+    x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, route_ptr, states_ptr, dy_ptr,
+    dx_ptr, dxacc_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dD_ptr, dbias_ptr, g_ptr, gsum_ptr,
+    batch, L, S, Dm, N, K, n_tiles, tiles_per_prog, n_chunks, pid_c, b64, k, pid_d, d, dmask, n, nmask,
+    offs_t, add_prev,
+    HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, DY_PER_ROUTE: tl.constexpr,
+    DXMODE: tl.constexpr, PHASE: tl.constexpr, HAS_G0: tl.constexpr, T: tl.constexpr, BD: tl.constexpr,
+    NP: tl.constexpr, CT: tl.constexpr, X_PER_ROUTE: tl.constexpr, FAST_EXP: tl.constexpr, INTERP: tl.constexpr,
+    PREV_EARLY: tl.constexpr,
+):
+    """_bwd_kernel's work for route k and chunk pid_c (add_prev: DXMODE 5 adds to what dx holds)."""
     nd_mask = nmask[:, None] & dmask[None, :]
     A, bias, Dv = _route_params(A_ptr, bias_ptr, D_ptr, k, Dm, N, d, dmask, n, nmask, HAS_BIAS, HAS_D, BD, CT)
     A2 = A * LOG2E
@@ -741,6 +782,11 @@ def _bwd_kernel(
             x_ptr, dt_ptr, B_ptr, C_ptr, dy_ptr, route_ptr, states_ptr, b64, k, c, st_base, L, S, K, Dm, N,
             offs_t, d, dmask, n, nmask, st_off, nd_mask, T, PHASE == 0, X_PER_ROUTE, DY_PER_ROUTE,
         )
+        if PHASE == 0:
+            if DXMODE == 5:
+                if PREV_EARLY:
+                    prev = tl.load(dx_ptr + row[:, None] * Dm + d[None, :],
+                                   mask=valid[:, None] & dmask[None, :] & add_prev, other=0.0)
         s = c * T + offs_t
         smask, pre, delta = _tile_prep(s, S, dtr, bias, HAS_BIAS, SOFTPLUS, CT, FAST_EXP)
         xv = xr.to(CT)
@@ -816,8 +862,12 @@ def _bwd_kernel(
             elif DXMODE == 3:
                 prev = tl.load(dxacc_ptr + xoff, mask=m2, other=0.0)
                 tl.store(dx_ptr + xoff, (prev + dxv).to(dx_ptr.dtype.element_ty), mask=m2)
-            else:
+            elif DXMODE == 4:
                 tl.store(dx_ptr + xoff, dxv.to(dx_ptr.dtype.element_ty), mask=m2)
+            else:
+                if not PREV_EARLY:
+                    prev = tl.load(dx_ptr + xoff, mask=valid[:, None] & dmask[None, :] & add_prev, other=0.0)
+                tl.store(dx_ptr + xoff, (prev.to(CT) + dxv).to(dx_ptr.dtype.element_ty), mask=m2)
     if PHASE == 1:
         tl.store(g_ptr + g_slot * N * Dm + st_off, g, mask=nd_mask)
         tl.store(gsum_ptr + g_slot * Dm + d, tl.sum(gacc, axis=0) + d_next, mask=dmask)
@@ -947,7 +997,7 @@ def _pair_tiles(n_tiles: int, tpc: int) -> int | None:
 
 
 def _pair_plan(route, merge: str, x_per_route: bool, cover, S: int, T: int, n_tiles: int, tpc: int,
-               odt: torch.dtype, N: int, exact: bool = False):
+               odt: torch.dtype, N: int, exact: bool = False, div: int | None = None):
     """(groups, tiles per chunk) when a chunk-parallel forward merges its routes by reversed pairs
     (_fwd_kernel's REPS), else None.
 
@@ -966,7 +1016,8 @@ def _pair_plan(route, merge: str, x_per_route: bool, cover, S: int, T: int, n_ti
     groups = route_groups(route)
     if all(len(g) == 1 for g in groups):
         return None
-    t = (tpc if n_tiles % tpc == 0 else None) if exact else _pair_tiles(n_tiles, max(2, tpc // PAIR_CHUNK_DIV))
+    div = PAIR_CHUNK_DIV if div is None else div
+    t = (tpc if n_tiles % tpc == 0 else None) if exact else _pair_tiles(n_tiles, max(2, tpc // div))
     return None if t is None else (groups, t)
 
 
@@ -1118,6 +1169,16 @@ TARGET_PROGRAMS_PER_SM = int(os.environ.get("MAMBA_DENSE_TARGET_PROGRAMS_PER_SM"
 # the per-chunk work and the carry than the extra programs gained: H100, session 17, S3's backward
 # kernels 0.367 -> 0.342 ms with chunks of 6 tiles; S2 (3 -> 6 tiles) unchanged, S5 (18 tiles) untouched.
 BWD_MIN_TILES_PER_CHUNK = 6
+# The backward's dx merge by reversed route pairs (scan_bwd; 0: always the per-route buffer and its
+# sum), for launches with channel blocks of at least BWD_PAIR_MIN_BD, its chunk divisor, and where the
+# running dx sum is loaded (1: with the tile's other inputs, 0: at the store). H100, session 18, kernel
+# ms of forward + backward, buffer -> pairs (loaded early / at the store): S2 1.568 -> 1.530 / 1.603,
+# S3 0.455 -> 0.430 / 0.452 (blocks of 32); S5 N=1 (blocks of 16) 1.493 -> 1.739 / 1.558, so it keeps
+# the buffer. Chunk divisors 1 and 3 were slower than 2 on S2 and S3.
+BWD_PAIRS = 1
+BWD_PAIR_MIN_BD = 32
+BWD_PAIR_CHUNK_DIV = 2
+BWD_PAIR_PREV_EARLY = 1
 
 
 def _tiles_per_chunk(n_tiles: int, programs: int, n_sm: int, override: int | None = None,
@@ -1281,6 +1342,14 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
         n_dblk = _cdiv(Dm, BD)
         per_launch = batch * n_dblk * routes_per_launch
         tpc = _tiles_per_chunk(n_tiles, per_launch, _num_sms(dev), tiles_per_chunk, BWD_MIN_TILES_PER_CHUNK)
+    # dx merged by reversed route pairs in place, as the forward's output (_pair_plan), with chunks of
+    # the policy's tiles // BWD_PAIR_CHUNK_DIV
+    plan = None
+    if BWD_PAIRS and not serial and BD >= BWD_PAIR_MIN_BD:
+        plan = _pair_plan(route, merge, x_per_route, cover, S, T, n_tiles, tpc, x.dtype, N,
+                          tiles_per_chunk is not None, BWD_PAIR_CHUNK_DIV)
+        if plan is not None:
+            tpc = plan[1]
     n_chunks = _cdiv(n_tiles, tpc)
     chunked = n_chunks > 1
     dummy = states
@@ -1306,11 +1375,20 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
         launch(_bwd_kernel, (K * n_dblk, n_chunks, batch),
             x, dt, A, B, C, D_, bias_, kroute, states, dy,
             dummy, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,  # phase 1 writes no dx
-            batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks,
+            batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks, 0, 0,
             DXMODE=4, PHASE=1, HAS_G0=False, **kw,
         )
         carry(gbuf, gsum, A, n_chunks, 1, n_chunks, Dm, N, K, reverse=True, rows=batch * K)
-    if x_per_route or not serial:
+    if plan is not None:
+        dx = _empty_like(x)
+        for gi, grp in enumerate(sorted(plan[0], key=len)):
+            launch(_bwd_kernel, (n_dblk, n_chunks, batch),
+                x, dt, A, B, C, D_, bias_, kroute, states, dy,
+                dx, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
+                batch, L, S, Dm, N, K, grp[0], 1, n_tiles, tpc, n_chunks, grp[-1] if len(grp) == 2 else -1,
+                int(gi > 0), DXMODE=5, PHASE=0, HAS_G0=chunked, REPS=2, PREV_EARLY=bool(BWD_PAIR_PREV_EARLY), **kw,
+            )
+    elif x_per_route or not serial:
         xdt = x.dtype if x.dtype in (torch.bfloat16, torch.float32, torch.float64) else torch.float32
         if x_per_route:
             dx = dxbuf = (_empty_like if all(cover) else torch.zeros_like)(x)  # per-route dx, no merge
@@ -1322,7 +1400,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
         launch(_bwd_kernel, (K * n_dblk, n_chunks, batch),
             x, dt, A, B, C, D_, bias_, kroute, states, dy,
             dxbuf, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
-            batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks,
+            batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks, 0, 0,
             DXMODE=0, PHASE=0, HAS_G0=chunked, **kw,
         )
         if dx is None:
@@ -1336,7 +1414,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
             launch(_bwd_kernel, (n_dblk, n_chunks, batch),
                 x, dt, A, B, C, D_, bias_, kroute, states, dy,
                 dx, dxacc, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
-                batch, L, S, Dm, N, K, k, 1, n_tiles, tpc, n_chunks,
+                batch, L, S, Dm, N, K, k, 1, n_tiles, tpc, n_chunks, 0, 0,
                 DXMODE=mode, PHASE=0, HAS_G0=chunked, **kw,
             )
         if modes[-1] == 2:

@@ -612,6 +612,58 @@ def test_pair_merge_forward_matches_reference(case, monkeypatch):
         assert _rel(a, b) < 1e-10, name
 
 
+@pytest.mark.parametrize("case", PAIR_CASES, ids=[c[0] for c in PAIR_CASES])
+def test_pair_merge_backward_matches_reference(case, monkeypatch):
+    """The backward's dx merge by reversed route pairs (chunk-parallel, merge="sum"): group after
+    group, one program runs the gradient pass of route k's chunk and then of its reverse's mirrored
+    chunk, and adds both routes' dx in place. On poisoned buffers its gradients match the fp64
+    reference and the per-route buffer merge (BWD_PAIRS = 0)."""
+    from mamba_dense.kernels import triton_scan as ts
+
+    _, rb, L, Dm, N, tpc = case
+    monkeypatch.setenv("MAMBA_DENSE_POISON", "1")
+    monkeypatch.setattr(ts, "PAIR_MAX_N", 16)  # the kernel for N > 1 too (the policy takes N = 1 only)
+    route = rb().to(DEVICE)
+    K = route.shape[0]
+    args = _inputs(2, L, K, Dm, N, torch.float64, seed=len(case[0]) + 1)
+    leaves = [a.clone().requires_grad_() for a in args]
+    y_ref = selective_scan_ref(*leaves, route=route, merge="sum")
+    dy = torch.randn_like(y_ref)
+    g_ref = torch.autograd.grad(y_ref, leaves, dy)
+    monkeypatch.setenv("MAMBA_DENSE_MERGE", "pairs")
+    _, st = ts.scan_fwd(*args, route, "sum", True, torch.float64, True, tiles_per_chunk=tpc)
+    seen = []
+
+    class _Spy:  # records phase, dx mode, reps and route group of every backward launch
+        def __init__(self, real):
+            self.real = real
+
+        def __getitem__(self, grid):
+            def launch(*a, **kw):
+                seen.append((kw["PHASE"], kw["DXMODE"], kw.get("REPS", 1), a[26], a[31]))  # k0, k_pair
+                return self.real[grid](*a, **kw)
+            return launch
+
+    monkeypatch.setattr(ts, "_bwd_kernel", _Spy(ts._bwd_kernel))
+    monkeypatch.setattr(ts, "BWD_PAIR_MIN_BD", 1)  # the policy takes blocks of 32 only (fp64 runs 16)
+    pairs = [(g[0], g[-1] if len(g) == 2 else -1) for g in sorted(ts.route_groups(route), key=len)]
+    runs = []
+    for early in ((1, 0) if case[0] == "cross2d-n1" else (1,)):  # the running sum loaded early / at the store
+        monkeypatch.setattr(ts, "BWD_PAIR_PREV_EARLY", early)
+        seen.clear()
+        runs.append(ts.scan_bwd(dy, *args, route, st, "sum", True, tiles_per_chunk=tpc))
+        assert seen == [(1, 4, 1, 0, 0)] + [(0, 5, 2, *p) for p in pairs]
+    seen.clear()
+    monkeypatch.setattr(ts, "BWD_PAIRS", 0)
+    grads_buf = ts.scan_bwd(dy, *args, route, st, "sum", True, tiles_per_chunk=tpc)
+    assert [(ph, m, r) for ph, m, r, *_ in seen] == [(1, 4, 1), (0, 0, 1)]
+    for grads in runs:
+        for name, a, b, c in zip(("dx", "ddt", "dA", "dB", "dC", "dD", "dbias"), grads, g_ref, grads_buf):
+            assert torch.isfinite(a).all(), name
+            assert _rel(a, b) < 1e-10, name
+            torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+
+
 def test_pair_merge_needs_mirrored_chunks(monkeypatch):
     """No pair merge where it cannot hold: a route length not a multiple of the tile, tiles per chunk
     that do not divide the route, merge="none", one x per route, or an fp16 output; nor (measured
