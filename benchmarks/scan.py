@@ -23,6 +23,8 @@ To run (on a CUDA machine, from the repo root):
          mamba_ssm is timed with the first entry only; a side-by-side table ends the run.
 --shapes S1,S4: only the shapes whose names start with one of these; --fwd-only: skip the
          forward+backward timing.
+--kernel-times: also the summed CUDA kernel time of one call (torch.profiler, mean of 20), ours and
+         mamba_ssm's: do_bench includes host time, which sets the pace of a small shape (S3).
 """
 
 from __future__ import annotations
@@ -208,7 +210,22 @@ def impl_env(env: dict):
                 os.environ[k] = v
 
 
-def bench(device, mss, out_rows, impl="", shapes=None, fwd_only=False):
+def kernel_ms(fn, calls: int = 20) -> float:
+    """Summed CUDA kernel time of one call of fn, ms: the mean over `calls` calls in a torch.profiler
+    trace (no host time in it; the measure to compare kernels by where the host sets the pace)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.self_device_time_total for e in p.key_averages() if e.device_type.name == "CUDA") / calls / 1e3
+
+
+def bench(device, mss, out_rows, impl="", shapes=None, fwd_only=False, kernels=False):
     import triton
 
     from mamba_dense.kernels import routes, selective_scan
@@ -264,6 +281,17 @@ def bench(device, mss, out_rows, impl="", shapes=None, fwd_only=False):
 
             m_fb = triton.testing.do_bench(mfb, warmup=50, rep=300, return_mode="median")
         row.update(mss_fwd_ms=m_f, mss_fwdbwd_ms=m_fb)
+        if kernels:
+            # the same calls' kernel time alone (profiler), ours and mamba_ssm's
+            with torch.no_grad():
+                row["fwd_kernel_ms"] = kernel_ms(lambda: selective_scan(x, dt, A, B, C, Dp, bias, route=route))
+            row["fwdbwd_kernel_ms"] = float("nan") if fwd_only else kernel_ms(fwbw)
+            if mss is not None:
+                row["mss_fwd_kernel_ms"] = kernel_ms(lambda: mss.fwd(u, de, Am, Bm, Cm, Dm_, None, bm, True))
+                row["mss_fwdbwd_kernel_ms"] = kernel_ms(mfb)
+            print(f"  kernels only, ms: ours {row['fwd_kernel_ms']:.3f} / {row['fwdbwd_kernel_ms']:.3f}, mamba_ssm "
+                  f"{row.get('mss_fwd_kernel_ms', float('nan')):.3f} / {row.get('mss_fwdbwd_kernel_ms', float('nan')):.3f}",
+                  flush=True)
         out_rows.append(row)
         print(f"{name:28s} {t_f:8.3f} {row['fwd_floor_ms']:7.3f} {t_f / row['fwd_floor_ms']:5.2f} "
               f"{row['fwd_GBps']:6.0f} | {t_fb:8.3f} {row['fwdbwd_floor_ms']:7.3f} {t_fb / row['fwdbwd_floor_ms']:5.2f}"
@@ -300,6 +328,8 @@ def main():
     ap.add_argument("--impl", default=None, help="comma-separated: default, seq, seq=BD/warps/stages[/prefetch[/pps]]")
     ap.add_argument("--shapes", default=None, help="comma-separated name prefixes, e.g. S1,S4 (default: all)")
     ap.add_argument("--fwd-only", action="store_true", help="time the forward only")
+    ap.add_argument("--kernel-times", action="store_true",
+                    help="also the summed CUDA kernel time of the same calls (torch.profiler), ours and mamba_ssm's")
     args = ap.parse_args()
     impls = parse_impls(args.impl) if args.impl else [("", {})]
     shapes = [v.strip() for v in args.shapes.split(",")] if args.shapes else None
@@ -335,7 +365,7 @@ def main():
                 print(f"mamba_ssm build failed: {type(e).__name__}: {str(e)[-2000:]}", flush=True)
         for i, (label, env) in enumerate(impls):
             with impl_env(env):
-                bench(device, mss if i == 0 else None, res["bench"], label, shapes, args.fwd_only)
+                bench(device, mss if i == 0 else None, res["bench"], label, shapes, args.fwd_only, args.kernel_times)
         if len(impls) > 1:
             summary(res["bench"], [label for label, _ in impls])
     Path(args.out).mkdir(parents=True, exist_ok=True)
