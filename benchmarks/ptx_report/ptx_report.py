@@ -97,7 +97,7 @@ def build_source(kernel: str, N: int, T: int, BD: int, NP: int, spec: str):
         cx = dict(MODE=0, PHASE=0, HAS_H0=False, STORE_STATES=True, SUB=sub, PREFETCH=N == 1, REPS=1, **flags)
     else:
         fn, ptrs = ts._bwd_kernel, BWD_PTRS
-        cx = dict(DXMODE=0, PHASE=0, HAS_G0=False, DY_PER_ROUTE=False, INTERP=False, **flags)
+        cx = dict(DXMODE=0, PHASE=0, HAS_G0=False, DY_PER_ROUTE=False, INTERP=False, REPS=1, PREV_EARLY=False, **flags)
     sig, attrs = {}, {}
     for i, a in enumerate(fn.arg_names):
         if a in cx:
