@@ -210,9 +210,10 @@ def impl_env(env: dict):
                 os.environ[k] = v
 
 
-def kernel_ms(fn, calls: int = 20) -> float:
-    """Summed CUDA kernel time of one call of fn, ms: the mean over `calls` calls in a torch.profiler
-    trace (no host time in it; the measure to compare kernels by where the host sets the pace)."""
+def kernel_profile(fn, calls: int = 20) -> tuple[float, dict[str, float]]:
+    """(summed CUDA kernel ms of one call of fn, {kernel name: us per call}): the mean over `calls` calls
+    in a torch.profiler trace after 3 warm-up calls (no host time in it; the measure to compare kernels
+    by where the host sets the pace). Also used by benchmarks/scan_kernels.py."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
@@ -222,7 +223,14 @@ def kernel_ms(fn, calls: int = 20) -> float:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    return sum(e.self_device_time_total for e in p.key_averages() if e.device_type.name == "CUDA") / calls / 1e3
+    ev = [e for e in p.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in ev) / calls / 1e3
+    return total, {e.key[:40]: round(e.self_device_time_total / calls, 1) for e in ev}
+
+
+def kernel_ms(fn, calls: int = 20) -> float:
+    """Summed CUDA kernel ms of one call of fn (kernel_profile)."""
+    return kernel_profile(fn, calls)[0]
 
 
 def bench(device, mss, out_rows, impl="", shapes=None, fwd_only=False, kernels=False):

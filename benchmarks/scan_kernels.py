@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bootstrap  # noqa: E402
-from scan import shape_cases  # noqa: E402
+from scan import kernel_profile, shape_cases  # noqa: E402
 
 
 def parse_variants(spec: str) -> list[tuple[str, dict[str, str]]]:
@@ -47,20 +47,10 @@ def parse_variants(spec: str) -> list[tuple[str, dict[str, str]]]:
 
 
 def kernel_times(fn, grad: bool, calls: int = 20) -> tuple[float, dict[str, float]]:
-    """(summed CUDA kernel ms per call, {kernel name: us per call}) from a torch.profiler trace."""
-    from torch.profiler import ProfilerActivity, profile
-
+    """(summed CUDA kernel ms per call, {kernel name: us per call}) from a torch.profiler trace,
+    with or without autograd recording."""
     with torch.enable_grad() if grad else torch.no_grad():
-        for _ in range(3):
-            fn()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as p:
-            for _ in range(calls):
-                fn()
-            torch.cuda.synchronize()
-    ev = [e for e in p.key_averages() if e.device_type.name == "CUDA"]
-    total = sum(e.self_device_time_total for e in ev) / calls / 1e3
-    return total, {e.key[:40]: round(e.self_device_time_total / calls, 1) for e in ev}
+        return kernel_profile(fn, calls)
 
 
 def launch_sequence(fn) -> list[tuple[str, float]]:

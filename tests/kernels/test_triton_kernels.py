@@ -552,6 +552,20 @@ def test_pair_tiles_divide_the_route():
     assert ts._pair_tiles(4, 2) == 2 and ts._pair_tiles(2, 1) == 1 and ts._pair_tiles(2, 2) == 1
 
 
+class _LaunchSpy:
+    """Stands in for a Triton kernel: record(args, meta) sees every launch, which then runs the real
+    kernel (launch() sends anything that is not a JITFunction through fn[grid])."""
+
+    def __init__(self, real, record):
+        self.real, self.record = real, record
+
+    def __getitem__(self, grid):
+        def run(*a, **kw):
+            self.record(a, kw)
+            return self.real[grid](*a, **kw)
+        return run
+
+
 PAIR_CASES = [
     # id, route builder, L, Dm, N, tiles per chunk
     ("cross2d-n1", lambda: routes.cross2d(8, 8), 64, 20, 1, 1),
@@ -575,19 +589,9 @@ def test_pair_merge_forward_matches_reference(case, monkeypatch):
     route = rb().to(DEVICE)
     K = route.shape[0]
     args = _inputs(2, L, K, Dm, N, torch.float64, seed=len(case[0]))
-    seen = []
-
-    class _Spy:  # records the merge mode and route group of every output launch
-        def __init__(self, real):
-            self.real = real
-
-        def __getitem__(self, grid):
-            def launch(*a, **kw):
-                seen.append((kw["PHASE"], kw["MODE"], kw.get("REPS", 1), a[17], a[21]))  # k0, k_pair
-                return self.real[grid](*a, **kw)
-            return launch
-
-    monkeypatch.setattr(ts, "_fwd_kernel", _Spy(ts._fwd_kernel))
+    seen = []  # phase, merge mode, reps and route group (k0, k_pair) of every forward launch
+    monkeypatch.setattr(ts, "_fwd_kernel", _LaunchSpy(
+        ts._fwd_kernel, lambda a, kw: seen.append((kw["PHASE"], kw["MODE"], kw.get("REPS", 1), a[17], a[21]))))
     monkeypatch.setenv("MAMBA_DENSE_MERGE", "pairs")
     y, st = ts.scan_fwd(*args, route, "sum", True, torch.float64, True, tiles_per_chunk=tpc)
     groups = ts.route_groups(route)
@@ -632,19 +636,9 @@ def test_pair_merge_backward_matches_reference(case, monkeypatch):
     g_ref = torch.autograd.grad(y_ref, leaves, dy)
     monkeypatch.setenv("MAMBA_DENSE_MERGE", "pairs")
     _, st = ts.scan_fwd(*args, route, "sum", True, torch.float64, True, tiles_per_chunk=tpc)
-    seen = []
-
-    class _Spy:  # records phase, dx mode, reps and route group of every backward launch
-        def __init__(self, real):
-            self.real = real
-
-        def __getitem__(self, grid):
-            def launch(*a, **kw):
-                seen.append((kw["PHASE"], kw["DXMODE"], kw.get("REPS", 1), a[26], a[31]))  # k0, k_pair
-                return self.real[grid](*a, **kw)
-            return launch
-
-    monkeypatch.setattr(ts, "_bwd_kernel", _Spy(ts._bwd_kernel))
+    seen = []  # phase, dx mode, reps and route group (k0, k_pair) of every backward launch
+    monkeypatch.setattr(ts, "_bwd_kernel", _LaunchSpy(
+        ts._bwd_kernel, lambda a, kw: seen.append((kw["PHASE"], kw["DXMODE"], kw.get("REPS", 1), a[26], a[31]))))
     monkeypatch.setattr(ts, "BWD_PAIR_MIN_BD", 1)  # the policy takes blocks of 32 only (fp64 runs 16)
     pairs = [(g[0], g[-1] if len(g) == 2 else -1) for g in sorted(ts.route_groups(route), key=len)]
     runs = []
