@@ -594,7 +594,7 @@ def sum_blocks2(part: torch.Tensor, out_dtype: torch.dtype, part2: torch.Tensor,
 
 @triton.jit
 def _sum_params_kernel(p_ptr, dA_ptr, dD_ptr, dbias_ptr, R, M, Dm, N, BR: tl.constexpr, BC: tl.constexpr,
-                       CT: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
+                       CT: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, U: tl.constexpr = 1):
     """Column sums of p (R, M), M = K x (N + 2) x D, into their gradients: BR rows at a time into a
     [BR, BC] accumulator, then one fixed tree; column (k, j, d) goes to dA[k, d, j] for j < N, to
     dD[k, d] for j = N and to dbias[k, d] for j = N + 1, each in its own dtype."""
@@ -602,9 +602,12 @@ def _sum_params_kernel(p_ptr, dA_ptr, dD_ptr, dbias_ptr, R, M, Dm, N, BR: tl.con
     cm = cols < M
     rr = tl.arange(0, BR)
     acc = tl.zeros([BR, BC], dtype=CT)
-    for r0 in range(0, R, BR):
-        r = (r0 + rr).to(tl.int64)
-        acc += tl.load(p_ptr + r[:, None] * M + cols[None, :], mask=(r < R)[:, None] & cm[None, :], other=0.0).to(CT)
+    for r0 in range(0, R, BR * U):
+        # U row blocks' loads in flight at once (a program walks all R rows: a latency chain), added
+        # in row order
+        for u in tl.static_range(U):
+            r = (r0 + u * BR + rr).to(tl.int64)
+            acc += tl.load(p_ptr + r[:, None] * M + cols[None, :], mask=(r < R)[:, None] & cm[None, :], other=0.0).to(CT)
     tot = tl.sum(acc, axis=0)
     d = cols % Dm
     kj = cols // Dm
@@ -627,6 +630,10 @@ def _cast_for(v, ptr):
     return v.to(ty)
 
 
+# row blocks whose loads sum_params issues together (1: one block at a time)
+SUM_PARAMS_UNROLL = 4
+
+
 def sum_params(p: torch.Tensor, K: int, N: int, Dm: int, A_dtype, D_dtype=None, bias_dtype=None):
     """The backward's parameter partials p (R, K x (N + 2) x D) summed over rows in a fixed order
     (deterministic) -> dA (K, D, N) in A_dtype, and dD, dbias (K, D) in D_dtype / bias_dtype (None
@@ -647,7 +654,7 @@ def sum_params(p: torch.Tensor, K: int, N: int, Dm: int, A_dtype, D_dtype=None, 
     BC = max(16, 4096 // BR)
     launch(_sum_params_kernel, (_cdiv(M, BC),), p, dA, dD if dD is not None else dA,
            dbias if dbias is not None else dA, R, M, Dm, N, BR=BR, BC=BC, CT=_ct(p.dtype),
-           HAS_D=dD is not None, HAS_BIAS=dbias is not None, num_warps=4)
+           HAS_D=dD is not None, HAS_BIAS=dbias is not None, U=SUM_PARAMS_UNROLL if R > BR else 1, num_warps=4)
     return dA, dD, dbias
 
 

@@ -277,12 +277,14 @@ def test_sum_blocks2_adds_both_partials(n_blk, M, dtype, out, dtype2):
 
 
 @pytest.mark.parametrize("R,K,N,Dm,has_d,has_bias", [(1, 1, 1, 3, True, True), (3, 2, 4, 37, True, False),
-                                                   (600, 3, 1, 5, False, True), (5, 2, 16, 8, False, False)])
+                                                   (600, 3, 1, 5, False, True), (5, 2, 16, 8, False, False),
+                                                   (2100, 1, 1, 3, True, True)])  # several unrolled rounds
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_sum_params_adds_every_row(R, K, N, Dm, has_d, has_bias, dtype):
     """sum_params (the backward's dA / dD / dbias partials over batch x chunks): row blocks of up to
-    256 with a masked tail (600 rows: 3 blocks) and masked columns; dA written transposed to (K, D, N),
-    dD / dbias to (K, D), each in its own dtype, every element written (poisoned buffers)."""
+    256, four at a time, with a masked tail (600 rows: 3 blocks; 2100: 9 blocks in 3 rounds) and masked
+    columns; dA written transposed to (K, D, N), dD / dbias to (K, D), each in its own dtype, every
+    element written (poisoned buffers)."""
     from mamba_dense.kernels import triton_scan as ts
 
     p = torch.randn(R, K * (N + 2) * Dm, generator=torch.Generator().manual_seed(R), dtype=torch.float64) + 0.25
