@@ -10,6 +10,7 @@ checks the results against Triton's own launch, with aligned and misaligned poin
 from __future__ import annotations
 
 import itertools
+import os
 import random
 
 import pytest
@@ -125,3 +126,17 @@ def test_cached_launch_matches_triton_launch(monkeypatch):
         _launch.launch(fn, (1,), src, got, 64, 1, 2.0, BLOCK=64)
     torch.cuda.synchronize()
     assert torch.equal(got, src[:64] * 2.0)
+
+
+def test_getenv_follows_os_environ(monkeypatch):
+    """getenv (the scan's per-call knob reader) sees every write through os.environ, as
+    os.environ.get does: set, changed, removed, and defaults for unset names."""
+    name = "MAMBA_DENSE_TEST_GETENV_KNOB"
+    monkeypatch.delenv(name, raising=False)
+    assert _launch.getenv(name) is None and _launch.getenv(name, "d") == "d"
+    monkeypatch.setenv(name, "1")
+    assert _launch.getenv(name) == os.environ.get(name) == "1"
+    os.environ[name] = "pairs-\u00e9"  # non-ASCII value: decoded as os.environ decodes it
+    assert _launch.getenv(name) == os.environ.get(name) == "pairs-\u00e9"
+    del os.environ[name]
+    assert _launch.getenv(name, "x") == "x"

@@ -554,6 +554,30 @@ def test_pair_tiles_divide_the_route():
     assert ts._pair_tiles(4, 2) == 2 and ts._pair_tiles(2, 1) == 1 and ts._pair_tiles(2, 2) == 1
 
 
+def test_int32_token_rows_match_int64(monkeypatch):
+    """The kernels read an int32 copy of the route when every row offset fits 31 bits (_kernel_route,
+    cached per route) and the int64 route otherwise; both give bit-identical outputs and gradients
+    (chunk-parallel forward and backward, pair merges included)."""
+    from mamba_dense.kernels import triton_scan as ts
+
+    route = routes.cross2d(8, 8).to(DEVICE)
+    r32 = ts._kernel_route(route, 2 * 64 * 4 * 20)
+    assert r32.dtype == torch.int32 and torch.equal(r32.long(), route)
+    assert ts._kernel_route(route, 2 * 64 * 4 * 20) is r32  # cached
+    assert ts._kernel_route(route, 2**31) is route  # offsets past 31 bits: int64
+    monkeypatch.setenv("MAMBA_DENSE_SCAN_I64", "1")
+    assert ts._kernel_route(route, 16) is route
+    args = _inputs(2, 64, 4, 20, 1, torch.float32, seed=11)
+    dy = torch.randn(2, 64, 20, generator=torch.Generator().manual_seed(12)).to(DEVICE)
+    out = {}
+    for i64 in ("1", "0"):
+        monkeypatch.setenv("MAMBA_DENSE_SCAN_I64", i64)
+        y, st = ts.scan_fwd(*args, route, "sum", True, torch.float32, True, tiles_per_chunk=1)
+        out[i64] = (y, *ts.scan_bwd(dy, *args, route, st, "sum", True, tiles_per_chunk=1))
+    for a, b in zip(out["1"], out["0"]):
+        assert torch.equal(a, b)
+
+
 class _LaunchSpy:
     """Stands in for a Triton kernel: record(args, meta) sees every launch, which then runs the real
     kernel (launch() sends anything that is not a JITFunction through fn[grid])."""
