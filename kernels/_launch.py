@@ -54,6 +54,7 @@ def getenv(name: str, default: str | None = None) -> str | None:
     v = _ENV_DATA.get(key)
     return default if v is None else os.fsdecode(v)
 
+
 _I32 = 2**31
 _I64 = 2**63
 _SLOW = object()  # cache value: this key always takes Triton's path

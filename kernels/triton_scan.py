@@ -569,12 +569,7 @@ def sum_blocks(part: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     for 12 x 25M, 3% above the copy-rate floor) and 2x faster at stage 3 (48 x 393K: 0.028 vs 0.056)."""
     if part.shape[0] == 1 and part.dtype == out_dtype:
         return part[0]
-    out = _empty(*part.shape[1:], device=part.device, dtype=out_dtype)
-    M = out.numel()
-    BLOCK = 512
-    launch(_sum_blocks_kernel, (_cdiv(M, BLOCK), 1),
-        part, out, part, out, M, part.shape[0], BLOCK=BLOCK, U=4, CT=_ct(part.dtype), num_warps=1)
-    return out
+    return _sum_blocks_launch(part, out_dtype, part)[0]
 
 
 def sum_blocks2(part: torch.Tensor, out_dtype: torch.dtype, part2: torch.Tensor, out2_dtype: torch.dtype):
@@ -583,11 +578,17 @@ def sum_blocks2(part: torch.Tensor, out_dtype: torch.dtype, part2: torch.Tensor,
     if (part.shape != part2.shape or part.dtype != part2.dtype or out_dtype != out2_dtype
             or (part.shape[0] == 1 and part.dtype == out_dtype)):
         return sum_blocks(part, out_dtype), sum_blocks(part2, out2_dtype)
+    return _sum_blocks_launch(part, out_dtype, part2)
+
+
+def _sum_blocks_launch(part: torch.Tensor, out_dtype: torch.dtype, part2: torch.Tensor):
+    """The block sums of part and, unless it is part itself, of part2 (same shape and dtype) in one
+    launch: (out, out2), out2 being out for a single sum."""
     out = _empty(*part.shape[1:], device=part.device, dtype=out_dtype)
-    out2 = _empty(*part.shape[1:], device=part.device, dtype=out_dtype)
+    out2 = out if part2 is part else _empty(*part.shape[1:], device=part.device, dtype=out_dtype)
     M = out.numel()
     BLOCK = 512
-    launch(_sum_blocks_kernel, (_cdiv(M, BLOCK), 2),
+    launch(_sum_blocks_kernel, (_cdiv(M, BLOCK), 1 if part2 is part else 2),
         part, out, part2, out2, M, part.shape[0], BLOCK=BLOCK, U=4, CT=_ct(part.dtype), num_warps=1)
     return out, out2
 
@@ -873,7 +874,7 @@ def _bwd_route_chunk(
                 tl.store(dx_ptr + xoff, dxv.to(dx_ptr.dtype.element_ty), mask=m2)
             else:
                 if not PREV_EARLY:
-                    prev = tl.load(dx_ptr + xoff, mask=valid[:, None] & dmask[None, :] & add_prev, other=0.0)
+                    prev = tl.load(dx_ptr + xoff, mask=m2 & add_prev, other=0.0)
                 tl.store(dx_ptr + xoff, (prev.to(CT) + dxv).to(dx_ptr.dtype.element_ty), mask=m2)
     if PHASE == 1:
         tl.store(g_ptr + g_slot * N * Dm + st_off, g, mask=nd_mask)
