@@ -229,10 +229,14 @@ def _gather_tok(x_ptr, dt_ptr, B_ptr, tok, b64, k, L, K, Dm, N, d, dmask, n, nma
 
 @triton.jit
 def _tile_prep(s, S, dtr, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CT: tl.constexpr,
-               FAST: tl.constexpr = False):
+               FAST: tl.constexpr = False, FULL: tl.constexpr = False):
     """A tile's step mask, pre-activation (dt + bias in CT) and delta; tail steps (s >= S) get delta = 0.
-    FAST: _softplus_fast (fp32 on a GPU, see _decay)."""
-    smask = s < S
+    FAST: _softplus_fast (fp32 on a GPU, see _decay). FULL: the tile lies inside [0, S) (every tile of
+    a route whose length is a multiple of the tile, EVEN_S), so no step is masked."""
+    if FULL:
+        smask = tl.full(s.shape, 1, tl.int1)
+    else:
+        smask = s < S
     pre = dtr.to(CT)
     if HAS_BIAS:
         pre = pre + bias[None, :]
@@ -240,7 +244,8 @@ def _tile_prep(s, S, dtr, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, 
         delta = _softplus_c(pre, FAST)
     else:
         delta = pre
-    delta = tl.where(smask[:, None], delta, 0.0)
+    if not FULL:
+        delta = tl.where(smask[:, None], delta, 0.0)
     return smask, pre, delta
 
 
@@ -262,8 +267,9 @@ def _load_tile(
 
 
 @triton.jit
-def _program_coords(k0, KL, Dm, N, BD: tl.constexpr, NP: tl.constexpr, T: tl.constexpr):
-    """Decode the grid (KL * n_dblk, n_chunks, batch): the routes of one channel block are adjacent."""
+def _program_coords(k0, KL, Dm, N, BD: tl.constexpr, NP: tl.constexpr, T: tl.constexpr, EVEN_D: tl.constexpr = False):
+    """Decode the grid (KL * n_dblk, n_chunks, batch): the routes of one channel block are adjacent.
+    EVEN_D: Dm is a multiple of BD, so the channel mask is a constant (and the masks built from it fold)."""
     pid0 = tl.program_id(0)
     pid_c = tl.program_id(1)
     b64 = tl.program_id(2).to(tl.int64)
@@ -271,7 +277,11 @@ def _program_coords(k0, KL, Dm, N, BD: tl.constexpr, NP: tl.constexpr, T: tl.con
     pid_d = pid0 // KL
     d = pid_d * BD + tl.arange(0, BD)
     n = tl.arange(0, NP)
-    return pid_c, b64, k, pid_d, d, d < Dm, n, n < N, tl.arange(0, T)
+    if EVEN_D:
+        dmask = tl.full([BD], 1, tl.int1)
+    else:
+        dmask = d < Dm
+    return pid_c, b64, k, pid_d, d, dmask, n, n < N, tl.arange(0, T)
 
 
 @triton.jit
@@ -310,14 +320,16 @@ def _fwd_kernel(
     PREFETCH: tl.constexpr = False,  # gather tile c + 1 (and load the route of c + 2) while c computes
     REPS: tl.constexpr = 1,  # 2: a route group (phase 0, MODE 5): route k0's chunk c, then (k_pair >= 0)
     # route k_pair, k0's reverse, over its chunk n_chunks - 1 - c, which visits the same tokens
+    EVEN_S: tl.constexpr = False,  # S is a multiple of T: no tile has tail steps to mask (_tile_prep's FULL)
+    EVEN_D: tl.constexpr = False,  # Dm is a multiple of BD: the channel mask is a constant (_program_coords)
 ):
-    pid_c, b64, k, pid_d, d, dmask, n, nmask, offs_t = _program_coords(k0, KL, Dm, N, BD, NP, T)
+    pid_c, b64, k, pid_d, d, dmask, n, nmask, offs_t = _program_coords(k0, KL, Dm, N, BD, NP, T, EVEN_D)
     if REPS == 1:
         _fwd_route_chunk(
             x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, route_ptr, out_ptr, acc_ptr, states_ptr, dsum_ptr,
             L, S, Dm, N, K, n_tiles, tiles_per_prog, pid_c, b64, k, d, dmask, n, nmask, offs_t, acc_in != 0,
             HAS_D, HAS_BIAS, SOFTPLUS, MODE, PHASE, HAS_H0, STORE_STATES, T, BD, NP, CT,
-            X_PER_ROUTE, FAST_EXP, SUB, PREFETCH,
+            X_PER_ROUTE, FAST_EXP, SUB, PREFETCH, EVEN_S,
         )
     else:
         for rep in range(0, tl.where(k_pair >= 0, 2, 1)):
@@ -329,7 +341,7 @@ def _fwd_kernel(
                 tl.where(rep == 0, pid_c, tl.cdiv(n_tiles, tiles_per_prog) - 1 - pid_c), b64,
                 tl.where(rep == 0, k, k_pair), d, dmask, n, nmask, offs_t, (rep > 0) | (acc_in != 0),
                 HAS_D, HAS_BIAS, SOFTPLUS, MODE, PHASE, HAS_H0, STORE_STATES, T, BD, NP, CT,
-                X_PER_ROUTE, FAST_EXP, SUB, PREFETCH,
+                X_PER_ROUTE, FAST_EXP, SUB, PREFETCH, EVEN_S,
             )
 
 
@@ -340,6 +352,7 @@ def _fwd_route_chunk(
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, MODE: tl.constexpr, PHASE: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_STATES: tl.constexpr, T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
     CT: tl.constexpr, X_PER_ROUTE: tl.constexpr, FAST_EXP: tl.constexpr, SUB: tl.constexpr, PREFETCH: tl.constexpr,
+    EVEN_S: tl.constexpr,
 ):
     """_fwd_kernel's work for route k and chunk pid_c (add_prev: MODE 5 adds to what out holds)."""
     A, bias, Dv = _route_params(A_ptr, bias_ptr, D_ptr, k, Dm, N, d, dmask, n, nmask, HAS_BIAS, HAS_D, BD, CT)
@@ -396,7 +409,7 @@ def _fwd_route_chunk(
                 prev = tl.load(out_ptr + row[:, None] * Dm + d[None, :], mask=valid[:, None] & dmask[None, :] & add_prev,
                                other=0.0)
         s = c * T + offs_t
-        smask, pre, delta = _tile_prep(s, S, dtr, bias, HAS_BIAS, SOFTPLUS, CT, FAST_EXP)
+        smask, pre, delta = _tile_prep(s, S, dtr, bias, HAS_BIAS, SOFTPLUS, CT, FAST_EXP, EVEN_S)
         xv = xr.to(CT)
         Bv = Br.to(CT)
         a = _decay(delta[:, None, :] * A[None, :, :], delta[:, None, :] * A2[None, :, :], FAST_EXP)  # (T, NP, BD)
@@ -727,8 +740,10 @@ def _bwd_kernel(
     REPS: tl.constexpr = 1,  # 2: a route group (phase 0, DXMODE 5): route k0's chunk c, then (k_pair >= 0)
     # route k_pair, k0's reverse, over its chunk n_chunks - 1 - c, which visits the same tokens
     PREV_EARLY: tl.constexpr = False,  # DXMODE 5: load the running dx sum with the tile's inputs, not at the store
+    EVEN_S: tl.constexpr = False,  # as _fwd_kernel's
+    EVEN_D: tl.constexpr = False,
 ):
-    pid_c, b64, k, pid_d, d, dmask, n, nmask, offs_t = _program_coords(k0, KL, Dm, N, BD, NP, T)
+    pid_c, b64, k, pid_d, d, dmask, n, nmask, offs_t = _program_coords(k0, KL, Dm, N, BD, NP, T, EVEN_D)
     if REPS == 1:
         _bwd_route_chunk(
             x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, route_ptr, states_ptr, dy_ptr,
@@ -736,7 +751,7 @@ def _bwd_kernel(
             batch, L, S, Dm, N, K, n_tiles, tiles_per_prog, n_chunks, pid_c, b64, k, pid_d, d, dmask, n, nmask,
             offs_t, acc_in != 0,
             HAS_D, HAS_BIAS, SOFTPLUS, DY_PER_ROUTE, DXMODE, PHASE, HAS_G0, T, BD, NP, CT, X_PER_ROUTE, FAST_EXP,
-            INTERP, PREV_EARLY,
+            INTERP, PREV_EARLY, EVEN_S,
         )
     else:
         for rep in range(0, tl.where(k_pair >= 0, 2, 1)):
@@ -749,7 +764,7 @@ def _bwd_kernel(
                 tl.where(rep == 0, pid_c, n_chunks - 1 - pid_c), b64, tl.where(rep == 0, k, k_pair), pid_d, d,
                 dmask, n, nmask, offs_t, (rep > 0) | (acc_in != 0),
                 HAS_D, HAS_BIAS, SOFTPLUS, DY_PER_ROUTE, DXMODE, PHASE, HAS_G0, T, BD, NP, CT, X_PER_ROUTE, FAST_EXP,
-                INTERP, PREV_EARLY,
+                INTERP, PREV_EARLY, EVEN_S,
             )
 
 
@@ -762,7 +777,7 @@ def _bwd_route_chunk(
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, DY_PER_ROUTE: tl.constexpr,
     DXMODE: tl.constexpr, PHASE: tl.constexpr, HAS_G0: tl.constexpr, T: tl.constexpr, BD: tl.constexpr,
     NP: tl.constexpr, CT: tl.constexpr, X_PER_ROUTE: tl.constexpr, FAST_EXP: tl.constexpr, INTERP: tl.constexpr,
-    PREV_EARLY: tl.constexpr,
+    PREV_EARLY: tl.constexpr, EVEN_S: tl.constexpr,
 ):
     """_bwd_kernel's work for route k and chunk pid_c (add_prev: DXMODE 5 adds to what dx holds)."""
     nd_mask = nmask[:, None] & dmask[None, :]
@@ -777,8 +792,11 @@ def _bwd_route_chunk(
     if HAS_G0:
         g = tl.load(g_ptr + g_slot * N * Dm + st_off, mask=nd_mask, other=0.0).to(CT)
     dA_acc = tl.zeros([NP, BD], dtype=CT)
-    dD_acc = tl.zeros([BD], dtype=CT)
-    dbias_acc = tl.zeros([BD], dtype=CT)
+    # dD and dbias summed over each tile's two halves of steps and across tiles, and over the halves' steps
+    # once after the loop: in the layout the loads give these tiles (steps across 8 lanes, two per
+    # lane) a per-tile step sum took 3 shuffle rounds per value (72 SHFL of the N = 1 loop, offline)
+    dD_acc = tl.zeros([T // 2, BD], dtype=CT)
+    dbias_acc = tl.zeros([T // 2, BD], dtype=CT)
     gacc = tl.zeros([T, BD], dtype=CT)  # phase 1: deltas summed elementwise, reduced once at the end
     c_begin = pid_c * tiles_per_prog
     c_end = tl.minimum(c_begin + tiles_per_prog, n_tiles)
@@ -806,7 +824,7 @@ def _bwd_route_chunk(
                     prev = tl.load(dx_ptr + row[:, None] * Dm + d[None, :],
                                    mask=valid[:, None] & dmask[None, :] & add_prev, other=0.0)
         s = c * T + offs_t
-        smask, pre, delta = _tile_prep(s, S, dtr, bias, HAS_BIAS, SOFTPLUS, CT, FAST_EXP)
+        smask, pre, delta = _tile_prep(s, S, dtr, bias, HAS_BIAS, SOFTPLUS, CT, FAST_EXP, EVEN_S)
         xv = xr.to(CT)
         Bv = Br.to(CT)
         Cv = Cr.to(CT)
@@ -851,7 +869,7 @@ def _bwd_route_chunk(
             dBv = tl.sum(gd * xv[:, None, :], axis=2)  # (T, NP)
             dCv = tl.sum(h_all * dyv[:, None, :], axis=2)
             if HAS_D:
-                dD_acc += tl.sum(dyv * xv, axis=0)
+                dD_acc += tl.sum(tl.reshape(dyv * xv, [2, T // 2, BD]), axis=0)
             if SOFTPLUS:
                 if FAST_EXP:
                     dpre = ddelta * _sigmoid_fast(pre)
@@ -861,7 +879,7 @@ def _bwd_route_chunk(
                 dpre = ddelta
             dpre = tl.where(smask[:, None] & dmask[None, :], dpre, 0.0)
             if HAS_BIAS:
-                dbias_acc += tl.sum(dpre, axis=0)
+                dbias_acc += tl.sum(tl.reshape(dpre, [2, T // 2, BD]), axis=0)
             tl.store(ddt_ptr + rk[:, None] * Dm + d[None, :], dpre.to(ddt_ptr.dtype.element_ty), mask=m2)
             # dB, dC partials per channel block: (n_dblk, b, L, K, N)
             bc_off = rk[:, None] * N + n[None, :]
@@ -895,9 +913,9 @@ def _bwd_route_chunk(
         pk = ((b64 * n_chunks + pid_c) * K + k) * (N + 2) * Dm
         tl.store(dA_ptr + pk + st_off, dA_acc, mask=nd_mask)
         if HAS_D:
-            tl.store(dD_ptr + pk + N * Dm + d, dD_acc, mask=dmask)
+            tl.store(dD_ptr + pk + N * Dm + d, tl.sum(dD_acc, axis=0), mask=dmask)
         if HAS_BIAS:
-            tl.store(dbias_ptr + pk + (N + 1) * Dm + d, dbias_acc, mask=dmask)
+            tl.store(dbias_ptr + pk + (N + 1) * Dm + d, tl.sum(dbias_acc, axis=0), mask=dmask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1146,6 +1164,24 @@ def _fwd_prefetch(NP: int, chunked: bool) -> bool:
     return NP == 1 and not chunked
 
 
+# the folds each kernel takes (H100, session 19, kernel ms, forward / forward + backward; none -> these):
+# S2 0.471 / 1.505 -> 0.457 / 1.454, S3 0.135 / 0.418 -> 0.131 / 0.418, S5 N=1 0.450 / 1.463 -> 0.448 / 1.396
+# (with the backward's half-tile dD / dbias sums). The forward's channel fold is left out: S5 N=1 (blocks
+# of 16) ran its forward in 0.467 ms with it, S2 and S3 gained nothing from it.
+EVEN_FLAGS = ("fwdS", "bwdS", "bwdD")
+
+
+def _even(kind: str, S: int, T: int, Dm: int, BD: int) -> dict:
+    """The kernels' EVEN_S / EVEN_D: whether every tile is whole (S a multiple of T) and every channel
+    block full (Dm a multiple of BD), so that their step and channel masks fold to constants. Offline
+    (Triton 3.8, N=1, T 32 / 16, blocks of 32) that removes 3-4% of the forward's and the backward's first
+    pass's instructions. Which kernel takes which: EVEN_FLAGS, or MAMBA_DENSE_SCAN_EVEN (for comparisons),
+    a comma-separated subset of fwdS, fwdD, bwdS, bwdD ("" for none)."""
+    allow = getenv("MAMBA_DENSE_SCAN_EVEN")
+    allow = EVEN_FLAGS if allow is None else allow.split(",")
+    return dict(EVEN_S=kind + "S" in allow and S % T == 0, EVEN_D=kind + "D" in allow and Dm % BD == 0)
+
+
 def _ct(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -1278,6 +1314,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
         HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps, X_PER_ROUTE=x_per_route,
         FAST_EXP=_fast_exp(x), SUB=SUB, PREFETCH=_fwd_prefetch(NP, chunked), **_reg_cap("fwd", NP, T, BD, warps),
+        **_even("fwd", S, T, Dm, BD),
     )
     if chunked:
         # phase 1: every chunk of every route from a zero state -> slot of the chunk's first tile
@@ -1384,7 +1421,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
         HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         DY_PER_ROUTE=(merge == "none"), T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps,
         X_PER_ROUTE=x_per_route, FAST_EXP=_fast_exp(x), INTERP=getenv("TRITON_INTERPRET") == "1",
-        **_reg_cap("bwd", NP, T, BD, warps),
+        **_reg_cap("bwd", NP, T, BD, warps), **_even("bwd", S, T, Dm, BD),
     )
     gbuf = gsum = dummy
     if chunked:

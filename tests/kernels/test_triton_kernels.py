@@ -595,6 +595,37 @@ def test_int32_token_rows_match_int64(monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_even_masks_fold_without_changing_results(monkeypatch):
+    """EVEN_S / EVEN_D (the step and channel masks folded to constants when S is a multiple of the tile
+    and Dm of the channel block) give bit-identical outputs and gradients to the masked kernels, chunked
+    and (whole tiles) in one pass; they are passed where they hold and only there."""
+    from mamba_dense.kernels import triton_scan as ts
+
+    assert ts._even("fwd", 64, 32, 32, 16) == dict(EVEN_S=True, EVEN_D=False)  # EVEN_FLAGS: no forward fold on D
+    assert ts._even("bwd", 64, 16, 32, 16) == dict(EVEN_S=True, EVEN_D=True)
+    assert ts._even("bwd", 60, 16, 20, 16) == dict(EVEN_S=False, EVEN_D=False)
+    seen = []
+    for kname in ("_fwd_kernel", "_bwd_kernel"):
+        monkeypatch.setattr(ts, kname, _LaunchSpy(
+            getattr(ts, kname), lambda a, kw, kname=kname: seen.append((kname, kw.get("EVEN_S"), kw.get("EVEN_D")))))
+    for L, Dm in ((64, 32), (60, 20)):  # whole tiles and blocks; neither
+        route = routes.cross2d(8, L // 8).to(DEVICE)
+        args = _inputs(2, L, 4, Dm, 1, torch.float32, seed=13)
+        dy = torch.randn(2, L, Dm, generator=torch.Generator().manual_seed(14)).to(DEVICE)
+        for tpc in ((1, None) if L == 64 else (1,)):
+            out = {}
+            for flags in ("", "fwdS,fwdD,bwdS,bwdD"):
+                monkeypatch.setenv("MAMBA_DENSE_SCAN_EVEN", flags)
+                seen.clear()
+                y, st = ts.scan_fwd(*args, route, "sum", True, torch.float32, True, tiles_per_chunk=tpc)
+                out[flags] = (y, *ts.scan_bwd(dy, *args, route, st, "sum", True, tiles_per_chunk=tpc))
+                fold = bool(flags) and L % 32 == 0
+                assert seen and all(s_ == fold and d_ == (fold and Dm % 16 == 0) for _, s_, d_ in seen), seen
+            for a, b in zip(out[""], out["fwdS,fwdD,bwdS,bwdD"]):
+                assert torch.isfinite(a).all()
+                assert torch.equal(a, b)
+
+
 class _LaunchSpy:
     """Stands in for a Triton kernel: record(args, meta) sees every launch, which then runs the real
     kernel (launch() sends anything that is not a JITFunction through fn[grid])."""
