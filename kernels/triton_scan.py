@@ -322,6 +322,7 @@ def _fwd_kernel(
     # route k_pair, k0's reverse, over its chunk n_chunks - 1 - c, which visits the same tokens
     EVEN_S: tl.constexpr = False,  # S is a multiple of T: no tile has tail steps to mask (_tile_prep's FULL)
     EVEN_D: tl.constexpr = False,  # Dm is a multiple of BD: the channel mask is a constant (_program_coords)
+    STAGES: tl.constexpr = 1,  # software pipelining of the tile loop (Triton's num_stages; 1: none)
 ):
     pid_c, b64, k, pid_d, d, dmask, n, nmask, offs_t = _program_coords(k0, KL, Dm, N, BD, NP, T, EVEN_D)
     if REPS == 1:
@@ -329,7 +330,7 @@ def _fwd_kernel(
             x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, bias_ptr, route_ptr, out_ptr, acc_ptr, states_ptr, dsum_ptr,
             L, S, Dm, N, K, n_tiles, tiles_per_prog, pid_c, b64, k, d, dmask, n, nmask, offs_t, acc_in != 0,
             HAS_D, HAS_BIAS, SOFTPLUS, MODE, PHASE, HAS_H0, STORE_STATES, T, BD, NP, CT,
-            X_PER_ROUTE, FAST_EXP, SUB, PREFETCH, EVEN_S,
+            X_PER_ROUTE, FAST_EXP, SUB, PREFETCH, EVEN_S, STAGES,
         )
     else:
         for rep in range(0, tl.where(k_pair >= 0, 2, 1)):
@@ -341,7 +342,7 @@ def _fwd_kernel(
                 tl.where(rep == 0, pid_c, tl.cdiv(n_tiles, tiles_per_prog) - 1 - pid_c), b64,
                 tl.where(rep == 0, k, k_pair), d, dmask, n, nmask, offs_t, (rep > 0) | (acc_in != 0),
                 HAS_D, HAS_BIAS, SOFTPLUS, MODE, PHASE, HAS_H0, STORE_STATES, T, BD, NP, CT,
-                X_PER_ROUTE, FAST_EXP, SUB, PREFETCH, EVEN_S,
+                X_PER_ROUTE, FAST_EXP, SUB, PREFETCH, EVEN_S, STAGES,
             )
 
 
@@ -352,7 +353,7 @@ def _fwd_route_chunk(
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, MODE: tl.constexpr, PHASE: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_STATES: tl.constexpr, T: tl.constexpr, BD: tl.constexpr, NP: tl.constexpr,
     CT: tl.constexpr, X_PER_ROUTE: tl.constexpr, FAST_EXP: tl.constexpr, SUB: tl.constexpr, PREFETCH: tl.constexpr,
-    EVEN_S: tl.constexpr,
+    EVEN_S: tl.constexpr, STAGES: tl.constexpr,
 ):
     """_fwd_kernel's work for route k and chunk pid_c (add_prev: MODE 5 adds to what out holds)."""
     A, bias, Dv = _route_params(A_ptr, bias_ptr, D_ptr, k, Dm, N, d, dmask, n, nmask, HAS_BIAS, HAS_D, BD, CT)
@@ -370,7 +371,9 @@ def _fwd_route_chunk(
     last = (offs_t == T - 1)[:, None, None]
     first = (offs_t == 0)[:, None, None]
     # phase 1 sums delta elementwise over its tiles and reduces over the steps once, after the loop
-    dacc = tl.zeros([T, BD], dtype=CT)
+    # (T, 1, BD), as the decays' deltas: a (T, BD) sum put delta in a second layout, which Triton filled by
+    # computing the softplus twice once the loop was pipelined (STAGES)
+    dacc = tl.zeros([T, 1, BD], dtype=CT)
     if PREFETCH:
         tok_n = _route_tok(route_ptr, k, c_begin * T, S, offs_t)
         tok_nn = _route_tok(route_ptr, k, c_begin * T + T, S, offs_t)
@@ -380,7 +383,7 @@ def _fwd_route_chunk(
             C_n = tl.load(C_ptr + rk_n[:, None] * N + n[None, :], mask=valid_n[:, None] & nmask[None, :], other=0.0)
         else:
             C_n = B_n
-    for c in range(c_begin, c_end):
+    for c in tl.range(c_begin, c_end, num_stages=STAGES):
         if STORE_STATES:
             tl.store(states_ptr + (st_base + c * SUB) * N * Dm + st_off, h, mask=st_mask)
         if PREFETCH:
@@ -424,7 +427,7 @@ def _fwd_route_chunk(
                 tl.store(states_ptr + (st_base + c * SUB + j) * N * Dm + st_off, hj,
                          mask=st_mask & (c * SUB + j < n_slots))
         if PHASE == 1:
-            dacc += delta
+            dacc += delta[:, None, :]
         else:
             y = tl.sum(h_all * Cr.to(CT)[:, :, None], axis=1)  # (T, BD)
             if HAS_D:
@@ -449,7 +452,7 @@ def _fwd_route_chunk(
     if PHASE == 1:
         # chunk-end state (from a zero start) and summed delta -> slot of the chunk's first tile
         tl.store(states_ptr + (st_base + c_begin * SUB) * N * Dm + st_off, h, mask=st_mask)
-        tl.store(dsum_ptr + (st_base + c_begin * SUB) * Dm + d, tl.sum(dacc, axis=0), mask=dmask)
+        tl.store(dsum_ptr + (st_base + c_begin * SUB) * Dm + d, tl.sum(tl.sum(dacc, axis=1), axis=0), mask=dmask)
 
 
 @triton.jit
@@ -742,6 +745,7 @@ def _bwd_kernel(
     PREV_EARLY: tl.constexpr = False,  # DXMODE 5: load the running dx sum with the tile's inputs, not at the store
     EVEN_S: tl.constexpr = False,  # as _fwd_kernel's
     EVEN_D: tl.constexpr = False,
+    STAGES: tl.constexpr = 1,
 ):
     pid_c, b64, k, pid_d, d, dmask, n, nmask, offs_t = _program_coords(k0, KL, Dm, N, BD, NP, T, EVEN_D)
     if REPS == 1:
@@ -751,7 +755,7 @@ def _bwd_kernel(
             batch, L, S, Dm, N, K, n_tiles, tiles_per_prog, n_chunks, pid_c, b64, k, pid_d, d, dmask, n, nmask,
             offs_t, acc_in != 0,
             HAS_D, HAS_BIAS, SOFTPLUS, DY_PER_ROUTE, DXMODE, PHASE, HAS_G0, T, BD, NP, CT, X_PER_ROUTE, FAST_EXP,
-            INTERP, PREV_EARLY, EVEN_S,
+            INTERP, PREV_EARLY, EVEN_S, STAGES,
         )
     else:
         for rep in range(0, tl.where(k_pair >= 0, 2, 1)):
@@ -764,7 +768,7 @@ def _bwd_kernel(
                 tl.where(rep == 0, pid_c, n_chunks - 1 - pid_c), b64, tl.where(rep == 0, k, k_pair), pid_d, d,
                 dmask, n, nmask, offs_t, (rep > 0) | (acc_in != 0),
                 HAS_D, HAS_BIAS, SOFTPLUS, DY_PER_ROUTE, DXMODE, PHASE, HAS_G0, T, BD, NP, CT, X_PER_ROUTE, FAST_EXP,
-                INTERP, PREV_EARLY, EVEN_S,
+                INTERP, PREV_EARLY, EVEN_S, STAGES,
             )
 
 
@@ -777,7 +781,7 @@ def _bwd_route_chunk(
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, DY_PER_ROUTE: tl.constexpr,
     DXMODE: tl.constexpr, PHASE: tl.constexpr, HAS_G0: tl.constexpr, T: tl.constexpr, BD: tl.constexpr,
     NP: tl.constexpr, CT: tl.constexpr, X_PER_ROUTE: tl.constexpr, FAST_EXP: tl.constexpr, INTERP: tl.constexpr,
-    PREV_EARLY: tl.constexpr, EVEN_S: tl.constexpr,
+    PREV_EARLY: tl.constexpr, EVEN_S: tl.constexpr, STAGES: tl.constexpr,
 ):
     """_bwd_kernel's work for route k and chunk pid_c (add_prev: DXMODE 5 adds to what dx holds)."""
     nd_mask = nmask[:, None] & dmask[None, :]
@@ -797,7 +801,10 @@ def _bwd_route_chunk(
     # lane) a per-tile step sum took 3 shuffle rounds per value (72 SHFL of the N = 1 loop, offline)
     dD_acc = tl.zeros([T // 2, BD], dtype=CT)
     dbias_acc = tl.zeros([T // 2, BD], dtype=CT)
-    gacc = tl.zeros([T, BD], dtype=CT)  # phase 1: deltas summed elementwise, reduced once at the end
+    # phase 1: deltas summed elementwise, reduced once at the end, and the last tile's (c_begin's); (T, 1, BD)
+    # as the decays' deltas, so that delta is needed in one layout only (see _fwd_route_chunk's dacc)
+    gacc = tl.zeros([T, 1, BD], dtype=CT)
+    dlast = tl.zeros([T, 1, BD], dtype=CT)
     c_begin = pid_c * tiles_per_prog
     c_end = tl.minimum(c_begin + tiles_per_prog, n_tiles)
     first2 = (offs_t == 0)[:, None]
@@ -812,7 +819,7 @@ def _bwd_route_chunk(
     )
     d_next = tl.sum(tl.where(first2, delta_nx, 0.0), axis=0)
     gA = tl.exp(d_next[None, :] * A) * g  # a_{next step} * dh_{next step}
-    for ci in range(c_begin, c_end):
+    for ci in tl.range(c_begin, c_end, num_stages=STAGES):
         c = c_end - 1 - (ci - c_begin)
         valid, row, rk, xr, dtr, Br, Cr, dyr, h0r = _bwd_tile_raw(
             x_ptr, dt_ptr, B_ptr, C_ptr, dy_ptr, route_ptr, states_ptr, b64, k, c, st_base, L, S, K, Dm, N,
@@ -846,8 +853,9 @@ def _bwd_route_chunk(
         if PHASE == 1:
             g = tl.sum(tl.where(first, dh, 0.0), axis=0)
             gA = tl.sum(tl.where(first, a, 0.0), axis=0) * g
-            # summed over the program: the deltas of steps c_begin*T + 1 ... c_end*T (d_next added last)
-            gacc += tl.where(first2 & (c == c_begin), 0.0, delta)
+            # summed over the program (the first step of c_begin's tile taken out after the loop)
+            gacc += delta[:, None, :]
+            dlast = delta[:, None, :]
         else:
             # only a_s dh_s of the tile's first step is carried: one reduction instead of two
             # (dh there, then a times it; the same single product, bit for bit)
@@ -866,8 +874,18 @@ def _bwd_route_chunk(
             dxv = tl.sum(gd * Bv[:, :, None], axis=1) + Dv[None, :] * dyv
             ddelta = tl.sum(dh * (A[None, :, :] * hprev_a + bx), axis=1)
             dA_acc += tl.sum(dh * hprev_a * delta[:, None, :], axis=0)
-            dBv = tl.sum(gd * xv[:, None, :], axis=2)  # (T, NP)
-            dCv = tl.sum(h_all * dyv[:, None, :], axis=2)
+            if NP == 1 and BD == 32:
+                # as (T, BD) products: Triton then forms them in the layout x and dy are loaded in (8
+                # channels per thread, 4 lanes per step) and sums in registers and over 2 lane rounds,
+                # where the (T, 1, BD) form summed each step over all 32 lanes (5 shuffle rounds: 160
+                # shuffles and 160 adds of the N = 1 loop's 1580 instructions, offline SASS). H100,
+                # session 19, f+b kernel ms: S2 1.458 -> 1.378, S3 0.417 -> 0.398; with blocks of 16 it
+                # lost badly (S1 1.10 -> 1.78, S5 N=1 1.39 -> 1.90), so those keep the (T, 1, BD) form
+                dBv = tl.sum(tl.reshape(gd, [T, BD]) * xv, axis=1)[:, None]  # (T, 1)
+                dCv = tl.sum(tl.reshape(h_all, [T, BD]) * dyv, axis=1)[:, None]
+            else:
+                dBv = tl.sum(gd * xv[:, None, :], axis=2)  # (T, NP)
+                dCv = tl.sum(h_all * dyv[:, None, :], axis=2)
             if HAS_D:
                 dD_acc += tl.sum(tl.reshape(dyv * xv, [2, T // 2, BD]), axis=0)
             if SOFTPLUS:
@@ -906,7 +924,12 @@ def _bwd_route_chunk(
                 tl.store(dx_ptr + xoff, (prev.to(CT) + dxv).to(dx_ptr.dtype.element_ty), mask=m2)
     if PHASE == 1:
         tl.store(g_ptr + g_slot * N * Dm + st_off, g, mask=nd_mask)
-        tl.store(gsum_ptr + g_slot * Dm + d, tl.sum(gacc, axis=0) + d_next, mask=dmask)
+        # the deltas of steps c_begin*T + 1 ... c_end*T: all of the walked tiles' but the first step's,
+        # which is taken out once here (a select per element and tile cost 1.6 of the loop's 37
+        # instructions per step, offline SASS), and the next chunk's first
+        tl.store(gsum_ptr + g_slot * Dm + d,
+                 tl.sum(tl.sum(gacc, axis=1), axis=0) - tl.sum(tl.sum(tl.where(first, dlast, 0.0), axis=1), axis=0) + d_next,
+                 mask=dmask)
     else:
         # per (b, chunk, k) partial parameter gradients in one buffer (b, n_chunks, K, N + 2, D):
         # rows 0..N-1 dA, row N dD, row N + 1 dbias (summed over (b, chunk) by one sum_params pass)
@@ -1182,6 +1205,17 @@ def _even(kind: str, S: int, T: int, Dm: int, BD: int) -> dict:
     return dict(EVEN_S=kind + "S" in allow and S % T == 0, EVEN_D=kind + "D" in allow and Dm % BD == 0)
 
 
+# Triton's software pipelining (num_stages) of the tile loops of: the forward's phase 1, the forward's
+# output pass, the backward's phase 1, the backward's gradient pass (1: none)
+SCAN_STAGES = (1, 1, 1, 1)
+
+
+def _stages() -> tuple:
+    """SCAN_STAGES, or MAMBA_DENSE_SCAN_STAGES="f1,f0,b1,b0" (for comparisons)."""
+    env = getenv("MAMBA_DENSE_SCAN_STAGES")
+    return SCAN_STAGES if not env else tuple(int(v) for v in env.split(","))
+
+
 def _ct(dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
 
@@ -1324,11 +1358,11 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
         launch(_fwd_kernel, (K * n_dblk, n_chunks, batch),
             x, dt, A, B, C, D_, bias_, kroute, dummy, dummy, states, dsum,
             L, S, Dm, N, K, 0, K, n_tiles, tpc, 0, 0,
-            MODE=0, PHASE=1, HAS_H0=False, STORE_STATES=False, **common,
+            MODE=0, PHASE=1, HAS_H0=False, STORE_STATES=False, STAGES=_stages()[0], **common,
         )
         # phase 2: carry across chunks
         carry(states, dsum, A, n_chunks, tpc * SUB, n_slots, Dm, N, K, reverse=False, rows=batch * K)
-    phase3 = dict(PHASE=0, HAS_H0=chunked, STORE_STATES=save_states)
+    phase3 = dict(PHASE=0, HAS_H0=chunked, STORE_STATES=save_states, STAGES=_stages()[1])
     if plan is not None:
         # reversed route pairs (and single routes) summed in place into out, one group per launch
         # single routes first (H100, session 16, S5 N=1 forward 0.478 -> 0.471 ms; launching them
@@ -1431,7 +1465,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
             x, dt, A, B, C, D_, bias_, kroute, states, dy,
             dummy, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,  # phase 1 writes no dx
             batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks, 0, 0,
-            DXMODE=4, PHASE=1, HAS_G0=False, **kw,
+            DXMODE=4, PHASE=1, HAS_G0=False, STAGES=_stages()[2], **kw,
         )
         carry(gbuf, gsum, A, n_chunks, 1, n_chunks, Dm, N, K, reverse=True, rows=batch * K)
     if plan is not None:
@@ -1441,7 +1475,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
                 x, dt, A, B, C, D_, bias_, kroute, states, dy,
                 dx, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
                 batch, L, S, Dm, N, K, grp[0], 1, n_tiles, tpc, n_chunks, grp[-1] if len(grp) == 2 else -1,
-                int(gi > 0), DXMODE=5, PHASE=0, HAS_G0=chunked, REPS=2, PREV_EARLY=bool(BWD_PAIR_PREV_EARLY), **kw,
+                int(gi > 0), DXMODE=5, PHASE=0, HAS_G0=chunked, REPS=2, PREV_EARLY=bool(BWD_PAIR_PREV_EARLY), STAGES=_stages()[3], **kw,
             )
     elif x_per_route or not serial:
         xdt = x.dtype if x.dtype in (torch.bfloat16, torch.float32, torch.float64) else torch.float32
@@ -1456,7 +1490,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
             x, dt, A, B, C, D_, bias_, kroute, states, dy,
             dxbuf, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
             batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks, 0, 0,
-            DXMODE=0, PHASE=0, HAS_G0=chunked, **kw,
+            DXMODE=0, PHASE=0, HAS_G0=chunked, STAGES=_stages()[3], **kw,
         )
         if dx is None:
             dx = sum_routes(dxbuf, x.dtype)
@@ -1470,7 +1504,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
                 x, dt, A, B, C, D_, bias_, kroute, states, dy,
                 dx, dxacc, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
                 batch, L, S, Dm, N, K, k, 1, n_tiles, tpc, n_chunks, 0, 0,
-                DXMODE=mode, PHASE=0, HAS_G0=chunked, **kw,
+                DXMODE=mode, PHASE=0, HAS_G0=chunked, STAGES=_stages()[3], **kw,
             )
         if modes[-1] == 2:
             dx.copy_(dxacc)

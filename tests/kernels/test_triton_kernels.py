@@ -597,7 +597,8 @@ def test_int32_token_rows_match_int64(monkeypatch):
 
 def test_even_masks_fold_without_changing_results(monkeypatch):
     """EVEN_S / EVEN_D (the step and channel masks folded to constants when S is a multiple of the tile
-    and Dm of the channel block) give bit-identical outputs and gradients to the masked kernels, chunked
+    and Dm of the channel block) give the masked kernels' outputs and gradients (bit-identical under the
+    interpreter; within 1e-6 on a GPU, whose compiler may order the unmasked code differently), chunked
     and (whole tiles) in one pass; they are passed where they hold and only there."""
     from mamba_dense.kernels import triton_scan as ts
 
@@ -623,7 +624,10 @@ def test_even_masks_fold_without_changing_results(monkeypatch):
                 assert seen and all(s_ == fold and d_ == (fold and Dm % 16 == 0) for _, s_, d_ in seen), seen
             for a, b in zip(out[""], out["fwdS,fwdD,bwdS,bwdD"]):
                 assert torch.isfinite(a).all()
-                assert torch.equal(a, b)
+                if DEVICE == "cpu":
+                    assert torch.equal(a, b)
+                else:  # the compiler may contract and order the unmasked code differently
+                    assert _rel(a, b) < 1e-6
 
 
 class _LaunchSpy:
