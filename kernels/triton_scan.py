@@ -154,6 +154,22 @@ def _softplus_fast(v):
 
 
 @triton.jit
+def _softplus_sigmoid_fast(v):
+    """(_softplus_fast(v), _sigmoid_fast(v)) from one exp(-|v|), in the layout v is in. Computed apart,
+    Triton 3.6 put the sigmoid's exp in another layout than the softplus's and computed it twice (the
+    N=1 backward's loop: 48 MUFU.EX2 per 16 steps instead of 32, offline SASS, session 19)."""
+    y = _ex2_ftz(-tl.abs(v) * LOG2E)
+    s = y * _rcp_approx(2.0 + y)
+    z = s * s
+    p = z * _SP4 + _SP3
+    p = p * z + _SP2
+    p = p * z + _SP1
+    p = p * z + _SP0
+    r = _rcp_approx(1.0 + y)
+    return tl.maximum(v, 0.0) + s * p, tl.where(v >= 0.0, r, y * r)
+
+
+@triton.jit
 def _sigmoid_fast(v):
     """sigmoid for an fp32 state on a GPU: 1 / (1 + y) for v >= 0, y / (1 + y) below, y = exp(-|v|)
     (no overflow; one approximate reciprocal where tl.sigmoid has an exp and an IEEE division)."""
@@ -229,10 +245,11 @@ def _gather_tok(x_ptr, dt_ptr, B_ptr, tok, b64, k, L, K, Dm, N, d, dmask, n, nma
 
 @triton.jit
 def _tile_prep(s, S, dtr, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, CT: tl.constexpr,
-               FAST: tl.constexpr = False, FULL: tl.constexpr = False):
-    """A tile's step mask, pre-activation (dt + bias in CT) and delta; tail steps (s >= S) get delta = 0.
-    FAST: _softplus_fast (fp32 on a GPU, see _decay). FULL: the tile lies inside [0, S) (every tile of
-    a route whose length is a multiple of the tile, EVEN_S), so no step is masked."""
+               FAST: tl.constexpr = False, FULL: tl.constexpr = False, SIG: tl.constexpr = False):
+    """A tile's step mask, pre-activation (dt + bias in CT), delta and (SIG) d delta / d pre, the
+    sigmoid of pre (with softplus; otherwise pre itself is returned in its place, unused); tail steps
+    (s >= S) get delta = 0. FAST: _softplus_fast (fp32 on a GPU, see _decay). FULL: the tile lies inside
+    [0, S) (every tile of a route whose length is a multiple of the tile, EVEN_S), so no step is masked."""
     if FULL:
         smask = tl.full(s.shape, 1, tl.int1)
     else:
@@ -240,13 +257,19 @@ def _tile_prep(s, S, dtr, bias, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, 
     pre = dtr.to(CT)
     if HAS_BIAS:
         pre = pre + bias[None, :]
+    sig = pre
     if SOFTPLUS:
-        delta = _softplus_c(pre, FAST)
+        if SIG and FAST:
+            delta, sig = _softplus_sigmoid_fast(pre)
+        else:
+            delta = _softplus_c(pre, FAST)
+            if SIG:
+                sig = tl.sigmoid(pre)
     else:
         delta = pre
     if not FULL:
         delta = tl.where(smask[:, None], delta, 0.0)
-    return smask, pre, delta
+    return smask, pre, delta, sig
 
 
 @triton.jit
@@ -262,7 +285,7 @@ def _load_tile(
         x_ptr, dt_ptr, B_ptr, route_ptr, b64, k, s0, L, S, K, Dm, N, offs_t, d, dmask, n, nmask, LOAD_XB, X_PER_ROUTE,
     )
     s = s0 + offs_t
-    smask, pre, delta = _tile_prep(s, S, dtr, bias, HAS_BIAS, SOFTPLUS, CT, FAST)
+    smask, pre, delta, _sig = _tile_prep(s, S, dtr, bias, HAS_BIAS, SOFTPLUS, CT, FAST)
     return s, smask, valid, row, rk, xr.to(CT), pre, delta, Br.to(CT)
 
 
@@ -412,7 +435,7 @@ def _fwd_route_chunk(
                 prev = tl.load(out_ptr + row[:, None] * Dm + d[None, :], mask=valid[:, None] & dmask[None, :] & add_prev,
                                other=0.0)
         s = c * T + offs_t
-        smask, pre, delta = _tile_prep(s, S, dtr, bias, HAS_BIAS, SOFTPLUS, CT, FAST_EXP, EVEN_S)
+        smask, pre, delta, _sig = _tile_prep(s, S, dtr, bias, HAS_BIAS, SOFTPLUS, CT, FAST_EXP, EVEN_S)
         xv = xr.to(CT)
         Bv = Br.to(CT)
         a = _decay(delta[:, None, :] * A[None, :, :], delta[:, None, :] * A2[None, :, :], FAST_EXP)  # (T, NP, BD)
@@ -831,7 +854,7 @@ def _bwd_route_chunk(
                     prev = tl.load(dx_ptr + row[:, None] * Dm + d[None, :],
                                    mask=valid[:, None] & dmask[None, :] & add_prev, other=0.0)
         s = c * T + offs_t
-        smask, pre, delta = _tile_prep(s, S, dtr, bias, HAS_BIAS, SOFTPLUS, CT, FAST_EXP, EVEN_S)
+        smask, pre, delta, sig = _tile_prep(s, S, dtr, bias, HAS_BIAS, SOFTPLUS, CT, FAST_EXP, EVEN_S, PHASE == 0)
         xv = xr.to(CT)
         Bv = Br.to(CT)
         Cv = Cr.to(CT)
@@ -889,10 +912,7 @@ def _bwd_route_chunk(
             if HAS_D:
                 dD_acc += tl.sum(tl.reshape(dyv * xv, [2, T // 2, BD]), axis=0)
             if SOFTPLUS:
-                if FAST_EXP:
-                    dpre = ddelta * _sigmoid_fast(pre)
-                else:
-                    dpre = ddelta * tl.sigmoid(pre)
+                dpre = ddelta * sig
             else:
                 dpre = ddelta
             dpre = tl.where(smask[:, None] & dmask[None, :], dpre, 0.0)

@@ -362,25 +362,32 @@ def test_fast_softplus_and_sigmoid_match_fp64():
     """_softplus_fast / _sigmoid_fast (the fp32 GPU path of the scan kernels) against fp64 torch over
     [-120, 120] and magnitudes from 1e-8 to 1e4, both signs: relative error below 1e-5 wherever the
     true value is a normal fp32 number (exp(-|v|) flushes to 0 past |v| = 87, as documented), and
-    the exact limits: softplus(v) = v and sigmoid = 1 for large v, 0 for large negative v."""
+    the exact limits: softplus(v) = v and sigmoid = 1 for large v, 0 for large negative v; and
+    _softplus_sigmoid_fast gives the same two values."""
     import triton
     import triton.language as tl
 
     from mamba_dense.kernels import triton_scan as ts
 
     @triton.jit
-    def _k(v_ptr, sp_ptr, sg_ptr, n, BLOCK: tl.constexpr):
+    def _k(v_ptr, sp_ptr, sg_ptr, sp2_ptr, sg2_ptr, n, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         m = i < n
         v = tl.load(v_ptr + i, mask=m, other=0.0)
         tl.store(sp_ptr + i, ts._softplus_fast(v), mask=m)
         tl.store(sg_ptr + i, ts._sigmoid_fast(v), mask=m)
+        sp2, sg2 = ts._softplus_sigmoid_fast(v)  # the backward's pair, from one exp: the same values
+        tl.store(sp2_ptr + i, sp2, mask=m)
+        tl.store(sg2_ptr + i, sg2, mask=m)
 
     mags = torch.logspace(-8, 4, 20001, dtype=torch.float64)
     v = torch.cat([torch.linspace(-120, 120, 480001, dtype=torch.float64), mags, -mags]).float().to(DEVICE)
     sp = torch.full_like(v, float("nan"))
     sg = torch.full_like(v, float("nan"))
-    _k[(triton.cdiv(v.numel(), 1024),)](v, sp, sg, v.numel(), BLOCK=1024)
+    sp2 = torch.full_like(v, float("nan"))
+    sg2 = torch.full_like(v, float("nan"))
+    _k[(triton.cdiv(v.numel(), 1024),)](v, sp, sg, sp2, sg2, v.numel(), BLOCK=1024)
+    assert torch.equal(sp2, sp) and torch.equal(sg2, sg)
     vd = v.double()
     for got, want in ((sp, torch.nn.functional.softplus(vd)), (sg, torch.sigmoid(vd))):
         got = got.double()
