@@ -948,7 +948,8 @@ def _bwd_route_chunk(
         # which is taken out once here (a select per element and tile cost 1.6 of the loop's 37
         # instructions per step, offline SASS), and the next chunk's first
         tl.store(gsum_ptr + g_slot * Dm + d,
-                 tl.sum(tl.sum(gacc, axis=1), axis=0) - tl.sum(tl.sum(tl.where(first, dlast, 0.0), axis=1), axis=0) + d_next,
+                 tl.sum(tl.sum(gacc, axis=1), axis=0) - tl.sum(tl.sum(tl.where(first, dlast, 0.0), axis=1), axis=0)
+                 + d_next,
                  mask=dmask)
     else:
         # per (b, chunk, k) partial parameter gradients in one buffer (b, n_chunks, K, N + 2, D):
@@ -1226,7 +1227,11 @@ def _even(kind: str, S: int, T: int, Dm: int, BD: int) -> dict:
 
 
 # Triton's software pipelining (num_stages) of the tile loops of: the forward's phase 1, the forward's
-# output pass, the backward's phase 1, the backward's gradient pass (1: none)
+# output pass, the backward's phase 1, the backward's gradient pass (1: none). Pipelined, the gathers go
+# through cp.async into shared memory, but H100 (session 19, kernel ms) found no gain worth taking: the
+# forward at 2 stages S2 0.402 -> 0.438, S5 N=1 0.413 -> 0.425; the backward's phase 1 at 2 S2 f+b 1.255
+# -> 1.268 (S5 N=16 5.29 -> 5.19); its gradient pass at 2 S2 1.255 -> 1.435 (Triton computes the softplus
+# there in two layouts). So none by default; MAMBA_DENSE_SCAN_STAGES for tuning.
 SCAN_STAGES = (1, 1, 1, 1)
 
 
@@ -1495,7 +1500,8 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
                 x, dt, A, B, C, D_, bias_, kroute, states, dy,
                 dx, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
                 batch, L, S, Dm, N, K, grp[0], 1, n_tiles, tpc, n_chunks, grp[-1] if len(grp) == 2 else -1,
-                int(gi > 0), DXMODE=5, PHASE=0, HAS_G0=chunked, REPS=2, PREV_EARLY=bool(BWD_PAIR_PREV_EARLY), STAGES=_stages()[3], **kw,
+                int(gi > 0), DXMODE=5, PHASE=0, HAS_G0=chunked, REPS=2, PREV_EARLY=bool(BWD_PAIR_PREV_EARLY),
+                STAGES=_stages()[3], **kw,
             )
     elif x_per_route or not serial:
         xdt = x.dtype if x.dtype in (torch.bfloat16, torch.float32, torch.float64) else torch.float32
