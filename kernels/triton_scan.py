@@ -398,8 +398,10 @@ def _fwd_route_chunk(
     last = (offs_t == T - 1)[:, None, None]
     first = (offs_t == 0)[:, None, None]
     # phase 1 sums delta elementwise over its tiles and reduces over the steps once, after the loop
-    # (T, 1, BD), as the decays' deltas: a (T, BD) sum put delta in a second layout, which Triton filled by
-    # computing the softplus twice once the loop was pipelined (STAGES)
+    # (T, 1, BD), as the decays' deltas: a (T, BD) sum kept delta in a second layout as well (the load's).
+    # H100, session 19, with the backward's gacc likewise: the S2 forward's kernels 444 -> 389 us, the
+    # backward's 880 -> 812 (offline, Triton 3.8 compiles the same loop length either way; pipelined, it
+    # computed the softplus twice)
     dacc = tl.zeros([T, 1, BD], dtype=CT)
     if PREFETCH:
         tok_n = _route_tok(route_ptr, k, c_begin * T, S, offs_t)
@@ -826,6 +828,7 @@ def _bwd_route_chunk(
     # dD and dbias summed over each tile's two halves of steps and across tiles, and over the halves' steps
     # once after the loop: in the layout the loads give these tiles (steps across 8 lanes, two per
     # lane) a per-tile step sum took 3 shuffle rounds per value (72 SHFL of the N = 1 loop, offline)
+    tl.static_assert(T % 2 == 0, "backward tiles of an even number of steps")
     dD_acc = tl.zeros([T // 2, BD], dtype=CT)
     dbias_acc = tl.zeros([T // 2, BD], dtype=CT)
     # phase 1: deltas summed elementwise, reduced once at the end, and the last tile's (c_begin's); (T, 1, BD)
@@ -949,7 +952,7 @@ def _bwd_route_chunk(
     if PHASE == 1:
         tl.store(g_ptr + g_slot * N * Dm + st_off, g, mask=nd_mask)
         # the deltas of steps c_begin*T + 1 ... c_end*T: all of the walked tiles' but the first step's,
-        # which is taken out once here (a select per element and tile cost 1.6 of the loop's 37
+        # which is taken out once here (a select per element and tile cost 0.6 of the loop's 37
         # instructions per step, offline SASS), and the next chunk's first
         tl.store(gsum_ptr + g_slot * Dm + d,
                  tl.sum(tl.sum(gacc, axis=1), axis=0) - tl.sum(tl.sum(tl.where(first, dlast, 0.0), axis=1), axis=0)
