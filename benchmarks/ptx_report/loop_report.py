@@ -51,24 +51,7 @@ def compile_kernel(fn, ptrs: dict, constexprs: dict, warps: int = 1):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    cx = dict(constexprs)
-    for p in fn.params:
-        if p.is_constexpr and p.name not in cx:
-            cx[p.name] = p.default
-    sig, attrs = {}, {}
-    for i, a in enumerate(fn.arg_names):
-        if a in cx:
-            sig[a] = "constexpr"
-        elif a in ptrs:
-            sig[a] = ptrs[a]
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif a == "N":
-            sig[a] = "constexpr"
-            cx[a] = 1
-        else:
-            sig[a] = "i32"
-            if a in INT_DIV16:
-                attrs[(i,)] = [["tt.divisibility", 16]]
+    sig, cx, attrs = pr.signature(fn, constexprs, ptrs, N=1, ints16=INT_DIV16)
     src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
 

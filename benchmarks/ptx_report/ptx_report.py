@@ -82,6 +82,34 @@ BWD_PTRS = dict(
 )
 
 
+def signature(fn, constexprs: dict, ptrs: dict, *, hints: bool = True, N: int | None = None, ints16=()):
+    """(signature, constexprs, attrs) of an ASTSource for fn: the constexprs given, fn's other constexprs
+    at their defaults (left out, they would compile as i32 arguments), the pointers typed by ptrs and
+    the other arguments plain i32. With hints, what the launcher specializes: pointers 16-byte aligned,
+    N == 1 a constexpr and a multiple of 16 divisible by 16, and the ints named in ints16 divisible by 16
+    (shape-dependent: loop_report.py names the ones its benchmark shapes give)."""
+    cx = dict(constexprs)
+    for p in fn.params:
+        if p.is_constexpr and p.name not in cx and p.has_default:
+            cx[p.name] = p.default
+    sig, attrs = {}, {}
+    for i, a in enumerate(fn.arg_names):
+        if a in cx:
+            sig[a] = "constexpr"
+        elif a in ptrs:
+            sig[a] = ptrs[a]
+            if hints:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif hints and a == "N" and N == 1:
+            sig[a] = "constexpr"
+            cx[a] = 1
+        else:
+            sig[a] = "i32"
+            if hints and ((a == "N" and N is not None and N % 16 == 0) or a in ints16):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, cx, attrs
+
+
 def build_source(kernel: str, N: int, T: int, BD: int, NP: int, spec: str):
     import triton.language as tl
     from triton.compiler import ASTSource
@@ -98,22 +126,7 @@ def build_source(kernel: str, N: int, T: int, BD: int, NP: int, spec: str):
     else:
         fn, ptrs = ts._bwd_kernel, BWD_PTRS
         cx = dict(DXMODE=0, PHASE=0, HAS_G0=False, DY_PER_ROUTE=False, INTERP=False, REPS=1, PREV_EARLY=False, **flags)
-    sig, attrs = {}, {}
-    for i, a in enumerate(fn.arg_names):
-        if a in cx:
-            sig[a] = "constexpr"
-        elif a in ptrs:
-            sig[a] = ptrs[a]
-            if spec == "runtime":
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            sig[a] = "i32"
-            if spec == "runtime" and a == "N":
-                if N == 1:
-                    sig[a] = "constexpr"
-                    cx[a] = 1
-                elif N % 16 == 0:
-                    attrs[(i,)] = [["tt.divisibility", 16]]
+    sig, cx, attrs = signature(fn, cx, ptrs, hints=spec == "runtime", N=N)
     missing = set(cx) - set(fn.arg_names)
     assert not missing, missing
     return ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs), fn
