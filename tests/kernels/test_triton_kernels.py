@@ -346,7 +346,8 @@ def test_fast_softplus_polynomial_error():
     fitted minimax error is 4e-9, under fp32 rounding)."""
     from mamba_dense.kernels import triton_scan as ts
 
-    y = torch.cat([torch.logspace(-30, 0, 20001, dtype=torch.float64), torch.linspace(1e-6, 1, 200001, dtype=torch.float64)])
+    y = torch.cat([torch.logspace(-30, 0, 20001, dtype=torch.float64),
+                   torch.linspace(1e-6, 1, 200001, dtype=torch.float64)])
     s = y / (2 + y)
     z = s * s
     p = torch.zeros_like(z)
