@@ -1382,6 +1382,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
         FAST_EXP=_fast_exp(x), SUB=SUB, PREFETCH=_fwd_prefetch(NP, chunked), **_reg_cap("fwd", NP, T, BD, warps),
         **_even("fwd", S, T, Dm, BD),
     )
+    stages = _stages()  # read once per call
     if chunked:
         # phase 1: every chunk of every route from a zero state -> slot of the chunk's first tile
         dsum = _empty(batch, K, n_slots, Dm, device=dev, dtype=cdt)
@@ -1390,11 +1391,11 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
         launch(_fwd_kernel, (K * n_dblk, n_chunks, batch),
             x, dt, A, B, C, D_, bias_, kroute, dummy, dummy, states, dsum,
             L, S, Dm, N, K, 0, K, n_tiles, tpc, 0, 0,
-            MODE=0, PHASE=1, HAS_H0=False, STORE_STATES=False, STAGES=_stages()[0], **common,
+            MODE=0, PHASE=1, HAS_H0=False, STORE_STATES=False, STAGES=stages[0], **common,
         )
         # phase 2: carry across chunks
         carry(states, dsum, A, n_chunks, tpc * SUB, n_slots, Dm, N, K, reverse=False, rows=batch * K)
-    phase3 = dict(PHASE=0, HAS_H0=chunked, STORE_STATES=save_states, STAGES=_stages()[1])
+    phase3 = dict(PHASE=0, HAS_H0=chunked, STORE_STATES=save_states, STAGES=stages[1])
     if plan is not None:
         # reversed route pairs (and single routes) summed in place into out, one group per launch
         # single routes first (H100, session 16, S5 N=1 forward 0.478 -> 0.471 ms; launching them
@@ -1489,6 +1490,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
         X_PER_ROUTE=x_per_route, FAST_EXP=_fast_exp(x), INTERP=getenv("TRITON_INTERPRET") == "1",
         **_reg_cap("bwd", NP, T, BD, warps), **_even("bwd", S, T, Dm, BD),
     )
+    stages = _stages()  # read once per call, not per launch
     gbuf = gsum = dummy
     if chunked:
         gbuf = _empty(batch, K, n_chunks, N, Dm, device=dev, dtype=cdt)
@@ -1497,7 +1499,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
             x, dt, A, B, C, D_, bias_, kroute, states, dy,
             dummy, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,  # phase 1 writes no dx
             batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks, 0, 0,
-            DXMODE=4, PHASE=1, HAS_G0=False, STAGES=_stages()[2], **kw,
+            DXMODE=4, PHASE=1, HAS_G0=False, STAGES=stages[2], **kw,
         )
         carry(gbuf, gsum, A, n_chunks, 1, n_chunks, Dm, N, K, reverse=True, rows=batch * K)
     if plan is not None:
@@ -1508,7 +1510,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
                 dx, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
                 batch, L, S, Dm, N, K, grp[0], 1, n_tiles, tpc, n_chunks, grp[-1] if len(grp) == 2 else -1,
                 int(gi > 0), DXMODE=5, PHASE=0, HAS_G0=chunked, REPS=2, PREV_EARLY=bool(BWD_PAIR_PREV_EARLY),
-                STAGES=_stages()[3], **kw,
+                STAGES=stages[3], **kw,
             )
     elif x_per_route or not serial:
         xdt = x.dtype if x.dtype in (torch.bfloat16, torch.float32, torch.float64) else torch.float32
@@ -1523,7 +1525,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
             x, dt, A, B, C, D_, bias_, kroute, states, dy,
             dxbuf, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
             batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks, 0, 0,
-            DXMODE=0, PHASE=0, HAS_G0=chunked, STAGES=_stages()[3], **kw,
+            DXMODE=0, PHASE=0, HAS_G0=chunked, STAGES=stages[3], **kw,
         )
         if dx is None:
             dx = sum_routes(dxbuf, x.dtype)
@@ -1537,7 +1539,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
                 x, dt, A, B, C, D_, bias_, kroute, states, dy,
                 dx, dxacc, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
                 batch, L, S, Dm, N, K, k, 1, n_tiles, tpc, n_chunks, 0, 0,
-                DXMODE=mode, PHASE=0, HAS_G0=chunked, STAGES=_stages()[3], **kw,
+                DXMODE=mode, PHASE=0, HAS_G0=chunked, STAGES=stages[3], **kw,
             )
         if modes[-1] == 2:
             dx.copy_(dxacc)
