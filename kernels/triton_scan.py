@@ -1183,23 +1183,40 @@ def _wide_block(N: int, Dm: int, dtype: torch.dtype, chunked: bool) -> bool:
             and not getenv("MAMBA_DENSE_SCAN_CFG"))
 
 
-def _reg_cap(kind: str, NP: int, T: int, BD: int, warps: int) -> dict:
-    """Launch option capping the registers per thread of the forward ("fwd") or backward ("bwd").
+# Register caps (ptxas maxnreg) per (kind, phase, NP, T, BD, warps, forward prefetch); phase 1 is the
+# chunk-end pass, 0 the other. H100, Triton 3.6, kernel ms (benchmarks/RESULTS.md, sessions 7 and 20):
+# - the N=16 backward's gradient pass (255 registers uncapped): 168 gives 12 one-warp programs per SM,
+#   S4 f+b 7.69 -> 6.38 ms, S5 N=16 10.07 -> 9.67 (session 7; 152 / 184 / 128 slower); its phase-1 pass
+#   runs better uncapped (session 20: S5 N=16 f+b 5.20 -> 5.12-5.15 with the forward caps below);
+# - the N=16 forward (session 20, S5 N=16 forward 1.38-1.39 -> 1.25-1.26 with both caps; S4, one pass,
+#   level): the output pass at 128 (1.29 alone; 144 1.39, 112 1.34), phase 1 at 96;
+# - the one-pass N=1 forward with its prefetch (blocks of 16, S1) at 112: 0.315 -> 0.307-0.308 (96:
+#   0.313). The chunked N=1 forwards (S2, S3, S5 N=1) lose or stay level with any cap tried (output
+#   pass 112 / 96: S2 0.401 -> 0.408 / 0.522; phase 1 96 / 80: S2 0.397 / 0.474, S3 0.117 / 0.139 against
+#   0.115), and the N=1 backward (250 registers) gained nothing from one.
+_REG_CAPS = {
+    ("bwd", 0, 16, 8, 8, 1, False): 168,
+    ("fwd", 0, 16, 8, 16, 1, False): 128,
+    ("fwd", 1, 16, 8, 16, 1, False): 96,
+    ("fwd", 0, 1, 32, 16, 1, True): 112,
+}
 
-    The N=16 backward tile (T=8, BD=8, one warp) compiles to 255 registers, which leaves 8 one-warp
-    programs per SM; capped at 168 it spills a little (ptxas: 316 B) but 12 programs fit, and the
-    H100 sweep (benchmarks/RESULTS.md, session 7) ran S4 forward+backward 7.69 -> 6.38 ms and S5 N=16
-    10.07 -> 9.67 ms (152: 6.45 / 9.68; 184: 7.71 / 11.48; 128: slower). The N=1 backward (250
-    registers) and the forwards gained nothing from a cap, so they get none.
-    MAMBA_DENSE_SCAN_MAXNREG="fwd_cap,bwd_cap" (0 = no cap) overrides, for tuning."""
+
+def _reg_cap(kind: str, NP: int, T: int, BD: int, warps: int, phase: int = 0, prefetch: bool = False) -> dict:
+    """Launch option capping the registers per thread of the forward ("fwd") or backward ("bwd")
+    kernel of a phase (1: the chunk-end pass; 0: the output / gradient pass); see _REG_CAPS.
+    MAMBA_DENSE_SCAN_MAXNREG="fwd_cap,bwd_cap" or, per phase, "fwd1,fwd0,bwd1,bwd0" (0 = no cap)
+    overrides, for tuning."""
     env = getenv("MAMBA_DENSE_SCAN_MAXNREG")
     if env:
-        f, b = (int(v) for v in env.split(","))
-        cap = f if kind == "fwd" else b
-        return {"maxnreg": cap} if cap else {}
-    if kind == "bwd" and (NP, T, BD, warps) == (16, 8, 8, 1):
-        return {"maxnreg": 168}
-    return {}
+        caps = [int(v) for v in env.split(",")]
+        if len(caps) == 2:
+            cap = caps[0] if kind == "fwd" else caps[1]
+        else:
+            cap = caps[(0 if kind == "fwd" else 2) + (0 if phase == 1 else 1)]
+    else:
+        cap = _REG_CAPS.get((kind, phase, NP, T, BD, warps, prefetch))
+    return {"maxnreg": cap} if cap else {}
 
 
 def _fwd_prefetch(NP: int, chunked: bool) -> bool:
@@ -1379,7 +1396,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
     common = dict(
         HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps, X_PER_ROUTE=x_per_route,
-        FAST_EXP=_fast_exp(x), SUB=SUB, PREFETCH=_fwd_prefetch(NP, chunked), **_reg_cap("fwd", NP, T, BD, warps),
+        FAST_EXP=_fast_exp(x), SUB=SUB, PREFETCH=_fwd_prefetch(NP, chunked),
         **_even("fwd", S, T, Dm, BD),
     )
     stages = _stages()  # read once per call
@@ -1392,10 +1409,12 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
             x, dt, A, B, C, D_, bias_, kroute, dummy, dummy, states, dsum,
             L, S, Dm, N, K, 0, K, n_tiles, tpc, 0, 0,
             MODE=0, PHASE=1, HAS_H0=False, STORE_STATES=False, STAGES=stages[0], **common,
+            **_reg_cap("fwd", NP, T, BD, warps, 1),
         )
         # phase 2: carry across chunks
         carry(states, dsum, A, n_chunks, tpc * SUB, n_slots, Dm, N, K, reverse=False, rows=batch * K)
-    phase3 = dict(PHASE=0, HAS_H0=chunked, STORE_STATES=save_states, STAGES=stages[1])
+    phase3 = dict(PHASE=0, HAS_H0=chunked, STORE_STATES=save_states, STAGES=stages[1],
+                  **_reg_cap("fwd", NP, T, BD, warps, 0, common["PREFETCH"]))
     if plan is not None:
         # reversed route pairs (and single routes) summed in place into out, one group per launch
         # single routes first (H100, session 16, S5 N=1 forward 0.478 -> 0.471 ms; launching them
@@ -1488,9 +1507,10 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
         HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
         DY_PER_ROUTE=(merge == "none"), T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps,
         X_PER_ROUTE=x_per_route, FAST_EXP=_fast_exp(x), INTERP=getenv("TRITON_INTERPRET") == "1",
-        **_reg_cap("bwd", NP, T, BD, warps), **_even("bwd", S, T, Dm, BD),
+        **_even("bwd", S, T, Dm, BD),
     )
     stages = _stages()  # read once per call, not per launch
+    cap0 = _reg_cap("bwd", NP, T, BD, warps, 0)
     gbuf = gsum = dummy
     if chunked:
         gbuf = _empty(batch, K, n_chunks, N, Dm, device=dev, dtype=cdt)
@@ -1499,7 +1519,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
             x, dt, A, B, C, D_, bias_, kroute, states, dy,
             dummy, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,  # phase 1 writes no dx
             batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks, 0, 0,
-            DXMODE=4, PHASE=1, HAS_G0=False, STAGES=stages[2], **kw,
+            DXMODE=4, PHASE=1, HAS_G0=False, STAGES=stages[2], **kw, **_reg_cap("bwd", NP, T, BD, warps, 1),
         )
         carry(gbuf, gsum, A, n_chunks, 1, n_chunks, Dm, N, K, reverse=True, rows=batch * K)
     if plan is not None:
@@ -1510,7 +1530,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
                 dx, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
                 batch, L, S, Dm, N, K, grp[0], 1, n_tiles, tpc, n_chunks, grp[-1] if len(grp) == 2 else -1,
                 int(gi > 0), DXMODE=5, PHASE=0, HAS_G0=chunked, REPS=2, PREV_EARLY=bool(BWD_PAIR_PREV_EARLY),
-                STAGES=stages[3], **kw,
+                STAGES=stages[3], **kw, **cap0,
             )
     elif x_per_route or not serial:
         xdt = x.dtype if x.dtype in (torch.bfloat16, torch.float32, torch.float64) else torch.float32
@@ -1525,7 +1545,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
             x, dt, A, B, C, D_, bias_, kroute, states, dy,
             dxbuf, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
             batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks, 0, 0,
-            DXMODE=0, PHASE=0, HAS_G0=chunked, STAGES=stages[3], **kw,
+            DXMODE=0, PHASE=0, HAS_G0=chunked, STAGES=stages[3], **kw, **cap0,
         )
         if dx is None:
             dx = sum_routes(dxbuf, x.dtype)
@@ -1539,7 +1559,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
                 x, dt, A, B, C, D_, bias_, kroute, states, dy,
                 dx, dxacc, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
                 batch, L, S, Dm, N, K, k, 1, n_tiles, tpc, n_chunks, 0, 0,
-                DXMODE=mode, PHASE=0, HAS_G0=chunked, STAGES=stages[3], **kw,
+                DXMODE=mode, PHASE=0, HAS_G0=chunked, STAGES=stages[3], **kw, **cap0,
             )
         if modes[-1] == 2:
             dx.copy_(dxacc)

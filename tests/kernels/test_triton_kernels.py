@@ -198,12 +198,19 @@ def test_n16_backward_register_cap_and_chunked_gradients(monkeypatch):
     from mamba_dense.kernels import triton_scan as ts
 
     monkeypatch.delenv("MAMBA_DENSE_SCAN_MAXNREG", raising=False)
-    assert ts._reg_cap("bwd", 16, 8, 8, 1) == {"maxnreg": 168}
+    assert ts._reg_cap("bwd", 16, 8, 8, 1) == {"maxnreg": 168}  # the gradient pass
+    assert ts._reg_cap("bwd", 16, 8, 8, 1, phase=1) == {}  # its chunk-end pass runs uncapped
     assert ts._reg_cap("bwd", 1, 32, 16, 1) == {}
     assert ts._reg_cap("bwd", 16, 16, 16, 4) == {}  # fp64 tile
-    assert ts._reg_cap("fwd", 16, 8, 16, 1) == {}
+    assert ts._reg_cap("fwd", 16, 8, 16, 1) == {"maxnreg": 128}
+    assert ts._reg_cap("fwd", 16, 8, 16, 1, phase=1) == {"maxnreg": 96}
+    assert ts._reg_cap("fwd", 1, 32, 16, 1, prefetch=True) == {"maxnreg": 112}  # one-pass N=1
+    assert ts._reg_cap("fwd", 1, 32, 32, 1) == {} and ts._reg_cap("fwd", 1, 32, 32, 1, phase=1) == {}
     monkeypatch.setenv("MAMBA_DENSE_SCAN_MAXNREG", "0,200")
     assert ts._reg_cap("bwd", 16, 8, 8, 1) == {"maxnreg": 200} and ts._reg_cap("fwd", 16, 8, 16, 1) == {}
+    monkeypatch.setenv("MAMBA_DENSE_SCAN_MAXNREG", "96,0,144,0")  # per phase: fwd1, fwd0, bwd1, bwd0
+    assert ts._reg_cap("fwd", 16, 8, 16, 1, phase=1) == {"maxnreg": 96} and ts._reg_cap("fwd", 16, 8, 16, 1) == {}
+    assert ts._reg_cap("bwd", 16, 8, 8, 1, phase=1) == {"maxnreg": 144} and ts._reg_cap("bwd", 16, 8, 8, 1) == {}
     monkeypatch.delenv("MAMBA_DENSE_SCAN_MAXNREG")
     monkeypatch.setattr(ts, "_num_sms", lambda dev: 64)  # pretend a large GPU: the launch goes chunk-parallel
     route = routes.segmamba3d(2, 4, 5).to(DEVICE)  # 40 steps = 5 tiles of 8
