@@ -1330,6 +1330,22 @@ def _tiles_per_chunk(n_tiles: int, programs: int, n_sm: int, override: int | Non
     return max(2, min(min_tiles, n_tiles // 2), -(-n_tiles // want_chunks))
 
 
+# The order of the pair merge's launches (_group_order): the last group reads and adds to what the
+# others wrote. For cross2d (pairs (0, 2): rows, (1, 3): columns) the forward gains a little with the
+# row pair last (whose read-add-writes of the output then walk the tokens in memory order: the likely
+# reason, not measured apart); the backward's dx merge does not. H100, session 20, kernel ms, two alternations, order 0 -> 1: forward
+# S2 0.402 -> 0.399, S3 0.116 -> 0.114, S5 N=1 level; backward's order 1: S2 f+b 1.249 -> 1.283, S3
+# 0.367 -> 0.359 (not taken)
+FWD_GROUP_ORDER = 1
+BWD_GROUP_ORDER = 0
+
+
+def _group_order(groups, order: int):
+    """The order the pair merge launches its route groups in: single routes first, then the pairs in
+    route order (order 0) or in reverse route order (1); see FWD_GROUP_ORDER."""
+    return sorted(groups, key=lambda g: (len(g), g if order == 0 else tuple(-k for k in g)))
+
+
 def _merge_strategy() -> str:
     """How routes are merged (all deterministic): "pairs" (default) merges reversed route pairs in
     place in chunk-parallel forwards (_pair_plan) and otherwise works as "buffer"; "buffer" writes
@@ -1420,7 +1436,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
         # single routes first (H100, session 16, S5 N=1 forward 0.478 -> 0.471 ms; launching them
         # with REPS=1 instead was slower, 0.486)
         out = _empty(batch, L, Dm, device=dev, dtype=odt)
-        for gi, grp in enumerate(sorted(plan[0], key=len)):
+        for gi, grp in enumerate(_group_order(plan[0], FWD_GROUP_ORDER)):
             launch(_fwd_kernel, (n_dblk, n_chunks, batch),
                 x, dt, A, B, C, D_, bias_, kroute, out, dummy, states, dummy,
                 L, S, Dm, N, K, grp[0], 1, n_tiles, tpc, grp[-1] if len(grp) == 2 else -1, int(gi > 0),
@@ -1524,7 +1540,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
         carry(gbuf, gsum, A, n_chunks, 1, n_chunks, Dm, N, K, reverse=True, rows=batch * K)
     if plan is not None:
         dx = _empty_like(x)
-        for gi, grp in enumerate(sorted(plan[0], key=len)):
+        for gi, grp in enumerate(_group_order(plan[0], BWD_GROUP_ORDER)):
             launch(_bwd_kernel, (n_dblk, n_chunks, batch),
                 x, dt, A, B, C, D_, bias_, kroute, states, dy,
                 dx, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,

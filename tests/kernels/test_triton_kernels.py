@@ -577,6 +577,18 @@ def test_route_groups_pair_reversed_routes():
     assert ts.route_groups(routes.raster(6)[None].to(DEVICE)) == ((0,),)
 
 
+def test_group_order_single_routes_first():
+    """The pair merge launches single routes first, then the pairs in route order (0) or reversed (1):
+    the forward takes cross2d's row pair last (FWD_GROUP_ORDER)."""
+    from mamba_dense.kernels import triton_scan as ts
+
+    assert ts._group_order(((0, 2), (1, 3)), 0) == [(0, 2), (1, 3)]
+    assert ts._group_order(((0, 2), (1, 3)), 1) == [(1, 3), (0, 2)]
+    assert ts._group_order(((0, 1), (2,)), 0) == ts._group_order(((0, 1), (2,)), 1) == [(2,), (0, 1)]
+    assert ts._group_order(((0, 2), (1,), (3, 4)), 1) == [(1,), (3, 4), (0, 2)]
+    assert ts.FWD_GROUP_ORDER == 1 and ts.BWD_GROUP_ORDER == 0
+
+
 def test_pair_tiles_divide_the_route():
     from mamba_dense.kernels import triton_scan as ts
 
@@ -689,7 +701,7 @@ def test_pair_merge_forward_matches_reference(case, monkeypatch):
     y, st = ts.scan_fwd(*args, route, "sum", True, torch.float64, True, tiles_per_chunk=tpc)
     groups = ts.route_groups(route)
     # phase 1 (chunk-end states) per route, then the output pass group after group, single routes first
-    pairs = [(g[0], g[-1] if len(g) == 2 else -1) for g in sorted(groups, key=len)]
+    pairs = [(g[0], g[-1] if len(g) == 2 else -1) for g in ts._group_order(groups, ts.FWD_GROUP_ORDER)]
     assert seen == [(1, 0, 1, 0, 0)] + [(0, 5, 2, *p) for p in pairs]
     seen.clear()
     monkeypatch.setenv("MAMBA_DENSE_MERGE", "buffer")
@@ -733,7 +745,7 @@ def test_pair_merge_backward_matches_reference(case, monkeypatch):
     monkeypatch.setattr(ts, "_bwd_kernel", _LaunchSpy(
         ts._bwd_kernel, lambda a, kw: seen.append((kw["PHASE"], kw["DXMODE"], kw.get("REPS", 1), a[26], a[31]))))
     monkeypatch.setattr(ts, "BWD_PAIR_MIN_BD", 1)  # the policy takes blocks of 32 only (fp64 runs 16)
-    pairs = [(g[0], g[-1] if len(g) == 2 else -1) for g in sorted(ts.route_groups(route), key=len)]
+    pairs = [(g[0], g[-1] if len(g) == 2 else -1) for g in ts._group_order(ts.route_groups(route), ts.BWD_GROUP_ORDER)]
     runs = []
     for early in ((1, 0) if case[0] == "cross2d-n1" else (1,)):  # the running sum loaded early / at the store
         monkeypatch.setattr(ts, "BWD_PAIR_PREV_EARLY", early)
