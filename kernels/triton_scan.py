@@ -1333,9 +1333,9 @@ def _tiles_per_chunk(n_tiles: int, programs: int, n_sm: int, override: int | Non
 # The order of the pair merge's launches (_group_order): the last group reads and adds to what the
 # others wrote. For cross2d (pairs (0, 2): rows, (1, 3): columns) the forward gains a little with the
 # row pair last (whose read-add-writes of the output then walk the tokens in memory order: the likely
-# reason, not measured apart); the backward's dx merge does not. H100, session 20, kernel ms, two alternations, order 0 -> 1: forward
-# S2 0.402 -> 0.399, S3 0.116 -> 0.114, S5 N=1 level; backward's order 1: S2 f+b 1.249 -> 1.283, S3
-# 0.367 -> 0.359 (not taken)
+# reason, not measured apart); the backward's dx merge does not. H100, session 20, kernel ms, two
+# alternations, order 0 -> 1: forward S2 0.402 -> 0.399, S3 0.116 -> 0.114, S5 N=1 level; the
+# backward's in order 1: S2 f+b 1.249 -> 1.283, S3 0.367 -> 0.359 (not taken)
 FWD_GROUP_ORDER = 1
 BWD_GROUP_ORDER = 0
 
