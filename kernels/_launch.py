@@ -55,6 +55,17 @@ def getenv(name: str, default: str | None = None) -> str | None:
     return default if v is None else os.fsdecode(v)
 
 
+def env_snapshot(names: tuple) -> tuple:
+    """The raw values of the environment variables names (None where unset), for cache keys: one C-level
+    pass over os.environ's table instead of a getenv() per name."""
+    if not isinstance(_ENV_DATA, dict) or os.name != "posix":
+        return tuple(os.environ.get(n) for n in names)
+    keys = _ENV_KEYS.get(names)
+    if keys is None:
+        keys = _ENV_KEYS[names] = tuple(os.fsencode(n) for n in names)
+    return tuple(map(_ENV_DATA.get, keys))
+
+
 _I32 = 2**31
 _I64 = 2**63
 _SLOW = object()  # cache value: this key always takes Triton's path
@@ -134,6 +145,18 @@ def launch(fn, grid, *args, **meta):
     g2 = grid[2] if len(grid) > 2 else 1
     stream = _driver.active.get_current_stream(device)
     ck.run(grid[0], g1, g2, stream, ck.function, ck.packed_metadata, None, None, None, *args, *tail)
+
+
+def compiled(fn, args, meta: dict):
+    """(compiled kernel, constexpr tail) that launch(fn, grid, *args, **meta) found or stored in its
+    cache, or None (not cacheable, Triton's path, the cache off)."""
+    if not FAST or triton is None or not isinstance(fn, _JIT):
+        return None
+    keys = _args_key(args)
+    if keys is None:
+        return None
+    hit = _CACHE.get((id(fn), _driver.active.get_current_device(), keys, tuple(meta.items())))
+    return hit if isinstance(hit, tuple) else None
 
 
 def _entry(fn, ck, n_args: int, meta: dict):

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _launch as _launch_mod
 from ._launch import getenv, launch
 
 # --------------------------------------------------------------------------------------------
@@ -555,13 +556,23 @@ def _carry_cfg(n_chunks: int, ND: int) -> tuple[int, int, int]:
     return CB, BLK, 4 if CB * BLK <= 2048 else 8
 
 
-def carry(buf, dsum, A, n_chunks: int, slot_stride: int, n_slots: int, Dm: int, N: int, K: int, reverse: bool, rows: int):
-    """Launch the chunk carry over ``rows`` = batch x K (state rows of N x D each); see _carry_cfg."""
+def _go(site, run, fn, grid, args: tuple, meta: dict):
+    """launch(fn, grid, *args, **meta), or run(site, ...) for a launch site of a cached plan (_run)."""
+    if site is None:
+        launch(fn, grid, *args, **meta)
+    else:
+        run(site, fn, grid, args, meta)
+
+
+def carry(buf, dsum, A, n_chunks: int, slot_stride: int, n_slots: int, Dm: int, N: int, K: int, reverse: bool, rows: int,
+          site: list | None = None, run=None):
+    """Launch the chunk carry over ``rows`` = batch x K (state rows of N x D each); see _carry_cfg.
+    With a plan's launch site (site, run: see _go) the launch goes through it."""
     CB, BLK, warps = _carry_cfg(n_chunks, N * Dm)
-    launch(_carry_kernel, (_cdiv(N * Dm, BLK), rows),
-        buf, dsum, A, n_chunks, slot_stride, n_slots, Dm, N, K,
-        REVERSE=reverse, BLK=BLK, CB=CB, CT=_ct(buf.dtype), num_warps=warps,
-    )
+    grid = (_cdiv(N * Dm, BLK), rows)
+    args = (buf, dsum, A, n_chunks, slot_stride, n_slots, Dm, N, K)
+    meta = dict(REVERSE=reverse, BLK=BLK, CB=CB, CT=_ct(buf.dtype), num_warps=warps)
+    _go(site, run, _carry_kernel, grid, args, meta)
 
 
 @triton.jit
@@ -577,16 +588,17 @@ def _sum_routes_kernel(buf_ptr, out_ptr, rows, K, Dm, BR: tl.constexpr, BDS: tl.
     tl.store(out_ptr + r64[:, None] * Dm + d[None, :], acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def sum_routes(buf: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """(b, L, K, D) -> (b, L, D), summing the K routes in order."""
+def sum_routes(buf: torch.Tensor, out_dtype: torch.dtype, site: list | None = None, run=None) -> torch.Tensor:
+    """(b, L, K, D) -> (b, L, D), summing the K routes in order (site, run: see _go)."""
     b, L, K, Dm = buf.shape
     out = _empty(b, L, Dm, device=buf.device, dtype=out_dtype)
     rows = b * L
     BDS = min(128, _np2(Dm))
     BR = max(1, 2048 // BDS)
-    launch(_sum_routes_kernel, (_cdiv(rows, BR), _cdiv(Dm, BDS)),
-        buf, out, rows, K, Dm, BR=BR, BDS=BDS, CT=_ct(buf.dtype), num_warps=4,
-    )
+    grid = (_cdiv(rows, BR), _cdiv(Dm, BDS))
+    args = (buf, out, rows, K, Dm)
+    meta = dict(BR=BR, BDS=BDS, CT=_ct(buf.dtype), num_warps=4)
+    _go(site, run, _sum_routes_kernel, grid, args, meta)
     return out
 
 
@@ -627,24 +639,25 @@ def sum_blocks(part: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     return _sum_blocks_launch(part, out_dtype, part)[0]
 
 
-def sum_blocks2(part: torch.Tensor, out_dtype: torch.dtype, part2: torch.Tensor, out2_dtype: torch.dtype):
+def sum_blocks2(part: torch.Tensor, out_dtype: torch.dtype, part2: torch.Tensor, out2_dtype: torch.dtype,
+                site: list | None = None, run=None):
     """sum_blocks of two partials, in one launch where they share shape and dtypes (the backward's dB
-    and dC partials: one launch less per backward); two separate output tensors."""
+    and dC partials: one launch less per backward); two separate output tensors (site, run: see _go)."""
     if (part.shape != part2.shape or part.dtype != part2.dtype or out_dtype != out2_dtype
             or (part.shape[0] == 1 and part.dtype == out_dtype)):
         return sum_blocks(part, out_dtype), sum_blocks(part2, out2_dtype)
-    return _sum_blocks_launch(part, out_dtype, part2)
+    return _sum_blocks_launch(part, out_dtype, part2, site, run)
 
 
-def _sum_blocks_launch(part: torch.Tensor, out_dtype: torch.dtype, part2: torch.Tensor):
+def _sum_blocks_launch(part: torch.Tensor, out_dtype: torch.dtype, part2: torch.Tensor, site=None, run=None):
     """The block sums of part and, unless it is part itself, of part2 (same shape and dtype) in one
     launch: (out, out2), out2 being out for a single sum."""
     out = _empty(*part.shape[1:], device=part.device, dtype=out_dtype)
     out2 = out if part2 is part else _empty(*part.shape[1:], device=part.device, dtype=out_dtype)
     M = out.numel()
     BLOCK = 512
-    launch(_sum_blocks_kernel, (_cdiv(M, BLOCK), 1 if part2 is part else 2),
-        part, out, part2, out2, M, part.shape[0], BLOCK=BLOCK, U=4, CT=_ct(part.dtype), num_warps=1)
+    _go(site, run, _sum_blocks_kernel, (_cdiv(M, BLOCK), 1 if part2 is part else 2),
+        (part, out, part2, out2, M, part.shape[0]), dict(BLOCK=BLOCK, U=4, CT=_ct(part.dtype), num_warps=1))
     return out, out2
 
 
@@ -690,7 +703,7 @@ def _cast_for(v, ptr):
 SUM_PARAMS_UNROLL = 4
 
 
-def sum_params(p: torch.Tensor, K: int, N: int, Dm: int, A_dtype, D_dtype=None, bias_dtype=None):
+def sum_params(p: torch.Tensor, K: int, N: int, Dm: int, A_dtype, D_dtype=None, bias_dtype=None, site=None, run=None):
     """The backward's parameter partials p (R, K x (N + 2) x D) summed over rows in a fixed order
     (deterministic) -> dA (K, D, N) in A_dtype, and dD, dbias (K, D) in D_dtype / bias_dtype (None
     where that dtype is None). Rows of p are (batch, chunk) pairs (683 at S3).
@@ -708,9 +721,10 @@ def sum_params(p: torch.Tensor, K: int, N: int, Dm: int, A_dtype, D_dtype=None, 
     dbias = _empty(K, Dm, device=dev, dtype=bias_dtype) if bias_dtype is not None else None
     BR = min(256, max(2, _np2(R)))
     BC = max(16, 4096 // BR)
-    launch(_sum_params_kernel, (_cdiv(M, BC),), p, dA, dD if dD is not None else dA,
-           dbias if dbias is not None else dA, R, M, Dm, N, BR=BR, BC=BC, CT=_ct(p.dtype),
-           HAS_D=dD is not None, HAS_BIAS=dbias is not None, U=SUM_PARAMS_UNROLL if R > BR else 1, num_warps=4)
+    _go(site, run, _sum_params_kernel, (_cdiv(M, BC),),
+        (p, dA, dD if dD is not None else dA, dbias if dbias is not None else dA, R, M, Dm, N),
+        dict(BR=BR, BC=BC, CT=_ct(p.dtype), HAS_D=dD is not None, HAS_BIAS=dbias is not None,
+             U=SUM_PARAMS_UNROLL if R > BR else 1, num_warps=4))
     return dA, dD, dbias
 
 
@@ -1367,6 +1381,138 @@ def _merge_modes(K: int, cover: tuple[bool, ...]) -> tuple[list[int], bool]:
     return [2] * K, True
 
 
+# Host path of the forward: the decisions of a call (tiles, channel blocks, chunks, merge plan, launch
+# options) depend only on the call's signature, so they are worked out once per signature (_fwd_plan)
+# and each launch site keeps the compiled kernel Triton returned for it (_run), which later calls
+# launch directly: launch()'s key (the arguments' specialization) is then fixed by the plan's key,
+# which holds the dtypes, shapes and pointer alignment of the inputs (the buffers the forward
+# allocates are aligned). H100 host, S3 (session 20): a launch() cost 26.7 us, 9.4 of them for the key
+# and 12.9 for the launcher; host us per call without / with the plans, alternated: scan_fwd 249-259 ->
+# 121-128, scan_bwd 420-429 -> 257-266 (benchmarks/RESULTS.md). MAMBA_DENSE_SCAN_PLAN=0 turns it off.
+_FWD_PLANS: dict = {}
+_PLAN_ENV = (
+    "MAMBA_DENSE_MERGE", "MAMBA_DENSE_SCAN_CFG", "MAMBA_DENSE_SCAN_I64", "MAMBA_DENSE_FWD_PREFETCH",
+    "MAMBA_DENSE_SCAN_EVEN", "MAMBA_DENSE_SCAN_STAGES", "MAMBA_DENSE_SCAN_MAXNREG", "MAMBA_DENSE_CARRY_CB",
+    "MAMBA_DENSE_SCAN_FAST_EXP", "MAMBA_DENSE_SCAN_PLAN", "TRITON_INTERPRET",
+)
+
+
+def _knobs() -> tuple:
+    """What the forward's decisions read besides the inputs: the environment knobs and the policy's
+    module attributes (tests and benchmarks/scan_kernels.py change both)."""
+    return (
+        _launch_mod.env_snapshot(_PLAN_ENV), MIN_PROGRAMS_PER_SM, TARGET_PROGRAMS_PER_SM, PAIR_CHUNK_DIV,
+        PAIR_MAX_N, SCAN_STAGES, FWD_GROUP_ORDER, EVEN_FLAGS, id(_REG_CAPS),
+    )
+
+
+def _aligned(*ts) -> tuple:
+    """16-byte alignment of each tensor (None for an absent one): part of Triton's specialization."""
+    return tuple(None if t is None else t.data_ptr() & 15 == 0 for t in ts)
+
+
+def _run(site: list, fn, grid, args: tuple, meta: dict):
+    """launch(fn, grid, *args, **meta) for a launch site of a cached plan: site is [fn, compiled kernel,
+    constexpr tail] once known (from launch()'s cache after the first call), and later calls go to the
+    compiled kernel's launcher directly. A kernel replaced meanwhile (tests), an active launch hook or
+    Triton's interpreter take launch()."""
+    ck = site[1]
+    if ck is not None and site[0] is fn and not _launch_mod._hooks_set():
+        device = _launch_mod._driver.active.get_current_device()
+        ck.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+               _launch_mod._driver.active.get_current_stream(device), ck.function, ck.packed_metadata,
+               None, None, None, *args, *site[2])
+        return
+    launch(fn, grid, *args, **meta)
+    hit = _launch_mod.compiled(fn, args, meta)
+    if hit is not None:
+        site[:] = [fn, hit[0], hit[1]]
+
+
+class _FwdPlan:
+    """scan_fwd's decisions for one call signature (see _fwd_plan) and its launch sites."""
+
+    def __init__(self, x, A, route, cover, merge, out_dtype, save_states, tiles_per_chunk, dt_softplus,
+                 has_D, has_bias):
+        self.x_per_route = x_per_route = x.dim() == 4
+        batch, L, Dm = x.shape[0], x.shape[1], x.shape[-1]
+        K, S = route.shape
+        N = A.shape[2]
+        self.cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        cfg = _config(N, Dm, x.dtype)
+        T, BD, warps, SUB = cfg.Tf, cfg.BDf, cfg.warps, cfg.Tf // cfg.T
+        NP = _np2(N)
+        n_tiles = _cdiv(S, T)
+        self.n_slots = _cdiv(S, cfg.T)  # saved states: one every cfg.T steps
+        n_dblk = _cdiv(Dm, BD)
+        self.odt = odt = out_dtype or x.dtype
+        dev = x.device
+        self.serial = serial = _merge_strategy() == "serial"
+        routes_per_launch = K if (merge == "none" or not serial) else 1
+        tpc = _tiles_per_chunk(n_tiles, batch * n_dblk * routes_per_launch, _num_sms(dev), tiles_per_chunk)
+        if _wide_block(N, Dm, x.dtype, tpc < n_tiles):
+            BD = 32
+            n_dblk = _cdiv(Dm, BD)
+            tpc = _tiles_per_chunk(n_tiles, batch * n_dblk * routes_per_launch, _num_sms(dev), tiles_per_chunk)
+        plan = _pair_plan(route, merge, x_per_route, cover, S, T, n_tiles, tpc, odt, N, tiles_per_chunk is not None)
+        if plan is not None:
+            tpc = plan[1]
+        self.groups = None if plan is None else _group_order(plan[0], FWD_GROUP_ORDER)
+        self.n_chunks = n_chunks = _cdiv(n_tiles, tpc)
+        self.chunked = chunked = n_chunks > 1
+        self.T, self.BD, self.SUB, self.n_tiles, self.n_dblk, self.tpc = T, BD, SUB, n_tiles, n_dblk, tpc
+        common = dict(
+            HAS_D=has_D, HAS_BIAS=has_bias, SOFTPLUS=dt_softplus,
+            T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps, X_PER_ROUTE=x_per_route,
+            FAST_EXP=_fast_exp(x), SUB=SUB, PREFETCH=_fwd_prefetch(NP, chunked),
+            **_even("fwd", S, T, Dm, BD),
+        )
+        stages = _stages()
+        self.meta1 = dict(MODE=0, PHASE=1, HAS_H0=False, STORE_STATES=False, STAGES=stages[0], **common,
+                          **_reg_cap("fwd", NP, T, BD, warps, 1))
+        self.meta3 = dict(PHASE=0, HAS_H0=chunked, STORE_STATES=save_states, STAGES=stages[1], **common,
+                          **_reg_cap("fwd", NP, T, BD, warps, 0, common["PREFETCH"]))
+        if plan is None and merge == "sum" and not serial:
+            self.bdt = odt if odt in (torch.bfloat16, torch.float32, torch.float64) else torch.float32
+        else:
+            self.bdt = odt
+        self.modes, self.zero = _merge_modes(K, cover)
+        self.sites: dict = {}
+
+    def site(self, name) -> list:
+        s = self.sites.get(name)
+        if s is None:
+            s = self.sites[name] = [None, None, None]
+        return s
+
+
+def _fwd_plan(x, dt, A, B, C, D, dt_bias, route, kroute, cover, merge, dt_softplus, out_dtype, save_states,
+              tiles_per_chunk) -> _FwdPlan:
+    """The cached _FwdPlan of a call. Its key: everything the decisions and the kernels' specialization
+    read (input shapes, dtypes and alignment, the route's coverage and merge groups, the device and
+    its SM count, the knobs); a new key builds a plan."""
+    K = route.shape[0]
+    groups = None
+    if merge == "sum" and x.dim() == 3 and K > 1 and A.shape[2] <= PAIR_MAX_N and all(cover):
+        groups = route_groups(route)  # what _pair_plan may read (cached per route tensor)
+    key = (
+        tuple(x.shape), x.dtype, dt.dtype, A.dtype, B.dtype, C.dtype, None if D is None else D.dtype,
+        None if dt_bias is None else dt_bias.dtype, tuple(route.shape), merge, dt_softplus, out_dtype, save_states,
+        tiles_per_chunk, x.device, cover, kroute.dtype, groups, _num_sms(x.device), _knobs(),
+        _aligned(x, dt, A, B, C, D, dt_bias, kroute),
+    )
+    if getenv("MAMBA_DENSE_SCAN_PLAN", "1") == "0":  # no plan cache: decide afresh on every call
+        return _FwdPlan(x, A, route, cover, merge, out_dtype, save_states, tiles_per_chunk, dt_softplus,
+                        D is not None, dt_bias is not None)
+    p = _FWD_PLANS.get(key)
+    if p is None:
+        if len(_FWD_PLANS) > 256:
+            _FWD_PLANS.clear()
+        p = _FWD_PLANS[key] = _FwdPlan(x, A, route, cover, merge, out_dtype, save_states, tiles_per_chunk,
+                                       dt_softplus, D is not None, dt_bias is not None)
+    return p
+
+
 def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, out_dtype,
              save_states: bool = True, tiles_per_chunk: int | None = None):
     """Forward. Returns (y, states): states are the fp32 states entering every tile (for backward).
@@ -1380,92 +1526,59 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
     if triton_scan_seq.impl() == "seq":
         return triton_scan_seq.scan_fwd_seq(x, dt, A, B, C, D, dt_bias, route, merge, dt_softplus, out_dtype,
                                             save_states, tiles_per_chunk)
-    x_per_route = x.dim() == 4
     batch, L, Dm = x.shape[0], x.shape[1], x.shape[-1]
     K, S = route.shape
     N = A.shape[2]
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    cfg = _config(N, Dm, x.dtype)
-    T, BD, warps, SUB = cfg.Tf, cfg.BDf, cfg.warps, cfg.Tf // cfg.T
-    NP = _np2(N)
-    n_tiles = _cdiv(S, T)
-    n_slots = _cdiv(S, cfg.T)  # saved states: one every cfg.T steps
-    n_dblk = _cdiv(Dm, BD)
-    odt = out_dtype or x.dtype
-    dev = x.device
-    serial = _merge_strategy() == "serial"  # read once per call (an environment read)
-    routes_per_launch = K if (merge == "none" or not serial) else 1
-    tpc = _tiles_per_chunk(n_tiles, batch * n_dblk * routes_per_launch, _num_sms(dev), tiles_per_chunk)
-    if _wide_block(N, Dm, x.dtype, tpc < n_tiles):
-        BD = 32
-        n_dblk = _cdiv(Dm, BD)
-        tpc = _tiles_per_chunk(n_tiles, batch * n_dblk * routes_per_launch, _num_sms(dev), tiles_per_chunk)
     cover = route_coverage(route, L)
     kroute = _kernel_route(route, batch * L * K * max(Dm, N))
-    plan = _pair_plan(route, merge, x_per_route, cover, S, T, n_tiles, tpc, odt, N, tiles_per_chunk is not None)
-    if plan is not None:
-        tpc = plan[1]
-    n_chunks = _cdiv(n_tiles, tpc)
-    chunked = n_chunks > 1
-    states, D_, bias_ = fwd_buffers(batch, K, n_slots, N, Dm, dev, cdt, save_states or chunked, D, dt_bias)
+    p = _fwd_plan(x, dt, A, B, C, D, dt_bias, route, kroute, cover, merge, dt_softplus, out_dtype, save_states,
+                  tiles_per_chunk)
+    if getenv("MAMBA_DENSE_SCAN_PLAN", "1") == "0":  # every launch through launch() (and a fresh plan)
+        run = lambda site, fn, grid, args, meta: launch(fn, grid, *args, **meta)  # noqa: E731
+    else:
+        run = _run
+    n_dblk, n_chunks, n_tiles, tpc, odt, cdt, dev = p.n_dblk, p.n_chunks, p.n_tiles, p.tpc, p.odt, p.cdt, x.device
+    states, D_, bias_ = fwd_buffers(batch, K, p.n_slots, N, Dm, dev, cdt, save_states or p.chunked, D, dt_bias)
     dummy = states
-    common = dict(
-        HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
-        T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps, X_PER_ROUTE=x_per_route,
-        FAST_EXP=_fast_exp(x), SUB=SUB, PREFETCH=_fwd_prefetch(NP, chunked),
-        **_even("fwd", S, T, Dm, BD),
-    )
-    stages = _stages()  # read once per call
-    if chunked:
+    if p.chunked:
         # phase 1: every chunk of every route from a zero state -> slot of the chunk's first tile
-        dsum = _empty(batch, K, n_slots, Dm, device=dev, dtype=cdt)
+        dsum = _empty(batch, K, p.n_slots, Dm, device=dev, dtype=cdt)
         # (by pairs, as the output pass, it was slower: H100, session 16, phase 1 S2 243 -> 260 us, S3 67
         # -> 84, S5 N=1 205 -> 227; a pair's second route finds x in the L2 either way)
-        launch(_fwd_kernel, (K * n_dblk, n_chunks, batch),
-            x, dt, A, B, C, D_, bias_, kroute, dummy, dummy, states, dsum,
-            L, S, Dm, N, K, 0, K, n_tiles, tpc, 0, 0,
-            MODE=0, PHASE=1, HAS_H0=False, STORE_STATES=False, STAGES=stages[0], **common,
-            **_reg_cap("fwd", NP, T, BD, warps, 1),
-        )
+        run(p.site("phase1"), _fwd_kernel, (K * n_dblk, n_chunks, batch),
+            (x, dt, A, B, C, D_, bias_, kroute, dummy, dummy, states, dsum,
+             L, S, Dm, N, K, 0, K, n_tiles, tpc, 0, 0), p.meta1)
         # phase 2: carry across chunks
-        carry(states, dsum, A, n_chunks, tpc * SUB, n_slots, Dm, N, K, reverse=False, rows=batch * K)
-    phase3 = dict(PHASE=0, HAS_H0=chunked, STORE_STATES=save_states, STAGES=stages[1],
-                  **_reg_cap("fwd", NP, T, BD, warps, 0, common["PREFETCH"]))
-    if plan is not None:
+        carry(states, dsum, A, n_chunks, tpc * p.SUB, p.n_slots, Dm, N, K, reverse=False, rows=batch * K,
+              site=p.site("carry"), run=run)
+    if p.groups is not None:
         # reversed route pairs (and single routes) summed in place into out, one group per launch
         # single routes first (H100, session 16, S5 N=1 forward 0.478 -> 0.471 ms; launching them
         # with REPS=1 instead was slower, 0.486)
         out = _empty(batch, L, Dm, device=dev, dtype=odt)
-        for gi, grp in enumerate(_group_order(plan[0], FWD_GROUP_ORDER)):
-            launch(_fwd_kernel, (n_dblk, n_chunks, batch),
-                x, dt, A, B, C, D_, bias_, kroute, out, dummy, states, dummy,
-                L, S, Dm, N, K, grp[0], 1, n_tiles, tpc, grp[-1] if len(grp) == 2 else -1, int(gi > 0),
-                MODE=5, REPS=2, **phase3, **common,
-            )
-    elif merge == "none" or not serial:
+        for gi, grp in enumerate(p.groups):
+            run(p.site(("group", gi)), _fwd_kernel, (n_dblk, n_chunks, batch),
+                (x, dt, A, B, C, D_, bias_, kroute, out, dummy, states, dummy,
+                 L, S, Dm, N, K, grp[0], 1, n_tiles, tpc, grp[-1] if len(grp) == 2 else -1, int(gi > 0)),
+                dict(p.meta3, MODE=5, REPS=2))
+    elif merge == "none" or not p.serial:
         # all routes in one launch, per-route outputs at their tokens; merge="sum" then adds the
         # K routes in a fixed order (deterministic) with fp32 accumulation
-        if merge == "none":
-            bdt = odt
-        else:
-            bdt = odt if odt in (torch.bfloat16, torch.float32, torch.float64) else torch.float32
-        out = (_empty if all(cover) else torch.zeros)(batch, L, K, Dm, device=dev, dtype=bdt)
-        launch(_fwd_kernel, (K * n_dblk, n_chunks, batch),
-            x, dt, A, B, C, D_, bias_, kroute, out, dummy, states, dummy,
-            L, S, Dm, N, K, 0, K, n_tiles, tpc, 0, 0, MODE=0, **phase3, **common,
-        )
+        out = (_empty if all(cover) else torch.zeros)(batch, L, K, Dm, device=dev, dtype=p.bdt)
+        run(p.site("routes"), _fwd_kernel, (K * n_dblk, n_chunks, batch),
+            (x, dt, A, B, C, D_, bias_, kroute, out, dummy, states, dummy,
+             L, S, Dm, N, K, 0, K, n_tiles, tpc, 0, 0), dict(p.meta3, MODE=0))
         if merge == "sum":
-            out = sum_routes(out, odt)
+            out = sum_routes(out, odt, site=p.site("sum_routes"), run=run)
     else:
         out = _empty(batch, L, Dm, device=dev, dtype=odt)
-        modes, zero = _merge_modes(K, cover)
+        modes, zero = p.modes, p.zero
         need_acc = modes != [4]
         acc = (torch.zeros if zero else _empty)(batch, L, Dm, device=dev, dtype=cdt) if need_acc else dummy
         for k, mode in enumerate(modes):
-            launch(_fwd_kernel, (n_dblk, n_chunks, batch),
-                x, dt, A, B, C, D_, bias_, kroute, out, acc, states, dummy,
-                L, S, Dm, N, K, k, 1, n_tiles, tpc, 0, 0, MODE=mode, **phase3, **common,
-            )
+            run(p.site(("serial", k)), _fwd_kernel, (n_dblk, n_chunks, batch),
+                (x, dt, A, B, C, D_, bias_, kroute, out, acc, states, dummy,
+                 L, S, Dm, N, K, k, 1, n_tiles, tpc, 0, 0), dict(p.meta3, MODE=mode))
         if modes[-1] == 2:
             out.copy_(acc)
     if not save_states:
@@ -1473,114 +1586,168 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
     return out, states
 
 
-def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softplus: bool,
-             tiles_per_chunk: int | None = None):
-    """Backward from the forward's tile states: per tile, recompute the states and run the reverse scan."""
-    x_per_route = x.dim() == 4
-    batch, L, Dm = x.shape[0], x.shape[1], x.shape[-1]
-    K, S = route.shape
-    N = A.shape[2]
-    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    cfg = _config(N, Dm, x.dtype)
-    T, BD, warps = cfg.T, cfg.BDb, cfg.warps
-    NP = _np2(N)
-    n_tiles = _cdiv(S, T)
-    dev = x.device
-    serial = _merge_strategy() == "serial"
-    routes_per_launch = K if (x_per_route or not serial) else 1
-    n_dblk = _cdiv(Dm, BD)
-    dy = dy.contiguous()
-    cover = route_coverage(route, L)
-    kroute = _kernel_route(route, batch * L * K * max(Dm, N))
-    per_launch = batch * n_dblk * routes_per_launch
-    tpc = _tiles_per_chunk(n_tiles, per_launch, _num_sms(dev), tiles_per_chunk, BWD_MIN_TILES_PER_CHUNK)
-    if _wide_block(N, Dm, x.dtype, tpc < n_tiles):
-        BD = 32
+class _BwdPlan:
+    """scan_bwd's decisions for one call signature (see _bwd_plan) and its launch sites."""
+
+    def __init__(self, x, A, B, C, route, cover, merge, dt_softplus, tiles_per_chunk, has_D, has_bias):
+        self.x_per_route = x_per_route = x.dim() == 4
+        batch, L, Dm = x.shape[0], x.shape[1], x.shape[-1]
+        K, S = route.shape
+        N = A.shape[2]
+        self.cdt = cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        cfg = _config(N, Dm, x.dtype)
+        T, BD, warps = cfg.T, cfg.BDb, cfg.warps
+        NP = _np2(N)
+        n_tiles = _cdiv(S, T)
+        dev = x.device
+        self.serial = serial = _merge_strategy() == "serial"
+        routes_per_launch = K if (x_per_route or not serial) else 1
         n_dblk = _cdiv(Dm, BD)
         per_launch = batch * n_dblk * routes_per_launch
         tpc = _tiles_per_chunk(n_tiles, per_launch, _num_sms(dev), tiles_per_chunk, BWD_MIN_TILES_PER_CHUNK)
-    # dx merged by reversed route pairs in place, as the forward's output (_pair_plan), with chunks of
-    # the policy's tiles // BWD_PAIR_CHUNK_DIV
-    plan = None
-    if BWD_PAIRS and not serial and BD >= BWD_PAIR_MIN_BD:
-        plan = _pair_plan(route, merge, x_per_route, cover, S, T, n_tiles, tpc, x.dtype, N,
-                          tiles_per_chunk is not None, BWD_PAIR_CHUNK_DIV)
-        if plan is not None:
-            tpc = plan[1]
-    n_chunks = _cdiv(n_tiles, tpc)
-    chunked = n_chunks > 1
+        if _wide_block(N, Dm, x.dtype, tpc < n_tiles):
+            BD = 32
+            n_dblk = _cdiv(Dm, BD)
+            per_launch = batch * n_dblk * routes_per_launch
+            tpc = _tiles_per_chunk(n_tiles, per_launch, _num_sms(dev), tiles_per_chunk, BWD_MIN_TILES_PER_CHUNK)
+        # dx merged by reversed route pairs in place, as the forward's output (_pair_plan), with chunks of
+        # the policy's tiles // BWD_PAIR_CHUNK_DIV
+        plan = None
+        if BWD_PAIRS and not serial and BD >= BWD_PAIR_MIN_BD:
+            plan = _pair_plan(route, merge, x_per_route, cover, S, T, n_tiles, tpc, x.dtype, N,
+                              tiles_per_chunk is not None, BWD_PAIR_CHUNK_DIV)
+            if plan is not None:
+                tpc = plan[1]
+        self.groups = None if plan is None else _group_order(plan[0], BWD_GROUP_ORDER)
+        self.n_chunks = n_chunks = _cdiv(n_tiles, tpc)
+        self.chunked = n_chunks > 1
+        self.T, self.BD, self.n_tiles, self.n_dblk, self.tpc = T, BD, n_tiles, n_dblk, tpc
+        self.dBp_dtype, self.dCp_dtype = _partial_dtype(B.dtype, cdt), _partial_dtype(C.dtype, cdt)
+        self.xdt = x.dtype if x.dtype in (torch.bfloat16, torch.float32, torch.float64) else torch.float32
+        kw = dict(
+            HAS_D=has_D, HAS_BIAS=has_bias, SOFTPLUS=dt_softplus,
+            DY_PER_ROUTE=(merge == "none"), T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps,
+            X_PER_ROUTE=x_per_route, FAST_EXP=_fast_exp(x), INTERP=getenv("TRITON_INTERPRET") == "1",
+            **_even("bwd", S, T, Dm, BD),
+        )
+        stages = _stages()
+        cap0 = _reg_cap("bwd", NP, T, BD, warps, 0)
+        self.meta1 = dict(DXMODE=4, PHASE=1, HAS_G0=False, STAGES=stages[2], **kw, **_reg_cap("bwd", NP, T, BD, warps, 1))
+        self.meta0 = dict(PHASE=0, HAS_G0=self.chunked, STAGES=stages[3], **kw, **cap0)
+        self.meta_pairs = dict(self.meta0, DXMODE=5, REPS=2, PREV_EARLY=bool(BWD_PAIR_PREV_EARLY))
+        self.modes, self.zero = _merge_modes(K, cover)
+        self.sites: dict = {}
+
+    site = _FwdPlan.site
+
+
+_BWD_PLANS: dict = {}
+
+
+def _bwd_knobs() -> tuple:
+    """_knobs for the backward: its policy attributes besides the forward's."""
+    return (_knobs(), BWD_MIN_TILES_PER_CHUNK, BWD_PAIRS, BWD_PAIR_MIN_BD, BWD_PAIR_CHUNK_DIV, BWD_PAIR_PREV_EARLY,
+            BWD_GROUP_ORDER, SUM_PARAMS_UNROLL)
+
+
+def _bwd_plan(dy, x, dt, A, B, C, D, dt_bias, route, kroute, states, cover, merge, dt_softplus,
+              tiles_per_chunk) -> _BwdPlan:
+    """The cached _BwdPlan of a call (the key as _fwd_plan's, with dy and the states)."""
+    K = route.shape[0]
+    groups = None
+    if merge == "sum" and x.dim() == 3 and K > 1 and A.shape[2] <= PAIR_MAX_N and all(cover):
+        groups = route_groups(route)  # what _pair_plan may read (cached per route tensor)
+    if getenv("MAMBA_DENSE_SCAN_PLAN", "1") == "0":
+        return _BwdPlan(x, A, B, C, route, cover, merge, dt_softplus, tiles_per_chunk, D is not None, dt_bias is not None)
+    key = (
+        tuple(x.shape), x.dtype, dt.dtype, A.dtype, B.dtype, C.dtype, None if D is None else D.dtype,
+        None if dt_bias is None else dt_bias.dtype, dy.dtype, tuple(dy.shape), states.dtype, tuple(states.shape),
+        tuple(route.shape), merge, dt_softplus, tiles_per_chunk, x.device, cover, kroute.dtype, groups,
+        _num_sms(x.device), _bwd_knobs(), _aligned(dy, x, dt, A, B, C, D, dt_bias, kroute, states),
+    )
+    p = _BWD_PLANS.get(key)
+    if p is None:
+        if len(_BWD_PLANS) > 256:
+            _BWD_PLANS.clear()
+        p = _BWD_PLANS[key] = _BwdPlan(x, A, B, C, route, cover, merge, dt_softplus, tiles_per_chunk, D is not None,
+                                       dt_bias is not None)
+    return p
+
+
+def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softplus: bool,
+             tiles_per_chunk: int | None = None):
+    """Backward from the forward's tile states: per tile, recompute the states and run the reverse scan.
+    Its decisions and launch sites are cached per call signature, as the forward's (_bwd_plan, _run)."""
+    batch, L, Dm = x.shape[0], x.shape[1], x.shape[-1]
+    K, S = route.shape
+    N = A.shape[2]
+    dev = x.device
+    dy = dy.contiguous()
+    cover = route_coverage(route, L)
+    kroute = _kernel_route(route, batch * L * K * max(Dm, N))
+    p = _bwd_plan(dy, x, dt, A, B, C, D, dt_bias, route, kroute, states, cover, merge, dt_softplus, tiles_per_chunk)
+    if getenv("MAMBA_DENSE_SCAN_PLAN", "1") == "0":
+        run = lambda site, fn, grid, args, meta: launch(fn, grid, *args, **meta)  # noqa: E731
+    else:
+        run = _run
+    n_dblk, n_chunks, n_tiles, tpc, cdt = p.n_dblk, p.n_chunks, p.n_tiles, p.tpc, p.cdt
     dummy = states
     D_ = D if D is not None else dummy
     bias_ = dt_bias if dt_bias is not None else dummy
     ddt = (_empty_like if all(cover) else torch.zeros_like)(dt)
     alloc_bc = _empty if all(cover) else torch.zeros
-    dBp = alloc_bc(n_dblk, batch, L, K, N, device=dev, dtype=_partial_dtype(B.dtype, cdt))
-    dCp = alloc_bc(n_dblk, batch, L, K, N, device=dev, dtype=_partial_dtype(C.dtype, cdt))
+    dBp = alloc_bc(n_dblk, batch, L, K, N, device=dev, dtype=p.dBp_dtype)
+    dCp = alloc_bc(n_dblk, batch, L, K, N, device=dev, dtype=p.dCp_dtype)
     # dA, dD, dbias partials per (b, chunk, k): one buffer, rows N and N + 1 of each (N + 2, D) slab
     # hold dD and dbias (left unwritten, and their sums unused, when D / dt_bias are absent)
     pp = _empty(batch, n_chunks, K, N + 2, Dm, device=dev, dtype=cdt)
-    kw = dict(
-        HAS_D=D is not None, HAS_BIAS=dt_bias is not None, SOFTPLUS=dt_softplus,
-        DY_PER_ROUTE=(merge == "none"), T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps,
-        X_PER_ROUTE=x_per_route, FAST_EXP=_fast_exp(x), INTERP=getenv("TRITON_INTERPRET") == "1",
-        **_even("bwd", S, T, Dm, BD),
-    )
-    stages = _stages()  # read once per call, not per launch
-    cap0 = _reg_cap("bwd", NP, T, BD, warps, 0)
     gbuf = gsum = dummy
-    if chunked:
+    if p.chunked:
         gbuf = _empty(batch, K, n_chunks, N, Dm, device=dev, dtype=cdt)
         gsum = _empty(batch, K, n_chunks, Dm, device=dev, dtype=cdt)
-        launch(_bwd_kernel, (K * n_dblk, n_chunks, batch),
-            x, dt, A, B, C, D_, bias_, kroute, states, dy,
-            dummy, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,  # phase 1 writes no dx
-            batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks, 0, 0,
-            DXMODE=4, PHASE=1, HAS_G0=False, STAGES=stages[2], **kw, **_reg_cap("bwd", NP, T, BD, warps, 1),
-        )
-        carry(gbuf, gsum, A, n_chunks, 1, n_chunks, Dm, N, K, reverse=True, rows=batch * K)
-    if plan is not None:
+        run(p.site("phase1"), _bwd_kernel, (K * n_dblk, n_chunks, batch),
+            (x, dt, A, B, C, D_, bias_, kroute, states, dy,
+             dummy, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,  # phase 1 writes no dx
+             batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks, 0, 0), p.meta1)
+        carry(gbuf, gsum, A, n_chunks, 1, n_chunks, Dm, N, K, reverse=True, rows=batch * K,
+              site=p.site("carry"), run=run)
+    if p.groups is not None:
         dx = _empty_like(x)
-        for gi, grp in enumerate(_group_order(plan[0], BWD_GROUP_ORDER)):
-            launch(_bwd_kernel, (n_dblk, n_chunks, batch),
-                x, dt, A, B, C, D_, bias_, kroute, states, dy,
-                dx, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
-                batch, L, S, Dm, N, K, grp[0], 1, n_tiles, tpc, n_chunks, grp[-1] if len(grp) == 2 else -1,
-                int(gi > 0), DXMODE=5, PHASE=0, HAS_G0=chunked, REPS=2, PREV_EARLY=bool(BWD_PAIR_PREV_EARLY),
-                STAGES=stages[3], **kw, **cap0,
-            )
-    elif x_per_route or not serial:
-        xdt = x.dtype if x.dtype in (torch.bfloat16, torch.float32, torch.float64) else torch.float32
-        if x_per_route:
+        for gi, grp in enumerate(p.groups):
+            run(p.site(("group", gi)), _bwd_kernel, (n_dblk, n_chunks, batch),
+                (x, dt, A, B, C, D_, bias_, kroute, states, dy,
+                 dx, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
+                 batch, L, S, Dm, N, K, grp[0], 1, n_tiles, tpc, n_chunks, grp[-1] if len(grp) == 2 else -1,
+                 int(gi > 0)), p.meta_pairs)
+    elif p.x_per_route or not p.serial:
+        if p.x_per_route:
             dx = dxbuf = (_empty_like if all(cover) else torch.zeros_like)(x)  # per-route dx, no merge
         elif K == 1 and cover[0]:
             dx = dxbuf = _empty_like(x)
         else:
             dx = None  # the routes' sum of dxbuf, below
-            dxbuf = (_empty if all(cover) else torch.zeros)(batch, L, K, Dm, device=dev, dtype=xdt)
-        launch(_bwd_kernel, (K * n_dblk, n_chunks, batch),
-            x, dt, A, B, C, D_, bias_, kroute, states, dy,
-            dxbuf, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
-            batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks, 0, 0,
-            DXMODE=0, PHASE=0, HAS_G0=chunked, STAGES=stages[3], **kw, **cap0,
-        )
+            dxbuf = (_empty if all(cover) else torch.zeros)(batch, L, K, Dm, device=dev, dtype=p.xdt)
+        run(p.site("routes"), _bwd_kernel, (K * n_dblk, n_chunks, batch),
+            (x, dt, A, B, C, D_, bias_, kroute, states, dy,
+             dxbuf, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
+             batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks, 0, 0), dict(p.meta0, DXMODE=0))
         if dx is None:
-            dx = sum_routes(dxbuf, x.dtype)
+            dx = sum_routes(dxbuf, x.dtype, site=p.site("sum_routes"), run=run)
     else:
         dx = _empty_like(x)
-        modes, zero = _merge_modes(K, cover)
+        modes, zero = p.modes, p.zero
         need_acc = modes != [4]
         dxacc = (torch.zeros if zero else _empty)(batch, L, Dm, device=dev, dtype=cdt) if need_acc else dummy
         for k, mode in enumerate(modes):
-            launch(_bwd_kernel, (n_dblk, n_chunks, batch),
-                x, dt, A, B, C, D_, bias_, kroute, states, dy,
-                dx, dxacc, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
-                batch, L, S, Dm, N, K, k, 1, n_tiles, tpc, n_chunks, 0, 0,
-                DXMODE=mode, PHASE=0, HAS_G0=chunked, STAGES=stages[3], **kw, **cap0,
-            )
+            run(p.site(("serial", k)), _bwd_kernel, (n_dblk, n_chunks, batch),
+                (x, dt, A, B, C, D_, bias_, kroute, states, dy,
+                 dx, dxacc, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
+                 batch, L, S, Dm, N, K, k, 1, n_tiles, tpc, n_chunks, 0, 0), dict(p.meta0, DXMODE=mode))
         if modes[-1] == 2:
             dx.copy_(dxacc)
-    dB, dC = sum_blocks2(dBp, B.dtype, dCp, C.dtype)
+    dB, dC = sum_blocks2(dBp, B.dtype, dCp, C.dtype, site=p.site("sum_blocks"), run=run)
     # three separate tensors: the op's outputs must not alias one another
     dA, dD, dbias = sum_params(pp.view(batch * n_chunks, K * (N + 2) * Dm), K, N, Dm, A.dtype,
-                               D.dtype if D is not None else None, dt_bias.dtype if dt_bias is not None else None)
+                               D.dtype if D is not None else None, dt_bias.dtype if dt_bias is not None else None,
+                               site=p.site("sum_params"), run=run)
     return dx, ddt, dA, dB, dC, dD, dbias

@@ -783,3 +783,98 @@ def test_pair_merge_needs_mirrored_chunks(monkeypatch):
     assert ts._pair_plan(r, "sum", False, cover, 64, 16, 4, 1, torch.bfloat16, 16, exact=True) is None  # N=16 loses
     monkeypatch.setenv("MAMBA_DENSE_MERGE", "buffer")
     assert ts._pair_plan(r, "sum", False, cover, 64, 16, 4, 1, torch.bfloat16, 1, exact=True) is None
+
+
+def test_forward_plan_cache_follows_inputs_and_knobs(monkeypatch):
+    """scan_fwd decides once per call signature (_fwd_plan): a repeated call reuses the plan and gives
+    bit-identical results; a changed knob, dtype, shape or route builds a new plan that matches what a
+    call without the cache (MAMBA_DENSE_SCAN_PLAN=0) does; on a GPU the cached launch sites call the
+    compiled kernels directly and a misaligned input gets a plan of its own."""
+    from mamba_dense.kernels import triton_scan as ts
+
+    monkeypatch.setattr(ts, "_FWD_PLANS", {})
+    route = routes.cross2d(8, 8).to(DEVICE)
+    args = _inputs(2, 64, 4, 20, 1, torch.float32, seed=11)
+
+    def fwd(*a, r=route, **kw):
+        return ts.scan_fwd(*a, r, "sum", True, None, True, tiles_per_chunk=1, **kw)
+
+    y1, s1 = fwd(*args)
+    assert len(ts._FWD_PLANS) == 1
+    (plan,) = ts._FWD_PLANS.values()
+    assert plan.chunked and plan.groups == [(1, 3), (0, 2)]  # the pair merge, row pair last
+    y2, s2 = fwd(*args)
+    assert len(ts._FWD_PLANS) == 1 and torch.equal(y1, y2) and torch.equal(s1, s2)
+    if DEVICE == "cuda":  # the second call went through the sites' compiled kernels
+        assert {k for k, site in plan.sites.items() if site[1] is not None} == {
+            "phase1", "carry", ("group", 0), ("group", 1)}
+    monkeypatch.setenv("MAMBA_DENSE_SCAN_PLAN", "0")
+    y0, s0 = fwd(*args)
+    assert len(ts._FWD_PLANS) == 1 and torch.equal(y0, y1) and torch.equal(s0, s1)
+    monkeypatch.delenv("MAMBA_DENSE_SCAN_PLAN")
+    # a knob the decisions read: the buffer merge instead of the pairs, a plan of its own
+    monkeypatch.setenv("MAMBA_DENSE_MERGE", "buffer")
+    yb, sb = fwd(*args)
+    assert len(ts._FWD_PLANS) == 2 and list(ts._FWD_PLANS.values())[-1].groups is None
+    torch.testing.assert_close(yb, y1, rtol=1e-5, atol=1e-5)
+    monkeypatch.delenv("MAMBA_DENSE_MERGE")
+    # a module attribute of the policy, a route with other merge groups, another dtype
+    monkeypatch.setattr(ts, "FWD_GROUP_ORDER", 0)
+    fwd(*args)
+    assert len(ts._FWD_PLANS) == 3 and list(ts._FWD_PLANS.values())[-1].groups == [(0, 2), (1, 3)]
+    r2 = torch.stack([routes.raster(8, 8), routes.column(8, 8), routes.raster(8, 8).flip(0),
+                      routes.column(8, 8)]).to(DEVICE)  # routes 0 and 2 are each other's reverse; 1 and 3 not
+    y_r2, _ = fwd(*args, r=r2)
+    assert len(ts._FWD_PLANS) == 4 and list(ts._FWD_PLANS.values())[-1].groups == [(1,), (3,), (0, 2)]
+    ref = selective_scan_ref(*[a.double() for a in args], route=r2, merge="sum")
+    assert _rel(y_r2, ref) < 1e-5
+    fwd(*[a.double() for a in args])
+    assert len(ts._FWD_PLANS) == 5
+    # an input 16-byte misaligned (a view one element in): Triton specializes on the alignment
+    xs = torch.empty(args[0].numel() + 1, device=DEVICE, dtype=args[0].dtype)[1:].view_as(args[0])
+    xs.copy_(args[0])
+    y_mis, s_mis = fwd(xs, *args[1:])
+    assert len(ts._FWD_PLANS) == 6
+    torch.testing.assert_close(y_mis, y1, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(s_mis, s1, rtol=1e-6, atol=1e-6)
+
+
+def test_backward_plan_cache_follows_inputs_and_knobs(monkeypatch):
+    """scan_bwd's plan cache (_bwd_plan), as the forward's: repeated calls give bit-identical gradients,
+    equal to a call without the cache; a changed knob or a misaligned dy builds a new plan; on a GPU
+    the sites hold compiled kernels after the second call."""
+    from mamba_dense.kernels import triton_scan as ts
+
+    monkeypatch.setattr(ts, "_BWD_PLANS", {})
+    route = routes.cross2d(8, 8).to(DEVICE)
+    args = _inputs(2, 64, 4, 32, 1, torch.float32, seed=12)
+    _, st = ts.scan_fwd(*args, route, "sum", True, None, True, tiles_per_chunk=1)
+    dy = torch.randn(2, 64, 32, dtype=torch.float32, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+
+    def bwd(d=dy):
+        return ts.scan_bwd(d, *args, route, st, "sum", True, tiles_per_chunk=1)
+
+    g1, g2 = bwd(), bwd()
+    assert len(ts._BWD_PLANS) == 1
+    (plan,) = ts._BWD_PLANS.values()
+    assert plan.chunked
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+    if DEVICE == "cuda":  # the launches' sites hold their compiled kernels (one dB / dC block: no block sum)
+        assert {k for k, site in plan.sites.items() if site[1] is not None} == {
+            "phase1", "carry", ("group", 0), ("group", 1), "sum_params"}
+    monkeypatch.setenv("MAMBA_DENSE_SCAN_PLAN", "0")
+    for a, b in zip(g1, bwd()):
+        assert torch.equal(a, b)
+    monkeypatch.delenv("MAMBA_DENSE_SCAN_PLAN")
+    monkeypatch.setattr(ts, "BWD_PAIRS", 0)  # a policy attribute: the per-route dx buffer instead
+    gb = bwd()
+    assert len(ts._BWD_PLANS) == 2 and list(ts._BWD_PLANS.values())[-1].groups is None
+    for a, b in zip(g1, gb):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    dys = torch.empty(dy.numel() + 1, device=DEVICE, dtype=dy.dtype)[1:].view_as(dy)
+    dys.copy_(dy)
+    gm = bwd(dys)
+    assert len(ts._BWD_PLANS) == 3
+    for a, b in zip(gb, gm):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
