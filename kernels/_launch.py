@@ -121,42 +121,40 @@ def _hooks_set() -> bool:
 
 def launch(fn, grid, *args, **meta):
     """``fn[grid](*args, **meta)``: ``args`` are the kernel's runtime arguments in order,
-    ``meta`` its constexprs (by name) and launch options (num_warps, maxnreg, ...)."""
+    ``meta`` its constexprs (by name) and launch options (num_warps, maxnreg, ...).
+    Returns the cache entry (compiled kernel, constexpr tail) the launch used or stored, or None where
+    it took Triton's path; ``run_entry`` launches such an entry again without the key."""
     if not FAST or triton is None or not isinstance(fn, _JIT) or _hooks_set():
         fn[grid](*args, **meta)
-        return
+        return None
     keys = _args_key(args)
     if keys is None:
         fn[grid](*args, **meta)
-        return
+        return None
     device = _driver.active.get_current_device()
     key = (id(fn), device, keys, tuple(meta.items()))  # id: JITFunction's __hash__ is Python code
     hit = _CACHE.get(key)
     if hit is None:
         ck = fn[grid](*args, **meta)
-        _CACHE[key] = _entry(fn, ck, len(args), meta)
+        hit = _CACHE[key] = _entry(fn, ck, len(args), meta)
         _KEEP[id(fn)] = fn
-        return
+        return None if hit is _SLOW else hit
     if hit is _SLOW:
         fn[grid](*args, **meta)
-        return
-    ck, tail = hit
-    g1 = grid[1] if len(grid) > 1 else 1
-    g2 = grid[2] if len(grid) > 2 else 1
-    stream = _driver.active.get_current_stream(device)
-    ck.run(grid[0], g1, g2, stream, ck.function, ck.packed_metadata, None, None, None, *args, *tail)
+        return None
+    run_entry(hit, grid, args, device)
+    return hit
 
 
-def compiled(fn, args, meta: dict):
-    """(compiled kernel, constexpr tail) that launch(fn, grid, *args, **meta) found or stored in its
-    cache, or None (not cacheable, Triton's path, the cache off)."""
-    if not FAST or triton is None or not isinstance(fn, _JIT):
-        return None
-    keys = _args_key(args)
-    if keys is None:
-        return None
-    hit = _CACHE.get((id(fn), _driver.active.get_current_device(), keys, tuple(meta.items())))
-    return hit if isinstance(hit, tuple) else None
+def run_entry(entry, grid, args, device=None):
+    """Launch a cache entry of launch() (compiled kernel, constexpr tail) with runtime arguments args
+    on the current stream of device (default: the current device). The caller vouches that args
+    specialize as the ones the entry was made for (same dtypes, alignment and integer classes)."""
+    ck, tail = entry
+    if device is None:
+        device = _driver.active.get_current_device()
+    ck.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
+           _driver.active.get_current_stream(device), ck.function, ck.packed_metadata, None, None, None, *args, *tail)
 
 
 def _entry(fn, ck, n_args: int, meta: dict):

@@ -1393,7 +1393,7 @@ _FWD_PLANS: dict = {}
 _PLAN_ENV = (
     "MAMBA_DENSE_MERGE", "MAMBA_DENSE_SCAN_CFG", "MAMBA_DENSE_SCAN_I64", "MAMBA_DENSE_FWD_PREFETCH",
     "MAMBA_DENSE_SCAN_EVEN", "MAMBA_DENSE_SCAN_STAGES", "MAMBA_DENSE_SCAN_MAXNREG", "MAMBA_DENSE_CARRY_CB",
-    "MAMBA_DENSE_SCAN_FAST_EXP", "MAMBA_DENSE_SCAN_PLAN", "TRITON_INTERPRET",
+    "MAMBA_DENSE_SCAN_FAST_EXP", "TRITON_INTERPRET",
 )
 
 
@@ -1412,21 +1412,43 @@ def _aligned(*ts) -> tuple:
 
 
 def _run(site: list, fn, grid, args: tuple, meta: dict):
-    """launch(fn, grid, *args, **meta) for a launch site of a cached plan: site is [fn, compiled kernel,
-    constexpr tail] once known (from launch()'s cache after the first call), and later calls go to the
-    compiled kernel's launcher directly. A kernel replaced meanwhile (tests), an active launch hook or
-    Triton's interpreter take launch()."""
-    ck = site[1]
-    if ck is not None and site[0] is fn and not _launch_mod._hooks_set():
-        device = _launch_mod._driver.active.get_current_device()
-        ck.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
-               _launch_mod._driver.active.get_current_stream(device), ck.function, ck.packed_metadata,
-               None, None, None, *args, *site[2])
+    """launch(fn, grid, *args, **meta) for a launch site of a cached plan: site is [fn, launch()'s cache
+    entry] once known (after the first call), and later calls launch that entry directly. A kernel
+    replaced meanwhile (tests), an active launch hook or Triton's interpreter take launch()."""
+    entry = site[1]
+    if entry is not None and site[0] is fn and not _launch_mod._hooks_set():
+        _launch_mod.run_entry(entry, grid, args)
         return
+    entry = launch(fn, grid, *args, **meta)
+    if entry is not None:
+        site[:] = [fn, entry]
+
+
+def _launch_all(site: list, fn, grid, args: tuple, meta: dict):
+    """_run without the sites (MAMBA_DENSE_SCAN_PLAN=0): every launch through launch()."""
     launch(fn, grid, *args, **meta)
-    hit = _launch_mod.compiled(fn, args, meta)
-    if hit is not None:
-        site[:] = [fn, hit[0], hit[1]]
+
+
+def _plan_groups(x, A, route, cover, merge):
+    """The route's merge groups where a pair plan may read them (cached per route tensor), else None:
+    part of a plan's key."""
+    if merge == "sum" and x.dim() == 3 and route.shape[0] > 1 and A.shape[2] <= PAIR_MAX_N and all(cover):
+        return route_groups(route)
+    return None
+
+
+def _cached_plan(cache: dict, key_fn, build):
+    """(plan, run): build()'s plan cached under key_fn() and _run, or with MAMBA_DENSE_SCAN_PLAN=0 a
+    fresh plan and _launch_all."""
+    if getenv("MAMBA_DENSE_SCAN_PLAN", "1") == "0":
+        return build(), _launch_all
+    key = key_fn()
+    p = cache.get(key)
+    if p is None:
+        if len(cache) > 256:
+            cache.clear()
+        p = cache[key] = build()
+    return p, _run
 
 
 class _FwdPlan:
@@ -1460,7 +1482,7 @@ class _FwdPlan:
         self.groups = None if plan is None else _group_order(plan[0], FWD_GROUP_ORDER)
         self.n_chunks = n_chunks = _cdiv(n_tiles, tpc)
         self.chunked = chunked = n_chunks > 1
-        self.T, self.BD, self.SUB, self.n_tiles, self.n_dblk, self.tpc = T, BD, SUB, n_tiles, n_dblk, tpc
+        self.SUB, self.n_tiles, self.n_dblk, self.tpc = SUB, n_tiles, n_dblk, tpc
         common = dict(
             HAS_D=has_D, HAS_BIAS=has_bias, SOFTPLUS=dt_softplus,
             T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps, X_PER_ROUTE=x_per_route,
@@ -1482,35 +1504,23 @@ class _FwdPlan:
     def site(self, name) -> list:
         s = self.sites.get(name)
         if s is None:
-            s = self.sites[name] = [None, None, None]
+            s = self.sites[name] = [None, None]
         return s
 
 
 def _fwd_plan(x, dt, A, B, C, D, dt_bias, route, kroute, cover, merge, dt_softplus, out_dtype, save_states,
-              tiles_per_chunk) -> _FwdPlan:
-    """The cached _FwdPlan of a call. Its key: everything the decisions and the kernels' specialization
-    read (input shapes, dtypes and alignment, the route's coverage and merge groups, the device and
-    its SM count, the knobs); a new key builds a plan."""
-    K = route.shape[0]
-    groups = None
-    if merge == "sum" and x.dim() == 3 and K > 1 and A.shape[2] <= PAIR_MAX_N and all(cover):
-        groups = route_groups(route)  # what _pair_plan may read (cached per route tensor)
-    key = (
+              tiles_per_chunk):
+    """(_FwdPlan, run) of a call (_cached_plan). The key: everything the decisions and the kernels'
+    specialization read (input shapes, dtypes and alignment, the route's coverage and merge groups, the
+    device and its SM count, the knobs); a new key builds a plan."""
+    groups = _plan_groups(x, A, route, cover, merge)
+    return _cached_plan(_FWD_PLANS, lambda: (
         tuple(x.shape), x.dtype, dt.dtype, A.dtype, B.dtype, C.dtype, None if D is None else D.dtype,
         None if dt_bias is None else dt_bias.dtype, tuple(route.shape), merge, dt_softplus, out_dtype, save_states,
         tiles_per_chunk, x.device, cover, kroute.dtype, groups, _num_sms(x.device), _knobs(),
         _aligned(x, dt, A, B, C, D, dt_bias, kroute),
-    )
-    if getenv("MAMBA_DENSE_SCAN_PLAN", "1") == "0":  # no plan cache: decide afresh on every call
-        return _FwdPlan(x, A, route, cover, merge, out_dtype, save_states, tiles_per_chunk, dt_softplus,
-                        D is not None, dt_bias is not None)
-    p = _FWD_PLANS.get(key)
-    if p is None:
-        if len(_FWD_PLANS) > 256:
-            _FWD_PLANS.clear()
-        p = _FWD_PLANS[key] = _FwdPlan(x, A, route, cover, merge, out_dtype, save_states, tiles_per_chunk,
-                                       dt_softplus, D is not None, dt_bias is not None)
-    return p
+    ), lambda: _FwdPlan(x, A, route, cover, merge, out_dtype, save_states, tiles_per_chunk, dt_softplus,
+                        D is not None, dt_bias is not None))
 
 
 def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, out_dtype,
@@ -1531,12 +1541,8 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
     N = A.shape[2]
     cover = route_coverage(route, L)
     kroute = _kernel_route(route, batch * L * K * max(Dm, N))
-    p = _fwd_plan(x, dt, A, B, C, D, dt_bias, route, kroute, cover, merge, dt_softplus, out_dtype, save_states,
-                  tiles_per_chunk)
-    if getenv("MAMBA_DENSE_SCAN_PLAN", "1") == "0":  # every launch through launch() (and a fresh plan)
-        run = lambda site, fn, grid, args, meta: launch(fn, grid, *args, **meta)  # noqa: E731
-    else:
-        run = _run
+    p, run = _fwd_plan(x, dt, A, B, C, D, dt_bias, route, kroute, cover, merge, dt_softplus, out_dtype, save_states,
+                       tiles_per_chunk)
     n_dblk, n_chunks, n_tiles, tpc, odt, cdt, dev = p.n_dblk, p.n_chunks, p.n_tiles, p.tpc, p.odt, p.cdt, x.device
     states, D_, bias_ = fwd_buffers(batch, K, p.n_slots, N, Dm, dev, cdt, save_states or p.chunked, D, dt_bias)
     dummy = states
@@ -1621,7 +1627,7 @@ class _BwdPlan:
         self.groups = None if plan is None else _group_order(plan[0], BWD_GROUP_ORDER)
         self.n_chunks = n_chunks = _cdiv(n_tiles, tpc)
         self.chunked = n_chunks > 1
-        self.T, self.BD, self.n_tiles, self.n_dblk, self.tpc = T, BD, n_tiles, n_dblk, tpc
+        self.n_tiles, self.n_dblk, self.tpc = n_tiles, n_dblk, tpc
         self.dBp_dtype, self.dCp_dtype = _partial_dtype(B.dtype, cdt), _partial_dtype(C.dtype, cdt)
         self.xdt = x.dtype if x.dtype in (torch.bfloat16, torch.float32, torch.float64) else torch.float32
         kw = dict(
@@ -1651,27 +1657,16 @@ def _bwd_knobs() -> tuple:
 
 
 def _bwd_plan(dy, x, dt, A, B, C, D, dt_bias, route, kroute, states, cover, merge, dt_softplus,
-              tiles_per_chunk) -> _BwdPlan:
-    """The cached _BwdPlan of a call (the key as _fwd_plan's, with dy and the states)."""
-    K = route.shape[0]
-    groups = None
-    if merge == "sum" and x.dim() == 3 and K > 1 and A.shape[2] <= PAIR_MAX_N and all(cover):
-        groups = route_groups(route)  # what _pair_plan may read (cached per route tensor)
-    if getenv("MAMBA_DENSE_SCAN_PLAN", "1") == "0":
-        return _BwdPlan(x, A, B, C, route, cover, merge, dt_softplus, tiles_per_chunk, D is not None, dt_bias is not None)
-    key = (
+              tiles_per_chunk):
+    """(_BwdPlan, run) of a call (the key as _fwd_plan's, with dy and the states)."""
+    groups = _plan_groups(x, A, route, cover, merge)
+    return _cached_plan(_BWD_PLANS, lambda: (
         tuple(x.shape), x.dtype, dt.dtype, A.dtype, B.dtype, C.dtype, None if D is None else D.dtype,
         None if dt_bias is None else dt_bias.dtype, dy.dtype, tuple(dy.shape), states.dtype, tuple(states.shape),
         tuple(route.shape), merge, dt_softplus, tiles_per_chunk, x.device, cover, kroute.dtype, groups,
         _num_sms(x.device), _bwd_knobs(), _aligned(dy, x, dt, A, B, C, D, dt_bias, kroute, states),
-    )
-    p = _BWD_PLANS.get(key)
-    if p is None:
-        if len(_BWD_PLANS) > 256:
-            _BWD_PLANS.clear()
-        p = _BWD_PLANS[key] = _BwdPlan(x, A, B, C, route, cover, merge, dt_softplus, tiles_per_chunk, D is not None,
-                                       dt_bias is not None)
-    return p
+    ), lambda: _BwdPlan(x, A, B, C, route, cover, merge, dt_softplus, tiles_per_chunk, D is not None,
+                        dt_bias is not None))
 
 
 def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softplus: bool,
@@ -1685,11 +1680,8 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
     dy = dy.contiguous()
     cover = route_coverage(route, L)
     kroute = _kernel_route(route, batch * L * K * max(Dm, N))
-    p = _bwd_plan(dy, x, dt, A, B, C, D, dt_bias, route, kroute, states, cover, merge, dt_softplus, tiles_per_chunk)
-    if getenv("MAMBA_DENSE_SCAN_PLAN", "1") == "0":
-        run = lambda site, fn, grid, args, meta: launch(fn, grid, *args, **meta)  # noqa: E731
-    else:
-        run = _run
+    p, run = _bwd_plan(dy, x, dt, A, B, C, D, dt_bias, route, kroute, states, cover, merge, dt_softplus,
+                       tiles_per_chunk)
     n_dblk, n_chunks, n_tiles, tpc, cdt = p.n_dblk, p.n_chunks, p.n_tiles, p.tpc, p.cdt
     dummy = states
     D_ = D if D is not None else dummy
