@@ -120,27 +120,29 @@ def _rcp_approx(v):
     return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [v], dtype=tl.float32, is_pure=True, pack=1)
 
 
-# _softplus_fast's polynomial: 2 atanh(s) / s ~ _SP0 + _SP1 z + ... + _SP4 z^4, z = s^2 in [0, 1/9] (minimax
-# in relative error, fitted in fp64 by iteratively reweighted least squares; fp32-rounded)
+# _softplus_fast's polynomial: 2 atanh(s) / s ~ _SP0 + _SP1 z + _SP2 z^2 + _SP3 z^3, z = s^2 in [0, 1/9]
+# (minimax in relative error with _SP0 = 2 fixed, fitted in fp64 by iteratively reweighted least squares;
+# fp32-rounded): relative error 1.9e-7 at most. Degree 4 (4.5e-9) cost one more FMA per element and step
+# in every pass (see _softplus_fast).
 _SP0: tl.constexpr = tl.constexpr(2.0)
-_SP1: tl.constexpr = tl.constexpr(0.6666631698608398)
-_SP2: tl.constexpr = tl.constexpr(0.4002491235733032)
-_SP3: tl.constexpr = tl.constexpr(0.2796059250831604)
-_SP4: tl.constexpr = tl.constexpr(0.2817832827568054)
+_SP1: tl.constexpr = tl.constexpr(0.6667348146438599)
+_SP2: tl.constexpr = tl.constexpr(0.39636024832725525)
+_SP3: tl.constexpr = tl.constexpr(0.3398314118385315)
 
 
 @triton.jit
 def _softplus_fast(v):
-    """softplus for an fp32 state on a GPU, 12 instructions (two of them MUFU) instead of about 40 (the
+    """softplus for an fp32 state on a GPU, 11 instructions (two of them MUFU) instead of about 40 (the
     libdevice log, an IEEE division and exp's range test in _softplus: the largest part of the N=1
     forward's loop, offline SASS in benchmarks/RESULTS.md, session 13).
 
     softplus(v) = max(v, 0) + log1p(y), y = exp(-|v|) in (0, 1], and log1p(y) = 2 atanh(s) with
-    s = y / (2 + y) in (0, 1/3], summed as s p(s^2) where p is the degree-4 minimax polynomial (relative
-    error) of 2 atanh(s) / s over s^2 in [0, 1/9]: its error, 4e-9, is below fp32 rounding. The Taylor
-    series 2 (1 + s^2/3 + ... + s^12/13) this replaces needed degree 6 for the same; in fp32 both give a
-    relative error of 2.8e-7 on average and 3.7e-6 at most over [-80, 100] (H100, session 19: forward
-    S2 0.490 -> 0.472 ms, forward + backward S5 N=1 1.484 -> 1.46).
+    s = y / (2 + y) in (0, 1/3], summed as s p(s^2) where p is the degree-3 minimax polynomial (relative
+    error) of 2 atanh(s) / s over s^2 in [0, 1/9]: its error is 1.9e-7 at most (near v = 0), about three
+    fp32 roundings. It replaced degree 4 (session 21; error 4.5e-9, one more FMA per element and step in
+    every pass), which had replaced the Taylor series 2 (1 + s^2/3 + ... + s^12/13) of degree 6 (session
+    19: forward S2 0.490 -> 0.472 ms, forward + backward S5 N=1 1.484 -> 1.46; degree 4 and the series
+    gave a relative error of 2.8e-7 on average and 3.7e-6 at most over [-80, 100]).
     No branch, no cancellation: for v << 0 the result is y to a few ulp; for v >> 0 it is v plus a
     vanishing term (y = 0 past v = 87, where exp flushes to 0). The error is set by exp of a rounded
     v * log2(e), as with tl.exp (relative 4e-6 at |v| = 85, against 3e-7 of rounding alone)."""
@@ -152,8 +154,7 @@ def _softplus_from(v, y):
     """_softplus_fast's value from y = exp(-|v|)."""
     s = y * _rcp_approx(2.0 + y)
     z = s * s
-    p = z * _SP4 + _SP3
-    p = p * z + _SP2
+    p = z * _SP3 + _SP2
     p = p * z + _SP1
     p = p * z + _SP0
     return tl.maximum(v, 0.0) + s * p
@@ -541,19 +542,31 @@ def _carry_kernel(
         tl.debug_barrier()  # this block's stores land before the next block's loads (its first slot)
 
 
-def _carry_cfg(n_chunks: int, ND: int) -> tuple[int, int, int]:
-    """(CB, BLK, num_warps) of the carry: all chunks in one round when they fit (CB up to 512).
+def _carry_cfg(n_chunks: int, ND: int, rows: int = 1) -> tuple[int, int, int]:
+    """(CB, BLK, num_warps) of the carry: all chunks in one round when they fit.
 
     The carry is a chain of n_chunks / CB dependent rounds (a global load, a scan and two stores
     each) on few programs (batch x K rows): with 32 chunks per round, S3 (683 chunks) and S5 (911)
     took 52-75 us per carry on the H100 (benchmarks/RESULTS.md, session 12), a latency chain. One
-    round of up to 512 chunks on narrow column blocks (BLK 8-128 of the N x D state elements, about
-    4096 elements per program) keeps the registers per thread where they were and multiplies the
-    programs instead. MAMBA_DENSE_CARRY_CB (a power of 2) overrides CB, for tuning."""
+    round of many chunks on narrow column blocks (BLK of the N x D state elements) keeps the registers
+    per thread where they were and multiplies the programs instead:
+    - few state columns (rows x N x D < 2048: S3, S5 N=1): up to 1024 chunks a round, about 4096
+      elements a program, BLK down to 4;
+    - many (S2, S5 N=16): up to 512 chunks a round, about 2048 elements a program, BLK down to 8.
+    H100, session 21 (kernel us, forward / backward carry; before: up to 512 chunks, 4096 elements,
+    BLK >= 8 for all): S2 12.8 / 7.9 -> 10.8 / 6.0, S3 10.0 / 10.5 -> 7.5 / 7.4; S5 N=16 36.5 / 20.5 kept
+    (1024 chunks: 43.3; 2048 in blocks of 2: 45.9); S5 N=1 18.8 / 9.6 -> 15.2 / 7.7 with 1024 chunks in
+    blocks of 8 and 15.4 / 6.6 with 2048 in blocks of 2 (the rule's 1024 in blocks of 4 lies between).
+    MAMBA_DENSE_CARRY_CB (a power of 2) overrides CB, and MAMBA_DENSE_CARRY_CFG =
+    "max_CB,elements,min_BLK,max_elements_for_4_warps" the rule, for tuning."""
     env = getenv("MAMBA_DENSE_CARRY_CB")
-    CB = int(env) if env else min(512, max(2, _np2(n_chunks)))
-    BLK = max(8, min(128, _np2(ND), 4096 // CB))
-    return CB, BLK, 4 if CB * BLK <= 2048 else 8
+    few = rows * ND < 2048
+    rule = [1024, 4096, 4, 2048] if few else [512, 2048, 8, 2048]
+    cfg = [int(v) for v in getenv("MAMBA_DENSE_CARRY_CFG", "").split(",") if v]
+    max_cb, elems, min_blk, w4 = cfg + rule[len(cfg):]
+    CB = int(env) if env else min(max_cb, max(2, _np2(n_chunks)))
+    BLK = max(min_blk, min(128, _np2(ND), elems // CB))
+    return CB, BLK, 4 if CB * BLK <= w4 else 8
 
 
 def _go(site, run, fn, grid, args: tuple, meta: dict):
@@ -568,7 +581,7 @@ def carry(buf, dsum, A, n_chunks: int, slot_stride: int, n_slots: int, Dm: int, 
           site: list | None = None, run=None):
     """Launch the chunk carry over ``rows`` = batch x K (state rows of N x D each); see _carry_cfg.
     With a plan's launch site (site, run: see _go) the launch goes through it."""
-    CB, BLK, warps = _carry_cfg(n_chunks, N * Dm)
+    CB, BLK, warps = _carry_cfg(n_chunks, N * Dm, rows)
     grid = (_cdiv(N * Dm, BLK), rows)
     args = (buf, dsum, A, n_chunks, slot_stride, n_slots, Dm, N, K)
     meta = dict(REVERSE=reverse, BLK=BLK, CB=CB, CT=_ct(buf.dtype), num_warps=warps)
@@ -1205,14 +1218,25 @@ def _wide_block(N: int, Dm: int, dtype: torch.dtype, chunked: bool) -> bool:
 # - the N=16 forward (session 20, S5 N=16 forward 1.38-1.39 -> 1.25-1.26 with both caps; S4, one pass,
 #   level): the output pass at 128 (1.29 alone; 144 1.39, 112 1.34), phase 1 at 96;
 # - the one-pass N=1 forward with its prefetch (blocks of 16, S1) at 112: 0.315 -> 0.307-0.308 (96:
-#   0.313). The chunked N=1 forwards (S2, S3, S5 N=1) lose or stay level with any cap tried (output
-#   pass 112 / 96: S2 0.401 -> 0.408 / 0.522; phase 1 96 / 80: S2 0.397 / 0.474, S3 0.117 / 0.139 against
-#   0.115), and the N=1 backward (250 registers) gained nothing from one.
+#   0.313);
+# - the chunked N=1 forwards (S2, S3 in channel blocks of 32, S5 N=1 in blocks of 16): phase 1 at 96, the
+#   output pass at 152 (session 21, with the degree-3 softplus polynomial, two alternations: S2 0.394-0.395
+#   -> 0.386-0.387, S3 0.113-0.114 -> 0.112-0.113, S5 N=1 0.412 -> 0.403; phase 1 alone at 96: S2 0.388,
+#   S5 N=1 level; at 88 / 104 / 112: S2 0.399 / 0.397 / 0.397; with phase 1 at 96, the output pass at
+#   128 / 136 / 144 / 160: S2 0.386 / 0.387 / 0.389 / 0.388, S5 N=1 0.416 / 0.416 / 0.403-0.405 / 0.405).
+#   Session 20 (degree-4 polynomial) had found them level or slower with the caps it tried (output
+#   pass 112 / 96: S2 0.401 -> 0.408 / 0.522; phase 1 96 / 80: S2 0.397 / 0.474). One-pass N=1 forwards
+#   with the prefetch turned off (MAMBA_DENSE_FWD_PREFETCH=0) share the blocks-of-16 output key;
+# - the N=1 backward (250 registers) gained nothing from a cap.
 _REG_CAPS = {
     ("bwd", 0, 16, 8, 8, 1, False): 168,
     ("fwd", 0, 16, 8, 16, 1, False): 128,
     ("fwd", 1, 16, 8, 16, 1, False): 96,
     ("fwd", 0, 1, 32, 16, 1, True): 112,
+    ("fwd", 1, 1, 32, 32, 1, False): 96,
+    ("fwd", 0, 1, 32, 32, 1, False): 152,
+    ("fwd", 1, 1, 32, 16, 1, False): 96,
+    ("fwd", 0, 1, 32, 16, 1, False): 152,
 }
 
 
@@ -1233,17 +1257,19 @@ def _reg_cap(kind: str, NP: int, T: int, BD: int, warps: int, phase: int = 0, pr
     return {"maxnreg": cap} if cap else {}
 
 
-def _fwd_prefetch(NP: int, chunked: bool) -> bool:
+def _fwd_prefetch(NP: int, chunked: bool, phase: int = 0) -> bool:
     """Whether the forward gathers its next tile (and loads the route of the one after) while the
     current tile computes (_fwd_kernel's PREFETCH): for one-pass N = 1 launches. H100, kernel time,
     two alternations (benchmarks/RESULTS.md, session 15): forward S1 0.324 -> 0.317 ms; the
     chunk-parallel launches lose (S2 0.571 -> 0.597, S3 0.169 -> 0.184, S5 N1 0.538 -> 0.546: the
     phase-1 kernel goes from 154 to 210 registers). Session 8 found N = 16 spilling with a prefetch.
-    MAMBA_DENSE_FWD_PREFETCH=0/1 overrides (every launch of any N)."""
+    MAMBA_DENSE_FWD_PREFETCH=0/1 overrides (every launch of any N), or per phase "p1,p0" (phase 1: the
+    chunk-end pass; 0: the output pass)."""
     env = getenv("MAMBA_DENSE_FWD_PREFETCH")
     if env is not None:
-        return env == "1"
-    return NP == 1 and not chunked
+        vals = env.split(",")
+        return (vals[0] if len(vals) == 1 or phase == 1 else vals[1]) == "1"
+    return NP == 1 and not chunked and phase == 0
 
 
 # the folds each kernel takes (H100, session 19, kernel ms, forward / forward + backward; none -> these):
@@ -1393,6 +1419,7 @@ _FWD_PLANS: dict = {}
 _PLAN_ENV = (
     "MAMBA_DENSE_MERGE", "MAMBA_DENSE_SCAN_CFG", "MAMBA_DENSE_SCAN_I64", "MAMBA_DENSE_FWD_PREFETCH",
     "MAMBA_DENSE_SCAN_EVEN", "MAMBA_DENSE_SCAN_STAGES", "MAMBA_DENSE_SCAN_MAXNREG", "MAMBA_DENSE_CARRY_CB",
+    "MAMBA_DENSE_CARRY_CFG",
     "MAMBA_DENSE_SCAN_FAST_EXP", "TRITON_INTERPRET",
 )
 
@@ -1486,14 +1513,14 @@ class _FwdPlan:
         common = dict(
             HAS_D=has_D, HAS_BIAS=has_bias, SOFTPLUS=dt_softplus,
             T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps, X_PER_ROUTE=x_per_route,
-            FAST_EXP=_fast_exp(x), SUB=SUB, PREFETCH=_fwd_prefetch(NP, chunked),
-            **_even("fwd", S, T, Dm, BD),
+            FAST_EXP=_fast_exp(x), SUB=SUB, **_even("fwd", S, T, Dm, BD),
         )
         stages = _stages()
-        self.meta1 = dict(MODE=0, PHASE=1, HAS_H0=False, STORE_STATES=False, STAGES=stages[0], **common,
-                          **_reg_cap("fwd", NP, T, BD, warps, 1))
-        self.meta3 = dict(PHASE=0, HAS_H0=chunked, STORE_STATES=save_states, STAGES=stages[1], **common,
-                          **_reg_cap("fwd", NP, T, BD, warps, 0, common["PREFETCH"]))
+        pf1, pf0 = _fwd_prefetch(NP, chunked, 1), _fwd_prefetch(NP, chunked, 0)
+        self.meta1 = dict(MODE=0, PHASE=1, HAS_H0=False, STORE_STATES=False, STAGES=stages[0], PREFETCH=pf1,
+                          **common, **_reg_cap("fwd", NP, T, BD, warps, 1, pf1))
+        self.meta3 = dict(PHASE=0, HAS_H0=chunked, STORE_STATES=save_states, STAGES=stages[1], PREFETCH=pf0,
+                          **common, **_reg_cap("fwd", NP, T, BD, warps, 0, pf0))
         if plan is None and merge == "sum" and not serial:
             self.bdt = odt if odt in (torch.bfloat16, torch.float32, torch.float64) else torch.float32
         else:

@@ -176,17 +176,22 @@ def test_forward_prefetch_same_result(N, tpc, monkeypatch):
     and 3), on a route with padding steps (LocalMamba windows) and a ragged last tile."""
     from mamba_dense.kernels import triton_scan as ts
 
+    monkeypatch.delenv("MAMBA_DENSE_FWD_PREFETCH", raising=False)
     assert ts._fwd_prefetch(1, False) and not ts._fwd_prefetch(1, True) and not ts._fwd_prefetch(16, False)
+    assert not ts._fwd_prefetch(1, True, phase=1) and not ts._fwd_prefetch(1, False, phase=1)
+    monkeypatch.setenv("MAMBA_DENSE_FWD_PREFETCH", "1,0")  # per phase: phase 1, output pass
+    assert ts._fwd_prefetch(16, True, phase=1) and not ts._fwd_prefetch(1, False, phase=0)
     route = routes.localmamba(5, 7, ("w2", "v_flip")).to(DEVICE)
     K, L = route.shape[0], 35
     args = _inputs(2, L, K, 20, N, torch.float32, seed=53)
     out = {}
-    for pf in ("0", "1"):
+    for pf in ("0", "1", "1,0", "0,1"):
         monkeypatch.setenv("MAMBA_DENSE_FWD_PREFETCH", pf)
         out[pf] = ts.scan_fwd(*args, route, "sum", True, torch.float32, True, tiles_per_chunk=tpc)
-    for a, b in zip(out["1"], out["0"]):
-        assert torch.isfinite(a).all()
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for pf in ("1", "1,0", "0,1"):
+        for a, b in zip(out[pf], out["0"]):
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
     ref = [a.double() for a in args]
     assert _rel(out["1"][0], selective_scan_ref(*ref, route=route)) < 1e-5
 
@@ -205,7 +210,11 @@ def test_n16_backward_register_cap_and_chunked_gradients(monkeypatch):
     assert ts._reg_cap("fwd", 16, 8, 16, 1) == {"maxnreg": 128}
     assert ts._reg_cap("fwd", 16, 8, 16, 1, phase=1) == {"maxnreg": 96}
     assert ts._reg_cap("fwd", 1, 32, 16, 1, prefetch=True) == {"maxnreg": 112}  # one-pass N=1
-    assert ts._reg_cap("fwd", 1, 32, 32, 1) == {} and ts._reg_cap("fwd", 1, 32, 32, 1, phase=1) == {}
+    # the chunked N=1 forward, channel blocks of 32 and 16: output pass 152, phase 1 96
+    for bd in (32, 16):
+        assert ts._reg_cap("fwd", 1, 32, bd, 1) == {"maxnreg": 152}
+        assert ts._reg_cap("fwd", 1, 32, bd, 1, phase=1) == {"maxnreg": 96}
+    assert ts._reg_cap("fwd", 1, 32, 64, 1) == {} and ts._reg_cap("fwd", 1, 16, 32, 1, phase=1) == {}
     monkeypatch.setenv("MAMBA_DENSE_SCAN_MAXNREG", "0,200")
     assert ts._reg_cap("bwd", 16, 8, 8, 1) == {"maxnreg": 200} and ts._reg_cap("fwd", 16, 8, 16, 1) == {}
     monkeypatch.setenv("MAMBA_DENSE_SCAN_MAXNREG", "96,0,144,0")  # per phase: fwd1, fwd0, bwd1, bwd0
@@ -349,8 +358,8 @@ def test_fast_exp_decays_match_reference(N, fast, monkeypatch):
 
 def test_fast_softplus_polynomial_error():
     """The polynomial of _softplus_fast (whose inline PTX runs on a GPU only): s p(s^2) against
-    log1p(y) = 2 atanh(s), s = y / (2 + y), in fp64 over y in (0, 1]: relative error below 1e-8 (the
-    fitted minimax error is 4e-9, under fp32 rounding)."""
+    log1p(y) = 2 atanh(s), s = y / (2 + y), in fp64 over y in (0, 1]: relative error below 2.5e-7 (the
+    fitted minimax error of the degree-3 polynomial is 1.9e-7, about three fp32 roundings)."""
     from mamba_dense.kernels import triton_scan as ts
 
     y = torch.cat([torch.logspace(-30, 0, 20001, dtype=torch.float64),
@@ -358,11 +367,12 @@ def test_fast_softplus_polynomial_error():
     s = y / (2 + y)
     z = s * s
     p = torch.zeros_like(z)
-    for c in (ts._SP4, ts._SP3, ts._SP2, ts._SP1, ts._SP0):
+    for c in (ts._SP3, ts._SP2, ts._SP1, ts._SP0):
         p = p * z + float(getattr(c, "value", c))
     rel = ((s * p - torch.log1p(y)) / torch.log1p(y)).abs()
-    assert rel.max().item() < 1e-8, rel.max().item()
-    assert rel.max().item() > 1e-10  # a real approximation, not the series itself
+    assert rel.max().item() < 2.5e-7, rel.max().item()
+    assert rel.max().item() > 1e-8  # a real approximation, not the series itself
+    assert rel[y < 1e-3].max().item() < 1e-9  # exact in the limit: p(0) = 2, so small y keep their digits
 
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="inline PTX (ex2 / rcp .approx.ftz) runs on a GPU only")
@@ -422,6 +432,9 @@ def test_chunk_carry_matches_a_sequential_loop(reverse, dtype, cb, monkeypatch):
     if cb is None:
         monkeypatch.delenv("MAMBA_DENSE_CARRY_CB", raising=False)
         assert ts._carry_cfg(70, 6)[0] == 128
+        # few state columns: up to 1024 chunks a round in blocks down to 4; many: 512, blocks down to 8
+        assert ts._carry_cfg(1024, 96, 4) == (1024, 4, 8) and ts._carry_cfg(2048, 48, 6) == (1024, 4, 8)
+        assert ts._carry_cfg(256, 96, 64) == (256, 8, 4) and ts._carry_cfg(2048, 768, 6) == (512, 8, 8)
     else:
         monkeypatch.setenv("MAMBA_DENSE_CARRY_CB", cb)
 
