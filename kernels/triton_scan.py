@@ -91,6 +91,20 @@ def _ex2_ftz(v):
 
 
 @triton.jit
+def _pdl_start(PDL: tl.constexpr):
+    """With programmatic dependent launch (PDL != 0, launched with launch_pdl): wait until the kernel
+    before this one in the stream has finished and its writes are visible, before any load or store of
+    this kernel. The next kernel's launch then starts as this one's programs exit instead of after the
+    whole kernel has completed. PDL = 2 also lets it start as soon as every program of this one has
+    started (griddepcontrol.launch_dependents), for tuning: its programs then wait on the SMs."""
+    if PDL != 0:
+        tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+    if PDL == 2:
+        tl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=tl.int32,
+                                  is_pure=False, pack=1)
+
+
+@triton.jit
 def _decay(dA, dA2, FAST: tl.constexpr):
     """exp(delta * A) from dA = delta * A, or with FAST from dA2 = delta * A * log2(e) (fp32 on a GPU:
     one multiply and one MUFU per state element instead of five instructions). The two differ by the
@@ -352,7 +366,9 @@ def _fwd_kernel(
     EVEN_S: tl.constexpr = False,  # S is a multiple of T: no tile has tail steps to mask (_tile_prep's FULL)
     EVEN_D: tl.constexpr = False,  # Dm is a multiple of BD: the channel mask is a constant (_program_coords)
     STAGES: tl.constexpr = 1,  # software pipelining of the tile loop (Triton's num_stages; 1: none)
+    PDL: tl.constexpr = 0,  # launched with programmatic dependent launch (_pdl_start)
 ):
+    _pdl_start(PDL)
     pid_c, b64, k, pid_d, d, dmask, n, nmask, offs_t = _program_coords(k0, KL, Dm, N, BD, NP, T, EVEN_D)
     if REPS == 1:
         _fwd_route_chunk(
@@ -489,7 +505,7 @@ def _fwd_route_chunk(
 @triton.jit
 def _carry_kernel(
     buf_ptr, dsum_ptr, A_ptr, n_chunks, slot_stride, n_slots, Dm, N, K,
-    REVERSE: tl.constexpr, BLK: tl.constexpr, CB: tl.constexpr, CT: tl.constexpr,
+    REVERSE: tl.constexpr, BLK: tl.constexpr, CB: tl.constexpr, CT: tl.constexpr, PDL: tl.constexpr = 0,
 ):
     """Carry states across chunks, in place: buf[c] <- state entering chunk c.
 
@@ -502,6 +518,7 @@ def _carry_kernel(
     (hundreds of chunks when batch x routes is small, e.g. 235 for a 64^3 volume at N=1) becomes
     n_chunks / CB rounds of independent loads.
     """
+    _pdl_start(PDL)
     pid = tl.program_id(0)
     pid_bk = tl.program_id(1)
     k = pid_bk % K
@@ -578,19 +595,21 @@ def _go(site, run, fn, grid, args: tuple, meta: dict):
 
 
 def carry(buf, dsum, A, n_chunks: int, slot_stride: int, n_slots: int, Dm: int, N: int, K: int, reverse: bool, rows: int,
-          site: list | None = None, run=None):
+          site: list | None = None, run=None, pdl: int = 0):
     """Launch the chunk carry over ``rows`` = batch x K (state rows of N x D each); see _carry_cfg.
-    With a plan's launch site (site, run: see _go) the launch goes through it."""
+    With a plan's launch site (site, run: see _go) the launch goes through it; pdl: see _pdl_on."""
     CB, BLK, warps = _carry_cfg(n_chunks, N * Dm, rows)
     grid = (_cdiv(N * Dm, BLK), rows)
     args = (buf, dsum, A, n_chunks, slot_stride, n_slots, Dm, N, K)
-    meta = dict(REVERSE=reverse, BLK=BLK, CB=CB, CT=_ct(buf.dtype), num_warps=warps)
+    meta = dict(REVERSE=reverse, BLK=BLK, CB=CB, CT=_ct(buf.dtype), num_warps=warps, **_pdl_meta(pdl))
     _go(site, run, _carry_kernel, grid, args, meta)
 
 
 @triton.jit
-def _sum_routes_kernel(buf_ptr, out_ptr, rows, K, Dm, BR: tl.constexpr, BDS: tl.constexpr, CT: tl.constexpr):
+def _sum_routes_kernel(buf_ptr, out_ptr, rows, K, Dm, BR: tl.constexpr, BDS: tl.constexpr, CT: tl.constexpr,
+                       PDL: tl.constexpr = 0):
     """out[r, d] = sum_k buf[r, k, d] in a fixed order (deterministic), accumulated in CT."""
+    _pdl_start(PDL)
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     d = tl.program_id(1) * BDS + tl.arange(0, BDS)
     m = (r < rows)[:, None] & (d < Dm)[None, :]
@@ -601,7 +620,8 @@ def _sum_routes_kernel(buf_ptr, out_ptr, rows, K, Dm, BR: tl.constexpr, BDS: tl.
     tl.store(out_ptr + r64[:, None] * Dm + d[None, :], acc.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def sum_routes(buf: torch.Tensor, out_dtype: torch.dtype, site: list | None = None, run=None) -> torch.Tensor:
+def sum_routes(buf: torch.Tensor, out_dtype: torch.dtype, site: list | None = None, run=None,
+               pdl: int = 0) -> torch.Tensor:
     """(b, L, K, D) -> (b, L, D), summing the K routes in order (site, run: see _go)."""
     b, L, K, Dm = buf.shape
     out = _empty(b, L, Dm, device=buf.device, dtype=out_dtype)
@@ -610,7 +630,7 @@ def sum_routes(buf: torch.Tensor, out_dtype: torch.dtype, site: list | None = No
     BR = max(1, 2048 // BDS)
     grid = (_cdiv(rows, BR), _cdiv(Dm, BDS))
     args = (buf, out, rows, K, Dm)
-    meta = dict(BR=BR, BDS=BDS, CT=_ct(buf.dtype), num_warps=4)
+    meta = dict(BR=BR, BDS=BDS, CT=_ct(buf.dtype), num_warps=4, **_pdl_meta(pdl))
     _go(site, run, _sum_routes_kernel, grid, args, meta)
     return out
 
@@ -629,11 +649,12 @@ def _sum_blocks_one(part_ptr, out_ptr, M, n_blk, BLOCK: tl.constexpr, U: tl.cons
 
 @triton.jit
 def _sum_blocks_kernel(part_ptr, out_ptr, part2_ptr, out2_ptr, M, n_blk, BLOCK: tl.constexpr, U: tl.constexpr,
-                       CT: tl.constexpr):
+                       CT: tl.constexpr, PDL: tl.constexpr = 0):
     """out[m] = sum_j part[j, m] over the n_blk channel blocks in a fixed order, accumulated in CT;
     U blocks' loads are issued together (unrolled), the rest of the order unchanged. Programs with
     program_id(1) == 1 do the same for (part2, out2), a second sum of the same shape and dtypes
     (the backward's dB and dC in one launch)."""
+    _pdl_start(PDL)
     if tl.program_id(1) == 0:
         _sum_blocks_one(part_ptr, out_ptr, M, n_blk, BLOCK, U, CT)
     else:
@@ -653,16 +674,17 @@ def sum_blocks(part: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
 
 
 def sum_blocks2(part: torch.Tensor, out_dtype: torch.dtype, part2: torch.Tensor, out2_dtype: torch.dtype,
-                site: list | None = None, run=None):
+                site: list | None = None, run=None, pdl: int = 0):
     """sum_blocks of two partials, in one launch where they share shape and dtypes (the backward's dB
     and dC partials: one launch less per backward); two separate output tensors (site, run: see _go)."""
     if (part.shape != part2.shape or part.dtype != part2.dtype or out_dtype != out2_dtype
             or (part.shape[0] == 1 and part.dtype == out_dtype)):
         return sum_blocks(part, out_dtype), sum_blocks(part2, out2_dtype)
-    return _sum_blocks_launch(part, out_dtype, part2, site, run)
+    return _sum_blocks_launch(part, out_dtype, part2, site, run, pdl)
 
 
-def _sum_blocks_launch(part: torch.Tensor, out_dtype: torch.dtype, part2: torch.Tensor, site=None, run=None):
+def _sum_blocks_launch(part: torch.Tensor, out_dtype: torch.dtype, part2: torch.Tensor, site=None, run=None,
+                       pdl: int = 0):
     """The block sums of part and, unless it is part itself, of part2 (same shape and dtype) in one
     launch: (out, out2), out2 being out for a single sum."""
     out = _empty(*part.shape[1:], device=part.device, dtype=out_dtype)
@@ -670,16 +692,19 @@ def _sum_blocks_launch(part: torch.Tensor, out_dtype: torch.dtype, part2: torch.
     M = out.numel()
     BLOCK = 512
     _go(site, run, _sum_blocks_kernel, (_cdiv(M, BLOCK), 1 if part2 is part else 2),
-        (part, out, part2, out2, M, part.shape[0]), dict(BLOCK=BLOCK, U=4, CT=_ct(part.dtype), num_warps=1))
+        (part, out, part2, out2, M, part.shape[0]),
+        dict(BLOCK=BLOCK, U=4, CT=_ct(part.dtype), num_warps=1, **_pdl_meta(pdl)))
     return out, out2
 
 
 @triton.jit
 def _sum_params_kernel(p_ptr, dA_ptr, dD_ptr, dbias_ptr, R, M, Dm, N, BR: tl.constexpr, BC: tl.constexpr,
-                       CT: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, U: tl.constexpr = 1):
+                       CT: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, U: tl.constexpr = 1,
+                       PDL: tl.constexpr = 0):
     """Column sums of p (R, M), M = K x (N + 2) x D, into their gradients: BR rows at a time into a
     [BR, BC] accumulator, then one fixed tree; column (k, j, d) goes to dA[k, d, j] for j < N, to
     dD[k, d] for j = N and to dbias[k, d] for j = N + 1, each in its own dtype."""
+    _pdl_start(PDL)
     cols = tl.program_id(0) * BC + tl.arange(0, BC)
     cm = cols < M
     rr = tl.arange(0, BR)
@@ -716,7 +741,8 @@ def _cast_for(v, ptr):
 SUM_PARAMS_UNROLL = 4
 
 
-def sum_params(p: torch.Tensor, K: int, N: int, Dm: int, A_dtype, D_dtype=None, bias_dtype=None, site=None, run=None):
+def sum_params(p: torch.Tensor, K: int, N: int, Dm: int, A_dtype, D_dtype=None, bias_dtype=None, site=None, run=None,
+               pdl: int = 0):
     """The backward's parameter partials p (R, K x (N + 2) x D) summed over rows in a fixed order
     (deterministic) -> dA (K, D, N) in A_dtype, and dD, dbias (K, D) in D_dtype / bias_dtype (None
     where that dtype is None). Rows of p are (batch, chunk) pairs (683 at S3).
@@ -737,7 +763,7 @@ def sum_params(p: torch.Tensor, K: int, N: int, Dm: int, A_dtype, D_dtype=None, 
     _go(site, run, _sum_params_kernel, (_cdiv(M, BC),),
         (p, dA, dD if dD is not None else dA, dbias if dbias is not None else dA, R, M, Dm, N),
         dict(BR=BR, BC=BC, CT=_ct(p.dtype), HAS_D=dD is not None, HAS_BIAS=dbias is not None,
-             U=SUM_PARAMS_UNROLL if R > BR else 1, num_warps=4))
+             U=SUM_PARAMS_UNROLL if R > BR else 1, num_warps=4, **_pdl_meta(pdl)))
     return dA, dD, dbias
 
 
@@ -802,7 +828,9 @@ def _bwd_kernel(
     EVEN_S: tl.constexpr = False,  # as _fwd_kernel's
     EVEN_D: tl.constexpr = False,
     STAGES: tl.constexpr = 1,
+    PDL: tl.constexpr = 0,  # as _fwd_kernel's
 ):
+    _pdl_start(PDL)
     pid_c, b64, k, pid_d, d, dmask, n, nmask, offs_t = _program_coords(k0, KL, Dm, N, BD, NP, T, EVEN_D)
     if REPS == 1:
         _bwd_route_chunk(
@@ -1416,11 +1444,44 @@ def _merge_modes(K: int, cover: tuple[bool, ...]) -> tuple[list[int], bool]:
 # and 12.9 for the launcher; host us per call without / with the plans, alternated: scan_fwd 249-259 ->
 # 121-128, scan_bwd 420-429 -> 257-266 (benchmarks/RESULTS.md). MAMBA_DENSE_SCAN_PLAN=0 turns it off.
 _FWD_PLANS: dict = {}
+_PDL_OK: dict = {}
+
+
+def _pdl_ok(dev: torch.device) -> bool:
+    """Whether kernels on dev can be launched with programmatic dependent launch: a CUDA GPU of compute
+    capability 9.0 or later (griddepcontrol), a Triton whose launcher takes launch_pdl, and not Triton's
+    interpreter. Cached per device."""
+    ok = _PDL_OK.get(dev)
+    if ok is None:
+        ok = False
+        if dev.type == "cuda" and getenv("TRITON_INTERPRET") != "1" and torch.cuda.get_device_capability(dev)[0] >= 9:
+            try:
+                from triton.backends.nvidia.compiler import CUDAOptions
+
+                ok = "launch_pdl" in getattr(CUDAOptions, "__dataclass_fields__", {})
+            except ImportError:
+                ok = False
+        _PDL_OK[dev] = ok
+    return ok
+
+
+def _pdl_on(dev: torch.device) -> int:
+    """The scan kernels' programmatic dependent launch (_pdl_start's PDL; 0: none): where _pdl_ok, not
+    while a CUDA graph is being captured; MAMBA_DENSE_SCAN_PDL=0 / 1 / 2 chooses (default 1)."""
+    mode = int(getenv("MAMBA_DENSE_SCAN_PDL", "1"))
+    return mode if mode and _pdl_ok(dev) and not torch.cuda.is_current_stream_capturing() else 0
+
+
+def _pdl_meta(pdl: int) -> dict:
+    """The constexpr and the launch option of a kernel launched with programmatic dependent launch."""
+    return {"PDL": pdl, "launch_pdl": True} if pdl else {}
+
+
 _PLAN_ENV = (
     "MAMBA_DENSE_MERGE", "MAMBA_DENSE_SCAN_CFG", "MAMBA_DENSE_SCAN_I64", "MAMBA_DENSE_FWD_PREFETCH",
     "MAMBA_DENSE_SCAN_EVEN", "MAMBA_DENSE_SCAN_STAGES", "MAMBA_DENSE_SCAN_MAXNREG", "MAMBA_DENSE_CARRY_CB",
     "MAMBA_DENSE_CARRY_CFG",
-    "MAMBA_DENSE_SCAN_FAST_EXP", "TRITON_INTERPRET",
+    "MAMBA_DENSE_SCAN_FAST_EXP", "TRITON_INTERPRET", "MAMBA_DENSE_SCAN_PDL",
 )
 
 
@@ -1482,7 +1543,8 @@ class _FwdPlan:
     """scan_fwd's decisions for one call signature (see _fwd_plan) and its launch sites."""
 
     def __init__(self, x, A, route, cover, merge, out_dtype, save_states, tiles_per_chunk, dt_softplus,
-                 has_D, has_bias):
+                 has_D, has_bias, pdl: int = 0):
+        self.pdl = pdl
         self.x_per_route = x_per_route = x.dim() == 4
         batch, L, Dm = x.shape[0], x.shape[1], x.shape[-1]
         K, S = route.shape
@@ -1513,7 +1575,7 @@ class _FwdPlan:
         common = dict(
             HAS_D=has_D, HAS_BIAS=has_bias, SOFTPLUS=dt_softplus,
             T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps, X_PER_ROUTE=x_per_route,
-            FAST_EXP=_fast_exp(x), SUB=SUB, **_even("fwd", S, T, Dm, BD),
+            FAST_EXP=_fast_exp(x), SUB=SUB, **_even("fwd", S, T, Dm, BD), **_pdl_meta(pdl),
         )
         stages = _stages()
         pf1, pf0 = _fwd_prefetch(NP, chunked, 1), _fwd_prefetch(NP, chunked, 0)
@@ -1541,13 +1603,14 @@ def _fwd_plan(x, dt, A, B, C, D, dt_bias, route, kroute, cover, merge, dt_softpl
     specialization read (input shapes, dtypes and alignment, the route's coverage and merge groups, the
     device and its SM count, the knobs); a new key builds a plan."""
     groups = _plan_groups(x, A, route, cover, merge)
+    pdl = _pdl_on(x.device)
     return _cached_plan(_FWD_PLANS, lambda: (
         tuple(x.shape), x.dtype, dt.dtype, A.dtype, B.dtype, C.dtype, None if D is None else D.dtype,
         None if dt_bias is None else dt_bias.dtype, tuple(route.shape), merge, dt_softplus, out_dtype, save_states,
         tiles_per_chunk, x.device, cover, kroute.dtype, groups, _num_sms(x.device), _knobs(),
-        _aligned(x, dt, A, B, C, D, dt_bias, kroute),
+        _aligned(x, dt, A, B, C, D, dt_bias, kroute), pdl,
     ), lambda: _FwdPlan(x, A, route, cover, merge, out_dtype, save_states, tiles_per_chunk, dt_softplus,
-                        D is not None, dt_bias is not None))
+                        D is not None, dt_bias is not None, pdl))
 
 
 def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, out_dtype,
@@ -1583,7 +1646,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
              L, S, Dm, N, K, 0, K, n_tiles, tpc, 0, 0), p.meta1)
         # phase 2: carry across chunks
         carry(states, dsum, A, n_chunks, tpc * p.SUB, p.n_slots, Dm, N, K, reverse=False, rows=batch * K,
-              site=p.site("carry"), run=run)
+              site=p.site("carry"), run=run, pdl=p.pdl)
     if p.groups is not None:
         # reversed route pairs (and single routes) summed in place into out, one group per launch
         # single routes first (H100, session 16, S5 N=1 forward 0.478 -> 0.471 ms; launching them
@@ -1602,7 +1665,7 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
             (x, dt, A, B, C, D_, bias_, kroute, out, dummy, states, dummy,
              L, S, Dm, N, K, 0, K, n_tiles, tpc, 0, 0), dict(p.meta3, MODE=0))
         if merge == "sum":
-            out = sum_routes(out, odt, site=p.site("sum_routes"), run=run)
+            out = sum_routes(out, odt, site=p.site("sum_routes"), run=run, pdl=p.pdl)
     else:
         out = _empty(batch, L, Dm, device=dev, dtype=odt)
         modes, zero = p.modes, p.zero
@@ -1622,7 +1685,9 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
 class _BwdPlan:
     """scan_bwd's decisions for one call signature (see _bwd_plan) and its launch sites."""
 
-    def __init__(self, x, A, B, C, route, cover, merge, dt_softplus, tiles_per_chunk, has_D, has_bias):
+    def __init__(self, x, A, B, C, route, cover, merge, dt_softplus, tiles_per_chunk, has_D, has_bias,
+                 pdl: int = 0):
+        self.pdl = pdl
         self.x_per_route = x_per_route = x.dim() == 4
         batch, L, Dm = x.shape[0], x.shape[1], x.shape[-1]
         K, S = route.shape
@@ -1661,7 +1726,7 @@ class _BwdPlan:
             HAS_D=has_D, HAS_BIAS=has_bias, SOFTPLUS=dt_softplus,
             DY_PER_ROUTE=(merge == "none"), T=T, BD=BD, NP=NP, CT=_ct(x.dtype), num_warps=warps,
             X_PER_ROUTE=x_per_route, FAST_EXP=_fast_exp(x), INTERP=getenv("TRITON_INTERPRET") == "1",
-            **_even("bwd", S, T, Dm, BD),
+            **_even("bwd", S, T, Dm, BD), **_pdl_meta(pdl),
         )
         stages = _stages()
         cap0 = _reg_cap("bwd", NP, T, BD, warps, 0)
@@ -1687,13 +1752,14 @@ def _bwd_plan(dy, x, dt, A, B, C, D, dt_bias, route, kroute, states, cover, merg
               tiles_per_chunk):
     """(_BwdPlan, run) of a call (the key as _fwd_plan's, with dy and the states)."""
     groups = _plan_groups(x, A, route, cover, merge)
+    pdl = _pdl_on(x.device)
     return _cached_plan(_BWD_PLANS, lambda: (
         tuple(x.shape), x.dtype, dt.dtype, A.dtype, B.dtype, C.dtype, None if D is None else D.dtype,
         None if dt_bias is None else dt_bias.dtype, dy.dtype, tuple(dy.shape), states.dtype, tuple(states.shape),
         tuple(route.shape), merge, dt_softplus, tiles_per_chunk, x.device, cover, kroute.dtype, groups,
-        _num_sms(x.device), _bwd_knobs(), _aligned(dy, x, dt, A, B, C, D, dt_bias, kroute, states),
+        _num_sms(x.device), _bwd_knobs(), _aligned(dy, x, dt, A, B, C, D, dt_bias, kroute, states), pdl,
     ), lambda: _BwdPlan(x, A, B, C, route, cover, merge, dt_softplus, tiles_per_chunk, D is not None,
-                        dt_bias is not None))
+                        dt_bias is not None, pdl))
 
 
 def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softplus: bool,
@@ -1729,7 +1795,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
              dummy, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,  # phase 1 writes no dx
              batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks, 0, 0), p.meta1)
         carry(gbuf, gsum, A, n_chunks, 1, n_chunks, Dm, N, K, reverse=True, rows=batch * K,
-              site=p.site("carry"), run=run)
+              site=p.site("carry"), run=run, pdl=p.pdl)
     if p.groups is not None:
         dx = _empty_like(x)
         for gi, grp in enumerate(p.groups):
@@ -1751,7 +1817,7 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
              dxbuf, dummy, ddt, dBp, dCp, pp, pp, pp, gbuf, gsum,
              batch, L, S, Dm, N, K, 0, K, n_tiles, tpc, n_chunks, 0, 0), dict(p.meta0, DXMODE=0))
         if dx is None:
-            dx = sum_routes(dxbuf, x.dtype, site=p.site("sum_routes"), run=run)
+            dx = sum_routes(dxbuf, x.dtype, site=p.site("sum_routes"), run=run, pdl=p.pdl)
     else:
         dx = _empty_like(x)
         modes, zero = p.modes, p.zero
@@ -1764,9 +1830,9 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
                  batch, L, S, Dm, N, K, k, 1, n_tiles, tpc, n_chunks, 0, 0), dict(p.meta0, DXMODE=mode))
         if modes[-1] == 2:
             dx.copy_(dxacc)
-    dB, dC = sum_blocks2(dBp, B.dtype, dCp, C.dtype, site=p.site("sum_blocks"), run=run)
+    dB, dC = sum_blocks2(dBp, B.dtype, dCp, C.dtype, site=p.site("sum_blocks"), run=run, pdl=p.pdl)
     # three separate tensors: the op's outputs must not alias one another
     dA, dD, dbias = sum_params(pp.view(batch * n_chunks, K * (N + 2) * Dm), K, N, Dm, A.dtype,
                                D.dtype if D is not None else None, dt_bias.dtype if dt_bias is not None else None,
-                               site=p.site("sum_params"), run=run)
+                               site=p.site("sum_params"), run=run, pdl=p.pdl)
     return dx, ddt, dA, dB, dC, dD, dbias

@@ -891,3 +891,61 @@ def test_backward_plan_cache_follows_inputs_and_knobs(monkeypatch):
     assert len(ts._BWD_PLANS) == 3
     for a, b in zip(gb, gm):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_programmatic_dependent_launch_decision(monkeypatch):
+    """Programmatic dependent launch (PDL) is a plan decision: never under Triton's interpreter, on a CPU
+    tensor or on a GPU before Hopper; MAMBA_DENSE_SCAN_PDL chooses the mode (0 / 1 / 2) and is part of
+    the plans' keys; a PDL launch carries the kernel's PDL constexpr and Triton's launch_pdl option."""
+    from mamba_dense.kernels import triton_scan as ts
+
+    assert ts._pdl_meta(1) == {"PDL": 1, "launch_pdl": True} and ts._pdl_meta(0) == {}
+    assert "MAMBA_DENSE_SCAN_PDL" in ts._PLAN_ENV
+    cpu = torch.device("cpu")
+    for mode in ("0", "1", "2"):
+        monkeypatch.setenv("MAMBA_DENSE_SCAN_PDL", mode)
+        assert not ts._pdl_ok(cpu) and ts._pdl_on(cpu) == 0
+    if DEVICE == "cuda":
+        dev = torch.device(DEVICE, torch.cuda.current_device())
+        if torch.cuda.get_device_capability(dev)[0] < 9:
+            assert not ts._pdl_ok(dev)
+        monkeypatch.setenv("MAMBA_DENSE_SCAN_PDL", "2")
+        assert ts._pdl_on(dev) == (2 if ts._pdl_ok(dev) else 0)
+        monkeypatch.setenv("MAMBA_DENSE_SCAN_PDL", "0")
+        assert ts._pdl_on(dev) == 0
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="programmatic dependent launch needs a GPU (Hopper or later)")
+@pytest.mark.parametrize("N", [1, 16])
+def test_programmatic_dependent_launch_same_results(N, monkeypatch):
+    """The scan's kernels launched with programmatic dependent launch (PDL 1 / 2: each waits at its start
+    for the kernel before it, _pdl_start) give bit-identical outputs, states and gradients to plain
+    launches, chunk-parallel with pair merges (N=1) and per-route buffers (N=16); where PDL is taken
+    (Hopper or later), every compiled kernel at the plans' launch sites carries launch_pdl."""
+    from mamba_dense.kernels import triton_scan as ts
+
+    monkeypatch.setattr(ts, "_FWD_PLANS", {})
+    monkeypatch.setattr(ts, "_BWD_PLANS", {})
+    route = routes.cross2d(8, 12).to(DEVICE)
+    args = _inputs(2, 96, 4, 40, N, torch.float32, seed=31 + N)
+    dy = torch.randn(2, 96, 40, dtype=torch.float32, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    dev = args[0].device
+    res = {}
+    for pdl in ("0", "1", "2"):
+        monkeypatch.setenv("MAMBA_DENSE_SCAN_PDL", pdl)
+        y, st = ts.scan_fwd(*args, route, "sum", True, None, True, tiles_per_chunk=2)
+        g = ts.scan_bwd(dy, *args, route, st, "sum", True, tiles_per_chunk=2)
+        g = ts.scan_bwd(dy, *args, route, st, "sum", True, tiles_per_chunk=2)  # through the plans' sites
+        res[pdl] = (y, st, *[t for t in g if t is not None])
+        if pdl != "0" and ts._pdl_on(dev):
+            for plans in (ts._FWD_PLANS, ts._BWD_PLANS):
+                p = list(plans.values())[-1]
+                assert p.pdl == int(pdl)
+                sites = [s for s in p.sites.values() if s[1] is not None]
+                assert sites and all(s[1][0].metadata.launch_pdl for s in sites)
+    for pdl in ("1", "2"):
+        for a, b in zip(res[pdl], res["0"]):
+            assert torch.isfinite(a).all()
+            assert torch.equal(a, b)
+    ref = [t.double() for t in args]
+    assert _rel(res["1"][0], selective_scan_ref(*ref, route=route)) < 1e-4
