@@ -1468,7 +1468,11 @@ def _pdl_ok(dev: torch.device) -> bool:
 def _pdl_on(dev: torch.device) -> int:
     """The scan kernels' programmatic dependent launch (_pdl_start's PDL; 0: none): where _pdl_ok, not
     while a CUDA graph is being captured; MAMBA_DENSE_SCAN_PDL=0 / 1 / 2 chooses (default 1)."""
-    mode = int(getenv("MAMBA_DENSE_SCAN_PDL", "1"))
+    env = getenv("MAMBA_DENSE_SCAN_PDL", "1")
+    if env not in ("0", "1", "2"):
+        raise ValueError(f"MAMBA_DENSE_SCAN_PDL={env!r}: expected 0 (off), 1 (the default) or 2; "
+                         "unset it for the default")
+    mode = int(env)
     return mode if mode and _pdl_ok(dev) and not torch.cuda.is_current_stream_capturing() else 0
 
 

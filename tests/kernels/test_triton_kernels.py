@@ -905,6 +905,9 @@ def test_programmatic_dependent_launch_decision(monkeypatch):
     for mode in ("0", "1", "2"):
         monkeypatch.setenv("MAMBA_DENSE_SCAN_PDL", mode)
         assert not ts._pdl_ok(cpu) and ts._pdl_on(cpu) == 0
+    monkeypatch.setenv("MAMBA_DENSE_SCAN_PDL", "yes")
+    with pytest.raises(ValueError, match="MAMBA_DENSE_SCAN_PDL='yes'"):
+        ts._pdl_on(cpu)
     if DEVICE == "cuda":
         dev = torch.device(DEVICE, torch.cuda.current_device())
         if torch.cuda.get_device_capability(dev)[0] < 9:
