@@ -62,17 +62,45 @@ def tensor_version(t: torch.Tensor) -> int:
         return -1
 
 
-def _route_range(route: torch.Tensor) -> tuple[int, int]:
-    """(min, max) of a route, cached per tensor (data pointer, shape, device, version): models pass
-    the same cached route tensors every step, so the device sync happens once, not per call."""
+def _route_facts(route: torch.Tensor) -> tuple[int, int, int]:
+    """(min, max, first route row that visits a token twice or -1) of a route, cached per tensor (data
+    pointer, shape, device, version): models pass the same cached route tensors every step, so the
+    device sync happens once, not per call."""
     key = (route.data_ptr(), tuple(route.shape), str(route.device), tensor_version(route))
     hit = _RANGE_CACHE.get(key)
     # the entry holds the tensor itself, so its memory cannot be reused by another tensor meanwhile
     if hit is None or hit[0] is not route:
         if len(_RANGE_CACHE) > 4096:
             _RANGE_CACHE.clear()
-        hit = _RANGE_CACHE[key] = (route, int(route.min()), int(route.max()))
-    return hit[1], hit[2]
+        srt = route.sort(dim=1).values
+        rep = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(1)
+        first = torch.where(rep.any(), rep.to(torch.int64).argmax(), -1)
+        lo, hi, dup = torch.stack([route.min(), route.max(), first]).tolist()
+        hit = _RANGE_CACHE[key] = (route, lo, hi, dup)
+    return hit[1], hit[2], hit[3]
+
+
+def check_route_values(route: torch.Tensor, L: int) -> None:
+    """Raise ValueError unless every index of the route lies in [-1, L) and no route visits a token twice.
+
+    The kernels write each route's output at its tokens, so a repeated token would be written twice
+    (the reference would add both visits): the two paths would disagree, and a route's coverage count
+    would claim tokens it never visits. Cached per route tensor (_route_facts). Skipped while a CUDA
+    graph is captured (no sync allowed there; the eager warm-up before the capture checks the route)."""
+    if route.device.type == "meta" or (route.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    lo, hi, dup = _route_facts(route)
+    if lo < -1 or hi >= L:
+        raise ValueError(f"route indices must lie in [-1, L) with L = {L} tokens of x, got values in [{lo}, {hi}]")
+    if dup >= 0:
+        row = route[dup]
+        srt = row.sort().values
+        tok = int(srt[1:][(srt[1:] == srt[:-1]) & (srt[1:] >= 0)][0])
+        steps = (row == tok).nonzero().flatten()[:2].tolist()
+        raise ValueError(
+            f"route row {dup} visits token {tok} more than once (steps {steps[0]} and {steps[1]}); each route "
+            "must visit a token at most once (-1 marks a padding step); routes.check_route checks a route"
+        )
 
 
 def validate_inputs(x, dt, A, B, C, D, dt_bias, route, merge, out_dtype, check_values: bool = True) -> None:
@@ -113,11 +141,17 @@ def validate_inputs(x, dt, A, B, C, D, dt_bias, route, merge, out_dtype, check_v
             if t.dtype != torch.long:
                 raise ValueError(f"route must have dtype torch.int64, got {t.dtype}")
         elif t.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{name} has unsupported dtype {t.dtype}; use float32, float16, bfloat16 or float64")
+            raise ValueError(
+                f"{name} (shape {tuple(t.shape)}) has unsupported dtype {t.dtype}; use float32, float16, bfloat16 "
+                "or float64"
+            )
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous (got strides {t.stride()} for shape {tuple(t.shape)}); call .contiguous()")
         if t.device != x.device:
-            raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all inputs must share one device")
+            raise ValueError(
+                f"{name} (shape {tuple(t.shape)}) is on {t.device} but x is on {x.device}; all inputs must share one "
+                "device"
+            )
     if merge not in ("sum", "none"):
         raise ValueError(f"merge must be 'sum' or 'none', got {merge!r}")
     if out_dtype is not None and out_dtype not in _FLOAT_DTYPES:
@@ -126,12 +160,8 @@ def validate_inputs(x, dt, A, B, C, D, dt_bias, route, merge, out_dtype, check_v
         raise ValueError(
             f"empty input: x {tuple(x.shape)}, route {tuple(route.shape)}, N = {N}; every dimension must be >= 1"
         )
-    if check_values and route.device.type != "meta":
-        lo, hi = _route_range(route)
-        if lo < -1 or hi >= L:
-            raise ValueError(
-                f"route indices must lie in [-1, L) with L = {L} tokens of x, got values in [{lo}, {hi}]"
-            )
+    if check_values:
+        check_route_values(route, L)
 
 
 def _triton_on_cpu(t: torch.Tensor) -> bool:

@@ -60,6 +60,11 @@ def scan_fwd(
     out_dtype: torch.dtype,
     save_states: bool,
 ) -> tuple[Tensor, Tensor]:
+    # the route's values, checked here as well: selective_scan's own check is left out while
+    # torch.compile traces it (a sync), but this body runs on the real tensors at every call
+    from . import check_route_values
+
+    check_route_values(route, x.shape[1])
     return _run_fwd(x, dt, A, B, C, D, dt_bias, route, merge_none, dt_softplus, out_dtype, save_states)
 
 

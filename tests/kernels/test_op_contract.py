@@ -1,5 +1,7 @@
 """Operator contract: VMamba-style cross scan equivalence, meta device, and bad-input errors."""
 
+import os
+
 import pytest
 import torch
 
@@ -77,8 +79,8 @@ def _call(kw):
         (dict(route=torch.tensor([[0.0, 1.0]])), ["route", "int64"]),
         (dict(route=torch.tensor([0, 1])), ["route", "(K, S)"]),
         (dict(x=torch.randn(1, 4, 6).transpose(1, 2)), ["x", "contiguous"]),
-        (dict(x=torch.randint(0, 3, (1, 6, 4))), ["x", "dtype"]),
-        (dict(B=torch.randn(1, 6, 2, 3, device="meta")), ["B", "device"]),
+        (dict(x=torch.randint(0, 3, (1, 6, 4))), ["x", "dtype", "(1, 6, 4)", "float32"]),
+        (dict(B=torch.randn(1, 6, 2, 3, device="meta")), ["B", "device", "(1, 6, 2, 3)", "meta"]),
         (dict(merge="mean"), ["merge", "mean"]),
     ],
 )
@@ -102,7 +104,47 @@ def test_route_range_check_not_fooled_by_cache():
         kw["route"] = bad
         with pytest.raises(ValueError, match=r"\[-1, L\)"):
             _call(kw)
-        bad.fill_(0)  # in-place change bumps the version: checked again, and now the repeat is legal here
+        bad[0, 0] = 1  # in-place change bumps the version: checked again (now a repeat of token 1)
+        with pytest.raises(ValueError, match="more than once"):
+            _call(kw)
+
+
+@pytest.mark.parametrize("triton_path", [False, True], ids=["reference", "triton"])
+def test_route_that_visits_a_token_twice_is_rejected(monkeypatch, triton_path):
+    # the kernels write a route's output once per token (the reference would add both visits), and a
+    # route's coverage count would claim a token it never visits: one clear error on every path
+    dev = "cpu"
+    if triton_path:
+        if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+            pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+        monkeypatch.setenv("MAMBA_DENSE_TRITON_CPU", "1")
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    kw = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in _ok().items()}
+    kw["route"] = torch.tensor([[0, 1, 2, 3, 4, 5], [5, 4, 1, -1, 2, 1]], device=dev)
+    with pytest.raises(ValueError) as e:
+        _call(kw)
+    msg = str(e.value)
+    for w in ("route row 1", "token 1", "steps 2 and 5", "at most once"):
+        assert w in msg, (w, msg)
+    kw["route"] = torch.tensor([[0, 1, 2, 3, 4, 5], [5, 4, -1, -1, 2, 1]], device=dev)  # repeated padding is fine
+    assert _call(kw).shape == (1, 6, 4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1",
+                    reason="needs a GPU or TRITON_INTERPRET=1")
+def test_compiled_scan_still_checks_route_values(monkeypatch):
+    # selective_scan's own value check needs a sync, so it stands aside while torch.compile traces it;
+    # the registered op checks the route at run time instead (before any kernel reads out of bounds)
+    monkeypatch.setenv("MAMBA_DENSE_TRITON_CPU", "1")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    kw = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in _ok().items()}
+    f = torch.compile(lambda route, *a: selective_scan(*a, route=route), backend="aot_eager", fullgraph=True)
+    args = (kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"])
+    torch.testing.assert_close(f(kw["route"], *args), _call(kw))
+    with pytest.raises(ValueError, match=r"\[-1, L\) with L = 6 .*\[0, 6\]"):
+        f(torch.tensor([[0, 1, 2, 3, 4, 6], [5, 4, 3, 2, 1, 0]], device=dev), *args)
+    with pytest.raises(ValueError, match="route row 0 visits token 2 more than once"):
+        f(torch.tensor([[0, 1, 2, 2, 4, 5], [5, 4, 3, 2, 1, 0]], device=dev), *args)
 
 
 def test_routes_made_in_inference_mode():

@@ -534,6 +534,38 @@ def test_torch_compile_no_graph_break():
         assert _rel(a, b) < 1e-10
 
 
+def test_under_autocast_bf16_matches_reference_of_the_same_values():
+    # under autocast a layer's projections hand the scan bf16 x, dt, B, C while A, D and dt_bias stay
+    # fp32 parameters; the op is no autocast op: it takes the dtypes it is given (fp32 state), returns
+    # x's dtype, and the parameters' gradients come back in fp32
+    route = routes.cross2d(4, 5).to(DEVICE)
+    g = torch.Generator().manual_seed(21)
+    b, L, K, Dm, N, Cin = 2, 20, 4, 8, 2, 6
+    feats = torch.randn(b, L, Cin, generator=g).to(DEVICE)
+    proj = torch.nn.Linear(Cin, Dm + K * Dm + 2 * K * N).to(DEVICE)
+    A = (-torch.exp(torch.randn(K, Dm, N, generator=g) * 0.5)).to(DEVICE).requires_grad_()
+    Dp = torch.randn(K, Dm, generator=g).to(DEVICE).requires_grad_()
+    bias = (torch.randn(K, Dm, generator=g) * 0.3).to(DEVICE).requires_grad_()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        z = proj(feats)
+        x = z[..., :Dm].contiguous()
+        dt = z[..., Dm:Dm + K * Dm].reshape(b, L, K, Dm).contiguous()
+        B = z[..., Dm + K * Dm:Dm + K * Dm + K * N].reshape(b, L, K, N).contiguous()
+        C = z[..., Dm + K * Dm + K * N:].reshape(b, L, K, N).contiguous()
+        assert x.dtype == dt.dtype == B.dtype == C.dtype == torch.bfloat16
+        y = selective_scan(x, dt, A, B, C, Dp, bias, route=route)
+    assert y.dtype == torch.bfloat16
+    ref_in = [t.detach().double().requires_grad_() for t in (x, dt, A, B, C, Dp, bias)]
+    y_ref = selective_scan_ref(*ref_in, route=route)
+    assert _rel(y, y_ref) < 2e-2
+    y.float().square().sum().backward()
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), ref_in)
+    for name, p, ref in (("A", A, grads_ref[2]), ("D", Dp, grads_ref[5]), ("dt_bias", bias, grads_ref[6])):
+        assert p.grad.dtype == torch.float32, name
+        assert _rel(p.grad, ref) < 2e-2, name
+    assert proj.weight.grad.dtype == torch.float32 and torch.isfinite(proj.weight.grad).all()
+
+
 def test_per_route_x_matches_reference(monkeypatch):
     from mamba_dense.kernels import triton_scan as ts
 
