@@ -210,10 +210,8 @@ def impl_env(env: dict):
                 os.environ[k] = v
 
 
-def kernel_profile(fn, calls: int = 20) -> tuple[float, dict[str, float]]:
-    """(summed CUDA kernel ms of one call of fn, {kernel name: us per call}): the mean over `calls` calls
-    in a torch.profiler trace after 3 warm-up calls (no host time in it; the measure to compare kernels
-    by where the host sets the pace). Also used by benchmarks/scan_kernels.py."""
+def profile_trace(fn, calls: int = 20):
+    """A torch.profiler trace (CUDA activity) of `calls` calls of fn, after 3 warm-up calls."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(3):
@@ -223,7 +221,14 @@ def kernel_profile(fn, calls: int = 20) -> tuple[float, dict[str, float]]:
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
-    ev = [e for e in p.key_averages() if e.device_type.name == "CUDA"]
+    return p
+
+
+def kernel_profile(fn, calls: int = 20) -> tuple[float, dict[str, float]]:
+    """(summed CUDA kernel ms of one call of fn, {kernel name: us per call}): the mean over `calls` calls
+    in a torch.profiler trace after 3 warm-up calls (no host time in it; the measure to compare kernels
+    by where the host sets the pace). Also used by benchmarks/scan_kernels.py."""
+    ev = [e for e in profile_trace(fn, calls).key_averages() if e.device_type.name == "CUDA"]
     total = sum(e.self_device_time_total for e in ev) / calls / 1e3
     return total, {e.key[:40]: round(e.self_device_time_total / calls, 1) for e in ev}
 

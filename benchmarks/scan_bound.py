@@ -33,7 +33,9 @@ import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bootstrap  # noqa: E402,F401
-from scan import COPY_RATE, floor_bytes, shape_cases  # noqa: E402
+from scan import COPY_RATE, floor_bytes, profile_trace, shape_cases  # noqa: E402
+
+from mamba_dense.kernels.triton_scan import _program_coords  # noqa: E402
 
 
 @triton.jit
@@ -46,26 +48,33 @@ def _tok_rows(route_ptr, k, s0, S, offs_t, b64, L, K):
 
 
 @triton.jit
+def _reps(PHASE: tl.constexpr, k_pair):
+    """Routes a program walks: phase 1 one; a pair launch two (k_pair >= 0) or one."""
+    if PHASE == 0:
+        return tl.where(k_pair >= 0, 2, 1)
+    return 1
+
+
+@triton.jit
+def _rep_route(rep, k_first, k_pair, pid_c, n_chunks, acc_in):
+    """(route, chunk, whether to add to the running sum) of a program's walk rep, as the op's REPS."""
+    first = rep == 0
+    return (tl.where(first, k_first, k_pair), tl.where(first, pid_c, n_chunks - 1 - pid_c),
+            (rep > 0) | (acc_in != 0))
+
+
+@triton.jit
 def _fwd_access(x_ptr, dt_ptr, B_ptr, C_ptr, route_ptr, out_ptr, st_ptr,
                 L, S, Dm, K, k0, KL, n_tiles, tpc, k_pair, acc_in,
                 PHASE: tl.constexpr, T: tl.constexpr, BD: tl.constexpr, SUB: tl.constexpr):
-    pid0 = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b64 = tl.program_id(2).to(tl.int64)
-    k_first = k0 + pid0 % KL
-    d = (pid0 // KL) * BD + tl.arange(0, BD)
-    dmask = d < Dm
-    offs_t = tl.arange(0, T)
+    # the op's own grid decoding (route k0 + pid0 % KL, channel block pid0 // KL, chunk, batch)
+    pid_c, b64, k_first, _pid_d, d, dmask, _n, _nm, offs_t = _program_coords(k0, KL, Dm, 1, BD, 1, T)
     n_chunks = tl.cdiv(n_tiles, tpc)
     n_slots = n_tiles * SUB
-    reps = 1
-    if PHASE == 0:
-        reps = tl.where(k_pair >= 0, 2, 1)
-    for rep in range(0, reps):
+    for rep in range(0, _reps(PHASE, k_pair)):
         tl.debug_barrier()
-        k = tl.where(rep == 0, k_first, k_pair)
-        c0 = tl.where(rep == 0, pid_c, n_chunks - 1 - pid_c) * tpc
-        add_prev = (rep > 0) | (acc_in != 0)
+        k, chunk, add_prev = _rep_route(rep, k_first, k_pair, pid_c, n_chunks, acc_in)
+        c0 = chunk * tpc
         st = ((b64 * K + k) * n_slots + c0 * SUB) * Dm + d
         acc = tl.zeros([BD], dtype=tl.float32)
         if PHASE == 0:
@@ -94,24 +103,12 @@ def _fwd_access(x_ptr, dt_ptr, B_ptr, C_ptr, route_ptr, out_ptr, st_ptr,
 def _bwd_access(x_ptr, dt_ptr, B_ptr, C_ptr, route_ptr, dy_ptr, st_ptr, dx_ptr, ddt_ptr, dB_ptr, dC_ptr, g_ptr,
                 batch, L, S, Dm, K, k0, KL, n_tiles, tpc, k_pair, acc_in,
                 PHASE: tl.constexpr, T: tl.constexpr, BD: tl.constexpr):
-    pid0 = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    b64 = tl.program_id(2).to(tl.int64)
-    k_first = k0 + pid0 % KL
-    pid_d = pid0 // KL
-    d = pid_d * BD + tl.arange(0, BD)
-    dmask = d < Dm
-    offs_t = tl.arange(0, T)
+    pid_c, b64, k_first, pid_d, d, dmask, _n, _nm, offs_t = _program_coords(k0, KL, Dm, 1, BD, 1, T)
     n_chunks = tl.cdiv(n_tiles, tpc)
-    reps = 1
-    if PHASE == 0:
-        reps = tl.where(k_pair >= 0, 2, 1)
-    for rep in range(0, reps):
+    for rep in range(0, _reps(PHASE, k_pair)):
         tl.debug_barrier()
-        k = tl.where(rep == 0, k_first, k_pair)
-        chunk = tl.where(rep == 0, pid_c, n_chunks - 1 - pid_c)
+        k, chunk, add_prev = _rep_route(rep, k_first, k_pair, pid_c, n_chunks, acc_in)
         c0 = chunk * tpc
-        add_prev = (rep > 0) | (acc_in != 0)
         g = tl.zeros([BD], dtype=tl.float32)
         c_end = tl.minimum(c0 + tpc, n_tiles)
         for ci in range(c0, c_end):
@@ -141,16 +138,7 @@ def _bwd_access(x_ptr, dt_ptr, B_ptr, C_ptr, route_ptr, dy_ptr, st_ptr, dx_ptr, 
 
 def profile_us(fn, calls: int) -> list[tuple[str, float]]:
     """One call's CUDA kernels in launch order, (name, us): the mean over `calls` calls of a trace."""
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as p:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    ev = [e for e in p.events() if e.device_type.name == "CUDA"]
+    ev = [e for e in profile_trace(fn, calls).events() if e.device_type.name == "CUDA"]
     per = len(ev) // calls
     if per * calls != len(ev):
         raise RuntimeError(f"{len(ev)} kernels in {calls} calls: not the same sequence each call")
