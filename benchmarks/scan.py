@@ -93,6 +93,8 @@ def check(device, seed, out_rows):
     cases = [
         # name, batch, route builder, L, D, N, merge
         ("cross2d 56x56 D96 N1", 2, lambda: routes.cross2d(56, 56), 56 * 56, 96, 1, "sum"),
+        # S1's own batch: chunked and merged by route pairs since session 22 (PAIR_MIN_PROGRAMS_PER_SM)
+        ("cross2d 56x56 D96 N1 b64 (S1)", 64, lambda: routes.cross2d(56, 56), 56 * 56, 96, 1, "sum"),
         ("cross2d 256x256 D96 N1 (chunk-parallel)", 1, lambda: routes.cross2d(256, 256), 65536, 96, 1, "sum"),
         ("cross2d 56x56 D192 N16", 2, lambda: routes.cross2d(56, 56), 56 * 56, 192, 16, "sum"),
         ("localmamba 30x45 D64 N16 merge=none", 2,

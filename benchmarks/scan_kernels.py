@@ -5,6 +5,7 @@ session-15 tables (H100).
 
 To run (on a CUDA machine, from the repo root):
     python benchmarks/scan_kernels.py [--shapes S1,S2,S3,S4,S5] [--variants SPEC] [--rounds 1] [--seq]
+        [--cross2d "batch,h,w,D,N;..."]
 
 For each shape of benchmarks/scan.py (bf16 inputs) and each variant, the forward and the
 forward + backward of `selective_scan` (the public op, as benchmarks/scan.py times it):
@@ -35,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bootstrap  # noqa: E402
+import scan  # noqa: E402
 from scan import kernel_profile, shape_cases  # noqa: E402
 
 
@@ -78,7 +80,14 @@ def main():
     ap.add_argument("--rounds", type=int, default=1, help="alternate the variants this many times")
     ap.add_argument("--seq", action="store_true", help="also print one f+b's kernels in launch order")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--cross2d", default="",
+                    help='more shapes, "batch,h,w,D,N;..." (cross2d routes, bf16), run after --shapes')
     args = ap.parse_args()
+    for spec in filter(None, args.cross2d.split(";")):
+        b, h, w, d, n = (int(v) for v in spec.split(","))
+        name = f"X b{b} {h}x{w} D{d} N{n}"
+        scan.SHAPES.append((name, b, h * w, 4, d, n, ("cross2d", h, w)))
+        args.shapes += "," + name + "$"
 
     variants = parse_variants(args.variants)
     keys = {k for _, env in variants for k in env}
@@ -128,7 +137,8 @@ def main():
                 row = dict(shape=sname, variant=name, env=env, round=rnd, fwd_kernel_ms=tf, fwdbwd_kernel_ms=tfb,
                            fwd_do_bench_ms=dbf, fwdbwd_do_bench_ms=dbfb, grad_rel_diff=gerr, fwd_kernels_us=kf,
                            fwdbwd_kernels_us=kfb)
-                print(f"{sname[:3]}{' N16' if N == 16 else ''} {name:12s} fwdK {tf:.3f} db {dbf:.3f} | "
+                label = sname if sname.startswith("X ") else f"{sname[:3]}{' N16' if N == 16 else ''}"
+                print(f"{label} {name:12s} fwdK {tf:.3f} db {dbf:.3f} | "
                       f"f+bK {tfb:.3f} db {dbfb:.3f} | gerr {gerr:.1e}", flush=True)
                 print("      fwd kernels (us)", kf, flush=True)
                 print("      f+b kernels (us)", kfb, flush=True)

@@ -1138,6 +1138,15 @@ def _pair_tiles(n_tiles: int, tpc: int) -> int | None:
     return best
 
 
+def _pairable(route, merge: str, x_per_route: bool, cover, S: int, T: int, odt: torch.dtype, N: int) -> bool:
+    """Whether a chunk-parallel launch of this call could merge its routes by reversed pairs
+    (_pair_plan's conditions besides the chunking itself)."""
+    if (merge != "sum" or x_per_route or _merge_strategy() != "pairs" or S % T or N > PAIR_MAX_N
+            or not all(cover) or odt not in (torch.bfloat16, torch.float32, torch.float64)):
+        return False
+    return any(len(g) == 2 for g in route_groups(route))
+
+
 def _pair_plan(route, merge: str, x_per_route: bool, cover, S: int, T: int, n_tiles: int, tpc: int,
                odt: torch.dtype, N: int, exact: bool = False, div: int | None = None):
     """(groups, tiles per chunk) when a chunk-parallel forward merges its routes by reversed pairs
@@ -1152,12 +1161,9 @@ def _pair_plan(route, merge: str, x_per_route: bool, cover, S: int, T: int, n_ti
     N <= PAIR_MAX_N.
     MAMBA_DENSE_MERGE=buffer / serial turns it off. exact (a tiles_per_chunk override): tpc itself or
     nothing."""
-    if (merge != "sum" or x_per_route or _merge_strategy() != "pairs" or tpc >= n_tiles or S % T or N > PAIR_MAX_N
-            or not all(cover) or odt not in (torch.bfloat16, torch.float32, torch.float64)):
+    if tpc >= n_tiles or not _pairable(route, merge, x_per_route, cover, S, T, odt, N):
         return None
     groups = route_groups(route)
-    if all(len(g) == 1 for g in groups):
-        return None
     div = PAIR_CHUNK_DIV if div is None else div
     t = (tpc if n_tiles % tpc == 0 else None) if exact else _pair_tiles(n_tiles, max(2, tpc // div))
     return None if t is None else (groups, t)
@@ -1369,6 +1375,18 @@ def _num_sms(dev: torch.device) -> int:
 # f+b ms at 32 / 64 / 128: S2 2.96 / 2.80 / 2.74, S5 N=16 9.59 / 9.29 / 8.99, S5 N=1 2.34 / 2.41 / 2.38).
 MIN_PROGRAMS_PER_SM = int(os.environ.get("MAMBA_DENSE_MIN_PROGRAMS_PER_SM", "4"))
 TARGET_PROGRAMS_PER_SM = int(os.environ.get("MAMBA_DENSE_TARGET_PROGRAMS_PER_SM", "128"))
+# ... except for calls whose chunks would merge their routes by reversed pairs (_pairable) along
+# routes of at least PAIR_MIN_STEPS steps: those are split below PAIR_MIN_PROGRAMS_PER_SM. The pairs
+# write the output (and dx) once per pair in place, where a launch without chunks writes K per-route
+# planes and sums them (benchmarks/RESULTS.md, session 22). H100, cross2d, D 96, N 1, bf16, kernel ms,
+# forward / forward + backward, one pass -> chunked pairs: 56x56 (3136 steps) b32 0.193 / 0.656 ->
+# 0.158 / 0.510, b64 (S1) 0.307 / 1.097 -> 0.293 / 0.945, b96 0.677 / 2.043 -> 0.426 / 1.389, b128
+# 0.809 / 2.455 -> 0.563 / 1.859, b192 (35 programs per SM) 1.118 / 3.628 -> 1.034 / 2.985; 64x64 b64
+# 0.407 / 1.510 -> 0.377 / 1.221; 48x48 b64 0.225 / 0.793 -> 0.227 / 0.725. Shorter routes lose or
+# draw: 40x40 b64 0.156 / 0.532 -> 0.168 / 0.521, 32x32 D 192 b32 0.101 / 0.349 -> 0.107 / 0.329, 28x28
+# D 192 b32 0.074 / 0.256 -> 0.099 / 0.303. N = 16 (no pairs) loses too: S4 0.80 / 4.05 -> 1.22 / 4.43.
+PAIR_MIN_PROGRAMS_PER_SM = int(os.environ.get("MAMBA_DENSE_PAIR_MIN_PROGRAMS_PER_SM", "48"))
+PAIR_MIN_STEPS = 2048
 # The backward's chunks are at least this many tiles (or half the route, if that is less). With the
 # policy's 3-tile chunks, S3 (1024 x 1024, batch 1: 12 programs per launch, 1366 chunks) spent more in
 # the per-chunk work and the carry than the extra programs gained: H100, session 17, S3's backward
@@ -1386,13 +1404,21 @@ BWD_PAIR_CHUNK_DIV = 2
 BWD_PAIR_PREV_EARLY = 1
 
 
+def _min_programs(pairable: bool, S: int) -> int:
+    """Programs per SM below which a launch is split into chunks (see PAIR_MIN_PROGRAMS_PER_SM)."""
+    return PAIR_MIN_PROGRAMS_PER_SM if pairable and S >= PAIR_MIN_STEPS else MIN_PROGRAMS_PER_SM
+
+
 def _tiles_per_chunk(n_tiles: int, programs: int, n_sm: int, override: int | None = None,
-                     min_tiles: int = 2) -> int:
-    """Tiles one program walks; fewer than n_tiles means chunk-parallel (3 phases). Chunks hold at
-    least min(min_tiles, n_tiles // 2) tiles and 2."""
+                     min_tiles: int = 2, min_programs: int | None = None) -> int:
+    """Tiles one program walks; fewer than n_tiles means chunk-parallel (3 phases): when the launch has
+    fewer than min_programs (default MIN_PROGRAMS_PER_SM) programs per SM. Chunks hold at least
+    min(min_tiles, n_tiles // 2) tiles and 2."""
     if override is not None:
         return max(1, min(int(override), n_tiles))
-    if programs >= MIN_PROGRAMS_PER_SM * n_sm or n_tiles < 4:
+    if min_programs is None:
+        min_programs = MIN_PROGRAMS_PER_SM
+    if programs >= min_programs * n_sm or n_tiles < 4:
         return n_tiles
     want_chunks = -(-TARGET_PROGRAMS_PER_SM * n_sm // max(1, programs))
     return max(2, min(min_tiles, n_tiles // 2), -(-n_tiles // want_chunks))
@@ -1494,7 +1520,7 @@ def _knobs() -> tuple:
     module attributes (tests and benchmarks/scan_kernels.py change both)."""
     return (
         _launch_mod.env_snapshot(_PLAN_ENV), MIN_PROGRAMS_PER_SM, TARGET_PROGRAMS_PER_SM, PAIR_CHUNK_DIV,
-        PAIR_MAX_N, SCAN_STAGES, FWD_GROUP_ORDER, EVEN_FLAGS, id(_REG_CAPS),
+        PAIR_MAX_N, SCAN_STAGES, FWD_GROUP_ORDER, EVEN_FLAGS, id(_REG_CAPS), PAIR_MIN_PROGRAMS_PER_SM, PAIR_MIN_STEPS,
     )
 
 
@@ -1564,11 +1590,14 @@ class _FwdPlan:
         dev = x.device
         self.serial = serial = _merge_strategy() == "serial"
         routes_per_launch = K if (merge == "none" or not serial) else 1
-        tpc = _tiles_per_chunk(n_tiles, batch * n_dblk * routes_per_launch, _num_sms(dev), tiles_per_chunk)
+        minp = _min_programs(_pairable(route, merge, x_per_route, cover, S, T, odt, N), S)
+        tpc = _tiles_per_chunk(n_tiles, batch * n_dblk * routes_per_launch, _num_sms(dev), tiles_per_chunk,
+                               min_programs=minp)
         if _wide_block(N, Dm, x.dtype, tpc < n_tiles):
             BD = 32
             n_dblk = _cdiv(Dm, BD)
-            tpc = _tiles_per_chunk(n_tiles, batch * n_dblk * routes_per_launch, _num_sms(dev), tiles_per_chunk)
+            tpc = _tiles_per_chunk(n_tiles, batch * n_dblk * routes_per_launch, _num_sms(dev), tiles_per_chunk,
+                                   min_programs=minp)
         plan = _pair_plan(route, merge, x_per_route, cover, S, T, n_tiles, tpc, odt, N, tiles_per_chunk is not None)
         if plan is not None:
             tpc = plan[1]
@@ -1706,12 +1735,17 @@ class _BwdPlan:
         routes_per_launch = K if (x_per_route or not serial) else 1
         n_dblk = _cdiv(Dm, BD)
         per_launch = batch * n_dblk * routes_per_launch
-        tpc = _tiles_per_chunk(n_tiles, per_launch, _num_sms(dev), tiles_per_chunk, BWD_MIN_TILES_PER_CHUNK)
+        # chunks that would merge dx by pairs (blocks of BWD_PAIR_MIN_BD or more once chunked) split as
+        # the forward's (_min_programs)
+        pair_bd = 32 if _wide_block(N, Dm, x.dtype, True) else BD
+        minp = _min_programs(BWD_PAIRS and not serial and pair_bd >= BWD_PAIR_MIN_BD
+                             and _pairable(route, merge, x_per_route, cover, S, T, x.dtype, N), S)
+        tpc = _tiles_per_chunk(n_tiles, per_launch, _num_sms(dev), tiles_per_chunk, BWD_MIN_TILES_PER_CHUNK, minp)
         if _wide_block(N, Dm, x.dtype, tpc < n_tiles):
             BD = 32
             n_dblk = _cdiv(Dm, BD)
             per_launch = batch * n_dblk * routes_per_launch
-            tpc = _tiles_per_chunk(n_tiles, per_launch, _num_sms(dev), tiles_per_chunk, BWD_MIN_TILES_PER_CHUNK)
+            tpc = _tiles_per_chunk(n_tiles, per_launch, _num_sms(dev), tiles_per_chunk, BWD_MIN_TILES_PER_CHUNK, minp)
         # dx merged by reversed route pairs in place, as the forward's output (_pair_plan), with chunks of
         # the policy's tiles // BWD_PAIR_CHUNK_DIV
         plan = None

@@ -232,6 +232,42 @@ def test_n16_backward_register_cap_and_chunked_gradients(monkeypatch):
     _check_fp32_api(route, _inputs(1, 40, 3, 12, 16, torch.float32, seed=13))
 
 
+def test_pair_merge_chunking_policy(monkeypatch):
+    """Calls whose chunks would merge their routes by reversed pairs split into chunks below
+    PAIR_MIN_PROGRAMS_PER_SM programs per SM when their routes have PAIR_MIN_STEPS steps or more (the
+    pairs then replace the per-route buffer and its sum); other calls keep MIN_PROGRAMS_PER_SM."""
+    from mamba_dense.kernels import triton_scan as ts
+
+    assert ts._min_programs(True, ts.PAIR_MIN_STEPS) == ts.PAIR_MIN_PROGRAMS_PER_SM > ts.MIN_PROGRAMS_PER_SM
+    assert ts._min_programs(True, ts.PAIR_MIN_STEPS - 1) == ts._min_programs(False, 10**6) == ts.MIN_PROGRAMS_PER_SM
+    # S1's launch (b64, 6 blocks of 16 channels, 4 routes = 1536 programs) on 132 SMs
+    assert ts._tiles_per_chunk(98, 1536, 132) == 98
+    assert ts._tiles_per_chunk(98, 1536, 132, min_programs=ts.PAIR_MIN_PROGRAMS_PER_SM) < 98
+    monkeypatch.setattr(ts, "_num_sms", lambda dev: 132)
+
+    def plans(h, w, batch, N=1, merge="sum", dtype=torch.bfloat16):
+        route = routes.cross2d(h, w)
+        L, K, Dm = h * w, route.shape[0], 96
+        x = torch.empty(batch, L, Dm, dtype=dtype)
+        A, B, C = torch.empty(K, Dm, N), torch.empty(batch, L, K, N, dtype=dtype), torch.empty(batch, L, K, N, dtype=dtype)
+        cover = ts.route_coverage(route, L)
+        f = ts._FwdPlan(x, A, route, cover, merge, None, True, None, True, False, False)
+        b = ts._BwdPlan(x, A, B, C, route, cover, merge, True, None, False, False)
+        return f, b
+
+    f, b = plans(56, 56, 64)  # 3136 steps, 11.6 programs per SM: chunked, merged by pairs
+    assert f.chunked and f.groups is not None and b.chunked and b.groups is not None
+    assert ts._pairable(routes.cross2d(56, 56), "sum", False, (True,) * 4, 3136, 32, torch.bfloat16, 1)
+    f, b = plans(28, 28, 32)  # 784 steps: one pass, as before
+    assert not f.chunked and not b.chunked
+    f, b = plans(56, 56, 64, N=16)  # no pair merge for N = 16: one pass, as before
+    assert not f.chunked and not b.chunked
+    f, b = plans(56, 56, 64, merge="none")
+    assert not f.chunked and not b.chunked
+    f, b = plans(56, 56, 320)  # 58 programs per SM: enough without chunks
+    assert not f.chunked and not b.chunked
+
+
 def test_bf16_gradients_from_bf16_channel_block_partials():
     """bf16 B and C: the backward's per-channel-block dB / dC partials are stored in bf16 and summed in
     fp32 (fp32 / fp16 / fp64 gradients keep fp32 / fp64 partials); with three channel blocks (N=16:
