@@ -35,16 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bootstrap  # noqa: E402,F401
 from scan import COPY_RATE, floor_bytes, profile_trace, shape_cases  # noqa: E402
 
-from mamba_dense.kernels.triton_scan import _program_coords  # noqa: E402
-
-
-@triton.jit
-def _tok_rows(route_ptr, k, s0, S, offs_t, b64, L, K):
-    s = s0 + offs_t
-    tok = tl.load(route_ptr + k * S + s, mask=(s < S), other=-1)
-    valid = tok >= 0
-    row = b64 * L + tl.where(valid, tok, 0).to(tl.int64)
-    return valid, row, row * K + k
+from mamba_dense.kernels.triton_scan import _program_coords, _route_tok, _token_rows  # noqa: E402
 
 
 @triton.jit
@@ -80,7 +71,7 @@ def _fwd_access(x_ptr, dt_ptr, B_ptr, C_ptr, route_ptr, out_ptr, st_ptr,
         if PHASE == 0:
             acc = tl.load(st_ptr + st, mask=dmask, other=0.0)
         for c in range(c0, tl.minimum(c0 + tpc, n_tiles)):
-            valid, row, rk = _tok_rows(route_ptr, k, c * T, S, offs_t, b64, L, K)
+            valid, row, rk = _token_rows(_route_tok(route_ptr, k, c * T, S, offs_t), b64, L, K, k)
             m2 = valid[:, None] & dmask[None, :]
             dtv = tl.load(dt_ptr + rk[:, None] * Dm + d[None, :], mask=m2, other=0.0).to(tl.float32)
             xv = tl.load(x_ptr + row[:, None] * Dm + d[None, :], mask=m2, other=0.0).to(tl.float32)
@@ -113,7 +104,7 @@ def _bwd_access(x_ptr, dt_ptr, B_ptr, C_ptr, route_ptr, dy_ptr, st_ptr, dx_ptr, 
         c_end = tl.minimum(c0 + tpc, n_tiles)
         for ci in range(c0, c_end):
             c = c_end - 1 - (ci - c0)
-            valid, row, rk = _tok_rows(route_ptr, k, c * T, S, offs_t, b64, L, K)
+            valid, row, rk = _token_rows(_route_tok(route_ptr, k, c * T, S, offs_t), b64, L, K, k)
             m2 = valid[:, None] & dmask[None, :]
             dtv = tl.load(dt_ptr + rk[:, None] * Dm + d[None, :], mask=m2, other=0.0).to(tl.float32)
             Cv = tl.load(C_ptr + rk, mask=valid, other=0.0).to(tl.float32)

@@ -51,10 +51,11 @@ def test_meta_device_shapes_and_backward():
     assert y.shape == (2, 12, 4, 8) and y.dtype == torch.float32
 
 
-def _ok():
+def _ok(dev="cpu"):
     x = torch.randn(1, 6, 4)
-    return dict(x=x, dt=torch.randn(1, 6, 2, 4), A=-torch.rand(2, 4, 3), B=torch.randn(1, 6, 2, 3),
-                C=torch.randn(1, 6, 2, 3), D=None, dt_bias=None, route=routes.bidirectional(6))
+    kw = dict(x=x, dt=torch.randn(1, 6, 2, 4), A=-torch.rand(2, 4, 3), B=torch.randn(1, 6, 2, 3),
+              C=torch.randn(1, 6, 2, 3), D=None, dt_bias=None, route=routes.bidirectional(6))
+    return {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
 
 
 def _call(kw):
@@ -119,7 +120,7 @@ def test_route_that_visits_a_token_twice_is_rejected(monkeypatch, triton_path):
             pytest.skip("needs a GPU or TRITON_INTERPRET=1")
         monkeypatch.setenv("MAMBA_DENSE_TRITON_CPU", "1")
         dev = "cuda" if torch.cuda.is_available() else "cpu"
-    kw = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in _ok().items()}
+    kw = _ok(dev)
     kw["route"] = torch.tensor([[0, 1, 2, 3, 4, 5], [5, 4, 1, -1, 2, 1]], device=dev)
     with pytest.raises(ValueError) as e:
         _call(kw)
@@ -137,7 +138,7 @@ def test_compiled_scan_still_checks_route_values(monkeypatch):
     # the registered op checks the route at run time instead (before any kernel reads out of bounds)
     monkeypatch.setenv("MAMBA_DENSE_TRITON_CPU", "1")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    kw = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in _ok().items()}
+    kw = _ok(dev)
     f = torch.compile(lambda route, *a: selective_scan(*a, route=route), backend="aot_eager", fullgraph=True)
     args = (kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"])
     torch.testing.assert_close(f(kw["route"], *args), _call(kw))
