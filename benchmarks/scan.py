@@ -25,6 +25,15 @@ To run (on a CUDA machine, from the repo root):
          forward+backward timing.
 --kernel-times: also the summed CUDA kernel time of one call (torch.profiler, mean of 20), ours and
          mamba_ssm's: do_bench includes host time, which sets the pace of a small shape (S3).
+
+--graphs: also the forward + backward captured once in a CUDA graph and replayed under do_bench, ours and
+         mamba_ssm's through autograd (as torch.compile(mode="reduce-overhead") or
+         torch.cuda.make_graphed_callables would run them): no host time per call.
+
+mamba_ssm's forward + backward is timed two ways: its extension's fwd and bwd called back to back (its
+best case, column "mss f+b"), and through an autograd.Function that calls them as mamba_ssm's
+selective_scan_fn does, with torch.autograd.grad over leaves that require grad ("mss fn f+b"): the same
+harness as ours (autograd engine included), the comparison that counts where host time sets the pace.
 """
 
 from __future__ import annotations
@@ -136,6 +145,42 @@ def check(device, seed, out_rows):
     return all(worst.values())
 
 
+class MssScanFn(torch.autograd.Function):
+    """mamba_ssm's extension behind autograd, as its selective_scan_fn wraps it (no z, no last state):
+    the forward saves the inputs and the chunk states x, the backward calls bwd with them."""
+
+    @staticmethod
+    def forward(ctx, mss, u, delta, A, B, C, D, delta_bias):
+        out, xs, *_ = mss.fwd(u, delta, A, B, C, D, None, delta_bias, True)
+        ctx.mss = mss
+        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, xs)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        u, delta, A, B, C, D, delta_bias, xs = ctx.saved_tensors
+        du, ddelta, dA, dB, dC, dD, dbias, *_ = ctx.mss.bwd(
+            u, delta, A, B, C, D, None, delta_bias, dout.contiguous(), xs, None, None, True, False)
+        return None, du, ddelta, dA, dB, dC, dD, dbias
+
+
+def graph_ms(fn) -> float:
+    """do_bench median of replaying fn (its kernels, autograd's backward included) captured once in a
+    CUDA graph, after warm-up calls on a side stream (as torch.cuda.make_graphed_callables does)."""
+    import triton
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return triton.testing.do_bench(graph.replay, warmup=50, rep=300, return_mode="median")
+
+
 def build_mamba_ssm(src: str):
     from torch.utils.cpp_extension import load
 
@@ -240,7 +285,7 @@ def kernel_ms(fn, calls: int = 20) -> float:
     return kernel_profile(fn, calls)[0]
 
 
-def bench(device, mss, out_rows, impl="", shapes=None, fwd_only=False, kernels=False):
+def bench(device, mss, out_rows, impl="", shapes=None, fwd_only=False, kernels=False, graphs=False):
     import triton
 
     from mamba_dense.kernels import routes, selective_scan
@@ -273,6 +318,7 @@ def bench(device, mss, out_rows, impl="", shapes=None, fwd_only=False, kernels=F
             torch.autograd.grad(y, ins, dy)
 
         t_fb = float("nan") if fwd_only else triton.testing.do_bench(fwbw, warmup=50, rep=300, return_mode="median")
+        t_graph = graph_ms(fwbw) if graphs and not fwd_only else float("nan")
         row = dict(impl=impl or triton_scan_seq.impl(), seq_plan=plan,
                    shape=name, fwd_ms=t_f, fwd_floor_ms=fb / COPY_RATE * 1e3, fwdbwd_ms=t_fb,
                    fwdbwd_floor_ms=fbb / COPY_RATE * 1e3, fwd_GBps=fb / (t_f * 1e-3) / 1e9)
@@ -295,7 +341,22 @@ def bench(device, mss, out_rows, impl="", shapes=None, fwd_only=False, kernels=F
                 mss.bwd(u, de, Am, Bm, Cm, Dm_, None, bm, dout, xs_, None, None, True, False)
 
             m_fb = triton.testing.do_bench(mfb, warmup=50, rep=300, return_mode="median")
-        row.update(mss_fwd_ms=m_f, mss_fwdbwd_ms=m_fb)
+            mins = [t.detach().requires_grad_() for t in (u, de, Am, Bm, Cm, Dm_, bm)]
+
+            def mfn():
+                torch.autograd.grad(MssScanFn.apply(mss, *mins), mins, dout)
+
+            m_fn = triton.testing.do_bench(mfn, warmup=50, rep=300, return_mode="median")
+            row["mss_fn_fwdbwd_ms"] = m_fn
+            if graphs and not fwd_only:
+                row["mss_graph_fwdbwd_ms"] = graph_ms(mfn)
+            print(f"  mamba_ssm through autograd (selective_scan_fn's harness), f+b ms: {m_fn:.3f}"
+                  f" (ours {t_fb:.3f}: {m_fn / t_fb:.2f}x)", flush=True)
+        row.update(mss_fwd_ms=m_f, mss_fwdbwd_ms=m_fb, graph_fwdbwd_ms=t_graph)
+        if graphs and not fwd_only:
+            m_g = row.get("mss_graph_fwdbwd_ms", float("nan"))
+            print(f"  CUDA graph replay, f+b ms: ours {t_graph:.3f}, mamba_ssm through autograd {m_g:.3f}"
+                  f" ({m_g / t_graph:.2f}x)", flush=True)
         if kernels:
             # the same calls' kernel time alone (profiler), ours and mamba_ssm's
             with torch.no_grad():
@@ -345,6 +406,8 @@ def main():
     ap.add_argument("--fwd-only", action="store_true", help="time the forward only")
     ap.add_argument("--kernel-times", action="store_true",
                     help="also the summed CUDA kernel time of the same calls (torch.profiler), ours and mamba_ssm's")
+    ap.add_argument("--graphs", action="store_true",
+                    help="also forward + backward replayed from a CUDA graph, ours and mamba_ssm's through autograd")
     args = ap.parse_args()
     impls = parse_impls(args.impl) if args.impl else [("", {})]
     shapes = [v.strip() for v in args.shapes.split(",")] if args.shapes else None
@@ -380,7 +443,8 @@ def main():
                 print(f"mamba_ssm build failed: {type(e).__name__}: {str(e)[-2000:]}", flush=True)
         for i, (label, env) in enumerate(impls):
             with impl_env(env):
-                bench(device, mss if i == 0 else None, res["bench"], label, shapes, args.fwd_only, args.kernel_times)
+                bench(device, mss if i == 0 else None, res["bench"], label, shapes, args.fwd_only, args.kernel_times,
+                      args.graphs)
         if len(impls) > 1:
             summary(res["bench"], [label for label, _ in impls])
     Path(args.out).mkdir(parents=True, exist_ok=True)
