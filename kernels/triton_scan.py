@@ -825,6 +825,7 @@ def _bwd_kernel(
     REPS: tl.constexpr = 1,  # 2: a route group (phase 0, DXMODE 5): route k0's chunk c, then (k_pair >= 0)
     # route k_pair, k0's reverse, over its chunk n_chunks - 1 - c, which visits the same tokens
     PREV_EARLY: tl.constexpr = False,  # DXMODE 5: load the running dx sum with the tile's inputs, not at the store
+    SB_ALGEBRA: tl.constexpr = False,  # the gradient pass's products through sB = sum_n dh B (see _bwd_route_chunk)
     EVEN_S: tl.constexpr = False,  # as _fwd_kernel's
     EVEN_D: tl.constexpr = False,
     STAGES: tl.constexpr = 1,
@@ -839,7 +840,7 @@ def _bwd_kernel(
             batch, L, S, Dm, N, K, n_tiles, tiles_per_prog, n_chunks, pid_c, b64, k, pid_d, d, dmask, n, nmask,
             offs_t, acc_in != 0,
             HAS_D, HAS_BIAS, SOFTPLUS, DY_PER_ROUTE, DXMODE, PHASE, HAS_G0, T, BD, NP, CT, X_PER_ROUTE, FAST_EXP,
-            INTERP, PREV_EARLY, EVEN_S, STAGES,
+            INTERP, PREV_EARLY, EVEN_S, STAGES, SB_ALGEBRA,
         )
     else:
         for rep in range(0, tl.where(k_pair >= 0, 2, 1)):
@@ -852,7 +853,7 @@ def _bwd_kernel(
                 tl.where(rep == 0, pid_c, n_chunks - 1 - pid_c), b64, tl.where(rep == 0, k, k_pair), pid_d, d,
                 dmask, n, nmask, offs_t, (rep > 0) | (acc_in != 0),
                 HAS_D, HAS_BIAS, SOFTPLUS, DY_PER_ROUTE, DXMODE, PHASE, HAS_G0, T, BD, NP, CT, X_PER_ROUTE, FAST_EXP,
-                INTERP, PREV_EARLY, EVEN_S, STAGES,
+                INTERP, PREV_EARLY, EVEN_S, STAGES, SB_ALGEBRA,
             )
 
 
@@ -865,7 +866,7 @@ def _bwd_route_chunk(
     HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, DY_PER_ROUTE: tl.constexpr,
     DXMODE: tl.constexpr, PHASE: tl.constexpr, HAS_G0: tl.constexpr, T: tl.constexpr, BD: tl.constexpr,
     NP: tl.constexpr, CT: tl.constexpr, X_PER_ROUTE: tl.constexpr, FAST_EXP: tl.constexpr, INTERP: tl.constexpr,
-    PREV_EARLY: tl.constexpr, EVEN_S: tl.constexpr, STAGES: tl.constexpr,
+    PREV_EARLY: tl.constexpr, EVEN_S: tl.constexpr, STAGES: tl.constexpr, SB_ALGEBRA: tl.constexpr = False,
 ):
     """_bwd_kernel's work for route k and chunk pid_c (add_prev: DXMODE 5 adds to what dx holds)."""
     nd_mask = nmask[:, None] & dmask[None, :]
@@ -947,18 +948,36 @@ def _bwd_route_chunk(
             gA = tl.sum(tl.where(first, a * dh, 0.0), axis=0)
             # recompute forward states of this tile
             h0 = h0r.to(CT)
-            bx = Bv[:, :, None] * xv[:, None, :]  # B_s x_s (T, NP, BD)
-            u = delta[:, None, :] * bx
+            if SB_ALGEBRA:
+                dxd = delta * xv  # delta_s x_s (T, BD)
+                u = Bv[:, :, None] * dxd[:, None, :]
+            else:
+                bx = Bv[:, :, None] * xv[:, None, :]  # B_s x_s (T, NP, BD)
+                u = delta[:, None, :] * bx
             _a_cum, h_all = tl.associative_scan((a, tl.where(first, u + a * h0[None, :, :], u)), 0, _combine)
             # a_s * h_{s-1}, exactly 0 where a_s underflows. The GPU contracts h_all - delta * bx
             # into an FMA, which leaves the rounding error of u instead of 0 (eps |u|; times A = -1e4
             # at delta = 1e4, an error of ~10 in ddelta). Where a_s > 0, |delta A| < 104 bounds that
             # error of A * hprev_a by 104 eps |bx|.
             hprev_a = tl.where(a > 0.0, h_all - u, 0.0)
-            gd = dh * delta[:, None, :]
-            dxv = tl.sum(gd * Bv[:, :, None], axis=1) + Dv[None, :] * dyv
-            ddelta = tl.sum(dh * (A[None, :, :] * hprev_a + bx), axis=1)
-            dA_acc += tl.sum(dh * hprev_a * delta[:, None, :], axis=0)
+            if SB_ALGEBRA:
+                # sB = sum_n dh B serves both dx = delta sB + D dy and ddelta's B x term (x sB), and
+                # w = dh a h_{s-1} both ddelta's A term and dA: 3 multiplies per element fewer than
+                # the products below (gd = dh delta, gd B, A hprev_a + bx, dh * that, dh hprev_a delta)
+                sB = tl.sum(dh * Bv[:, :, None], axis=1)
+                w = dh * hprev_a
+                dxv = delta * sB + Dv[None, :] * dyv
+                ddelta = tl.sum(A[None, :, :] * w, axis=1) + xv * sB
+                dA_acc += tl.sum(w * delta[:, None, :], axis=0)
+                gx = dxd  # dB = sum_d dh delta x
+                gh = dh
+            else:
+                gd = dh * delta[:, None, :]
+                dxv = tl.sum(gd * Bv[:, :, None], axis=1) + Dv[None, :] * dyv
+                ddelta = tl.sum(dh * (A[None, :, :] * hprev_a + bx), axis=1)
+                dA_acc += tl.sum(dh * hprev_a * delta[:, None, :], axis=0)
+                gx = xv
+                gh = gd
             if NP == 1 and BD == 32:
                 # as (T, BD) products: Triton then forms them in the layout x and dy are loaded in (8
                 # channels per thread, 4 lanes per step) and sums in registers and over 2 lane rounds,
@@ -966,10 +985,10 @@ def _bwd_route_chunk(
                 # shuffles and 160 adds of the N = 1 loop's 1580 instructions, offline SASS). H100,
                 # session 19, f+b kernel ms: S2 1.458 -> 1.378, S3 0.417 -> 0.398; with blocks of 16 it
                 # lost badly (S1 1.10 -> 1.78, S5 N=1 1.39 -> 1.90), so those keep the (T, 1, BD) form
-                dBv = tl.sum(tl.reshape(gd, [T, BD]) * xv, axis=1)[:, None]  # (T, 1)
+                dBv = tl.sum(tl.reshape(gh, [T, BD]) * gx, axis=1)[:, None]  # (T, 1)
                 dCv = tl.sum(tl.reshape(h_all, [T, BD]) * dyv, axis=1)[:, None]
             else:
-                dBv = tl.sum(gd * xv[:, None, :], axis=2)  # (T, NP)
+                dBv = tl.sum(gh * gx[:, None, :], axis=2)  # (T, NP)
                 dCv = tl.sum(h_all * dyv[:, None, :], axis=2)
             if HAS_D:
                 dD_acc += tl.sum(tl.reshape(dyv * xv, [2, T // 2, BD]), axis=0)
@@ -1402,6 +1421,12 @@ BWD_PAIRS = 1
 BWD_PAIR_MIN_BD = 32
 BWD_PAIR_CHUNK_DIV = 2
 BWD_PAIR_PREV_EARLY = 1
+# the gradient pass's products through sB = sum_n dh B and w = dh a h_{s-1} (_bwd_route_chunk's SB_ALGEBRA), for
+# N > 1. H100, session 23, kernel ms f+b, two alternations: S4 4.033-4.037 -> 3.983-3.987, S5 N=16 5.070-5.072 ->
+# 4.972-4.974 (offline SASS of the N=16 loop, Triton 3.8: 1324 -> 1230 instructions, its 2 spill stores gone);
+# N = 1 lost (S1 0.938-0.952 -> 0.973-0.977, S2 1.228 -> 1.278, S3 0.352 -> 0.365, S5 N=1 1.311-1.315 ->
+# 1.329-1.331), so it keeps the old products. 0 turns it off.
+BWD_SB_ALGEBRA = int(os.environ.get("MAMBA_DENSE_BWD_SB_ALGEBRA", "1"))
 
 
 def _min_programs(pairable: bool, S: int) -> int:
@@ -1769,7 +1794,8 @@ class _BwdPlan:
         stages = _stages()
         cap0 = _reg_cap("bwd", NP, T, BD, warps, 0)
         self.meta1 = dict(DXMODE=4, PHASE=1, HAS_G0=False, STAGES=stages[2], **kw, **_reg_cap("bwd", NP, T, BD, warps, 1))
-        self.meta0 = dict(PHASE=0, HAS_G0=self.chunked, STAGES=stages[3], **kw, **cap0)
+        self.meta0 = dict(PHASE=0, HAS_G0=self.chunked, STAGES=stages[3], SB_ALGEBRA=bool(BWD_SB_ALGEBRA) and NP > 1,
+                          **kw, **cap0)
         self.meta_pairs = dict(self.meta0, DXMODE=5, REPS=2, PREV_EARLY=bool(BWD_PAIR_PREV_EARLY))
         self.modes, self.zero = _merge_modes(K, cover)
         self.sites: dict = {}
@@ -1783,6 +1809,7 @@ _BWD_PLANS: dict = {}
 def _bwd_knobs() -> tuple:
     """_knobs for the backward: its policy attributes besides the forward's."""
     return (_knobs(), BWD_MIN_TILES_PER_CHUNK, BWD_PAIRS, BWD_PAIR_MIN_BD, BWD_PAIR_CHUNK_DIV, BWD_PAIR_PREV_EARLY,
+            BWD_SB_ALGEBRA,
             BWD_GROUP_ORDER, SUM_PARAMS_UNROLL)
 
 
