@@ -6,6 +6,9 @@ To run (on a CUDA machine, from the repo root):
 For each shape of benchmarks/scan.py (bf16 inputs), the host time per call of:
     empty launch      an empty Triton kernel (the floor of one launch)
     triton fwd / bwd  kernels/triton_scan.scan_fwd / scan_bwd called directly
+    autograd floor    an autograd.Function over the same seven inputs that launches nothing (its forward
+                      allocates the output, its backward the seven gradients): what the autograd
+                      engine and the allocations alone cost per forward + backward
     public f+b        selective_scan forward + torch.autograd.grad, through the eager
                       autograd.Function ("function", the default) and through the registered
                       custom ops (MAMBA_DENSE_SCAN_EAGER=op)
@@ -64,6 +67,16 @@ def main():
     def _empty_kernel(p, n):
         pass
 
+    class _Floor(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *ts_in):
+            ctx.save_for_backward(*ts_in)
+            return torch.empty_like(ts_in[0])
+
+        @staticmethod
+        def backward(ctx, g):
+            return tuple(torch.empty_like(t) for t in ctx.saved_tensors)
+
     buf = torch.empty(1, device=dev)
     rows = []
     print(f"{'shape':28s} {'what':22s} {'host ms':>8s} {'host+drain':>10s}", flush=True)
@@ -91,6 +104,7 @@ def main():
             ("empty launch", lambda: _empty_kernel[(1,)](buf, 1)),
             ("triton fwd", lambda: ts.scan_fwd(x, dt, A, B, C, Dp, bias, route, "sum", True, torch.bfloat16)),
             ("triton bwd", lambda: ts.scan_bwd(dy, x, dt, A, B, C, Dp, bias, route, states, "sum", True)),
+            ("autograd floor", lambda: torch.autograd.grad(_Floor.apply(*ins), ins, dy)),
             ("public f+b (function)", with_path("function", fwbw)),
             ("public f+b (op)", with_path("op", fwbw)),
         ]

@@ -217,9 +217,7 @@ def selective_scan(
     """
     validate_inputs(x, dt, A, B, C, D, dt_bias, route, merge, out_dtype, check_values=not _compiling())
     if _use_triton(x):
-        from ._op import selective_scan_op
-
-        return selective_scan_op(x, dt, A, B, C, D, dt_bias, route, merge, dt_softplus, out_dtype)
+        return _op.selective_scan_op(x, dt, A, B, C, D, dt_bias, route, merge, dt_softplus, out_dtype)
     odt = out_dtype or x.dtype
     # The reference computes in fp32/fp64 itself; keep CPU autocast from re-casting its internals.
     with torch.autocast("cpu", enabled=False):

@@ -16,6 +16,20 @@ import torch
 from torch import Tensor
 
 from ._launch import getenv
+from .routes import _compiling
+
+_TS = None
+
+
+def _ts():
+    """kernels.triton_scan, imported on first use (the meta device and FakeTensor tracing need no
+    Triton) and then held here: a function-level import costs about a microsecond per call."""
+    global _TS
+    if _TS is None:
+        from . import triton_scan
+
+        _TS = triton_scan
+    return _TS
 
 
 def tile_size(N: int, Dm: int, dtype: torch.dtype) -> int:
@@ -31,18 +45,16 @@ def _merge_str(merge_none: bool) -> str:
 
 def _run_fwd(x, dt, A, B, C, D, dt_bias, route, merge_none, dt_softplus, out_dtype, save_states):
     """The Triton forward on x's GPU: (y, states). Shared by the registered op and _EagerScan."""
-    from .triton_scan import on_device, scan_fwd as _fwd
-
-    with on_device(x):
-        return _fwd(x, dt, A, B, C, D, dt_bias, route, _merge_str(merge_none), dt_softplus, out_dtype, save_states)
+    ts = _ts()
+    with ts.on_device(x):
+        return ts.scan_fwd(x, dt, A, B, C, D, dt_bias, route, _merge_str(merge_none), dt_softplus, out_dtype, save_states)
 
 
 def _run_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge_none, dt_softplus):
     """The Triton backward on x's GPU: (dx, ddt, dA, dB, dC, dD or None, dbias or None)."""
-    from .triton_scan import on_device, scan_bwd as _bwd
-
-    with on_device(x):
-        return _bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, _merge_str(merge_none), dt_softplus)
+    ts = _ts()
+    with ts.on_device(x):
+        return ts.scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, _merge_str(merge_none), dt_softplus)
 
 
 @torch.library.custom_op("mamba_dense::scan_fwd", mutates_args=())
@@ -194,8 +206,6 @@ def use_eager_path(x: Tensor) -> bool:
     """Plain tensors in eager mode take ``_EagerScan``; ``torch.compile`` / export tracing, tensor
     subclasses (FakeTensor, functional tensors), an active dispatch mode and the meta device take the
     registered ops. MAMBA_DENSE_SCAN_EAGER=op sends eager calls through the ops too (for comparison)."""
-    from .routes import _compiling
-
     return (
         not _compiling()  # first: nothing after it is traced by dynamo
         and type(x) is Tensor
@@ -213,6 +223,9 @@ def selective_scan_op(x, dt, A, B, C, D, dt_bias, route, merge, dt_softplus, out
     )
     args = (x, dt, A, B, C, D, dt_bias, route, merge == "none", dt_softplus, out_dtype or x.dtype, need_grad)
     if use_eager_path(x):
+        if not need_grad:
+            # inference: no graph to record, so no autograd.Function around the forward
+            return _run_fwd(*args)[0]
         return _EagerScan.apply(*args)
     y, _ = scan_fwd(*args)
     return y
