@@ -219,6 +219,8 @@ def selective_scan(
     if _use_triton(x):
         return _op.selective_scan_op(x, dt, A, B, C, D, dt_bias, route, merge, dt_softplus, out_dtype)
     odt = out_dtype or x.dtype
+    if _compiling():
+        route = _op.checked_route(route, x.shape[1])  # the value check at run time (see checked_route)
     # The reference computes in fp32/fp64 itself; keep CPU autocast from re-casting its internals.
     with torch.autocast("cpu", enabled=False):
         return selective_scan_ref(

@@ -57,6 +57,24 @@ def _run_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge_none, dt_softp
         return ts.scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, _merge_str(merge_none), dt_softplus)
 
 
+@torch.library.custom_op("mamba_dense::checked_route", mutates_args=())
+def checked_route(route: Tensor, num_tokens: int) -> Tensor:
+    """A copy of route after check_route_values(route, num_tokens): the value check of a compiled graph
+    that runs the CPU reference (selective_scan leaves its own check out while torch.compile traces,
+    since it needs the values; an op's body runs on the real tensors at every call, and the copy makes
+    the scan depend on it, so the compiler keeps it). Without it an out-of-range index reached the
+    reference's gather as torch's IndexError or RuntimeError instead of this ValueError."""
+    from . import check_route_values
+
+    check_route_values(route, num_tokens)
+    return route.clone()
+
+
+@checked_route.register_fake
+def _(route, num_tokens):
+    return torch.empty_like(route)
+
+
 @torch.library.custom_op("mamba_dense::scan_fwd", mutates_args=())
 def scan_fwd(
     x: Tensor,

@@ -148,6 +148,26 @@ def test_compiled_scan_still_checks_route_values(monkeypatch):
         f(torch.tensor([[0, 1, 2, 2, 4, 5], [5, 4, 3, 2, 1, 0]], device=dev), *args)
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_reference_checks_route_values(monkeypatch, backend):
+    # the CPU reference under torch.compile: selective_scan's own value check stands aside while tracing,
+    # and mamba_dense::checked_route runs it at every call (before, a bad index reached the reference's
+    # gather as torch's IndexError / RuntimeError)
+    monkeypatch.delenv("MAMBA_DENSE_TRITON_CPU", raising=False)
+    torch._dynamo.reset()
+    kw = _ok("cpu")
+    f = torch.compile(lambda route, *a: selective_scan(*a, route=route), backend=backend, fullgraph=True)
+    args = (kw["x"], kw["dt"], kw["A"], kw["B"], kw["C"])
+    torch.testing.assert_close(f(kw["route"], *args), _call(kw))
+    with pytest.raises(ValueError, match=r"\[-1, L\) with L = 6 .*\[-3, 5\]"):
+        f(torch.tensor([[0, 1, 2, 3, 4, -3], [5, 4, 3, 2, 1, 0]]), *args)
+    with pytest.raises(ValueError, match="route row 1 visits token 4 more than once"):
+        f(torch.tensor([[0, 1, 2, 3, 4, 5], [5, 4, 4, 2, 1, 0]]), *args)
+    # a valid route with padding steps still runs (and matches eager)
+    pad = torch.tensor([[0, 1, -1, 2, 3, 4, 5], [5, 4, 3, -1, 2, 1, 0]])
+    torch.testing.assert_close(f(pad, *args), _call(dict(kw, route=pad)))
+
+
 def test_routes_made_in_inference_mode():
     # routes built (and cached) inside torch.inference_mode() have no version counter
     kw = _ok()
