@@ -548,10 +548,11 @@ def test_eager_function_and_registered_op_agree(merge, monkeypatch):
     for a, b in zip(out["function"], out["op"]):
         assert torch.isfinite(a).all() and a.abs().sum() > 0
         assert torch.equal(a, b)
-    # no gradient at forward time: no graph
+    # no gradient at forward time: no graph (the forward runs without the autograd.Function), the same values
     with torch.no_grad():
         y = selective_scan(*leaves, route=route, merge=merge)
     assert y.grad_fn is None
+    assert torch.equal(y, out["function"][0])
 
 
 def test_torch_compile_no_graph_break():
