@@ -35,61 +35,28 @@ from pathlib import Path
 
 import torch
 import triton
+import triton.language.standard as _tl_standard
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bootstrap  # noqa: E402,F401
 from scan import kernel_profile, make_inputs  # noqa: E402
-from triton.experimental import gluon
-from triton.experimental.gluon import language as gl
 
-import triton.language.standard as _tl_standard
-
-from mamba_dense.kernels import routes
-from mamba_dense.kernels import triton_scan as ts
-from mamba_dense.kernels.triton_scan import _SP1, _SP2, _SP3
+from mamba_dense.kernels import routes  # noqa: E402
+from mamba_dense.kernels import triton_scan as ts  # noqa: E402
 
 # tl.flip for Gluon (reshape of the axis to (2, ..., 2) and xor swaps: register renames when the axis
 # lies in one thread); associative_scan(reverse=True) reverses lanes with shuffles even then
 _g_flip = gluon.jit(_tl_standard.flip.fn)
 
-LOG2E = 1.4426950408889634
 
-
-@gluon.jit
-def _g_ex2(v):
-    return gl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [v], dtype=gl.float32, is_pure=True,
-                                     pack=1)
-
-
-@gluon.jit
-def _g_rcp(v):
-    return gl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [v], dtype=gl.float32, is_pure=True,
-                                     pack=1)
-
-
-@gluon.jit
-def _g_softplus_sigmoid(v, SP1: gl.constexpr, SP2: gl.constexpr, SP3: gl.constexpr):
-    """triton_scan._softplus_sigmoid_fast: softplus and sigmoid of v from one exp(-|v|)."""
-    y = _g_ex2(-gl.abs(v) * 1.4426950408889634)
-    s = y * _g_rcp(2.0 + y)
-    z = s * s
-    p = z * SP3 + SP2
-    p = p * z + SP1
-    p = p * z + 2.0
-    sp = gl.maximum(v, 0.0) + s * p
-    r = _g_rcp(1.0 + y)
-    return sp, gl.where(v >= 0.0, r, y * r)
-
-
-@gluon.jit
-def _g_combine(a1, b1, a2, b2):
-    return a1 * a2, a2 * b1 + b2
-
-
-@gluon.jit
-def _g_combine_seg(f1, q1, v1, f2, q2, v2):
-    t = q2 * f1
-    return f2, t * q1, v2 + t * v1
+# the `tl` kernel's helpers and scan operators, compiled as Gluon functions (as tl.flip above): ex2.approx.ftz,
+# softplus and sigmoid from one exp(-|v|), the forward and the reverse-segment combines
+_g_ex2 = gluon.jit(ts._ex2_ftz.fn)
+_g_softplus_sigmoid = gluon.jit(ts._softplus_sigmoid_fast.fn)
+_g_combine = gluon.jit(ts._combine.fn)
+_g_combine_seg = gluon.jit(ts._combine_seg.fn)
 
 
 @gluon.jit
@@ -100,7 +67,6 @@ def _bwd16_kernel(
     HAS_D: gl.constexpr, HAS_BIAS: gl.constexpr, SOFTPLUS: gl.constexpr,
     T: gl.constexpr, NP: gl.constexpr, BD: gl.constexpr,
     L3: gl.constexpr, L3R: gl.constexpr, RED: gl.constexpr,
-    SP1: gl.constexpr, SP2: gl.constexpr, SP3: gl.constexpr,
 ):
     LTD: gl.constexpr = gl.SliceLayout(1, L3)  # (T, BD)
     LTN: gl.constexpr = gl.SliceLayout(2, L3)  # (T, NP)
@@ -165,7 +131,7 @@ def _bwd16_kernel(
         if HAS_BIAS:
             pre = pre + gl.expand_dims(bias, 0)
         if SOFTPLUS:
-            delta, sig = _g_softplus_sigmoid(pre, SP1, SP2, SP3)
+            delta, sig = _g_softplus_sigmoid(pre)
         else:
             delta = pre
             sig = pre
@@ -265,7 +231,6 @@ def gradients(dy, x, dt, A, B, C, D, dt_bias, route32, states, dt_softplus: bool
         dxbuf, ddt, dBp, dCp, pp,
         batch, L, S, Dm, N, K, n_tiles,
         D is not None, dt_bias is not None, dt_softplus, T, NP, BD, L3, L3R, red,
-        _SP1.value, _SP2.value, _SP3.value,
         num_warps=W, **({"maxnreg": maxnreg} if maxnreg else {}),
     )
     return dxbuf, ddt, dBp, dCp, pp
