@@ -72,8 +72,7 @@ def _route_facts(route: torch.Tensor) -> tuple[int, int, int]:
     if hit is None or hit[0] is not route:
         if len(_RANGE_CACHE) > 4096:
             _RANGE_CACHE.clear()
-        srt = route.sort(dim=1).values
-        rep = ((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any(1)
+        rep = routes._repeats(route.sort(dim=1).values).any(1)
         first = torch.where(rep.any(), rep.to(torch.int64).argmax(), -1)
         lo, hi, dup = torch.stack([route.min(), route.max(), first]).tolist()
         hit = _RANGE_CACHE[key] = (route, lo, hi, dup)
@@ -95,7 +94,7 @@ def check_route_values(route: torch.Tensor, L: int) -> None:
     if dup >= 0:
         row = route[dup]
         srt = row.sort().values
-        tok = int(srt[1:][(srt[1:] == srt[:-1]) & (srt[1:] >= 0)][0])
+        tok = int(srt[1:][routes._repeats(srt)][0])
         steps = (row == tok).nonzero().flatten()[:2].tolist()
         raise ValueError(
             f"route row {dup} visits token {tok} more than once (steps {steps[0]} and {steps[1]}); each route "

@@ -245,6 +245,11 @@ def inverse(route: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return inv
 
 
+def _repeats(srt: torch.Tensor) -> torch.Tensor:
+    """Where a route sorted along its last axis repeats a token, (..., S - 1) (padding steps -1 may repeat)."""
+    return (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
+
+
 def check_route(route: torch.Tensor, num_tokens: int) -> None:
     """Raise ValueError if a route is malformed (wrong rank/dtype, index outside [-1, L), repeats)."""
     if not isinstance(route, torch.Tensor) or route.dim() != 2:
@@ -259,10 +264,8 @@ def check_route(route: torch.Tensor, num_tokens: int) -> None:
         raise ValueError(
             f"route indices must lie in [-1, L) with L = {num_tokens} tokens, got values in [{lo}, {hi}]"
         )
-    r = route.clamp(min=-1)
-    srt, _ = torch.sort(r, dim=1)
-    dup = (srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)
-    if bool(dup.any()):
+    srt, _ = torch.sort(route, dim=1)
+    if bool(_repeats(srt).any()):
         raise ValueError("each route must visit a token at most once (a repeated index was found)")
 
 
