@@ -639,11 +639,14 @@ def sum_routes(buf: torch.Tensor, out_dtype: torch.dtype, site: list | None = No
 def _sum_blocks_one(part_ptr, out_ptr, M, n_blk, BLOCK: tl.constexpr, U: tl.constexpr, CT: tl.constexpr):
     m = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = m < M
+    # block j's offset j * M in int64: n_blk x M passes 2^31 with many narrow blocks (e.g. batch 8,
+    # 56 x 56, 4 routes, N = 256 in 96 one-channel blocks: 2.5e9) or a large volume at N = 16
+    M64 = tl.cast(M, tl.int64)
     acc = tl.zeros([BLOCK], dtype=CT)
     for j0 in range(0, n_blk, U):
         for u in tl.static_range(U):
             j = j0 + u
-            acc += tl.load(part_ptr + j * M + m, mask=mask & (j < n_blk), other=0.0).to(CT)
+            acc += tl.load(part_ptr + j * M64 + m, mask=mask & (j < n_blk), other=0.0).to(CT)
     tl.store(out_ptr + m, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -1236,15 +1239,20 @@ def _config(N: int, Dm: int, dtype: torch.dtype) -> _Cfg:
         if Tf % T:
             raise ValueError(f"MAMBA_DENSE_SCAN_CFG: the forward tile {Tf} must be a multiple of the backward tile {T}")
         return _Cfg(T, BDf, BDb, warps, Tf)
+    # Above 16 states the channel blocks shrink with NP so that a tile keeps the element count of
+    # N = 16's (forward 8 x 16 x 16, backward 8 x 16 x 8 for one warp): at N = 64 the blocks of N = 16
+    # held 4x the elements and ptxas spilled 10 kB a thread in the backward (offline, Triton 3.8;
+    # benchmarks/RESULTS.md, session 24). Blocks stay at least one channel.
+    wide = max(1, NP // 16)
     if dtype == torch.float64:
-        return _Cfg(16, 16, 16, 4, 16)
+        return _Cfg(16, max(1, 16 // wide), max(1, 16 // wide), 4, 16)
     cap = max(8, _np2(Dm))
     if NP == 1:
         return _Cfg(16, min(16, cap), min(16, cap), 1, 32)
     if NP <= 4:
         T, BDf, BDb = 16, 16, 16
     else:
-        T, BDf, BDb = 8, 16, 8
+        T, BDf, BDb = 8, max(1, 16 // wide), max(1, 8 // wide)
     return _Cfg(T, min(BDf, cap), min(BDb, cap), 1, T)
 
 
@@ -1658,12 +1666,12 @@ class _FwdPlan:
 def _fwd_plan(x, dt, A, B, C, D, dt_bias, route, kroute, cover, merge, dt_softplus, out_dtype, save_states,
               tiles_per_chunk):
     """(_FwdPlan, run) of a call (_cached_plan). The key: everything the decisions and the kernels'
-    specialization read (input shapes, dtypes and alignment, the route's coverage and merge groups, the
+    specialization read (input shapes, A's included: the state size sets the tiles; dtypes and alignment, the route's coverage and merge groups, the
     device and its SM count, the knobs); a new key builds a plan."""
     groups = _plan_groups(x, A, route, cover, merge)
     pdl = _pdl_on(x.device)
     return _cached_plan(_FWD_PLANS, lambda: (
-        tuple(x.shape), x.dtype, dt.dtype, A.dtype, B.dtype, C.dtype, None if D is None else D.dtype,
+        tuple(x.shape), tuple(A.shape), x.dtype, dt.dtype, A.dtype, B.dtype, C.dtype, None if D is None else D.dtype,
         None if dt_bias is None else dt_bias.dtype, tuple(route.shape), merge, dt_softplus, out_dtype, save_states,
         tiles_per_chunk, x.device, cover, kroute.dtype, groups, _num_sms(x.device), _knobs(),
         _aligned(x, dt, A, B, C, D, dt_bias, kroute), pdl,
@@ -1818,7 +1826,7 @@ def _bwd_plan(dy, x, dt, A, B, C, D, dt_bias, route, kroute, states, cover, merg
     groups = _plan_groups(x, A, route, cover, merge)
     pdl = _pdl_on(x.device)
     return _cached_plan(_BWD_PLANS, lambda: (
-        tuple(x.shape), x.dtype, dt.dtype, A.dtype, B.dtype, C.dtype, None if D is None else D.dtype,
+        tuple(x.shape), tuple(A.shape), x.dtype, dt.dtype, A.dtype, B.dtype, C.dtype, None if D is None else D.dtype,
         None if dt_bias is None else dt_bias.dtype, dy.dtype, tuple(dy.shape), states.dtype, tuple(states.shape),
         tuple(route.shape), merge, dt_softplus, tiles_per_chunk, x.device, cover, kroute.dtype, groups,
         _num_sms(x.device), _bwd_knobs(), _aligned(dy, x, dt, A, B, C, D, dt_bias, kroute, states), pdl,

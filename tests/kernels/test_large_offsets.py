@@ -65,3 +65,21 @@ def test_offsets_past_2pow31_match_the_int32_path(monkeypatch):
     # dA, dD, dbias: summed over both elements
     for name, a, b0, b1 in zip(("dA", "dD", "dbias"), g2[4:], g_b0[4:], g_b1[4:]):
         assert _rel(a, b0 + b1) < 1e-4, name
+
+
+def test_block_sums_past_2pow31():
+    """sum_blocks adds the backward's per-channel-block dB / dC partials, (n_blk, M) with n_blk x M past
+    2^31 when the blocks are many and narrow (batch 8, 56 x 56, 4 routes, N = 256 in 96 one-channel
+    blocks: 2.5e9 elements): block j's offset j x M must not wrap in int32 (it did, session 24: an
+    illegal memory access). Sums in fp32 in block order, so equal to the same sums made by torch."""
+    from mamba_dense.kernels import triton_scan as ts
+
+    n_blk, M = 4, 600_000_000
+    assert n_blk * M >= 2**31
+    g = torch.Generator(device="cuda").manual_seed(torch.seed() % 2**31)
+    part = torch.randn(n_blk, M, generator=g, device="cuda", dtype=torch.bfloat16)
+    out = ts.sum_blocks(part, torch.float32)
+    ref = part[0].float()
+    for j in range(1, n_blk):
+        ref += part[j].float()
+    assert torch.equal(out, ref)

@@ -923,6 +923,44 @@ def test_forward_plan_cache_follows_inputs_and_knobs(monkeypatch):
     torch.testing.assert_close(s_mis, s1, rtol=1e-6, atol=1e-6)
 
 
+def test_plan_cache_follows_the_state_size(monkeypatch):
+    """The plans' keys hold A's shape: one process scanning the same tokens with another state size
+    (layers of different d_state, or a sweep) gets the tiles of that size. The forward's key once left
+    N out, so N = 4 then N = 16 at one x shape ran N = 16 on N = 4's tiles (error 0.76, NaN
+    gradients). N = 48 takes the narrower channel blocks of more than 16 states (_config)."""
+    from mamba_dense.kernels import triton_scan as ts
+
+    monkeypatch.setattr(ts, "_FWD_PLANS", {})
+    monkeypatch.setattr(ts, "_BWD_PLANS", {})
+    route = routes.cross2d(3, 4).to(DEVICE)
+    for N in (4, 16, 1, 48):
+        args = _inputs(1, 12, 4, 6, N, torch.float32, seed=20 + N)
+        ins = [a.clone().requires_grad_() for a in args]
+        y = selective_scan(*ins, route=route)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(N), dtype=torch.float64)
+        g = torch.autograd.grad(y, ins, dy.to(DEVICE, y.dtype))
+        ref_in = [a.detach().double().requires_grad_() for a in args]
+        y_ref = selective_scan_ref(*ref_in, route=route.cpu() if DEVICE == "cpu" else route)
+        g_ref = torch.autograd.grad(y_ref, ref_in, dy.to(y_ref.device))
+        assert _rel(y, y_ref) < 1e-5, N
+        for name, a, b in zip(("dx", "ddt", "dA", "dB", "dC", "dD", "dbias"), g, g_ref):
+            assert _rel(a, b) < 1e-5, (N, name)
+    assert len(ts._FWD_PLANS) == 4 and len(ts._BWD_PLANS) == 4
+
+
+def test_channel_blocks_shrink_above_16_states():
+    """Above 16 states a tile keeps N = 16's element count: the channel blocks shrink with the padded
+    state size (at N = 64 the N = 16 blocks made ptxas spill 10 kB a thread in the backward)."""
+    from mamba_dense.kernels import triton_scan as ts
+
+    base = ts._config(16, 192, torch.bfloat16)
+    assert (base.T, base.BDf, base.BDb, base.warps) == (8, 16, 8, 1)
+    for N, bdf, bdb in ((17, 8, 4), (32, 8, 4), (64, 4, 2), (100, 2, 1), (128, 2, 1), (256, 1, 1)):
+        cfg = ts._config(N, 192, torch.bfloat16)
+        assert (cfg.T, cfg.BDf, cfg.BDb, cfg.warps) == (8, bdf, bdb, 1), N
+    assert ts._config(64, 192, torch.float64).BDf == 4
+
+
 def test_backward_plan_cache_follows_inputs_and_knobs(monkeypatch):
     """scan_bwd's plan cache (_bwd_plan), as the forward's: repeated calls give bit-identical gradients,
     equal to a call without the cache; a changed knob or a misaligned dy builds a new plan; on a GPU
