@@ -1212,6 +1212,7 @@ class _Cfg(NamedTuple):
     BDb: int  # backward channel block (likewise)
     warps: int
     Tf: int  # steps per forward tile, a multiple of T (the forward saves Tf // T states per tile)
+    warps_b: int = 0  # warps of the backward's programs (0: warps)
 
 
 def _config(N: int, Dm: int, dtype: torch.dtype) -> _Cfg:
@@ -1224,8 +1225,8 @@ def _config(N: int, Dm: int, dtype: torch.dtype) -> _Cfg:
     and the backward on 16-step tiles (session 14, H100, kernel time of the backward: S1 1.09 -> 0.84
     ms, S2 1.37 -> 1.16 ms with blocks of 32, _wide_block; the forward on 16-step tiles was slower, S1
     0.33 -> 0.48).
-    MAMBA_DENSE_SCAN_CFG="T,BD,warps", "T,BDf,BDb,warps" (Tf = T) or "Tf,T,BDf,BDb,warps" overrides
-    (for tuning).
+    MAMBA_DENSE_SCAN_CFG="T,BD,warps", "T,BDf,BDb,warps" (Tf = T), "Tf,T,BDf,BDb,warps" or
+    "Tf,T,BDf,BDb,warps,backward warps" overrides (for tuning).
     """
     NP = _np2(N)
     env = getenv("MAMBA_DENSE_SCAN_CFG")
@@ -1235,14 +1236,16 @@ def _config(N: int, Dm: int, dtype: torch.dtype) -> _Cfg:
             return _Cfg(vals[0], vals[1], vals[1], vals[2], vals[0])
         if len(vals) == 4:
             return _Cfg(vals[0], vals[1], vals[2], vals[3], vals[0])
-        Tf, T, BDf, BDb, warps = vals
+        Tf, T, BDf, BDb, warps, *wb = vals
         if Tf % T:
             raise ValueError(f"MAMBA_DENSE_SCAN_CFG: the forward tile {Tf} must be a multiple of the backward tile {T}")
-        return _Cfg(T, BDf, BDb, warps, Tf)
-    # Above 16 states the channel blocks shrink with NP so that a tile keeps the element count of
-    # N = 16's (forward 8 x 16 x 16, backward 8 x 16 x 8 for one warp): at N = 64 the blocks of N = 16
-    # held 4x the elements and ptxas spilled 10 kB a thread in the backward (offline, Triton 3.8;
-    # benchmarks/RESULTS.md, session 24). Blocks stay at least one channel.
+        return _Cfg(T, BDf, BDb, warps, Tf, *wb[:1])
+    # Above 16 states a tile keeps about the elements per thread of N = 16's: the forward's channel
+    # blocks shrink with NP (8 x NP x 16 / (NP / 16), one warp), the backward's stay at 8 channels for
+    # NP = 32 and 4 above, on NP / 32 warps. With N = 16's tiles, N = 64 spilled 10 kB a thread in the
+    # backward (offline, Triton 3.8) and N = 128 took 20.6 / 74.8 ms (forward / forward + backward)
+    # where this takes 0.87 / 8.2; one-warp backward blocks of 8 / NP x 16 channels made dB / dC
+    # partials of up to 11 GB at N = 256 (H100, benchmarks/scan_state_sizes.py, session 24).
     wide = max(1, NP // 16)
     if dtype == torch.float64:
         return _Cfg(16, max(1, 16 // wide), max(1, 16 // wide), 4, 16)
@@ -1251,9 +1254,11 @@ def _config(N: int, Dm: int, dtype: torch.dtype) -> _Cfg:
         return _Cfg(16, min(16, cap), min(16, cap), 1, 32)
     if NP <= 4:
         T, BDf, BDb = 16, 16, 16
+    elif NP <= 16:
+        T, BDf, BDb = 8, 16, 8
     else:
-        T, BDf, BDb = 8, max(1, 16 // wide), max(1, 8 // wide)
-    return _Cfg(T, min(BDf, cap), min(BDb, cap), 1, T)
+        T, BDf, BDb = 8, max(1, 16 // wide), 8 if NP == 32 else 4
+    return _Cfg(T, min(BDf, cap), min(BDb, cap), 1, T, max(1, NP // 32))
 
 
 def _wide_block(N: int, Dm: int, dtype: torch.dtype, chunked: bool) -> bool:
@@ -1760,7 +1765,7 @@ class _BwdPlan:
         N = A.shape[2]
         self.cdt = cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
         cfg = _config(N, Dm, x.dtype)
-        T, BD, warps = cfg.T, cfg.BDb, cfg.warps
+        T, BD, warps = cfg.T, cfg.BDb, cfg.warps_b or cfg.warps
         NP = _np2(N)
         n_tiles = _cdiv(S, T)
         dev = x.device

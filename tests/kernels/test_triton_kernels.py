@@ -948,17 +948,21 @@ def test_plan_cache_follows_the_state_size(monkeypatch):
     assert len(ts._FWD_PLANS) == 4 and len(ts._BWD_PLANS) == 4
 
 
-def test_channel_blocks_shrink_above_16_states():
-    """Above 16 states a tile keeps N = 16's element count: the channel blocks shrink with the padded
-    state size (at N = 64 the N = 16 blocks made ptxas spill 10 kB a thread in the backward)."""
+def test_tiles_above_16_states():
+    """Above 16 states the forward's channel blocks shrink with the padded state size and the backward
+    runs blocks of 8 (NP = 32) or 4 channels on NP / 32 warps (at N = 64 the N = 16 tiles made ptxas
+    spill 10 kB a thread in the backward); N <= 16 keeps its tiles."""
     from mamba_dense.kernels import triton_scan as ts
 
     base = ts._config(16, 192, torch.bfloat16)
-    assert (base.T, base.BDf, base.BDb, base.warps) == (8, 16, 8, 1)
-    for N, bdf, bdb in ((17, 8, 4), (32, 8, 4), (64, 4, 2), (100, 2, 1), (128, 2, 1), (256, 1, 1)):
+    assert (base.T, base.BDf, base.BDb, base.warps, base.warps_b) == (8, 16, 8, 1, 1)
+    for N, bdf, bdb, wb in ((17, 8, 8, 1), (32, 8, 8, 1), (64, 4, 4, 2), (100, 2, 4, 4), (128, 2, 4, 4),
+                            (256, 1, 4, 8)):
         cfg = ts._config(N, 192, torch.bfloat16)
-        assert (cfg.T, cfg.BDf, cfg.BDb, cfg.warps) == (8, bdf, bdb, 1), N
+        assert (cfg.T, cfg.BDf, cfg.BDb, cfg.warps, cfg.warps_b) == (8, bdf, bdb, 1, wb), N
     assert ts._config(64, 192, torch.float64).BDf == 4
+    assert ts._config(64, 3, torch.bfloat16).BDb == 4  # blocks cap at max(8, Dm rounded up): unchanged here
+    assert ts._Cfg(8, 16, 8, 2, 8).warps_b == 0  # an override without backward warps: the backward takes warps
 
 
 def test_backward_plan_cache_follows_inputs_and_knobs(monkeypatch):
