@@ -94,8 +94,28 @@ def shape_cases(prefixes: str, device, seed: int):
         yield name, N, route, inputs, leaves, dy
 
 
+def reference_errors(leaves, route, merge: str, gen) -> dict:
+    """Relative errors of selective_scan's output and its seven gradients against the fp64 reference
+    from the same (rounded) inputs, for a random fp64 dy drawn from gen."""
+    from mamba_dense.kernels import selective_scan, selective_scan_ref
+
+    ref_in = [t.detach().double().requires_grad_() for t in leaves]
+    y_ref = selective_scan_ref(*ref_in, route=route, merge=merge)
+    dy = torch.randn(y_ref.shape, generator=gen, device=y_ref.device, dtype=torch.float64)
+    g_ref = torch.autograd.grad(y_ref, ref_in, dy)
+    ins = [t.detach().clone().requires_grad_() for t in leaves]
+    y = selective_scan(*ins, route=route, merge=merge)
+    g = torch.autograd.grad(y, ins, dy.to(y.dtype))
+    if y.is_cuda:
+        torch.cuda.synchronize()
+    errs = {"y": rel(y, y_ref)}
+    for nm, a, b in zip(("dx", "ddt", "dA", "dB", "dC", "dD", "dbias"), g, g_ref):
+        errs[nm] = rel(a, b)
+    return errs
+
+
 def check(device, seed, out_rows):
-    from mamba_dense.kernels import routes, selective_scan, selective_scan_ref
+    from mamba_dense.kernels import routes
 
     os.environ["MAMBA_DENSE_POISON"] = "1"
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -119,19 +139,7 @@ def check(device, seed, out_rows):
         K = route.shape[0]
         for dtype in (torch.float32, torch.bfloat16):
             x, dt, A, B, C, Dp, bias = make_inputs(batch, L, K, D, N, dtype, device, gen)
-            leaves = [x, dt, A, B, C, Dp, bias]
-            # reference in fp64 from the same (rounded) inputs
-            ref_in = [t.detach().double().requires_grad_() for t in leaves]
-            y_ref = selective_scan_ref(*ref_in, route=route, merge=merge)
-            dy = torch.randn(y_ref.shape, generator=gen, device=device, dtype=torch.float64)
-            g_ref = torch.autograd.grad(y_ref, ref_in, dy)
-            ins = [t.detach().clone().requires_grad_() for t in leaves]
-            y = selective_scan(*ins, route=route, merge=merge)
-            g = torch.autograd.grad(y, ins, dy.to(y.dtype))
-            torch.cuda.synchronize()
-            errs = {"y": rel(y, y_ref)}
-            for nm, a, b in zip(("dx", "ddt", "dA", "dB", "dC", "dD", "dbias"), g, g_ref):
-                errs[nm] = rel(a, b)
+            errs = reference_errors([x, dt, A, B, C, Dp, bias], route, merge, gen)
             tol = 1e-4 if dtype == torch.float32 else 2e-2
             ok = all(e == e and e < tol for e in errs.values())
             row = {"case": name, "dtype": str(dtype), "tol": tol, "ok": ok, **errs}
