@@ -1241,11 +1241,11 @@ def _config(N: int, Dm: int, dtype: torch.dtype) -> _Cfg:
             raise ValueError(f"MAMBA_DENSE_SCAN_CFG: the forward tile {Tf} must be a multiple of the backward tile {T}")
         return _Cfg(T, BDf, BDb, warps, Tf, *wb[:1])
     # Above 16 states a tile keeps about the elements per thread of N = 16's: the forward's channel
-    # blocks shrink with NP (8 x NP x 16 / (NP / 16), one warp), the backward's stay at 8 channels for
-    # NP = 32 and 4 above, on NP / 32 warps. With N = 16's tiles, N = 64 spilled 10 kB a thread in the
-    # backward (offline, Triton 3.8) and N = 128 took 20.6 / 74.8 ms (forward / forward + backward)
-    # where this takes 0.87 / 8.2; one-warp backward blocks of 8 / NP x 16 channels made dB / dC
-    # partials of up to 11 GB at N = 256 (H100, benchmarks/scan_state_sizes.py, session 24).
+    # blocks shrink to 16 x 16 / NP channels (one warp); the backward's are 8 channels for NP = 32 and
+    # 4 above, on NP / 32 warps. With N = 16's tiles, N = 64 spilled 10 kB a thread in the backward
+    # (offline, Triton 3.8) and N = 128 took 20.6 / 74.8 ms (forward / forward + backward) where this
+    # takes 0.88 / 8.7; one-warp backward blocks of 8 x 16 / NP channels made dB / dC partials of up
+    # to 11 GB at N = 256 (H100, benchmarks/scan_state_sizes.py, session 24).
     wide = max(1, NP // 16)
     if dtype == torch.float64:
         return _Cfg(16, max(1, 16 // wide), max(1, 16 // wide), 4, 16)
@@ -1671,8 +1671,9 @@ class _FwdPlan:
 def _fwd_plan(x, dt, A, B, C, D, dt_bias, route, kroute, cover, merge, dt_softplus, out_dtype, save_states,
               tiles_per_chunk):
     """(_FwdPlan, run) of a call (_cached_plan). The key: everything the decisions and the kernels'
-    specialization read (input shapes, A's included: the state size sets the tiles; dtypes and alignment, the route's coverage and merge groups, the
-    device and its SM count, the knobs); a new key builds a plan."""
+    specialization read (input shapes, A's included, whose state size sets the tiles; dtypes and
+    alignment, the route's coverage and merge groups, the device and its SM count, the knobs); a new
+    key builds a plan."""
     groups = _plan_groups(x, A, route, cover, merge)
     pdl = _pdl_on(x.device)
     return _cached_plan(_FWD_PLANS, lambda: (
