@@ -172,6 +172,18 @@ class MssScanFn(torch.autograd.Function):
         return None, du, ddelta, dA, dB, dC, dD, dbias
 
 
+def mss_layout(x, dt, A, B, C, Dp, bias) -> tuple:
+    """Our inputs in mamba_ssm's layout, (u, delta, A, B, C, D, delta_bias): x copied to every route as
+    (b, K*D, L), dt as (b, K*D, L), B and C as (b, K, N, L) groups, A (K*D, N), D and the bias flat."""
+    batch, L, K, D = dt.shape
+    N = A.shape[2]
+    u = x.transpose(1, 2).reshape(batch, 1, D, L).expand(batch, K, D, L).reshape(batch, K * D, L).contiguous()
+    de = dt.permute(0, 2, 3, 1).reshape(batch, K * D, L).contiguous()
+    Bm, Cm = B.permute(0, 2, 3, 1).contiguous(), C.permute(0, 2, 3, 1).contiguous()
+    return (u, de, A.reshape(K * D, N).contiguous(), Bm, Cm, Dp.reshape(-1).contiguous(),
+            bias.reshape(-1).contiguous())
+
+
 def graph_ms(fn) -> float:
     """do_bench median of replaying fn (its kernels, autograd's backward included) captured once in a
     CUDA graph, after warm-up calls on a side stream (as torch.cuda.make_graphed_callables does)."""
@@ -332,13 +344,7 @@ def bench(device, mss, out_rows, impl="", shapes=None, fwd_only=False, kernels=F
                    fwdbwd_floor_ms=fbb / COPY_RATE * 1e3, fwd_GBps=fb / (t_f * 1e-3) / 1e9)
         m_f = m_fb = float("nan")
         if mss is not None:
-            u = x.transpose(1, 2).reshape(batch, 1, D, L).expand(batch, K, D, L).reshape(batch, K * D, L).contiguous()
-            de = dt.permute(0, 2, 3, 1).reshape(batch, K * D, L).contiguous()
-            Bm = B.permute(0, 2, 3, 1).contiguous()  # (b, K, N, L)
-            Cm = C.permute(0, 2, 3, 1).contiguous()
-            Am = A.reshape(K * D, N).contiguous()
-            Dm_ = Dp.reshape(-1).contiguous()
-            bm = bias.reshape(-1).contiguous()
+            u, de, Am, Bm, Cm, Dm_, bm = mss_layout(x, dt, A, B, C, Dp, bias)
             m_f = triton.testing.do_bench(lambda: mss.fwd(u, de, Am, Bm, Cm, Dm_, None, bm, True),
                                           warmup=50, rep=300, return_mode="median")
             out, xs, *_ = mss.fwd(u, de, Am, Bm, Cm, Dm_, None, bm, True)

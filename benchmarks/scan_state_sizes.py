@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _bootstrap  # noqa: E402,F401  (mamba_dense importable without an install)
-from scan import build_mamba_ssm, kernel_ms, make_inputs, reference_errors  # noqa: E402
+from scan import build_mamba_ssm, kernel_ms, make_inputs, mss_layout, reference_errors  # noqa: E402
 
 
 def default_variants(N: int) -> list[tuple[str, str | None]]:
@@ -109,12 +109,7 @@ def timing(N: int, device, gen, batch: int, hw: int, D: int) -> dict:
 def mss_timing(mss, N: int, device, gen, batch: int, hw: int, D: int) -> dict:
     import triton
 
-    K, L = 4, hw * hw
-    x, dt, A, B, C, Dp, bias = make_inputs(batch, L, K, D, N, torch.bfloat16, device, gen)
-    u = x.transpose(1, 2).reshape(batch, 1, D, L).expand(batch, K, D, L).reshape(batch, K * D, L).contiguous()
-    de = dt.permute(0, 2, 3, 1).reshape(batch, K * D, L).contiguous()
-    Bm, Cm = B.permute(0, 2, 3, 1).contiguous(), C.permute(0, 2, 3, 1).contiguous()
-    Am, Dm_, bm = A.reshape(K * D, N).contiguous(), Dp.reshape(-1).contiguous(), bias.reshape(-1).contiguous()
+    u, de, Am, Bm, Cm, Dm_, bm = mss_layout(*make_inputs(batch, hw * hw, 4, D, N, torch.bfloat16, device, gen))
 
     def fwd():
         return mss.fwd(u, de, Am, Bm, Cm, Dm_, None, bm, True)
