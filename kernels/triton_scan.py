@@ -1188,7 +1188,7 @@ def _pair_plan(route, merge: str, x_per_route: bool, cover, S: int, T: int, n_ti
     groups = route_groups(route)
     div = PAIR_CHUNK_DIV if div is None else div
     t = (tpc if n_tiles % tpc == 0 else None) if exact else _pair_tiles(n_tiles, max(2, tpc // div))
-    return None if t is None else (groups, t)
+    return None if t is None or n_tiles // t > MAX_GRID_YZ else (groups, t)
 
 
 # a pair program walks two chunks: the pair plan aims at chunks of max(2, the policy's tiles //
@@ -1442,24 +1442,52 @@ BWD_PAIR_PREV_EARLY = 1
 BWD_SB_ALGEBRA = int(os.environ.get("MAMBA_DENSE_BWD_SB_ALGEBRA", "1"))
 
 
+# CUDA caps a grid's second and third dimensions at 65535 programs. The scan's launches put the chunks on the
+# second and the batch on the third, and the chunk carry its batch x K state rows on the second: a call with more
+# batch elements than this runs as batch slices (scan_fwd, scan_bwd), a launch whose batch x K rows pass it is not
+# split into chunks, and no launch gets more chunks than this (_tiles_per_chunk, _pair_plan). Without it such a
+# call failed in the launch with CUDA's "invalid argument" (e.g. many small regions folded into the batch).
+MAX_GRID_YZ = 65535
+
+
+def _batch_slices(batch: int) -> list:
+    """Slices of the batch with at most MAX_GRID_YZ elements each."""
+    return [slice(b, min(batch, b + MAX_GRID_YZ)) for b in range(0, batch, MAX_GRID_YZ)]
+
+
+def _sum_slices(parts: list):
+    """The sum of the batch slices' gradients of a parameter (None where it is absent), added in slice order
+    in fp32 (fp64 for fp64) and returned in the parameter's dtype."""
+    if parts[0] is None:
+        return None
+    acc = parts[0].to(torch.promote_types(parts[0].dtype, torch.float32), copy=True)
+    for g in parts[1:]:
+        acc += g
+    return acc.to(parts[0].dtype)
+
+
 def _min_programs(pairable: bool, S: int) -> int:
     """Programs per SM below which a launch is split into chunks (see PAIR_MIN_PROGRAMS_PER_SM)."""
     return PAIR_MIN_PROGRAMS_PER_SM if pairable and S >= PAIR_MIN_STEPS else MIN_PROGRAMS_PER_SM
 
 
 def _tiles_per_chunk(n_tiles: int, programs: int, n_sm: int, override: int | None = None,
-                     min_tiles: int = 2, min_programs: int | None = None) -> int:
+                     min_tiles: int = 2, min_programs: int | None = None, rows: int = 1) -> int:
     """Tiles one program walks; fewer than n_tiles means chunk-parallel (3 phases): when the launch has
     fewer than min_programs (default MIN_PROGRAMS_PER_SM) programs per SM. Chunks hold at least
-    min(min_tiles, n_tiles // 2) tiles and 2."""
+    min(min_tiles, n_tiles // 2) tiles and 2. Within the grid's limits (MAX_GRID_YZ): at most that many
+    chunks, and none when the carry's rows (batch x K) pass it."""
+    if rows > MAX_GRID_YZ:
+        return n_tiles
+    least = _cdiv(n_tiles, MAX_GRID_YZ)
     if override is not None:
-        return max(1, min(int(override), n_tiles))
+        return max(1, least, min(int(override), n_tiles))
     if min_programs is None:
         min_programs = MIN_PROGRAMS_PER_SM
     if programs >= min_programs * n_sm or n_tiles < 4:
         return n_tiles
     want_chunks = -(-TARGET_PROGRAMS_PER_SM * n_sm // max(1, programs))
-    return max(2, min(min_tiles, n_tiles // 2), -(-n_tiles // want_chunks))
+    return max(2, least, min(min_tiles, n_tiles // 2), -(-n_tiles // want_chunks))
 
 
 # The order of the pair merge's launches (_group_order): the last group reads and adds to what the
@@ -1630,12 +1658,12 @@ class _FwdPlan:
         routes_per_launch = K if (merge == "none" or not serial) else 1
         minp = _min_programs(_pairable(route, merge, x_per_route, cover, S, T, odt, N), S)
         tpc = _tiles_per_chunk(n_tiles, batch * n_dblk * routes_per_launch, _num_sms(dev), tiles_per_chunk,
-                               min_programs=minp)
+                               min_programs=minp, rows=batch * K)
         if _wide_block(N, Dm, x.dtype, tpc < n_tiles):
             BD = 32
             n_dblk = _cdiv(Dm, BD)
             tpc = _tiles_per_chunk(n_tiles, batch * n_dblk * routes_per_launch, _num_sms(dev), tiles_per_chunk,
-                                   min_programs=minp)
+                                   min_programs=minp, rows=batch * K)
         plan = _pair_plan(route, merge, x_per_route, cover, S, T, n_tiles, tpc, odt, N, tiles_per_chunk is not None)
         if plan is not None:
             tpc = plan[1]
@@ -1695,6 +1723,10 @@ def scan_fwd(x, dt, A, B, C, D, dt_bias, route, merge: str, dt_softplus: bool, o
     """
     from . import triton_scan_seq
 
+    if x.shape[0] > MAX_GRID_YZ:  # the grid's third dimension holds the batch: run it in slices
+        parts = [scan_fwd(x[sl], dt[sl], A, B[sl], C[sl], D, dt_bias, route, merge, dt_softplus, out_dtype,
+                          save_states, tiles_per_chunk) for sl in _batch_slices(x.shape[0])]
+        return torch.cat([y for y, _ in parts]), (torch.cat([st for _, st in parts]) if save_states else parts[0][1])
     if triton_scan_seq.impl() == "seq":
         return triton_scan_seq.scan_fwd_seq(x, dt, A, B, C, D, dt_bias, route, merge, dt_softplus, out_dtype,
                                             save_states, tiles_per_chunk)
@@ -1779,12 +1811,14 @@ class _BwdPlan:
         pair_bd = 32 if _wide_block(N, Dm, x.dtype, True) else BD
         minp = _min_programs(BWD_PAIRS and not serial and pair_bd >= BWD_PAIR_MIN_BD
                              and _pairable(route, merge, x_per_route, cover, S, T, x.dtype, N), S)
-        tpc = _tiles_per_chunk(n_tiles, per_launch, _num_sms(dev), tiles_per_chunk, BWD_MIN_TILES_PER_CHUNK, minp)
+        tpc = _tiles_per_chunk(n_tiles, per_launch, _num_sms(dev), tiles_per_chunk, BWD_MIN_TILES_PER_CHUNK, minp,
+                               batch * K)
         if _wide_block(N, Dm, x.dtype, tpc < n_tiles):
             BD = 32
             n_dblk = _cdiv(Dm, BD)
             per_launch = batch * n_dblk * routes_per_launch
-            tpc = _tiles_per_chunk(n_tiles, per_launch, _num_sms(dev), tiles_per_chunk, BWD_MIN_TILES_PER_CHUNK, minp)
+            tpc = _tiles_per_chunk(n_tiles, per_launch, _num_sms(dev), tiles_per_chunk, BWD_MIN_TILES_PER_CHUNK, minp,
+                                   batch * K)
         # dx merged by reversed route pairs in place, as the forward's output (_pair_plan), with chunks of
         # the policy's tiles // BWD_PAIR_CHUNK_DIV
         plan = None
@@ -1844,6 +1878,12 @@ def scan_bwd(dy, x, dt, A, B, C, D, dt_bias, route, states, merge: str, dt_softp
              tiles_per_chunk: int | None = None):
     """Backward from the forward's tile states: per tile, recompute the states and run the reverse scan.
     Its decisions and launch sites are cached per call signature, as the forward's (_bwd_plan, _run)."""
+    if x.shape[0] > MAX_GRID_YZ:  # batch slices, as scan_fwd's
+        parts = [scan_bwd(dy[sl], x[sl], dt[sl], A, B[sl], C[sl], D, dt_bias, route, states[sl], merge, dt_softplus,
+                          tiles_per_chunk) for sl in _batch_slices(x.shape[0])]
+        per_token = [torch.cat([g[i] for g in parts]) for i in (0, 1, 3, 4)]
+        dA, dD, dbias = (_sum_slices([g[i] for g in parts]) for i in (2, 5, 6))
+        return per_token[0], per_token[1], dA, per_token[2], per_token[3], dD, dbias
     batch, L, Dm = x.shape[0], x.shape[1], x.shape[-1]
     K, S = route.shape
     N = A.shape[2]

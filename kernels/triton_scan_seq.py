@@ -235,8 +235,9 @@ def programs_per_sm() -> int:
     return int(os.environ.get("MAMBA_DENSE_SEQ_PROGRAMS_PER_SM", str(DEFAULT_PROGRAMS_PER_SM)))
 
 
-def seq_tiles_per_chunk(n_tiles: int, programs: int, n_sm: int, override: int | None = None) -> int:
-    """Tiles per chunk: split L until the launch has about MAMBA_DENSE_SEQ_PROGRAMS_PER_SM programs per SM."""
+def seq_tiles_per_chunk(n_tiles: int, programs: int, n_sm: int, override: int | None = None, rows: int = 1) -> int:
+    """Tiles per chunk: split L until the launch has about MAMBA_DENSE_SEQ_PROGRAMS_PER_SM programs per SM
+    (within the grid's limits: triton_scan._tiles_per_chunk with rows = batch x K)."""
     if override is None:
         target = programs_per_sm() * n_sm
         if programs < target and n_tiles >= 2:
@@ -244,7 +245,7 @@ def seq_tiles_per_chunk(n_tiles: int, programs: int, n_sm: int, override: int | 
             override = -(-n_tiles // want_chunks)
         else:
             override = n_tiles
-    return _tiles_per_chunk(n_tiles, programs, n_sm, override)
+    return _tiles_per_chunk(n_tiles, programs, n_sm, override, rows=rows)
 
 
 def seq_plan(batch: int, L: int, Dm: int, N: int, K: int, S: int, dtype: torch.dtype, device,
@@ -256,7 +257,7 @@ def seq_plan(batch: int, L: int, Dm: int, N: int, K: int, S: int, dtype: torch.d
     n_dblk = triton.cdiv(Dm, BD)
     programs = batch * K * n_dblk
     n_sm = _num_sms(torch.device(device))
-    tpc = seq_tiles_per_chunk(n_tiles, programs, n_sm, tiles_per_chunk)
+    tpc = seq_tiles_per_chunk(n_tiles, programs, n_sm, tiles_per_chunk, rows=batch * K)
     n_chunks = triton.cdiv(n_tiles, tpc)
     return dict(T=T, BD=BD, num_warps=warps, num_stages=stages, prefetch=prefetch, n_tiles=n_tiles,
                 n_dblk=n_dblk, tiles_per_chunk=tpc, n_chunks=n_chunks, programs_per_launch=programs * n_chunks,
