@@ -45,6 +45,11 @@ from .reference import selective_scan_ref
 __all__ = ["selective_scan", "selective_scan_ref", "routes", "validate_inputs"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The Triton kernels' largest state size: above it a program's tile (all N states of its channels, N / 32
+# warps in the backward) needs more than the 1024 threads of a CUDA block (H100: N = 2048 failed to launch
+# with Triton's OutOfResources; N = 1024 matched the fp64 reference, benchmarks/RESULTS.md, session 25).
+# mamba_ssm's CUDA kernel stops at 256. The CPU reference has no such limit.
+MAX_TRITON_STATE = 1024
 
 
 def _shape(t) -> str:
@@ -216,6 +221,12 @@ def selective_scan(
     """
     validate_inputs(x, dt, A, B, C, D, dt_bias, route, merge, out_dtype, check_values=not _compiling())
     if _use_triton(x):
+        if A.shape[2] > MAX_TRITON_STATE:
+            raise ValueError(
+                f"A has shape {tuple(A.shape)}: state size N = {A.shape[2]} is above the GPU kernels' limit of "
+                f"{MAX_TRITON_STATE} (d_state; mamba_ssm's kernel stops at 256); use N <= {MAX_TRITON_STATE} (the CPU "
+                "reference has no limit)"
+            )
         return _op.selective_scan_op(x, dt, A, B, C, D, dt_bias, route, merge, dt_softplus, out_dtype)
     odt = out_dtype or x.dtype
     if _compiling():

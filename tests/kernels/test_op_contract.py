@@ -95,6 +95,23 @@ def test_bad_input_names_argument_and_shape(change, words):
         assert w in msg, (w, msg)
 
 
+def test_state_size_above_the_gpu_limit_is_a_clear_error():
+    """Above MAX_TRITON_STATE states a GPU program would need more than a CUDA block's 1024 threads (N = 2048
+    failed inside Triton with OutOfResources on the H100): the GPU path (and the meta device, which takes
+    it) raises a ValueError naming A, its shape and the limit; the CPU reference still runs."""
+    from mamba_dense import kernels
+
+    N = kernels.MAX_TRITON_STATE + 1
+    kw = _ok()
+    kw.update(A=-torch.rand(2, 4, N) - 0.5, B=torch.randn(1, 6, 2, N), C=torch.randn(1, 6, 2, N))
+    with pytest.raises(ValueError) as e:
+        _call({k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in kw.items()})
+    for w in ("A", f"(2, 4, {N})", str(kernels.MAX_TRITON_STATE)):
+        assert w in str(e.value), (w, str(e.value))
+    y = _call(kw)  # CPU: the reference
+    assert y.shape == (1, 6, 4) and torch.isfinite(y).all()
+
+
 def test_route_range_check_not_fooled_by_cache():
     # the range check is cached per route tensor; a new tensor with bad values must still be caught
     kw = _ok()
