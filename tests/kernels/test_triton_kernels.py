@@ -1105,3 +1105,6 @@ def test_grids_stay_within_cuda_limits(N, route_fn, L, batch, tpc, monkeypatch):
     for name, a, b in zip(("dx", "ddt", "dA", "dB", "dC", "dD", "dbias"), grads, g_ref):
         assert torch.isfinite(a).all(), name
         assert _rel(a, b) < 1e-10, name
+    with torch.no_grad():  # the public op's inference path (no states saved)
+        assert _rel(selective_scan(*args, route=route), y_ref) < 1e-10
+    assert all(d <= 3 for g in grids for d in g[1:]), grids
