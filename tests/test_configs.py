@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from lightning.pytorch.loggers import TensorBoardLogger
 
 from mamba_dense.cli import build_cli
 from mamba_dense.datamodules.synthetic import write_ade20k_like, write_coco_like
@@ -147,5 +148,11 @@ def test_demo_full_run_reaches_the_documented_miou(tmp_path):
     final = float(fit.trainer.callback_metrics["val/mIoU"])
     assert final >= 0.6, f"demo val mIoU {final:.3f} < 0.6"
     log_dir = Path(fit.trainer.log_dir)
-    assert (log_dir / "metrics.csv").is_file() and (log_dir / "checkpoints" / "last.ckpt").is_file()
-    assert list((log_dir / "overlays").glob("epoch_*/*.png"))
+    assert (log_dir / "checkpoints" / "last.ckpt").is_file()
+    # Lightning's default logger: TensorBoard when it is installed (metrics and overlays go to its event
+    # file, as the README says), else CSV (metrics.csv, overlays as PNGs).
+    if isinstance(fit.trainer.logger, TensorBoardLogger):
+        assert list(log_dir.glob("events.out.tfevents.*"))
+    else:
+        assert (log_dir / "metrics.csv").is_file()
+        assert list((log_dir / "overlays").glob("epoch_*/*.png"))

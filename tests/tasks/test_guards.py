@@ -130,7 +130,8 @@ def test_out_of_memory_in_training_names_the_batch_and_the_fixes(tmp_path, monke
         ])
     msg = str(err.value)
     assert msg.startswith("CUDA out of memory. Tried to allocate 2.00 GiB.")  # the original message stays first
-    assert "Out of memory in training step 0 (epoch 0, batch 0) on cpu" in msg
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"  # the demo config's accelerator is "auto"
+    assert f"Out of memory in training step 0 (epoch 0, batch 0) on {device}" in msg
     assert "batch of 2 input(s) of 3x64x64 (torch.float32)" in msg
     assert "data batch_size=2, val_batch_size=4, crop_size=(64, 64)" in msg
     assert "precision 32-true" in msg and "accumulate_grad_batches 2" in msg
