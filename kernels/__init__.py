@@ -59,29 +59,19 @@ def _shape(t) -> str:
 _RANGE_CACHE: dict = {}
 
 
-def tensor_version(t: torch.Tensor) -> int:
-    """In-place modification counter; -1 for inference-mode tensors (they keep none)."""
-    try:
-        return t._version
-    except RuntimeError:  # "Inference tensors do not track version counter"
-        return -1
-
-
 def _route_facts(route: torch.Tensor) -> tuple[int, int, int]:
     """(min, max, first route row that visits a token twice or -1) of a route, cached per tensor (data
     pointer, shape, device, version): models pass the same cached route tensors every step, so the
-    device sync happens once, not per call."""
-    key = (route.data_ptr(), tuple(route.shape), str(route.device), tensor_version(route))
-    hit = _RANGE_CACHE.get(key)
-    # the entry holds the tensor itself, so its memory cannot be reused by another tensor meanwhile
-    if hit is None or hit[0] is not route:
-        if len(_RANGE_CACHE) > 4096:
-            _RANGE_CACHE.clear()
+    device sync happens once, not per call. The cache holds the route weakly (routes.cache_put): a
+    strong reference kept every route ever passed alive, on the GPU too, until 4096 had piled up."""
+    key = routes.tensor_key(route)
+    hit = routes.cache_get(_RANGE_CACHE, key, route)
+    if hit is None:
         rep = routes._repeats(route.sort(dim=1).values).any(1)
         first = torch.where(rep.any(), rep.to(torch.int64).argmax(), -1)
-        lo, hi, dup = torch.stack([route.min(), route.max(), first]).tolist()
-        hit = _RANGE_CACHE[key] = (route, lo, hi, dup)
-    return hit[1], hit[2], hit[3]
+        hit = routes.cache_put(_RANGE_CACHE, key, route, tuple(torch.stack([route.min(), route.max(), first]).tolist()),
+                               limit=4096)
+    return hit
 
 
 def check_route_values(route: torch.Tensor, L: int) -> None:

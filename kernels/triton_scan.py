@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from . import _launch as _launch_mod
+from . import routes as _routes
 from ._launch import getenv, launch
 
 # --------------------------------------------------------------------------------------------
@@ -1082,22 +1083,16 @@ def fwd_buffers(batch, K, n_tiles, N, Dm, dev, cdt, need_states: bool, D, dt_bia
 
 
 def _route_info(route: torch.Tensor, what, compute, capturing):
-    """compute(), a fact about the route tensor that needs a sync, cached per (what, route tensor):
-    the cache entry holds the tensor, so its memory cannot be reused by another route meanwhile.
-    Under CUDA-graph capture the sync is forbidden: capturing() is returned instead, uncached."""
-    from . import tensor_version
-
-    key = (what, route.data_ptr(), tuple(route.shape), route.device, tensor_version(route))
-    hit = _ROUTE_INFO.get(key)
-    if hit is not None and hit[0] is route:
-        return hit[1]
+    """compute(), a fact about the route tensor that needs a sync, cached per (what, route tensor),
+    holding the route weakly (routes.cache_put). Under CUDA-graph capture the sync is forbidden:
+    capturing() is returned instead, uncached."""
+    key = _routes.tensor_key(route, what)
+    hit = _routes.cache_get(_ROUTE_INFO, key, route)
+    if hit is not None:
+        return hit
     if route.is_cuda and torch.cuda.is_current_stream_capturing():
         return capturing()
-    info = compute()
-    if len(_ROUTE_INFO) > 256:  # entries hold their tensors: keep the cache small
-        _ROUTE_INFO.clear()
-    _ROUTE_INFO[key] = (route, info)
-    return info
+    return _routes.cache_put(_ROUTE_INFO, key, route, compute(), limit=1024)
 
 
 def _kernel_route(route: torch.Tensor, rows: int) -> torch.Tensor:
