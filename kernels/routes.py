@@ -17,6 +17,8 @@ Example:
 from __future__ import annotations
 
 import functools
+import numbers
+import weakref
 
 import torch
 
@@ -77,9 +79,40 @@ def _on_cpu(fn):
     return wrapper
 
 
+def _hashable(v):
+    return tuple(_hashable(e) for e in v) if isinstance(v, (list, tuple)) else v
+
+
+def cached_route(maxsize: int):
+    """Cache a route builder's result per arguments (lists count as tuples), like functools.lru_cache,
+    except that a cached route edited in place by a caller (its version moved) is rebuilt, not handed
+    to the next caller: the encoders and other callers of the same builder never see another caller's
+    edits. The same object comes back while it is unedited, so the scan's per-route caches keep hitting."""
+
+    def deco(fn):
+        cache: dict = {}
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            args, kwargs = _hashable(args), {k: _hashable(v) for k, v in kwargs.items()}
+            key = (args, tuple(sorted(kwargs.items())))
+            hit = cache.get(key)
+            if hit is None or tensor_version(hit[0]) != hit[1]:
+                if len(cache) >= maxsize:
+                    cache.clear()
+                route = fn(*args, **kwargs)
+                hit = cache[key] = (route, tensor_version(route))
+            return hit[0]
+
+        wrapper.cache_clear = cache.clear
+        return wrapper
+
+    return deco
+
+
 def _check_grid(*dims: int) -> None:
-    for d in dims:
-        if not isinstance(d, int) or d < 1:
+    for d in dims:  # any integer type (numpy's too), not bools
+        if not isinstance(d, numbers.Integral) or isinstance(d, bool) or d < 1:
             raise ValueError(f"grid sizes must be positive ints, got {dims}")
 
 
@@ -110,7 +143,7 @@ def stack(*routes: torch.Tensor) -> torch.Tensor:
     return torch.stack([r.reshape(-1) for r in routes]).to(torch.long).contiguous()
 
 
-@functools.lru_cache(maxsize=256)
+@cached_route(maxsize=256)
 @_on_cpu
 def cross2d(h: int, w: int) -> torch.Tensor:
     """VMamba's 4-way cross scan: row-major, column-major and both reversed, shape (4, h*w)."""
@@ -157,7 +190,7 @@ def _localmamba_one(name: str, h: int, w: int) -> torch.Tensor:
     return flip(r) if fl else r
 
 
-@functools.lru_cache(maxsize=512)
+@cached_route(maxsize=512)
 @_on_cpu
 def localmamba(h: int, w: int, directions: tuple[str, ...]) -> torch.Tensor:
     """Routes for LocalMamba directions (``h``, ``v``, ``w2``, ``w7``, each optionally ``_flip``).
@@ -269,24 +302,57 @@ def check_route(route: torch.Tensor, num_tokens: int) -> None:
         raise ValueError("each route must visit a token at most once (a repeated index was found)")
 
 
+def tensor_version(t: torch.Tensor) -> int:
+    """In-place modification counter; -1 for inference-mode tensors (they keep none)."""
+    try:
+        return t._version
+    except RuntimeError:  # "Inference tensors do not track version counter"
+        return -1
+
+
+def tensor_key(t: torch.Tensor, *extra) -> tuple:
+    """A cache key for facts about the values of tensor t: its memory, shape, device and version (an
+    in-place change makes a new key)."""
+    return (t.data_ptr(), tuple(t.shape), str(t.device), tensor_version(t), *extra)
+
+
+def cache_get(cache: dict, key: tuple, t: torch.Tensor):
+    """The value cached for tensor t under key (see cache_put), or None."""
+    hit = cache.get(key)
+    return hit[1] if hit is not None and hit[0]() is t else None
+
+
+def cache_put(cache: dict, key: tuple, t: torch.Tensor, value, limit: int):
+    """Cache value for tensor t under key, holding t by a weak reference: a hit must be this very
+    tensor (not another one that reuses a freed tensor's memory), and the entry goes when t is freed,
+    so a caller passing a fresh route per call does not keep them all alive (with their device copies)."""
+    if len(cache) >= limit:
+        cache.clear()
+
+    def forget(ref, cache=cache, key=key):
+        if cache.get(key, (None,))[0] is ref:  # unless the entry was replaced meanwhile
+            del cache[key]
+
+    cache[key] = (weakref.ref(t, forget), value)
+    return value
+
+
 _DEVICE_CACHE: dict = {}
 
 
 def to_device(route: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """Device copy of a (CPU) route, cached by identity so encoders don't re-upload every step."""
+    """Device copy of a (CPU) route, cached per route tensor (and its version) so encoders don't
+    re-upload every step."""
     device = torch.device(device)
     if route.device == device:
         return route
-    key = (id(route), route.data_ptr(), tuple(route.shape), str(device))
-    hit = _DEVICE_CACHE.get(key)
-    if hit is not None and hit[0] is route:
-        return hit[1]
-    if len(_DEVICE_CACHE) > 1024:
-        _DEVICE_CACHE.clear()
+    key = tensor_key(route, str(device))
+    hit = cache_get(_DEVICE_CACHE, key, route)
+    if hit is not None:
+        return hit
     with torch.inference_mode(False):  # cached: must stay usable by later autograd steps
         moved = route.to(device, non_blocking=False)
-    _DEVICE_CACHE[key] = (route, moved)
-    return moved
+    return cache_put(_DEVICE_CACHE, key, route, moved, limit=1024)
 
 
 _SOURCES: dict[str, object] = {}
@@ -316,7 +382,8 @@ def built_route(key: str, *grid: int, registers: int = 0) -> torch.Tensor:
         if len(_BUILT) > 512:
             _BUILT.clear()
         with torch.device("cpu"), torch.inference_mode(False):  # see _call_on_cpu
-            hit = _SOURCES[key](*grid)
+            # a private copy: builders cache their results and hand the same object to every caller
+            hit = _SOURCES[key](*grid).clone()
             if registers:
                 n = 1
                 for g in grid:

@@ -67,6 +67,7 @@ from mamba_dense.kernels import routes as _routes
 from mamba_dense.layers.pyramid import SimplePyramid
 from mamba_dense.layers.seq_mixer import RouteMamba
 
+from ._builder import pretrained_filter
 from ._features import check_image_batch
 from ._registry import register_encoder
 
@@ -109,7 +110,8 @@ class VimBlock(nn.Module):
         return x + self.drop_path(self.mixer(self.norm(x), route, inv))
 
 
-@functools.lru_cache(maxsize=128)
+@_routes.cached_route(maxsize=128)
+@_routes._on_cpu  # built on the CPU under a meta (or CUDA) default device too
 def vim_route(num_patches: int, cls_token: bool = True, num_registers: int = 0) -> torch.Tensor:
     """Vim / Mamba(R) scan routes over the token layout ``[patches (M), cls?, registers (R)]``.
 
@@ -118,7 +120,8 @@ def vim_route(num_patches: int, cls_token: bool = True, num_registers: int = 0) 
     class token nor registers this is ``routes.bidirectional(M)``.
 
     Returns:
-        int64 (2, M + cls + R) on the CPU (cached: the same tensor object for the same arguments).
+        int64 (2, M + cls + R) on the CPU (cached: the same tensor object for the same arguments while
+        it is not edited in place, see ``routes.cached_route``).
 
     Example:
         >>> vim_route(4, cls_token=True).tolist()
@@ -648,13 +651,7 @@ default_cfgs = generate_default_cfgs(
 
 
 def _create_vim(variant: str, pretrained: bool = False, **kwargs: Any) -> Vim:
-    if pretrained:
-        cfgs = (kwargs.get("pretrained_cfg_overlay") or {}, kwargs.get("pretrained_cfg") or {})
-        if not any(isinstance(c, dict) and c.get("file") for c in cfgs):
-            raise ValueError(
-                f"{variant}: weights are never downloaded; pass the official checkpoint as a file: "
-                f"timm.create_model({variant!r}, pretrained=True, pretrained_cfg_overlay=dict(file='/path/ckpt.pth'))"
-            )
+    filter_fn = pretrained_filter(variant, pretrained, kwargs, checkpoint_filter_fn)  # a file, loaded strictly
     if kwargs.get("features_only"):
         # NOTE: features for dense heads = the simple pyramid (strides 4..32), as Vim's segmentation
         # backbone; simple_pyramid=False gives the plain stride-16 block features instead.
@@ -668,7 +665,7 @@ def _create_vim(variant: str, pretrained: bool = False, **kwargs: Any) -> Vim:
         Vim,
         variant,
         pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
+        pretrained_filter_fn=filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs,
     )

@@ -32,7 +32,6 @@ Deviations from the SegMamba release:
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import torch
@@ -61,7 +60,7 @@ __all__ = [
     "segmamba_checkpoint_filter",
 ]
 
-_segmamba_route = functools.lru_cache(maxsize=64)(_routes.segmamba3d)
+_segmamba_route = _routes.cached_route(maxsize=64)(_routes.segmamba3d)
 
 
 def _segmamba_inverse(d: int, h: int, w: int) -> torch.Tensor:
@@ -70,7 +69,7 @@ def _segmamba_inverse(d: int, h: int, w: int) -> torch.Tensor:
 
 
 _SEGMAMBA_KEYS = (_routes.source_key(_segmamba_route), _routes.source_key(_segmamba_inverse))
-_axes3d_route = functools.lru_cache(maxsize=64)(_routes.axes3d)
+_axes3d_route = _routes.cached_route(maxsize=64)(_routes.axes3d)
 
 
 def _take(num: int, indices: int | list[int] | tuple[int, ...] | None) -> list[int]:

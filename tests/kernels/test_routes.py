@@ -112,3 +112,64 @@ def test_builder_called_inside_compiled_code_runs():
 
     x = torch.randn(3, 4)
     torch.testing.assert_close(torch.compile(f, backend="aot_eager")(x), f(x))
+
+
+def test_to_device_cache_follows_edits_and_frees_dropped_routes():
+    """to_device's cache is keyed by the route's version (an in-place edit gives a new copy, not the
+    stale one) and holds the route weakly (a dropped route frees its cached copy). The meta device
+    stands in for a GPU: the cache logic is the same."""
+    import gc
+    import weakref
+
+    r = routes.stack(routes.raster(3, 4)).clone()
+    m1 = routes.to_device(r, "meta")
+    assert routes.to_device(r, "meta") is m1  # cached
+    r[0, 0] = -1
+    m2 = routes.to_device(r, "meta")
+    assert m2 is not m1
+    ref = weakref.ref(r)
+    n = len(routes._DEVICE_CACHE)
+    del r
+    gc.collect()
+    assert ref() is None and len(routes._DEVICE_CACHE) < n
+
+
+def test_cached_builders_do_not_hand_out_another_callers_edits():
+    """Builders cache their routes (the same object while unedited, so the scan's per-route caches hit),
+    but a route a caller edited in place is rebuilt for the next caller, and the encoders' routes
+    (routes.built_route) are private copies: editing routes.cross2d(4, 4) changed every VMamba's
+    output before (found by an exploratory run)."""
+    from mamba_dense.encoders.vim import vim_route
+
+    for build in (lambda: routes.cross2d(4, 4), lambda: routes.localmamba(4, 6, ("h", "w2_flip")),
+                  lambda: vim_route(6, True, 2)):
+        r = build()
+        assert build() is r  # cached while unedited
+        pristine = r.clone()
+        r[:, 0] = -1  # a caller's own experiment
+        fresh = build()
+        assert fresh is not r and torch.equal(fresh, pristine)
+    key = routes.source_key(routes.cross2d)
+    built = routes.built_route(key, 5, 3)
+    assert built.data_ptr() != routes.cross2d(5, 3).data_ptr()
+    assert torch.equal(built, routes.cross2d(5, 3))
+
+
+def test_builders_take_lists_and_numpy_ints():
+    import numpy as np
+
+    assert torch.equal(routes.localmamba(3, 4, ["h", "v_flip"]), routes.localmamba(3, 4, ("h", "v_flip")))
+    assert torch.equal(routes.cross2d(np.int64(3), np.int32(4)), routes.cross2d(3, 4))
+    with pytest.raises(ValueError, match="positive ints"):
+        routes.cross2d(True, 4)
+
+
+def test_vim_route_under_a_meta_default_device():
+    from mamba_dense.encoders.vim import vim_route
+
+    vim_route.cache_clear()  # built first under the meta device
+    with torch.device("meta"):
+        r = vim_route(5, True, 1)
+    assert r.device.type == "cpu"
+    vim_route.cache_clear()
+    assert torch.equal(r, vim_route(5, True, 1))
