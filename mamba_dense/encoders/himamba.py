@@ -29,6 +29,7 @@ T: params 30.06M vs 30.25M (-0.6%), 4.95G vs 4.88G (+1.5%); S: params 49.70M vs 
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -54,6 +55,11 @@ def direction_route(direction: str, h: int, w: int) -> torch.Tensor:
         raise ValueError(f"unknown Hi-Mamba direction {direction!r}; choose from {HIMAMBA_DIRECTIONS}")
     r = base(h, w)
     return routes.stack(routes.flip(r) if direction.endswith("_flip") else r)
+
+
+# routes.device_route keys of the four directions: the blocks fetch cached, static-address device routes
+# (no route built, checked or copied per forward, and no graph break under torch.compile), as SS2D does
+_DIRECTION_KEYS = {d: routes.source_key(functools.partial(direction_route, d)) for d in HIMAMBA_DIRECTIONS}
 
 
 class HierarchicalSS2D(nn.Module):
@@ -116,15 +122,14 @@ class HierarchicalSS2D(nn.Module):
             u = self.conv2d(u.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         u = self.act(u).contiguous()  # (B, H, W, D)
         tokens = u.view(B, L, D)
-        route = direction_route(self.direction, H, W)
-        if R:  # registers join the local scan only
+        key = _DIRECTION_KEYS[self.direction]
+        if R:  # registers join the local scan only (spliced by routes.with_registers)
             tokens = torch.cat([tokens, self.act(self.in_proj(registers))], dim=1)
-            route = routes.with_registers(route, L, R)
-        y_tokens = self.local_ssm(tokens, route)
+        y_tokens = self.local_ssm(tokens, routes.device_route(key, H, W, registers=R, device=tokens.device))
         y_local = y_tokens[:, :L].view(B, H, W, D)
         pooled = F.adaptive_avg_pool2d(u.permute(0, 3, 1, 2), n)  # (B, D, n, n)
         region = pooled.permute(0, 2, 3, 1).reshape(B, n * n, D)
-        y_region = self.region_ssm(region, direction_route(self.direction, n, n)).view(B, n, n, D)
+        y_region = self.region_ssm(region, routes.device_route(key, n, n, device=region.device)).view(B, n, n, D)
         y_region = F.interpolate(y_region.permute(0, 3, 1, 2), size=(H, W), mode="nearest").permute(0, 2, 3, 1)
         g = torch.sigmoid(u * self.gate_weight + self.gate_bias)
         # NOTE: under autocast the pooled region path can come back in fp32; lerp needs one dtype.

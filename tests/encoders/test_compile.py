@@ -69,3 +69,27 @@ def test_compiled_after_eager_warmup_reuses_the_cached_route(monkeypatch):
         torch.testing.assert_close(y, m(x))
         sizes.append(len(ts._ROUTE_INFO))
     assert sizes[0] == sizes[1] == sizes[2]
+
+
+@pytest.mark.parametrize("name, kw", [
+    ("himamba_tiny", {}),
+    ("himamba_tiny", {"num_registers": 3}),
+    ("localvmamba_tiny", {"directions": [("h", "v_flip", "w7", "w2_flip")] * 4}),
+    ("vmamba_tiny", {"num_registers": 2}),
+])
+def test_hierarchical_encoders_trace_as_one_graph(name, kw):
+    """Every hierarchical 2D family traces with fullgraph=True (the README's promise) and matches
+    eager: their blocks fetch cached device routes (routes.device_route). Hi-Mamba built its routes
+    in every forward, which broke the graph (found by an exploratory run)."""
+    import timm
+
+    import mamba_dense.encoders  # noqa: F401  (registers the encoders in timm)
+
+    torch.manual_seed(0)
+    m = timm.create_model(name, features_only=True, depths=(1, 1, 1, 1), dims=16, **kw).eval()
+    x = torch.randn(1, 3, 40, 56)
+    with torch.no_grad():
+        eager = m(x)  # the eager warm-up caches the routes at this size
+        compiled = torch.compile(m, backend="eager", fullgraph=True, dynamic=False)(x)
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b)
