@@ -173,33 +173,11 @@ def _pruned(key: str, enc: nn.Module) -> bool:
     return isinstance(seq, nn.ModuleList | nn.Sequential) and idx.isdigit() and int(idx) >= len(seq)
 
 
-def load_encoder_weights(
-    model: nn.Module,
-    path: str | os.PathLike,
-    *,
-    ignore: Sequence[str] = (),
-    weights_only: bool | None = None,
-) -> LoadReport:
-    """Load an official (or our own) checkpoint file into an encoder, strictly.
-
-    Args:
-        model: one of our encoders (``mamba_dense.create_encoder``), or the timm ``features_only``
-            / smp wrapper of one; the weights go into the encoder inside.
-        path: local checkpoint file.
-        ignore: glob patterns (our names, after conversion) of file tensors to leave out on
-            purpose, e.g. ``("cls_token", "cls_pos_embed")`` to load Vim weights into an encoder
-            built with ``cls_token=False``.
-        weights_only: see :func:`read_checkpoint`.
-
-    Returns:
-        a :class:`LoadReport`.
-
-    Raises:
-        CheckpointMismatchError: missing / unexpected keys or shape mismatches outside the cases
-            listed in the module docstring; the message lists them.
-    """
-    enc = _encoder_of(model)
-    converted, left_out = convert_state_dict(enc, read_checkpoint(path, weights_only))
+def _match(enc: nn.Module, converted: dict[str, torch.Tensor], left_out: list[str], path, ignore: Sequence[str] = (),
+           adapt: Sequence[str] = (), skip_hint: str = "pass ignore=[...]") -> tuple[LoadReport, dict[str, torch.Tensor]]:
+    """load_encoder_weights' check: the report and the tensors to load, or CheckpointMismatchError.
+    adapt: keys whose file tensor may differ in shape because the loader adapts it afterwards (timm:
+    the first conv for in_chans != 3, the classifier for another number of classes); they pass unchecked."""
     own = enc.state_dict()
     own_tops = {k.split(".", 1)[0] for k in own}
     report = LoadReport(ignored=list(left_out))
@@ -210,7 +188,7 @@ def load_encoder_weights(
         if any(fnmatch.fnmatchcase(k, p) for p in ignore):
             report.ignored.append(k)
         elif k in own:
-            if tuple(v.shape) != tuple(own[k].shape):
+            if tuple(v.shape) != tuple(own[k].shape) and k not in adapt:
                 mismatched.append(f"{k}: file {tuple(v.shape)} vs encoder {tuple(own[k].shape)}")
             else:
                 to_load[k] = v
@@ -242,8 +220,39 @@ def load_encoder_weights(
         raise CheckpointMismatchError(
             f"{os.fspath(path)} does not fit {type(enc).__name__}: " + "; ".join(parts)
             + ". Check the variant and its size arguments (dims, depths, embed_dim, num_registers, "
-            "cls_token) against the checkpoint, or pass ignore=[...] for tensors to leave out on purpose."
+            f"cls_token) against the checkpoint, or {skip_hint} for tensors to leave out on purpose."
         )
+    return report, to_load
+
+
+def load_encoder_weights(
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    ignore: Sequence[str] = (),
+    weights_only: bool | None = None,
+) -> LoadReport:
+    """Load an official (or our own) checkpoint file into an encoder, strictly.
+
+    Args:
+        model: one of our encoders (``mamba_dense.create_encoder``), or the timm ``features_only``
+            / smp wrapper of one; the weights go into the encoder inside.
+        path: local checkpoint file.
+        ignore: glob patterns (our names, after conversion) of file tensors to leave out on
+            purpose, e.g. ``("cls_token", "cls_pos_embed")`` to load Vim weights into an encoder
+            built with ``cls_token=False``.
+        weights_only: see :func:`read_checkpoint`.
+
+    Returns:
+        a :class:`LoadReport`.
+
+    Raises:
+        CheckpointMismatchError: missing / unexpected keys or shape mismatches outside the cases
+            listed in the module docstring; the message lists them.
+    """
+    enc = _encoder_of(model)
+    converted, left_out = convert_state_dict(enc, read_checkpoint(path, weights_only))
+    report, to_load = _match(enc, converted, left_out, path, ignore)
     result = enc.load_state_dict(to_load, strict=False)
     # NOTE: BatchNorm fills a missing num_batches_tracked itself, so it is not in missing_keys.
     assert not result.unexpected_keys and set(result.missing_keys) <= set(report.initialized), result
@@ -251,3 +260,30 @@ def load_encoder_weights(
     report.initialized.sort()
     report.ignored.sort()
     return report
+
+
+def checked_filter(path: str | os.PathLike) -> Callable[[Mapping[str, Any], nn.Module], dict[str, torch.Tensor]]:
+    """A timm ``pretrained_filter_fn`` as strict as :func:`load_encoder_weights`.
+
+    timm loads a features-only model's weights with ``strict=False`` (its head differs from the
+    checkpoint's), so a checkpoint of another model loaded with nothing but a log line. This filter
+    converts the file's tensors, raises :class:`CheckpointMismatchError` naming ``path`` where
+    load_encoder_weights would, and returns what timm should load: the converted tensors plus the
+    model's own values for the modules that stay at their init by design. The first conv (timm adapts
+    it to ``in_chans``) and the classifier (timm drops it for another number of classes) pass unchecked.
+    """
+
+    def fn(state_dict: Mapping[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
+        cfg = getattr(model, "pretrained_cfg", None) or {}
+        names = [cfg.get("first_conv"), cfg.get("classifier")]
+        names = [n for v in names for n in ((v,) if isinstance(v, str) else (v or ()))]
+        adapt = [f"{n}.{p}" for n in names for p in ("weight", "bias")]
+        converted, left_out = convert_state_dict(model, state_dict)
+        report, to_load = _match(_encoder_of(model), converted, left_out, path, adapt=adapt, skip_hint=(
+            "load the file with mamba_dense.convert.load_encoder_weights(model, path, ignore=[...])"))
+        own = model.state_dict()
+        to_load.update({k: own[k] for k in report.initialized})
+        return to_load
+
+    return fn
+

@@ -18,7 +18,7 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg
 
-__all__ = ["encoder_cfg", "build_encoder", "unwrap_checkpoint"]
+__all__ = ["encoder_cfg", "build_encoder", "pretrained_filter", "unwrap_checkpoint"]
 
 
 def encoder_cfg(**kwargs: Any) -> dict[str, Any]:
@@ -48,24 +48,38 @@ def build_encoder(
 ) -> nn.Module:
     """``timm.models.build_model_with_cfg`` with the 4-stage feature getter as feature adapter.
 
-    ``pretrained=True`` needs a local file (no downloads): ``pretrained_cfg_overlay=dict(file=path)``.
+    ``pretrained=True`` needs a local file (no downloads): ``pretrained_cfg_overlay=dict(file=path)``;
+    it loads as strictly as ``mamba_dense.convert.load_encoder_weights`` (:func:`pretrained_filter`).
     """
-    if pretrained:
-        cfgs = (kwargs.get("pretrained_cfg_overlay") or {}, kwargs.get("pretrained_cfg") or {})
-        if not any(isinstance(c, dict) and c.get("file") for c in cfgs):
-            raise ValueError(
-                f"{variant}: weights are never downloaded; pass the official checkpoint as a file, e.g. "
-                f"timm.create_model({variant!r}, pretrained=True, pretrained_cfg_overlay=dict(file='/path/ckpt.pth')) "
-                "(smp: encoder_weights=True plus the same pretrained_cfg_overlay), or use pretrained=False"
-            )
     return build_model_with_cfg(
         model_cls,
         variant,
         pretrained,
-        pretrained_filter_fn=pretrained_filter_fn,
+        pretrained_filter_fn=pretrained_filter(variant, pretrained, kwargs, pretrained_filter_fn),
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
         **kwargs,
     )
+
+
+def pretrained_filter(variant: str, pretrained: bool, kwargs: Mapping[str, Any], family_filter: Callable | None):
+    """The ``pretrained_filter_fn`` for timm: with ``pretrained=True``, the file named in the cfg
+    (never a download; ValueError without one) loads through ``convert.checked_filter``, which
+    converts with the family's filter and raises ``CheckpointMismatchError`` naming the file for a
+    checkpoint that does not fit (timm itself loads features-only models with strict=False and
+    only logs the keys it could not place)."""
+    if not pretrained:
+        return family_filter
+    cfgs = (kwargs.get("pretrained_cfg_overlay") or {}, kwargs.get("pretrained_cfg") or {})
+    file = next((c["file"] for c in cfgs if isinstance(c, dict) and c.get("file")), None)
+    if file is None:
+        raise ValueError(
+            f"{variant}: weights are never downloaded; pass the official checkpoint as a file, e.g. "
+            f"timm.create_model({variant!r}, pretrained=True, pretrained_cfg_overlay=dict(file='/path/ckpt.pth')) "
+            "(smp: encoder_weights=True plus the same pretrained_cfg_overlay), or use pretrained=False"
+        )
+    from mamba_dense.convert import checked_filter
+
+    return checked_filter(file)
 
 
 _WRAPPER_KEYS = ("model", "state_dict", "module", "model_ema", "state_dict_ema")

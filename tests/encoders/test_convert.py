@@ -245,3 +245,33 @@ def test_timm_pretrained_file_and_own_state_dict_pass_through(tmp_path):
     fresh = enc.create_encoder("vmamba_tiny", depths=DEPTHS, dims=C0)
     assert not load_encoder_weights(fresh, ours).ignored
     torch.testing.assert_close(fresh.stages[2].blocks[1].op.ssm.A_logs, m.stages[2].blocks[1].op.ssm.A_logs)
+
+
+def test_timm_and_smp_pretrained_files_load_strictly(tmp_path):
+    """timm loads a features-only model with strict=False (its head differs from the file's), so a
+    file of another model used to build with random weights and a log line (found by an exploratory
+    run). The timm path now raises like load_encoder_weights, naming the file; the cases timm adapts
+    by design (in_chans != 3, another number of classes, features_only) still load."""
+    from mamba_dense.integrations.smp import create_smp_model
+
+    sd = official.vssm(depths=DEPTHS, dims=C0)
+    good = _save(tmp_path, sd)
+    kw = dict(depths=DEPTHS, dims=C0, pretrained=True, pretrained_cfg_overlay=dict(file=str(good)))
+    f = timm.create_model("vmamba_tiny", features_only=True, **kw)
+    torch.testing.assert_close(f.model.stem.norm1.weight, sd["patch_embed.2.weight"])
+    one = timm.create_model("vmamba_tiny", features_only=True, in_chans=1, **kw)  # first conv adapted
+    assert one.model.stem.conv1.weight.shape[1] == 1
+    torch.testing.assert_close(one.model.stem.conv1.weight[:, 0], sd["patch_embed.0.weight"].sum(1))
+    ten = timm.create_model("vmamba_tiny", num_classes=10, **kw)  # classifier dropped, the rest loaded
+    torch.testing.assert_close(ten.stem.norm1.weight, sd["patch_embed.2.weight"])
+
+    unrelated = tmp_path / "unrelated.pth"
+    torch.save({"model": {"foo.weight": torch.randn(3, 3)}}, unrelated)
+    other = tmp_path / "other.pth"  # the same family at other depths
+    torch.save({"model": official.vssm(depths=(1, 1, 1, 1), dims=C0)}, other)
+    for path in (unrelated, other):
+        kw["pretrained_cfg_overlay"] = dict(file=str(path))
+        with pytest.raises(CheckpointMismatchError, match=str(path)):
+            timm.create_model("vmamba_tiny", features_only=True, **kw)
+    with pytest.raises(CheckpointMismatchError, match="unrelated.pth"):
+        create_smp_model("fpn", "vmamba_tiny", classes=3, checkpoint=str(unrelated), depths=DEPTHS, dims=C0)
