@@ -13,6 +13,8 @@ their short names. Imports come from `lightning.pytorch` only.
 
 from __future__ import annotations
 
+import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,7 +26,16 @@ from lightning.pytorch.utilities import rank_zero_info
 
 import mamba_dense.datamodules  # noqa: F401  (classes imported here resolve by short name)
 import mamba_dense.tasks  # noqa: F401
-from mamba_dense.tasks.guards import AtomicCheckpointIO, NonFiniteGuard, OutOfMemoryGuard
+from mamba_dense.convert import CheckpointMismatchError
+from mamba_dense.datamodules._common import DataError
+from mamba_dense.tasks.guards import (
+    AtomicCheckpointIO,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    NonFiniteGuard,
+    OutOfMemoryGuard,
+    unreadable_checkpoint,
+)
 from mamba_dense.tasks.resume import ExactResume, find_last_checkpoint
 from mamba_dense.tasks.sync_bn import NoHostSyncBatchNorm
 
@@ -53,6 +64,41 @@ class MambaDenseCLI(LightningCLI):
             kwargs.setdefault("plugins", [*plugins, *extra])
         return super().instantiate_trainer(**kwargs)
 
+    def instantiate_classes(self) -> None:
+        """LightningCLI's, except that an error raised while building the model or the datamodule comes
+        out as itself: jsonargparse wraps it in a "Does not validate against any of the Union subtypes"
+        error, which buries the message (file, field, fix) in the middle of ~80 lines."""
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            cause = err.__cause__
+            if cause is None or "Union subtypes" not in str(err):
+                raise
+            while cause.__cause__ is not None and "Union subtypes" in str(cause):
+                cause = cause.__cause__
+            raise cause from None
+
+    def _parse_ckpt_path(self) -> None:
+        """LightningCLI reads the hyperparameters of `--ckpt_path` while parsing (and Lightning loads it
+        again later); a missing or unreadable file stops here with the path and the fix, instead of a
+        late FileNotFoundError or torch's "PytorchStreamReader failed" without a file name."""
+        sub = self.config.get("subcommand")
+        ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if isinstance(ckpt, str) and ckpt not in _CKPT_KEYWORDS and not ckpt.startswith("registry"):
+            if "://" not in ckpt and not os.path.isfile(ckpt):
+                raise CheckpointNotFoundError(
+                    f"--ckpt_path {ckpt}: no such file. Fix: give a checkpoint written by `mamba-dense fit`, "
+                    "e.g. runs/<name>/lightning_logs/version_<n>/checkpoints/last.ckpt"
+                    + (", or `last` to resume the newest run" if sub == "fit" else "")
+                )
+        try:
+            super()._parse_ckpt_path()
+        except Exception as err:
+            clear = unreadable_checkpoint(ckpt, err)
+            if clear is None:
+                raise
+            raise clear from err
+
     def before_fit(self) -> None:
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") == "last":
@@ -60,6 +106,12 @@ class MambaDenseCLI(LightningCLI):
             if path is not None:
                 rank_zero_info(f"Resuming from the newest last checkpoint: {path}")
                 config["ckpt_path"] = path
+
+
+_CKPT_KEYWORDS = ("last", "best", "hpc")
+# Bad input whose message names the file, the field and the fix: the console script prints the message
+# alone (no traceback); build_cli (in-process use) raises them.
+_USER_ERRORS = (DataError, CheckpointMismatchError, CheckpointNotFoundError, CorruptCheckpointError)
 
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True) -> MambaDenseCLI:
@@ -79,7 +131,11 @@ def build_cli(args: Sequence[str] | None = None, run: bool = True) -> MambaDense
 
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of the `mamba-dense` console script."""
-    build_cli(args)
+    try:
+        build_cli(args)
+    except _USER_ERRORS as err:
+        print(f"mamba-dense: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

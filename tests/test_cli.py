@@ -79,6 +79,39 @@ def test_bad_config_values_give_clear_errors(shapes_args):
         build_cli([*shapes_args, "--model.init_args.head=deeplab"], run=False)
 
 
+def test_bad_weights_and_checkpoint_paths_give_their_message_alone(shapes_args, tmp_path, capsys):
+    """Errors found by an exploratory run: a wrong encoder_weights file surfaced inside ~80 lines of
+    jsonargparse's "Does not validate against any of the Union subtypes"; a missing --ckpt_path gave
+    Lightning's traceback, a truncated one torch's "PytorchStreamReader failed" without the file name.
+    Now each raises its own error naming the file and the fix, which the console script prints alone."""
+    import torch
+
+    from mamba_dense.cli import main
+    from mamba_dense.convert import CheckpointMismatchError
+    from mamba_dense.tasks.guards import AtomicCheckpointIO, CheckpointNotFoundError, CorruptCheckpointError
+
+    run = ["validate", *shapes_args, "--trainer.fast_dev_run=1"]
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"foo.bar": torch.zeros(3)}, wrong)
+    with pytest.raises(CheckpointMismatchError, match="wrong.pth does not fit VMamba") as err:
+        build_cli([*run, f"--model.init_args.encoder_weights={wrong}"])
+    assert "Union subtypes" not in str(err.value)
+    missing = tmp_path / "nope.ckpt"
+    with pytest.raises(CheckpointNotFoundError, match=r"nope.ckpt: no such file. Fix: give a checkpoint"):
+        build_cli([*run, f"--ckpt_path={missing}"])
+    whole, cut = tmp_path / "whole.ckpt", tmp_path / "cut.ckpt"
+    torch.save({"state_dict": {"w": torch.randn(64, 64)}, "hyper_parameters": {}}, whole)
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(CorruptCheckpointError, match="cut.ckpt: not a readable checkpoint"):
+        build_cli([*run, f"--ckpt_path={cut}"])
+    with pytest.raises(CorruptCheckpointError, match="cut.ckpt"):  # Trainer(ckpt_path=...) outside the CLI
+        AtomicCheckpointIO().load_checkpoint(cut)
+    with pytest.raises(SystemExit) as exit_:
+        main([*run, f"--ckpt_path={missing}"])
+    printed = capsys.readouterr().err
+    assert exit_.value.code == 2 and "mamba-dense: error: --ckpt_path" in printed and "Traceback" not in printed
+
+
 RECIPES = sorted(str(p.relative_to(CONFIGS)) for d in ("ade20k", "coco") for p in (CONFIGS / d).glob("*.yaml"))
 # drop path of each ADE20K recipe (see the comment in each file for its source)
 DROP_PATH = {"vmamba_tiny": 0.2, "vmamba_small": 0.3, "vmamba_base": 0.6, "localvmamba_tiny": 0.2,

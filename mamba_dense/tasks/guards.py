@@ -4,6 +4,7 @@ checkpoints atomically."""
 from __future__ import annotations
 
 import os
+import pickle
 import uuid
 from typing import Any
 
@@ -80,6 +81,31 @@ class NonFiniteGuard(pl.Callback):
         )
 
 
+class CheckpointNotFoundError(FileNotFoundError):
+    """A checkpoint path (``--ckpt_path``) that names no file; the message gives the fix."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that torch cannot read (truncated copy, not a checkpoint); the message names it."""
+
+
+def unreadable_checkpoint(path: Any, err: BaseException) -> CorruptCheckpointError | None:
+    """The CorruptCheckpointError for torch.load's error err on path when err says the file is not a
+    (complete) checkpoint, else None."""
+    text = str(err)
+    # a cut zip fails in the reader (RuntimeError "PytorchStreamReader failed ...", or OSError EINVAL
+    # seeking past its end), other files in unpickling
+    if not isinstance(err, (pickle.UnpicklingError, EOFError, OSError)) and not (
+        isinstance(err, RuntimeError) and ("PytorchStreamReader" in text or "zip archive" in text)
+    ):
+        return None
+    return CorruptCheckpointError(
+        f"{path}: not a readable checkpoint (truncated, or not written by torch.save: {type(err).__name__}: "
+        f"{text.splitlines()[0] if text else ''}). Fix: pass a complete checkpoint, e.g. another last*.ckpt or "
+        "best-*.ckpt of the run (mamba-dense writes them atomically, so a truncated one was copied incompletely)"
+    )
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """`TorchCheckpointIO` that never leaves a truncated checkpoint under the final name.
 
@@ -91,6 +117,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     Example:
         >>> trainer = pl.Trainer(plugins=[AtomicCheckpointIO()])  # doctest: +SKIP
     """
+
+    def load_checkpoint(self, path: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """TorchCheckpointIO's load; a truncated or foreign file raises CorruptCheckpointError naming it."""
+        try:
+            return super().load_checkpoint(path, *args, **kwargs)
+        except Exception as err:
+            clear = unreadable_checkpoint(path, err)
+            if clear is None:
+                raise
+            raise clear from err
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         if not isinstance(get_filesystem(path), LocalFileSystem):
