@@ -314,8 +314,16 @@ class _Volumetric(nn.Module):
         """
         if output_fmt not in ("NCDHW", "NDHWC"):
             raise ValueError(f"output_fmt must be 'NCDHW' or 'NDHWC', got {output_fmt!r}")
-        if x.dim() != 5:
-            raise ValueError(f"expected a volume (B, C, D, H, W), got shape {tuple(x.shape)}")
+        if x.dim() != 5 or x.shape[1] != self.in_chans:
+            raise ValueError(
+                f"expected a volume batch (B, {self.in_chans}, D, H, W), got {tuple(x.shape)}; build the encoder "
+                f"with in_chans={x.shape[1] if x.dim() == 5 else '?'} for other channel counts"
+            )
+        if min(x.shape[0], *x.shape[2:]) < 1:
+            raise ValueError(
+                f"expected at least one volume of at least 1 x 1 x 1 voxels (any D, H, W >= 1 works), got "
+                f"(B, C, D, H, W) = {tuple(x.shape)}; drop empty volumes and batches before the encoder"
+            )
         take = _take(len(self.feature_info), indices)
         last = max(take) if stop_early else len(self.feature_info) - 1
         feats = []

@@ -70,6 +70,12 @@ def test_indices_formats_and_errors():
         m.forward_intermediates(x, output_fmt="NCHW")
     with pytest.raises(ValueError, match="volume"):
         m(torch.randn(1, 1, 8, 8))
+    # wrong channel count and empty batches: a clear error, not a conv / reshape error from inside
+    with pytest.raises(ValueError, match=r"\(B, 1, D, H, W\), got \(1, 3, 8, 10, 12\); build the encoder with in_chans=3"):
+        m(torch.randn(1, 3, 8, 10, 12))
+    for empty in ((0, 1, 8, 10, 12), (1, 1, 0, 10, 12)):
+        with pytest.raises(ValueError, match="at least one volume of at least 1 x 1 x 1 voxels"):
+            m(torch.randn(*empty))
     with pytest.raises(ValueError, match="feature indices"):
         m.forward_intermediates(x, indices=[4])
     with pytest.raises(ValueError, match="available"):
