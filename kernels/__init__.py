@@ -113,6 +113,11 @@ def validate_inputs(x, dt, A, B, C, D, dt_bias, route, merge, out_dtype, check_v
         )
     if not isinstance(A, torch.Tensor) or A.dim() != 3:
         raise ValueError(f"A must be a tensor of shape (K, D, N) = ({K}, {Dm}, N), got {_shape(A)}")
+    if A.shape[0] != K and isinstance(dt, torch.Tensor) and dt.dim() == 4 and dt.shape[2] == A.shape[0]:
+        raise ValueError(
+            f"route must have one row per route of the parameters: A {tuple(A.shape)} and dt {tuple(dt.shape)} "
+            f"have K = {A.shape[0]} routes, route {tuple(route.shape)} has {K} rows"
+        )
     N = A.shape[2]
     need = {
         "dt": (dt, (batch, L, K, Dm), "(batch, L, K, D)"),

@@ -240,7 +240,8 @@ def with_registers(route: torch.Tensor, num_tokens: int, num_registers: int) -> 
 
     Registers are tokens ``num_tokens .. num_tokens + R - 1`` (appended after the image tokens in
     the token tensor). In every route, register ``r`` is visited right before step
-    ``round((r + 1) * S / (R + 1))``, i.e. evenly spaced through the sequence and never at an end.
+    ``round((r + 1) * S / (R + 1))``, i.e. evenly spaced through the sequence; none is at an end while
+    S / (R + 1) > 1/2 (e.g. R = 12 registers on a 1 x 1 last stage put some first and last).
     A flipped route is handled by splicing into the un-flipped order: use
     ``flip(with_registers(route, ...))`` when you want mirrored positions.
     """
@@ -270,6 +271,8 @@ def inverse(route: torch.Tensor, num_tokens: int) -> torch.Tensor:
     if route.dim() == 1:
         return inverse(route[None], num_tokens)[0]
     K, S = route.shape
+    if route.numel() and int(route.max()) >= num_tokens:
+        raise ValueError(f"route visits token {int(route.max())}, outside the num_tokens={num_tokens} it was given")
     inv = torch.full((K, num_tokens), -1, dtype=torch.long, device=route.device)
     steps = torch.arange(S, device=route.device).expand(K, S)
     valid = route >= 0

@@ -79,6 +79,7 @@ def _call(kw):
         (dict(route=torch.tensor([[0, -2, 1], [5, 4, 3]])), ["route", "[-1, L)"]),
         (dict(route=torch.tensor([[0.0, 1.0]])), ["route", "int64"]),
         (dict(route=torch.tensor([0, 1])), ["route", "(K, S)"]),
+        (dict(route=torch.arange(6)[None]), ["route", "(1, 6) has 1 rows", "K = 2 routes"]),  # not a dt error
         (dict(x=torch.randn(1, 4, 6).transpose(1, 2)), ["x", "contiguous"]),
         (dict(x=torch.randint(0, 3, (1, 6, 4))), ["x", "dtype", "(1, 6, 4)", "float32"]),
         (dict(B=torch.randn(1, 6, 2, 3, device="meta")), ["B", "device", "(1, 6, 2, 3)", "meta"]),

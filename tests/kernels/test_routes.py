@@ -173,3 +173,8 @@ def test_vim_route_under_a_meta_default_device():
     assert r.device.type == "cpu"
     vim_route.cache_clear()
     assert torch.equal(r, vim_route(5, True, 1))
+
+
+def test_inverse_rejects_tokens_past_num_tokens():
+    with pytest.raises(ValueError, match="visits token 5, outside the num_tokens=4"):
+        routes.inverse(routes.raster(6), 4)
