@@ -135,6 +135,7 @@ def read_case(image_paths: Sequence[Path], label_path: Path | None, num_modaliti
         raw = raw[..., 0]
     if raw.ndim != 3:
         raise DataError(label_path, "dim", f"label shape {raw.shape}", "labels must be 3D class-index volumes")
+    raw, lab_aff = _onto_image_axes(raw, lab_aff, affine, image.shape[:3])
     if raw.shape != image.shape[:3]:
         raise DataError(label_path, "shape", f"label {raw.shape} vs image {first.name} {image.shape[:3]}",
                         "resample the label onto the image grid (or pair the right files)")
@@ -143,7 +144,7 @@ def read_case(image_paths: Sequence[Path], label_path: Path | None, num_modaliti
         raise DataError(label_path, "affine", f"differs from image {first.name}'s (max difference "
                         f"{np.abs(lab_aff - affine).max():.4g}): the label lies on another voxel grid",
                         "resample the label onto the image grid, or re-save it with the image's affine if only the "
-                        "header is wrong")
+                        "header is wrong (a label stored with flipped or permuted axes is already reoriented)")
     values = np.unique(raw)
     if values.dtype.kind == "f":
         if not np.isfinite(values).all():
@@ -160,6 +161,23 @@ def read_case(image_paths: Sequence[Path], label_path: Path | None, num_modaliti
         raise DataError(label_path, "voxel values", f"values {bad[:6].tolist()} outside the dataset.json labels "
                         f"0..{num_classes - 1}", "fix the label file or add the classes to dataset.json 'labels'")
     return image, np.rint(raw).astype(np.int64), affine
+
+
+def _onto_image_axes(raw: np.ndarray, lab_aff: np.ndarray, affine: np.ndarray, shape: tuple[int, ...]):
+    """The label array in the image's axis order and directions when the two files store the same voxel
+    grid with flipped or permuted axes (e.g. an LAS label next to an RAS image): a lossless reorientation.
+    Otherwise the label unchanged (the caller's shape and affine checks then name the mismatch)."""
+    try:
+        t = ornts.ornt_transform(ornts.io_orientation(lab_aff), ornts.io_orientation(affine))
+    except ValueError:  # a degenerate affine: leave it to the checks
+        return raw, lab_aff
+    if (t == [[0, 1], [1, 1], [2, 1]]).all():
+        return raw, lab_aff
+    moved = ornts.apply_orientation(raw, t)
+    moved_aff = lab_aff @ ornts.inv_ornt_aff(t, raw.shape)
+    if moved.shape == tuple(shape) and np.allclose(moved_aff, affine, atol=1e-3, rtol=1e-3):
+        return moved, moved_aff
+    return raw, lab_aff
 
 
 class CaseGeometry(dict):

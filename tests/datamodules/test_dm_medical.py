@@ -280,6 +280,26 @@ def test_affine_mismatch_raises(msd_root, tmp_path):
         read_case([img_path, other], None, 2, 3)
 
 
+def test_label_stored_with_flipped_or_permuted_axes_is_reoriented(msd_root, tmp_path):
+    """The same voxel grid stored in another axis order or direction (an LAS label next to an RAS image)
+    is reoriented losslessly; it was rejected as "another voxel grid" with a fix (re-save it with the
+    image's affine) that would have mirrored the label (found by an exploratory run)."""
+    root, img_path, lbl_path = _case(msd_root, tmp_path)
+    lab = nib.load(lbl_path)
+    data = np.asarray(lab.dataobj)
+    _, ref, _ = read_case([img_path], lbl_path, 1, 3)
+    n0 = data.shape[0]
+    flip0 = np.array([[-1, 0, 0, n0 - 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=float)
+    swap01 = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=float)
+    for arr, aff in ((data[::-1], lab.affine @ flip0), (data.transpose(1, 0, 2), lab.affine @ swap01),
+                     (data[::-1].transpose(1, 0, 2), lab.affine @ flip0 @ swap01)):
+        assert nib.aff2axcodes(aff) != nib.aff2axcodes(lab.affine)
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(arr), aff), lbl_path)
+        _, label, _ = read_case([img_path], lbl_path, 1, 3)
+        np.testing.assert_array_equal(label, ref)
+    assert len(np.unique(ref)) > 1  # the label is not constant (a flip would go unnoticed)
+
+
 def test_float_labels_rounded_with_warning(msd_root, tmp_path, recwarn):
     root, img_path, lbl_path = _case(msd_root, tmp_path)
     lab = nib.load(lbl_path)
