@@ -17,6 +17,7 @@ clamped at 0, the +1 neighbour clamped at the border); they are built once per s
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,23 +32,31 @@ def bilinear_matrix(n_out: int, n_in: int, n_keep: int | None = None, dtype: tor
     n_in) bilinearly resized to n_out (``align_corners=False``)."""
     n_keep = n_out if n_keep is None else n_keep
     key = (n_out, n_in, n_keep, dtype, str(device))
-    r = None if torch.compiler.is_compiling() else _CACHE.get(key)
+    compiling = torch.compiler.is_compiling()
+    r = None if compiling else _CACHE.get(key)
     if r is None:
-        i = torch.arange(n_keep, device=device, dtype=torch.float32)
-        scale = float(np.float32(n_in) / np.float32(n_out))  # the fp32 scale of PyTorch's kernels
-        s = ((i + 0.5) * scale - 0.5).clamp_min(0.0)
-        i0 = s.floor()
-        lam = (s - i0)[:, None]
-        i0 = i0.long()
-        i1 = (i0 + 1).clamp_max(n_in - 1)
-        cols = torch.arange(n_in, device=device)
-        r = (cols == i0[:, None]) * (1.0 - lam) + (cols == i1[:, None]) * lam  # i0 == i1 at the border: 1
-        r = r.to(dtype)
-        if not torch.compiler.is_compiling():
+        with contextlib.nullcontext() if compiling else torch.inference_mode(False):
+            r = _build(n_out, n_in, n_keep, dtype, device)
+        if not compiling:
             if len(_CACHE) > 256:
                 _CACHE.clear()
+            # built outside inference mode: a matrix first made under Lightning's validate / predict
+            # (inference mode) could not be saved for backward by a later training step
             _CACHE[key] = r
     return r
+
+
+def _build(n_out: int, n_in: int, n_keep: int, dtype: torch.dtype, device) -> torch.Tensor:
+    i = torch.arange(n_keep, device=device, dtype=torch.float32)
+    scale = float(np.float32(n_in) / np.float32(n_out))  # the fp32 scale of PyTorch's kernels
+    s = ((i + 0.5) * scale - 0.5).clamp_min(0.0)
+    i0 = s.floor()
+    lam = (s - i0)[:, None]
+    i0 = i0.long()
+    i1 = (i0 + 1).clamp_max(n_in - 1)
+    cols = torch.arange(n_in, device=device)
+    r = (cols == i0[:, None]) * (1.0 - lam) + (cols == i1[:, None]) * lam  # i0 == i1 at the border: 1
+    return r.to(dtype)
 
 
 def resize_bilinear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:

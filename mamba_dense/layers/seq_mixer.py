@@ -50,19 +50,18 @@ class RoutePlan(NamedTuple):
 
 
 def route_plan(route: torch.Tensor, num_tokens: int) -> RoutePlan:
-    """:class:`RoutePlan` of a (K, S) route over ``num_tokens`` tokens, cached by identity (one
-    device-to-host copy per route)."""
-    key = (id(route), tuple(route.shape), num_tokens)
-    hit = _PLAN_CACHE.get(key)
-    if hit is not None and hit[0] is route:
-        return hit[1]
-    r = route.cpu()
-    inv = _routes.inverse(r, num_tokens)
+    """:class:`RoutePlan` of a (K, S) route over ``num_tokens`` tokens, cached per route tensor (one
+    device-to-host copy per route; held weakly, see ``routes.cache_put``), built outside inference mode
+    (a plan first made under Lightning's validate could not be saved for backward by a later step)."""
+    key = _routes.tensor_key(route, num_tokens)
+    plan = _routes.cache_get(_PLAN_CACHE, key, route)
+    if plan is not None:
+        return plan
+    with torch.inference_mode(False):
+        r = route.cpu()
+        inv = _routes.inverse(r, num_tokens)
     plan = RoutePlan(inv, bool((r < 0).any()), bool((inv >= 0).all()))
-    if len(_PLAN_CACHE) > 512:
-        _PLAN_CACHE.clear()
-    _PLAN_CACHE[key] = (route, plan)
-    return plan
+    return _routes.cache_put(_PLAN_CACHE, key, route, plan, limit=512)
 
 
 def route_conv1d(

@@ -47,3 +47,16 @@ def test_bilinear_matrix_rows_are_interpolate(n_out, n_in, keep):
     ref = F.interpolate(v[None], size=n_out, mode="linear", align_corners=False)[0, :, :keep]
     got = v.double() @ bilinear_matrix(n_out, n_in, keep, dtype=torch.float64).T
     torch.testing.assert_close(got, ref.double(), rtol=1e-6, atol=3e-6)  # fp32 rounding of ref
+
+
+def test_matrices_first_built_in_inference_mode_still_train():
+    """Lightning's validate / predict run under inference mode; a resize matrix cached there must not be
+    an inference tensor, or the next training step at that size fails to save it for backward
+    ("Inference tensors cannot be saved for backward": predict then fit in one process)."""
+    from mamba_dense.layers.resize import resize_bilinear
+
+    with torch.inference_mode():
+        resize_bilinear(torch.randn(1, 2, 7, 9), (13, 11))  # first sight of these sizes
+    x = torch.randn(1, 2, 7, 9, requires_grad=True)
+    resize_bilinear(x, (13, 11)).square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -129,32 +129,44 @@ def test_route_range_check_not_fooled_by_cache():
 
 
 
-def test_route_check_cache_does_not_keep_routes_alive():
-    """The per-route check cache must not hold the routes it checked: a caller passing a fresh route
-    per call would otherwise keep every one alive (found by an exploratory run: 200 routes of 2 MiB
-    held 400 MiB)."""
+@pytest.mark.parametrize("triton_path", [False, True], ids=["reference", "triton"])
+def test_route_caches_do_not_keep_routes_alive(monkeypatch, triton_path):
+    """The per-route caches (the value check, the Triton path's coverage / int32 copy, the device copy of
+    a CPU route) must not hold the routes they saw: a caller passing a fresh route per call would
+    otherwise keep every one alive (found by an exploratory run: 200 routes of 2 MiB held 400 MiB)."""
     import gc
     import weakref
 
     import mamba_dense.kernels as mk
+    from mamba_dense.kernels import triton_scan as ts
 
-    kw = _ok()
+    dev = "cpu"
+    if triton_path:
+        if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+            pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+        monkeypatch.setenv("MAMBA_DENSE_TRITON_CPU", "1")
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    kw = _ok(dev)
     refs = []
     for _ in range(5):
-        route = routes.bidirectional(6).clone()  # a fresh tensor each call
-        kw["route"] = route
+        route = routes.bidirectional(6).clone()  # a fresh CPU tensor each call (moved by the op on a GPU)
+        kw["route"] = route.to(dev) if dev == "cpu" else route
         _call(kw)
         refs.append(weakref.ref(route))
         del route
         kw.pop("route")
     gc.collect()
     assert all(r() is None for r in refs)  # freed once the caller drops them
-    assert all(hit[0]() is not None for hit in mk._RANGE_CACHE.values())  # and no entry outlives its route
-    kept = routes.bidirectional(6).clone()
+    for cache in (mk._RANGE_CACHE, ts._ROUTE_INFO, routes._DEVICE_CACHE):
+        assert all(hit[0]() is not None for hit in cache.values())  # and no entry outlives its route
+    kept = routes.bidirectional(6).clone().to(dev)
     kw["route"] = kept
     _call(kw)
-    key = (kept.data_ptr(), tuple(kept.shape), "cpu", kept._version)
+    key = (kept.data_ptr(), tuple(kept.shape), str(kept.device), kept._version)
     assert mk._RANGE_CACHE[key][0]() is kept  # a live route keeps its entry
+    if triton_path:
+        assert any(hit[0]() is kept for hit in ts._ROUTE_INFO.values())
+
 
 @pytest.mark.parametrize("triton_path", [False, True], ids=["reference", "triton"])
 def test_route_that_visits_a_token_twice_is_rejected(monkeypatch, triton_path):

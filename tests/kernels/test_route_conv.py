@@ -182,3 +182,16 @@ def test_route_mamba_compiles_fullgraph_with_the_fused_conv():
     torch.testing.assert_close(y, y2, rtol=1e-10, atol=1e-12)
     for a, b in zip(g, g2):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_route_plan_first_built_in_inference_mode_still_trains():
+    """route_plan is cached per route; a plan first made under inference mode (Lightning's validate)
+    must still serve a later training step (its inverse is saved for backward)."""
+    torch.manual_seed(0)
+    m = RouteMamba(8, num_routes=2, d_state=2)
+    route = routes.bidirectional(10).clone()
+    with torch.inference_mode():
+        m(torch.randn(1, 10, 8), route)
+    x = torch.randn(1, 10, 8, requires_grad=True)
+    m(x, route).square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
