@@ -8,7 +8,8 @@ Layout (``root`` may be the folder holding ``ADEChallengeData2016/`` or that fol
 
 Batches are dicts: ``image`` (B, 3, H, W) float32 normalized with ImageNet mean/std,
 ``mask`` (B, H, W) int64 with 255 = ignore (unlabelled pixels and padding), ``name`` (list of
-file stems) and ``size`` (B, 2) int64, the (H, W) of the image before padding.
+file stems), ``size`` (B, 2) int64, the (H, W) of the image before padding, and ``orig_size``
+(B, 2) int64, its (H, W) on disk (before resizing), so predictions can be written at that size.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ class SegmentationFolder(SkipsCorrupt, WorkerSeeded, Dataset):
             serves the next readable pair instead (counted in ``corrupt``, per process).
 
     Returns (per item):
-        dict(image=(3, H, W) float32, mask=(H, W) int64, name=str, size=(2,) int64 before padding).
+        dict(image=(3, H, W) float32, mask=(H, W) int64, name=str, size=(2,) int64 before padding,
+        orig_size=(2,) int64 on disk).
     """
 
     def __init__(
@@ -165,6 +167,7 @@ class SegmentationFolder(SkipsCorrupt, WorkerSeeded, Dataset):
     def _get_item(self, index: int) -> dict[str, Any]:
         self.rng(index)  # seed the augmentation: per sample (training loaders) or once per worker
         image, label = self.load(index)
+        orig_size = torch.tensor(image.shape[:2], dtype=torch.int64)
         out = self.transform(image=image, mask=label.astype(np.uint8))
         image, mask = out["image"], out["mask"].astype(np.int64)
         h, w = mask.shape
@@ -182,11 +185,13 @@ class SegmentationFolder(SkipsCorrupt, WorkerSeeded, Dataset):
             "mask": torch.from_numpy(np.ascontiguousarray(mask)),
             "name": self.pairs[index][0].stem,
             "size": torch.tensor([h, w], dtype=torch.int64),
+            "orig_size": orig_size,
         }
 
 
 def collate_segmentation(batch: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack samples, padding bottom/right to the largest (H, W) (image 0, mask 255)."""
+    """Stack samples, padding bottom/right to the largest (H, W) (image 0, mask 255); ``orig_size``
+    is kept when the samples have it."""
     th = max(b["image"].shape[1] for b in batch)
     tw = max(b["image"].shape[2] for b in batch)
     images = torch.zeros(len(batch), 3, th, tw)
@@ -195,12 +200,15 @@ def collate_segmentation(batch: list[dict[str, Any]]) -> dict[str, Any]:
         _, h, w = b["image"].shape
         images[i, :, :h, :w] = b["image"]
         masks[i, :h, :w] = b["mask"]
-    return {
+    out = {
         "image": images,
         "mask": masks,
         "name": [b["name"] for b in batch],
         "size": torch.stack([b["size"] for b in batch]),
     }
+    if all("orig_size" in b for b in batch):
+        out["orig_size"] = torch.stack([b["orig_size"] for b in batch])
+    return out
 
 
 def _resolve_root(root: Path) -> Path:
@@ -253,7 +261,8 @@ class ADE20KDataModule(L.LightningDataModule):
         prefetch_factor: batches loaded ahead per worker (None = PyTorch's default, 2).
 
     Returns:
-        Batches ``{"image": (B,3,H,W) float32, "mask": (B,H,W) int64, "name": list[str], "size": (B,2)}``.
+        Batches ``{"image": (B,3,H,W) float32, "mask": (B,H,W) int64, "name": list[str], "size": (B,2),
+        "orig_size": (B,2)}`` (``size`` before padding, ``orig_size`` on disk).
 
     Example:
         >>> dm = ADE20KDataModule("data/ade", crop_size=512, batch_size=16)

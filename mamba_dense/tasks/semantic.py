@@ -43,9 +43,10 @@ class SemanticSegmentationTask(pl.LightningModule):
     """Encoder + UPerNet or semantic-FPN decoder trained with cross-entropy (ADE20K recipe).
 
     Batches are dicts: "image" (B, 3, H, W) normalized float, "mask" (B, H, W) int64 with
-    `ignore_index` for unlabeled pixels and padding, optional "name" (B,) and "size" (B, 2): the
-    (h, w) of each image before batch padding (as `ADE20KDataModule` gives). Evaluation runs image by image on the valid region,
-    so scores do not depend on the evaluation batch size.
+    `ignore_index` for unlabeled pixels and padding, optional "name" (B,) file stems, "size" (B, 2):
+    the (h, w) of each image before batch padding, and "orig_size" (B, 2): its (H, W) before the
+    datamodule resized it (as `ADE20KDataModule` gives). Evaluation runs image by image on the valid
+    region, so scores do not depend on the evaluation batch size; `predict` writes at "orig_size".
 
     Args:
         num_classes: number of classes (150 for ADE20K with reduce_zero_label).
@@ -154,6 +155,7 @@ class SemanticSegmentationTask(pl.LightningModule):
         self.val_iou = metric()
         self.test_iou = metric()
         self.scores: dict[str, dict[str, torch.Tensor]] = {}
+        self._predicted: dict[str, str] = {}  # output stem -> input name, this predict run
 
     # ------------------------------------------------------------------ model
 
@@ -325,23 +327,51 @@ class SemanticSegmentationTask(pl.LightningModule):
         root = self.trainer.log_dir or self.trainer.default_root_dir
         return os.path.join(root, "predictions")
 
-    def predict_step(self, batch: dict[str, Any] | torch.Tensor, batch_idx: int) -> list[str]:
-        """Writes `labels/<name>.png` (palette label map of class indices) and `overlays/<name>.png`.
+    def on_predict_start(self) -> None:
+        self._predicted = {}
+
+    def _claim_stem(self, name: str) -> str:
+        """Output stem of an input, unique within this predict run. Names are file stems already:
+        "scan.001" keeps its dots (stripping a suffix again sent scan.001, scan.002, ... to one file);
+        two inputs with one stem raise instead of silently overwriting each other."""
+        stem = os.path.basename(name)
+        if stem in self._predicted:
+            raise ValueError(
+                f"predict: inputs {self._predicted[stem]!r} and {name!r} would both be written to labels/{stem}.png. "
+                "Fix: give every input a distinct file name (batch['name'])."
+            )
+        self._predicted[stem] = name
+        return stem
+
+    def predict_step(self, batch: dict[str, Any] | torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> list[str]:
+        """Writes `labels/<name>.png` (palette label map of class indices) and `overlays/<name>.png`
+        at each image's original size: the logits of the unpadded image are resized (bilinear) to
+        batch["orig_size"] before the argmax, as mmseg does, so the labels line up with the input
+        file and its annotation.
 
         Returns the written label-map paths.
         """
         if isinstance(batch, torch.Tensor):
             batch = {"image": batch}
         images = batch["image"]
-        names = batch.get("name") or [f"{batch_idx:06d}_{i}" for i in range(len(images))]
-        out_dir = self.predict_dir()
+        names = batch.get("name")
+        if not names:  # NOTE: batch_idx restarts per dataloader and per rank
+            rank = f"rank{self.global_rank}_" if self._trainer is not None and self.trainer.world_size > 1 else ""
+            loader = f"dl{dataloader_idx}_" if dataloader_idx else ""
+            names = [f"{rank}{loader}{batch_idx:06d}_{i}" for i in range(len(images))]
+        orig_sizes = batch.get("orig_size")
+        out_dir, colors = self.predict_dir(), self._palette()
         paths = []
         for i, (h, w) in enumerate(self.valid_sizes(batch)):
-            image = images[i : i + 1, :, :h, :w]
-            pred = self.inference(image).argmax(1)[0].cpu().numpy().astype(np.int64)
-            stem = os.path.splitext(os.path.basename(str(names[i])))[0]
+            image = images[i : i + 1, :, :h, :w]  # padding cropped off before any resize
+            logits = self.inference(image)
+            size = (int(orig_sizes[i][0]), int(orig_sizes[i][1])) if orig_sizes is not None else (h, w)
+            if size != (h, w):  # one image at a time: never a batch of full-resolution logits
+                logits = resize_logits(logits, size)
+                image = F.interpolate(image, size=size, mode="bilinear", align_corners=False, antialias=True)
+            pred = logits.argmax(1)[0].cpu().numpy().astype(np.int64)
+            stem = self._claim_stem(str(names[i]))
             label_path = os.path.join(out_dir, "labels", f"{stem}.png")
-            colors = self._palette()
             save_label_png(pred, label_path, colors)
             rgb = to_uint8_image(image[0], *self._norm_stats())
             save_rgb_png(overlay(rgb, pred, colors=colors), os.path.join(out_dir, "overlays", f"{stem}.png"))
@@ -361,7 +391,7 @@ class SemanticSegmentationTask(pl.LightningModule):
                 continue  # mask at original size: no side-by-side overlay
             kw = dict(ignore_index=self.hparams.ignore_index, colors=self._palette())
             strip = np.concatenate([rgb, overlay(rgb, mask, **kw), overlay(rgb, pred.cpu().numpy(), **kw)], axis=1)
-            strips.append((os.path.splitext(os.path.basename(str(names[i])))[0], strip))
+            strips.append((os.path.basename(str(names[i])), strip))  # names are stems: keep their dots
         return strips
 
     # ------------------------------------------------------------------ optimization
