@@ -58,6 +58,17 @@ def _ok(dev="cpu"):
     return {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
 
 
+def _path_device(monkeypatch, triton_path: bool) -> str:
+    """The device of a test's inputs: the CPU reference, or the Triton kernels (the GPU, or the CPU through
+    Triton's interpreter with MAMBA_DENSE_TRITON_CPU=1)."""
+    if not triton_path:
+        return "cpu"
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        pytest.skip("needs a GPU or TRITON_INTERPRET=1")
+    monkeypatch.setenv("MAMBA_DENSE_TRITON_CPU", "1")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _call(kw):
     kw = dict(kw)
     route = kw.pop("route")
@@ -140,12 +151,7 @@ def test_route_caches_do_not_keep_routes_alive(monkeypatch, triton_path):
     import mamba_dense.kernels as mk
     from mamba_dense.kernels import triton_scan as ts
 
-    dev = "cpu"
-    if triton_path:
-        if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-            pytest.skip("needs a GPU or TRITON_INTERPRET=1")
-        monkeypatch.setenv("MAMBA_DENSE_TRITON_CPU", "1")
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = _path_device(monkeypatch, triton_path)
     kw = _ok(dev)
     refs = []
     for _ in range(5):
@@ -172,12 +178,7 @@ def test_route_caches_do_not_keep_routes_alive(monkeypatch, triton_path):
 def test_route_that_visits_a_token_twice_is_rejected(monkeypatch, triton_path):
     # the kernels write a route's output once per token (the reference would add both visits), and a
     # route's coverage count would claim a token it never visits: one clear error on every path
-    dev = "cpu"
-    if triton_path:
-        if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
-            pytest.skip("needs a GPU or TRITON_INTERPRET=1")
-        monkeypatch.setenv("MAMBA_DENSE_TRITON_CPU", "1")
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = _path_device(monkeypatch, triton_path)
     kw = _ok(dev)
     kw["route"] = torch.tensor([[0, 1, 2, 3, 4, 5], [5, 4, 1, -1, 2, 1]], device=dev)
     with pytest.raises(ValueError) as e:
