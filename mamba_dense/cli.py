@@ -26,15 +26,13 @@ from lightning.pytorch.utilities import rank_zero_info
 
 import mamba_dense.datamodules  # noqa: F401  (classes imported here resolve by short name)
 import mamba_dense.tasks  # noqa: F401
-from mamba_dense.convert import CheckpointMismatchError
+from mamba_dense.convert import CheckpointMismatchError, CorruptCheckpointError, unreadable_error
 from mamba_dense.datamodules._common import DataError
 from mamba_dense.tasks.guards import (
     AtomicCheckpointIO,
     CheckpointNotFoundError,
-    CorruptCheckpointError,
     NonFiniteGuard,
     OutOfMemoryGuard,
-    unreadable_checkpoint,
 )
 from mamba_dense.tasks.resume import ExactResume, find_last_checkpoint
 from mamba_dense.tasks.sync_bn import NoHostSyncBatchNorm
@@ -94,7 +92,7 @@ class MambaDenseCLI(LightningCLI):
         try:
             super()._parse_ckpt_path()
         except Exception as err:
-            clear = unreadable_checkpoint(ckpt, err)
+            clear = unreadable_error(ckpt, err)
             if clear is None:
                 raise
             raise clear from err

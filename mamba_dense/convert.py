@@ -45,6 +45,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import pickle
+import re
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -58,6 +59,8 @@ __all__ = [
     "read_checkpoint",
     "convert_state_dict",
     "load_encoder_weights",
+    "CorruptCheckpointError",
+    "unreadable_error",
 ]
 
 # Top-level modules a headless / features-only encoder may lack; checkpoint tensors for them are
@@ -69,6 +72,10 @@ _DENSE_ONLY = ("feature_norms", "pyramid")
 
 class CheckpointMismatchError(ValueError):
     """The converted checkpoint does not fit the encoder (missing / unexpected keys or shapes)."""
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that torch cannot read (not a checkpoint, truncated, corrupted); the message names it."""
 
 
 @dataclass
@@ -101,26 +108,94 @@ def read_checkpoint(path: str | os.PathLike, weights_only: bool | None = None) -
     """``torch.load`` a local checkpoint on the CPU.
 
     Args:
-        weights_only: True: tensors and plain containers only (raises for files that also pickle
-            their training config, as the official VMamba / Vim releases do); False: full unpickling
-            (only for files you trust); None (default): try True, and fall back to False with a
-            warning naming the file.
+        weights_only: True: tensors and plain containers only (raises ``pickle.UnpicklingError`` for
+            files that also pickle their training config, as the official VMamba / Vim releases do);
+            False: full unpickling (only for files you trust); None (default): try True, and fall back
+            to False with a warning naming the file, for a torch archive or pickle only.
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        CorruptCheckpointError: (a ``ValueError``) the file is not a checkpoint (text, an HTML page, a
+            Git LFS pointer) or a truncated / corrupted one. Only a zip archive or a pickle stream (by
+            its first bytes) is ever loaded with weights_only=False.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path!r} is not a file; weights load from a local checkpoint path only")
-    if weights_only is None:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            # NOTE: official training checkpoints pickle their config objects next to the tensors.
-            warnings.warn(
-                f"{path}: holds non-tensor objects (e.g. a training config); loading it with "
-                "weights_only=False. Pass weights_only=True to refuse such files.",
-                stacklevel=3,
-            )
-            return torch.load(path, map_location="cpu", weights_only=False)
-    return torch.load(path, map_location="cpu", weights_only=weights_only)
+    try:
+        return _torch_load(path, weights_only=weights_only is not False)
+    except pickle.UnpicklingError as err:  # weights_only=True refused a torch archive / pickle stream
+        # NOTE: official training checkpoints pickle their config objects next to the tensors.
+        names = sorted(set(_UNSAFE_GLOBAL.findall(str(err))))
+        what = f"{', '.join(names)} objects" if names else "objects (or pickle opcodes) that weights_only=True refuses"
+        if weights_only:
+            raise pickle.UnpicklingError(
+                f"{path}: pickles {what} next to its tensors (official training checkpoints pickle their "
+                "config), which weights_only=True refuses. Fix: pass weights_only=None or False if you trust the file."
+            ) from err
+        warnings.warn(
+            f"{path}: pickles {what} next to its tensors (official training checkpoints pickle their "
+            "config); loading it with weights_only=False. Pass weights_only=True to refuse such files.",
+            stacklevel=3,
+        )
+    return _torch_load(path, weights_only=False)
+
+
+# torch.load's weights_only refusal of a pickled class (torch < 2.4: "Unsupported class X")
+_UNSAFE_GLOBAL = re.compile(r"(?:GLOBAL|Unsupported class) ([\w.]+)")
+# torch.load's RuntimeErrors for a file that is no (complete) torch archive; others pass through
+_UNREADABLE = ("PytorchStreamReader", "zip archive", "inline_container", "magic number", "corrupt")
+
+
+def _torch_load(path: str, weights_only: bool) -> Any:
+    """``torch.load`` on the CPU. A file that is not a checkpoint, or a truncated / corrupted one, raises
+    CorruptCheckpointError naming it; weights_only=True refusing a torch archive or a pickle stream
+    re-raises torch's ``pickle.UnpicklingError``. Garbage fails with the same UnpicklingError, so the
+    file's first bytes tell the two apart: nothing but a real archive / pickle is ever fully unpickled."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as err:
+        if isinstance(err, pickle.UnpicklingError) and weights_only and _is_archive_or_pickle(path):
+            raise
+        clear = unreadable_error(path, err)
+        if clear is None:
+            raise
+        raise clear from err
+
+
+def _is_archive_or_pickle(path: str) -> bool:
+    """True for a zip archive (torch.save's format) or a pickle stream (its legacy format), by the first bytes."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
+
+
+def unreadable_error(path: str | os.PathLike, err: BaseException) -> CorruptCheckpointError | None:
+    """The CorruptCheckpointError naming ``path`` when torch.load's error ``err`` says the file is not a
+    (complete) checkpoint, else None. A cut zip fails in the reader (RuntimeError "PytorchStreamReader
+    failed ...", or OSError EINVAL seeking past its end), other files in unpickling."""
+    if isinstance(err, RuntimeError) and not any(s in str(err) for s in _UNREADABLE):
+        return None
+    if not isinstance(err, (pickle.UnpicklingError, EOFError, RuntimeError, OSError)) or not os.path.isfile(path):
+        return None
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+        head = f.read(16)
+    size = os.path.getsize(path)
+    if not _is_archive_or_pickle(path):
+        return CorruptCheckpointError(
+            f"{path} is not a PyTorch checkpoint: it starts with {head!r} ({size} bytes), not with a zip archive "
+            "or a pickle (a text file, an HTML page or a Git LFS pointer saved in place of the weights?). "
+            "Fix: check the path, or download the checkpoint file itself again."
+        )
+    text = str(err).split("WeightsUnpickler error:", 1)[-1]  # torch's weights_only preamble says nothing here
+    reason = next((line.strip() for line in text.splitlines() if line.strip()), "unexpected end of file")
+    reason = re.sub(r"^\[enforce fail at [^\]]*\][ .]*", "", reason).split(". ")[0]  # miniz / c10 preambles
+    return CorruptCheckpointError(
+        f"{path} is not a readable PyTorch checkpoint ({size} bytes; torch.load: {type(err).__name__}: {reason}): "
+        "the file is truncated, corrupted or not written by torch.save. Fix: check the path, or download or copy "
+        "the file again and compare its size with the original's."
+    )
 
 
 def _encoder_of(model: nn.Module) -> nn.Module:
@@ -182,7 +257,7 @@ def _match(enc: nn.Module, converted: dict[str, torch.Tensor], left_out: list[st
     own_tops = {k.split(".", 1)[0] for k in own}
     report = LoadReport(ignored=list(left_out))
 
-    unexpected, mismatched, to_load = [], [], {}
+    unexpected, mismatched, to_load, in_file = [], [], {}, set()  # in_file: present, but mismatched
     for k, v in converted.items():
         top = k.split(".", 1)[0]
         if any(fnmatch.fnmatchcase(k, p) for p in ignore):
@@ -190,6 +265,7 @@ def _match(enc: nn.Module, converted: dict[str, torch.Tensor], left_out: list[st
         elif k in own:
             if tuple(v.shape) != tuple(own[k].shape) and k not in adapt:
                 mismatched.append(f"{k}: file {tuple(v.shape)} vs encoder {tuple(own[k].shape)}")
+                in_file.add(k)
             else:
                 to_load[k] = v
         elif (top in _HEAD_MODULES and top not in own_tops) or _pruned(k, enc):
@@ -199,7 +275,7 @@ def _match(enc: nn.Module, converted: dict[str, torch.Tensor], left_out: list[st
     missing = []
     file_tops = {k.split(".", 1)[0] for k in converted}
     for k in own:
-        if k in to_load:
+        if k in to_load or k in in_file:  # a mismatched key is reported once, as a mismatch
             continue
         top = k.split(".", 1)[0]
         if top in _DENSE_ONLY + _HEAD_MODULES and top not in file_tops:

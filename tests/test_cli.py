@@ -88,7 +88,8 @@ def test_bad_weights_and_checkpoint_paths_give_their_message_alone(shapes_args, 
 
     from mamba_dense.cli import main
     from mamba_dense.convert import CheckpointMismatchError
-    from mamba_dense.tasks.guards import AtomicCheckpointIO, CheckpointNotFoundError, CorruptCheckpointError
+    from mamba_dense.convert import CorruptCheckpointError
+    from mamba_dense.tasks.guards import AtomicCheckpointIO, CheckpointNotFoundError
 
     run = ["validate", *shapes_args, "--trainer.fast_dev_run=1"]
     wrong = tmp_path / "wrong.pth"
@@ -102,7 +103,7 @@ def test_bad_weights_and_checkpoint_paths_give_their_message_alone(shapes_args, 
     whole, cut = tmp_path / "whole.ckpt", tmp_path / "cut.ckpt"
     torch.save({"state_dict": {"w": torch.randn(64, 64)}, "hyper_parameters": {}}, whole)
     cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
-    with pytest.raises(CorruptCheckpointError, match="cut.ckpt: not a readable checkpoint"):
+    with pytest.raises(CorruptCheckpointError, match="cut.ckpt is not a readable PyTorch checkpoint"):
         build_cli([*run, f"--ckpt_path={cut}"])
     with pytest.raises(CorruptCheckpointError, match="cut.ckpt"):  # Trainer(ckpt_path=...) outside the CLI
         AtomicCheckpointIO().load_checkpoint(cut)

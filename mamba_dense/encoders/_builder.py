@@ -83,6 +83,10 @@ def pretrained_filter(variant: str, pretrained: bool, kwargs: Mapping[str, Any],
 
 
 _WRAPPER_KEYS = ("model", "state_dict", "module", "model_ema", "state_dict_ema")
+# Where the mamba-dense tasks keep their encoder: SemanticSegmentationTask.encoder and
+# InstanceSegmentationTask.model.backbone.body are a tasks._encoder.Encoder, whose .model is timm's
+# FeatureGetterNet around our encoder (.model); VolumetricSegmentationTask.encoder is ours.
+_TASK_ENCODERS = ("encoder.model.model.", "model.backbone.body.model.model.", "encoder.")
 
 
 def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], list[str]]:
@@ -92,9 +96,15 @@ def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> tuple[dict[str, torch.Te
     (the official VMamba, LocalMamba, Vim, Mamba(R), mmseg and SegMamba files use one of these),
     strips ``module.`` (DDP), ``backbone.`` (mmseg/mmdet) and ``encoder.`` prefixes and, for a whole
     segmentor/detector checkpoint (keys under ``backbone.`` next to others), keeps the backbone.
+    A task checkpoint of ours (``mamba-dense fit``'s Lightning checkpoint; also a 2D task's bare state
+    dict) gives its encoder (under one of ``_TASK_ENCODERS``); the heads / decoder are left out.
 
     Returns:
-        (state dict, names of the tensors left out: decoder / neck keys of a segmentor checkpoint).
+        (state dict, names of the tensors left out: decoder / neck keys of a segmentor checkpoint,
+        the heads of a task checkpoint).
+
+    Raises:
+        CheckpointMismatchError: a Lightning checkpoint with no encoder of a mamba-dense task in it.
     """
     sd: Mapping[str, Any] = checkpoint
     for key in _WRAPPER_KEYS:
@@ -102,6 +112,23 @@ def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> tuple[dict[str, torch.Te
             sd = sd[key]
             break
     tensors = {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    lightning = "pytorch-lightning_version" in checkpoint
+    task = next((p for p in _TASK_ENCODERS if any(k.startswith(p) for k in tensors)), None)
+    if task is not None and (lightning or task != "encoder."):  # else an encoder saved under "encoder."
+        left_out = sorted(k for k in tensors if not k.startswith(task))
+        return {k.removeprefix(task): v for k, v in tensors.items() if k.startswith(task)}, left_out
+    if lightning:
+        from mamba_dense.convert import CheckpointMismatchError
+
+        hparams = checkpoint.get("hyper_parameters")
+        owner = hparams.get("_class_path") if isinstance(hparams, Mapping) else None
+        raise CheckpointMismatchError(
+            f"a Lightning checkpoint ({owner or 'of a LightningModule'}; modules "
+            f"{sorted({k.split('.', 1)[0] for k in tensors})}) without the encoder of a mamba-dense task "
+            f"(tensors under {', '.join(_TASK_ENCODERS)}). Fix: resume or evaluate a trained task with "
+            "--ckpt_path <file> (the whole task), not as encoder weights; for another model's encoder, save "
+            "that encoder's state dict to a file of its own."
+        )
     left_out: list[str] = []
     if any(k.startswith("backbone.") for k in tensors) and not all(k.startswith("backbone.") for k in tensors):
         left_out = sorted(k for k in tensors if not k.startswith("backbone."))

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
 import os
-import pickle
-import sys
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,6 +11,7 @@ import torch
 from torch import nn
 
 import mamba_dense.encoders  # noqa: F401  (registers vmamba_tiny, localvmamba_tiny, ... in timm)
+from mamba_dense import convert
 from mamba_dense.encoders import list_encoders
 
 REDUCTIONS = (4, 8, 16, 32)
@@ -25,7 +22,8 @@ class Encoder(nn.Module):
 
     Args:
         name: any timm model name with `features_only` support (ours or timm's, e.g. "resnet18").
-        weights: path to a local state dict / official checkpoint (nothing is downloaded).
+        weights: path to a local state dict, official checkpoint or task checkpoint of ours (the
+            encoder part of a `mamba-dense fit` last.ckpt); nothing is downloaded.
         drop_path_rate: stochastic depth rate; None keeps the encoder default.
         out_indices: feature indices to return; None picks those at strides 4/8/16/32.
         **kwargs: further encoder constructor arguments (e.g. dims, depths).
@@ -98,29 +96,14 @@ class Encoder(nn.Module):
         return [feats[i] for i in self.select]
 
 
-def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        # NOTE: official training checkpoints also pickle their config objects; the file is the
-        # user's own choice, so fall back to a full load.
-        warnings.warn(f"{path}: not a plain tensor checkpoint, loading it with weights_only=False.", stacklevel=3)
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict (or a dict holding 'state_dict'/'model'), got {type(state).__name__}.")
-    return state
+def load_encoder_weights(model: nn.Module, path: str, name: str) -> convert.LoadReport:
+    """Load the local checkpoint `path` into a task's encoder `model` (named `name`), strictly.
 
-
-def load_encoder_weights(model: nn.Module, path: str, name: str) -> None:
-    """Load a local checkpoint into the features-only encoder `model` of timm model `name`.
-
-    Uses `mamba_dense.convert.load_encoder_weights` when that module exists. Otherwise the
-    state dict goes through the family's `checkpoint_filter_fn` (official key names -> ours)
-    and must then match, except for modules the features-only wrapper dropped (classifier, final
-    norm) and dense-only feature norms; mismatches raise, listing the keys.
+    `mamba_dense.convert.load_encoder_weights` does it for the 2D tasks (`model` is timm's features-only
+    wrapper) and the 3D one alike: official key names -> ours through the family's filter (SegMamba's
+    included), the encoder part of a task checkpoint of ours (`mamba-dense fit`'s last.ckpt), a training
+    config pickled next to the tensors loaded with a warning. A file that is not a checkpoint, a
+    truncated one, or one that does not fit raises an error naming the file and the fix.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(
@@ -128,38 +111,11 @@ def load_encoder_weights(model: nn.Module, path: str, name: str) -> None:
             "To evaluate a trained checkpoint without the pretraining file, set encoder_weights: null."
         )
     try:
-        convert = importlib.import_module("mamba_dense.convert")
-    except ModuleNotFoundError as err:
-        if err.name != "mamba_dense.convert":
+        return convert.load_encoder_weights(model, path)
+    except convert.CheckpointMismatchError as err:
+        if path in str(err):
             raise
-        convert = None
-    if convert is not None and hasattr(convert, "load_encoder_weights"):
-        convert.load_encoder_weights(model, path)
-        return
-    # FeatureGetterNet wraps the full model as `.model`; FeatureListNet keeps the original names.
-    target = model.model if isinstance(getattr(model, "model", None), nn.Module) else model
-    state = _read_checkpoint(path)
-    filter_fn = getattr(sys.modules[timm.models.model_entrypoint(name).__module__], "checkpoint_filter_fn", None)
-    if filter_fn is not None:
-        state = filter_fn(state, target)
-    try:
-        missing, unexpected = target.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # shape mismatches
-        raise ValueError(
-            f"encoder_weights={path!r} does not fit encoder {name!r}: {err}. "
-            "Check the encoder variant and encoder_kwargs (dims, depths) against the checkpoint."
-        ) from err
-    # Keys of whole top-level modules that the features-only wrapper pruned (classifier, final
-    # norm) are expected; so are per-feature norms that classification checkpoints lack.
-    kept = {k.split(".", 1)[0] for k in target.state_dict()}
-    unexpected = [k for k in unexpected if k.split(".", 1)[0] in kept]
-    missing = [k for k in missing if not k.startswith("feature_norms.")]
-    if missing or unexpected:
-        raise ValueError(
-            f"encoder_weights={path!r} does not match encoder {name!r}: {len(missing)} missing keys "
-            f"{missing[:10]}, {len(unexpected)} unexpected keys {unexpected[:10]}. "
-            "Check the encoder variant and encoder_kwargs (dims, depths) against the checkpoint."
-        )
+        raise convert.CheckpointMismatchError(f"encoder_weights={path!r} (encoder {name!r}): {err}") from err
 
 
 def check_checkpoint_fits(module: nn.Module, checkpoint: dict[str, Any], settings: Sequence[str]) -> None:

@@ -4,7 +4,6 @@ checkpoints atomically."""
 from __future__ import annotations
 
 import os
-import pickle
 import uuid
 from typing import Any
 
@@ -13,6 +12,8 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from mamba_dense.convert import unreadable_error
 
 FIXES = (
     "lower the learning rate (or lengthen the warmup), train in bf16 (`--trainer.precision=bf16-mixed`) "
@@ -85,27 +86,6 @@ class CheckpointNotFoundError(FileNotFoundError):
     """A checkpoint path (``--ckpt_path``) that names no file; the message gives the fix."""
 
 
-class CorruptCheckpointError(ValueError):
-    """A checkpoint file that torch cannot read (truncated copy, not a checkpoint); the message names it."""
-
-
-def unreadable_checkpoint(path: Any, err: BaseException) -> CorruptCheckpointError | None:
-    """The CorruptCheckpointError for torch.load's error err on path when err says the file is not a
-    (complete) checkpoint, else None."""
-    text = str(err)
-    # a cut zip fails in the reader (RuntimeError "PytorchStreamReader failed ...", or OSError EINVAL
-    # seeking past its end), other files in unpickling
-    if not isinstance(err, (pickle.UnpicklingError, EOFError, OSError)) and not (
-        isinstance(err, RuntimeError) and ("PytorchStreamReader" in text or "zip archive" in text)
-    ):
-        return None
-    return CorruptCheckpointError(
-        f"{path}: not a readable checkpoint (truncated, or not written by torch.save: {type(err).__name__}: "
-        f"{text.splitlines()[0] if text else ''}). Fix: pass a complete checkpoint, e.g. another last*.ckpt or "
-        "best-*.ckpt of the run (mamba-dense writes them atomically, so a truncated one was copied incompletely)"
-    )
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """`TorchCheckpointIO` that never leaves a truncated checkpoint under the final name.
 
@@ -123,7 +103,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         try:
             return super().load_checkpoint(path, *args, **kwargs)
         except Exception as err:
-            clear = unreadable_checkpoint(path, err)
+            clear = unreadable_error(path, err)
             if clear is None:
                 raise
             raise clear from err

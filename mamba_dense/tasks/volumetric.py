@@ -18,9 +18,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image, ImageDraw
 
 from mamba_dense.datamodules._volume import restore_original_space
-from mamba_dense.encoders.volumetric import create_volumetric_encoder, segmamba_checkpoint_filter
+from mamba_dense.encoders.volumetric import create_volumetric_encoder
 from mamba_dense.heads.unet3d import UNet3DDecoder
 
+from ._encoder import load_encoder_weights
 from ._losses import cross_entropy
 from ._optim import param_groups, warmup_poly
 from .metrics3d import MetricRow, score_case, summarize, summary_table, write_csv
@@ -63,7 +64,8 @@ class VolumetricSegmentationTask(pl.LightningModule):
         in_channels: image channels (modalities).
         patch_size: training patch and inference window (D, H, W).
         encoder_kwargs: extra encoder arguments (e.g. {"dims": [16, 32, 64, 128], "depths": [1, 1, 1, 1]}).
-        encoder_weights: local checkpoint of the encoder (SegMamba's official keys are converted).
+        encoder_weights: local checkpoint of the encoder (SegMamba's official keys are converted; a task
+            checkpoint of ours gives its encoder part), loaded strictly.
         decoder_channels: decoder widths at strides 1, 2, 4, 8 (default 32 + the encoder's first three).
         deep_supervision: extra losses at strides 2 and 4 (nnU-Net's weights 1, 1/2, 1/4, normalized).
         regions: label sets, one sigmoid output each (None: softmax over ``num_classes``).
@@ -164,8 +166,8 @@ class VolumetricSegmentationTask(pl.LightningModule):
         self.regions = regions
         self.out_channels = len(regions) if regions else num_classes
         self.encoder = create_volumetric_encoder(encoder, in_chans=in_channels, **(encoder_kwargs or {}))
-        if encoder_weights is not None:
-            self._load_encoder(encoder_weights)
+        if encoder_weights is not None:  # the 2D tasks' loader: strict, errors name the file and the fix
+            load_encoder_weights(self.encoder, encoder_weights, encoder)
         channels = [f["num_chs"] for f in self.encoder.feature_info]
         self.decoder = UNet3DDecoder(channels, self.out_channels, in_channels, decoder_channels, deep_supervision)
         self.channels_last = channels_last
@@ -175,17 +177,6 @@ class VolumetricSegmentationTask(pl.LightningModule):
             self.to(memory_format=torch.channels_last_3d)
         self._rows: dict[str, list[MetricRow]] = {"val": [], "test": []}
         self.summary: dict[str, dict[str, dict[str, float]]] = {}
-
-    def _load_encoder(self, path: str) -> None:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"encoder_weights={path!r} is not a file (weights load from a local path only)")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if self.hparams.encoder.startswith("segmamba"):
-            state = segmamba_checkpoint_filter(state)
-        missing, unexpected = self.encoder.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"encoder_weights={path!r} does not fit {self.hparams.encoder}: missing {missing[:8]}, "
-                             f"unexpected {unexpected[:8]}. Check encoder_kwargs (dims, depths) against the file.")
 
     # ------------------------------------------------------------------ model
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import pickle
+import re
+import warnings
 
 import _official as official
 import pytest
@@ -13,7 +15,7 @@ import timm
 import torch
 
 import mamba_dense.encoders as enc
-from mamba_dense.convert import CheckpointMismatchError, convert_state_dict, load_encoder_weights
+from mamba_dense.convert import CheckpointMismatchError, CorruptCheckpointError, convert_state_dict, load_encoder_weights
 from mamba_dense.encoders.localmamba import LOCALVMAMBA_TINY_DIRECTIONS
 from mamba_dense.encoders.vmamba import checkpoint_filter_fn
 
@@ -227,6 +229,30 @@ def test_pickled_training_config(tmp_path):
         load_encoder_weights(model, path)
     with pytest.raises(pickle.UnpicklingError):
         load_encoder_weights(model, path, weights_only=True)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")
+def test_file_that_is_no_checkpoint_is_never_unpickled(tmp_path):
+    """A text file (here a Git LFS pointer) got the "holds non-tensor objects" warning, a full unpickle and a
+    bare `UnpicklingError: invalid load key, 'v'.`; a truncated file the raw miniz RuntimeError. Both name the
+    file now, with the fix, and only a zip archive or a pickle stream ever loads with weights_only=False."""
+    model = enc.create_encoder("vmamba_tiny", depths=DEPTHS, dims=C0)
+    sd = official.vssm(depths=DEPTHS, dims=C0)
+    data = _save(tmp_path, sd).read_bytes()
+    pointer = tmp_path / "pointer.pth"
+    pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 114000000\n")
+    half = tmp_path / "half.pth"
+    half.write_bytes(data[: len(data) // 2])
+    for path, what in ((pointer, "is not a PyTorch checkpoint: it starts with b'version"), (half, "truncated")):
+        for weights_only in (None, True, False):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # no "loading it with weights_only=False"
+                with pytest.raises(CorruptCheckpointError, match=re.escape(str(path)) + ".*" + re.escape(what)):
+                    load_encoder_weights(model, path, weights_only=weights_only)
+    p4 = tmp_path / "protocol4.pth"  # a real checkpoint whose opcodes weights_only=True cannot read
+    torch.save({"model": sd}, p4, pickle_protocol=4)
+    with pytest.warns(UserWarning, match="loading it with weights_only=False"):
+        assert load_encoder_weights(model, p4).loaded
 
 
 def test_timm_pretrained_file_and_own_state_dict_pass_through(tmp_path):
