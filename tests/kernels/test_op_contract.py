@@ -155,8 +155,9 @@ def test_route_caches_do_not_keep_routes_alive(monkeypatch, triton_path):
     kw = _ok(dev)
     refs = []
     for _ in range(5):
-        route = routes.bidirectional(6).clone()  # a fresh CPU tensor each call (moved by the op on a GPU)
-        kw["route"] = route.to(dev) if dev == "cpu" else route
+        route = routes.bidirectional(6).to(dev, copy=True)  # a fresh tensor each call
+        kw["route"] = route
+        routes.to_device(route.cpu(), dev)  # the encoders' path: a CPU route's device copy, cached
         _call(kw)
         refs.append(weakref.ref(route))
         del route

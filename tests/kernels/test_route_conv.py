@@ -188,10 +188,10 @@ def test_route_plan_first_built_in_inference_mode_still_trains():
     """route_plan is cached per route; a plan first made under inference mode (Lightning's validate)
     must still serve a later training step (its inverse is saved for backward)."""
     torch.manual_seed(0)
-    m = RouteMamba(8, num_routes=2, d_state=2)
-    route = routes.bidirectional(10).clone()
+    m = RouteMamba(8, num_routes=2, d_state=2).to(DEVICE)
+    route = routes.bidirectional(10).clone()  # a CPU route, as the encoders pass (moved by to_device)
     with torch.inference_mode():
-        m(torch.randn(1, 10, 8), route)
-    x = torch.randn(1, 10, 8, requires_grad=True)
+        m(torch.randn(1, 10, 8, device=DEVICE), route)
+    x = torch.randn(1, 10, 8, device=DEVICE, requires_grad=True)
     m(x, route).square().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
