@@ -22,7 +22,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.plugins.layer_sync import LayerSync
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import mamba_dense.datamodules  # noqa: F401  (classes imported here resolve by short name)
 import mamba_dense.tasks  # noqa: F401
@@ -89,6 +89,8 @@ class MambaDenseCLI(LightningCLI):
                     "e.g. runs/<name>/lightning_logs/version_<n>/checkpoints/last.ckpt"
                     + (", or `last` to resume the newest run" if sub == "fit" else "")
                 )
+        model = self.config[sub].get("model") if sub else None
+        given = dict(model.get("init_args") or {}) if model is not None else {}
         try:
             super()._parse_ckpt_path()
         except Exception as err:
@@ -96,6 +98,7 @@ class MambaDenseCLI(LightningCLI):
             if clear is None:
                 raise
             raise clear from err
+        _warn_overridden(given, self.config[sub].get("model") if sub else None, ckpt)
 
     def before_fit(self) -> None:
         config = self.config_init[self.subcommand]
@@ -104,6 +107,33 @@ class MambaDenseCLI(LightningCLI):
             if path is not None:
                 rank_zero_info(f"Resuming from the newest last checkpoint: {path}")
                 config["ckpt_path"] = path
+
+
+def _warn_overridden(given: dict, model: Any, ckpt: str) -> None:
+    """LightningCLI builds the model from the hyperparameters saved in `--ckpt_path`, over the config and
+    the command line: name the given model arguments that it drops (a different head, encoder_kwargs...)."""
+    saved = {}
+    if model is not None:  # the saved values land in init_args (or in dict_kwargs with a saved class path)
+        saved = {**dict(model.get("init_args") or {}), **dict(model.get("dict_kwargs") or {})}
+    dropped = sorted(k for k, v in given.items() if k in saved and _plain(saved[k]) != _plain(v))
+    if dropped:
+        rank_zero_warn(
+            f"--ckpt_path {ckpt}: the model is built from the checkpoint's saved hyperparameters, so these "
+            f"given model arguments are not used: {', '.join(f'{k}={_plain(given[k])!r} (checkpoint: {_plain(saved[k])!r})' for k in dropped)}. "
+            "To train another architecture from these weights, start a new run (fit without --ckpt_path) "
+            "with --model.init_args.encoder_weights <ckpt>."
+        )
+
+
+def _plain(v: Any) -> Any:
+    """A config value as plain Python (jsonargparse Namespaces and tuples -> dicts and lists)."""
+    if hasattr(v, "as_dict"):
+        v = v.as_dict()
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
 
 
 _CKPT_KEYWORDS = ("last", "best", "hpc")

@@ -70,6 +70,11 @@ def test_fit_then_predict_from_checkpoint(shapes_args, tmp_path):
     out = tmp_path / "from_ckpt"
     build_cli(["predict", *shapes_args, f"--ckpt_path={ckpt}", f"--model.init_args.predict_dir={out}"])
     assert len(glob.glob(str(out / "labels" / "*.png"))) == 2
+    # Lightning builds the model from the checkpoint's hyperparameters: a different given value is named
+    with pytest.warns(UserWarning, match=r"model arguments are not used: head_kwargs=\{'channels': 32"):
+        cli = build_cli(["validate", *shapes_args, f"--ckpt_path={ckpt}", "--trainer.fast_dev_run=1",
+                         "--model.init_args.head_kwargs={channels: 32, norm: groupnorm}"])
+    assert cli.model.hparams.head_kwargs["channels"] == 16
 
 
 def test_bad_config_values_give_clear_errors(shapes_args):
