@@ -10,10 +10,9 @@ import lightning
 import pytest
 import torch
 
-from mamba_dense.convert import CheckpointMismatchError, load_encoder_weights
+from mamba_dense.convert import CheckpointMismatchError, CorruptCheckpointError, load_encoder_weights
 from mamba_dense.tasks import InstanceSegmentationTask, SemanticSegmentationTask, VolumetricSegmentationTask
 from mamba_dense.tasks._encoder import Encoder
-from mamba_dense.convert import CorruptCheckpointError
 
 SEG3D = dict(dims=(8, 16, 16, 16), depths=(1, 1, 1, 1), d_state=2)
 TINY3D = dict(patch_size=(16, 16, 16), decoder_channels=[4, 8, 16, 16])
