@@ -334,7 +334,7 @@ def cache_put(cache: dict, key: tuple, t: torch.Tensor, value, limit: int):
 
     def forget(ref, cache=cache, key=key):
         if cache.get(key, (None,))[0] is ref:  # unless the entry was replaced meanwhile
-            del cache[key]
+            cache.pop(key, None)  # (or cleared: the callback may run on another thread)
 
     cache[key] = (weakref.ref(t, forget), value)
     return value
