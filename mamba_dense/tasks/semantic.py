@@ -25,7 +25,7 @@ from ._optim import param_groups, warmup_poly
 from ._upsample_ce import upsampled_cross_entropy
 from .inference import resize_logits, sliding_window_inference
 from .metrics import per_class_table, segmentation_scores
-from .visualize import IMAGENET_MEAN, IMAGENET_STD, overlay, save_label_png, save_rgb_png, to_uint8_image
+from .visualize import IMAGENET_MEAN, IMAGENET_STD, overlay, palette, save_label_png, save_rgb_png, to_uint8_image
 
 HEADS: dict[str, type[nn.Module]] = {"upernet": UPerNetHead, "fpn": FPNHead}
 RUNTIME_OPTIONS = ("inference_mode", "window_size", "window_stride", "window_blend", "predict_dir")
@@ -344,10 +344,12 @@ class SemanticSegmentationTask(pl.LightningModule):
         return stem
 
     def predict_step(self, batch: dict[str, Any] | torch.Tensor, batch_idx: int, dataloader_idx: int = 0) -> list[str]:
-        """Writes `labels/<name>.png` (palette label map of class indices) and `overlays/<name>.png`
-        at each image's original size: the logits of the unpadded image are resized (bilinear) to
-        batch["orig_size"] before the argmax, as mmseg does, so the labels line up with the input
-        file and its annotation.
+        """Writes `labels/<name>.png` (palette label map) and `overlays/<name>.png` at each image's
+        original size: the logits of the unpadded image are resized (bilinear) to batch["orig_size"]
+        before the argmax, as mmseg does, so the labels line up with the input file and its annotation.
+        The label values are the dataset's own: class k is written as k + 1 when the datamodule reads its
+        annotations with `reduce_zero_label` (ADE20K: 1..150 as in its annotation PNGs, 0 "other" never
+        predicted; mmseg's submission format), else k.
 
         Returns the written label-map paths.
         """
@@ -361,6 +363,9 @@ class SemanticSegmentationTask(pl.LightningModule):
             names = [f"{rank}{loader}{batch_idx:06d}_{i}" for i in range(len(images))]
         orig_sizes = batch.get("orig_size")
         out_dir, colors = self.predict_dir(), self._palette()
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        offset = 1 if getattr(dm, "reduce_zero_label", False) else 0
+        file_colors = None if offset == 0 else [(0, 0, 0), *(colors if colors is not None else palette(256)[: 256 - offset])]
         paths = []
         for i, (h, w) in enumerate(self.valid_sizes(batch)):
             image = images[i : i + 1, :, :h, :w]  # padding cropped off before any resize
@@ -372,7 +377,7 @@ class SemanticSegmentationTask(pl.LightningModule):
             pred = logits.argmax(1)[0].cpu().numpy().astype(np.int64)
             stem = self._claim_stem(str(names[i]))
             label_path = os.path.join(out_dir, "labels", f"{stem}.png")
-            save_label_png(pred, label_path, colors)
+            save_label_png(pred + offset, label_path, colors if offset == 0 else file_colors)
             rgb = to_uint8_image(image[0], *self._norm_stats())
             save_rgb_png(overlay(rgb, pred, colors=colors), os.path.join(out_dir, "overlays", f"{stem}.png"))
             paths.append(label_path)
