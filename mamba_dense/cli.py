@@ -98,7 +98,15 @@ class MambaDenseCLI(LightningCLI):
             if clear is None:
                 raise
             raise clear from err
-        _warn_overridden(given, self.config[sub].get("model") if sub else None, ckpt)
+        model = self.config[sub].get("model") if sub else None
+        _warn_overridden(given, model, ckpt)
+        init = model.get("init_args") if model is not None else None
+        if isinstance(ckpt, str) and os.path.isfile(ckpt) and init is not None and init.get("encoder_weights"):
+            # the checkpoint holds every weight: loading the pretraining file first is wasted, and fails on a
+            # machine without it (older checkpoints saved its path among their hyperparameters)
+            rank_zero_info(f"--ckpt_path {ckpt}: encoder_weights={init['encoder_weights']!r} is not loaded "
+                           "(the checkpoint replaces every weight)")
+            init["encoder_weights"] = None
 
     def before_fit(self) -> None:
         config = self.config_init[self.subcommand]
@@ -115,7 +123,8 @@ def _warn_overridden(given: dict, model: Any, ckpt: str) -> None:
     saved = {}
     if model is not None:  # the saved values land in init_args (or in dict_kwargs with a saved class path)
         saved = {**dict(model.get("init_args") or {}), **dict(model.get("dict_kwargs") or {})}
-    dropped = sorted(k for k, v in given.items() if k in saved and _plain(saved[k]) != _plain(v))
+    dropped = sorted(k for k, v in given.items()
+                     if k in saved and k != "encoder_weights" and _plain(saved[k]) != _plain(v))  # see below
     if dropped:
         rank_zero_warn(
             f"--ckpt_path {ckpt}: the model is built from the checkpoint's saved hyperparameters, so these "

@@ -118,6 +118,26 @@ def test_bad_weights_and_checkpoint_paths_give_their_message_alone(shapes_args, 
     assert exit_.value.code == 2 and "mamba-dense: error: --ckpt_path" in printed and "Traceback" not in printed
 
 
+def test_checkpoint_runs_without_the_pretraining_file(shapes_args, tmp_path):
+    """A run started from encoder_weights, evaluated from its checkpoint on a machine without that file:
+    the checkpoint replaces every weight, so the file is not loaded. Before, its path was saved among the
+    hyperparameters, which LightningCLI applies over the given config, so even the documented fix
+    (`encoder_weights: null`) failed with FileNotFoundError (found by an exploratory run)."""
+    import torch
+
+    import mamba_dense
+
+    pre = tmp_path / "pretrained.pth"
+    torch.save(mamba_dense.create_encoder("vmamba_tiny", dims=16, depths=(1, 1, 1, 1)).state_dict(), pre)
+    fit = build_cli(["fit", *shapes_args, "--trainer.max_steps=1", f"--model.init_args.encoder_weights={pre}"])
+    ckpt = fit.trainer.checkpoint_callback.last_model_path
+    assert "encoder_weights" not in torch.load(ckpt, weights_only=True)["hyper_parameters"]
+    pre.unlink()
+    for extra in ([], ["--model.init_args.encoder_weights=null"], [f"--model.init_args.encoder_weights={pre}"]):
+        cli = build_cli(["validate", *shapes_args, f"--ckpt_path={ckpt}", "--trainer.fast_dev_run=1", *extra])
+        assert "val/mIoU" in cli.trainer.callback_metrics
+
+
 RECIPES = sorted(str(p.relative_to(CONFIGS)) for d in ("ade20k", "coco") for p in (CONFIGS / d).glob("*.yaml"))
 # drop path of each ADE20K recipe (see the comment in each file for its source)
 DROP_PATH = {"vmamba_tiny": 0.2, "vmamba_small": 0.3, "vmamba_base": 0.6, "localvmamba_tiny": 0.2,

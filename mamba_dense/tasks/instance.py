@@ -102,7 +102,8 @@ class InstanceSegmentationTask(pl.LightningModule):
         super().__init__()
         # NOTE: output options stay out of the checkpoint (LightningCLI lets checkpoint
         # hyperparameters override the command line at `predict` time).
-        self.save_hyperparameters(ignore=["predict_dir", "predict_score_thresh"])
+        # encoder_weights only seeds a fresh run (see tasks/semantic.py RUNTIME_OPTIONS)
+        self.save_hyperparameters(ignore=["predict_dir", "predict_score_thresh", "encoder_weights"])
         self._predict_dir, self.predict_score_thresh = predict_dir, predict_score_thresh
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}.")

@@ -28,7 +28,9 @@ from .metrics import per_class_table, segmentation_scores
 from .visualize import IMAGENET_MEAN, IMAGENET_STD, overlay, palette, save_label_png, save_rgb_png, to_uint8_image
 
 HEADS: dict[str, type[nn.Module]] = {"upernet": UPerNetHead, "fpn": FPNHead}
-RUNTIME_OPTIONS = ("inference_mode", "window_size", "window_stride", "window_blend", "predict_dir")
+# Not saved with the hyperparameters: settings of one run, and encoder_weights, which only seeds a fresh run
+# (a checkpoint's state dict replaces those weights; a saved path made every later load need that file).
+RUNTIME_OPTIONS = ("inference_mode", "window_size", "window_stride", "window_blend", "predict_dir", "encoder_weights")
 
 
 def _build(cls: type[nn.Module], what: str, *args: Any, **kwargs: Any) -> nn.Module:

@@ -33,8 +33,9 @@ __all__ = ["VolumetricSegmentationTask", "render_montage", "write_nifti_like"]
 # runtime options (evaluation settings, compilation, memory format): kept out of the checkpoint's
 # hyperparameters so that `test`/`predict` can change them on the command line (LightningCLI lets
 # saved hyperparameters win otherwise)
+# Not saved with the hyperparameters (see tasks/semantic.py): settings of one run, and encoder_weights.
 RUNTIME_OPTIONS = ("sw_overlap", "sw_batch_size", "tta_mirror_axes", "sw_buffer_device", "val_hd95",
-                   "predict_dir", "results_dir", "montage", "compile_mode", "channels_last")
+                   "predict_dir", "results_dir", "montage", "compile_mode", "channels_last", "encoder_weights")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 _ITEM_DIMS = {"spacing": 1, "common_shape": 1, "original_shape": 1, "affine": 2, "ornt": 2}  # unbatched dims
 
