@@ -6,9 +6,36 @@ import os
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch.utils.data import DistributedSampler
 
 from .visualize import save_rgb_png
+
+
+def local_log_dir(trainer: pl.Trainer) -> str:
+    """``trainer.log_dir`` without its broadcast, for code that runs on one rank only: that property is a
+    collective (Lightning 2.x), so rank 0 alone calling it waits forever for the others (a 2-process fit
+    hung at its first validation batch). Same rule: the first logger's log_dir (save_dir for other
+    loggers), else default_root_dir."""
+    if trainer.loggers:
+        logger = trainer.loggers[0]
+        path = logger.log_dir if isinstance(logger, (TensorBoardLogger, CSVLogger)) else logger.save_dir
+        if path:
+            return path
+    return trainer.default_root_dir
+
+
+def is_sampler_padding(trainer: pl.Trainer, seen: int, dataloader_idx: int = 0) -> bool:
+    """Whether this rank's ``seen``-th evaluation sample of the epoch (0-based) is a repeat that Lightning's
+    DistributedSampler added so that every rank gets as many samples: it pads the index list by repeating
+    its start and deals position rank + k * world to rank. Scores must skip those, or they count some
+    samples twice whenever the dataset size is not a multiple of the number of processes."""
+    loaders = trainer.test_dataloaders if trainer.testing else trainer.val_dataloaders
+    loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
+    sampler = getattr(loader, "sampler", None)
+    if not isinstance(sampler, DistributedSampler) or sampler.shuffle or sampler.drop_last:
+        return False
+    return sampler.rank + seen * sampler.num_replicas >= len(sampler.dataset)
 
 
 class OverlayLogger(pl.Callback):
@@ -55,7 +82,6 @@ class OverlayLogger(pl.Callback):
             if tb is not None:
                 tb.experiment.add_image(f"val_overlays/{name}", strip, global_step=trainer.global_step, dataformats="HWC")
             else:
-                root = trainer.log_dir or trainer.default_root_dir
-                path = os.path.join(root, "overlays", f"epoch_{epoch:03d}", f"{name}.png")
+                path = os.path.join(local_log_dir(trainer), "overlays", f"epoch_{epoch:03d}", f"{name}.png")
                 save_rgb_png(strip, path)
                 self.written.append(path)

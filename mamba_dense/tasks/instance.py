@@ -24,6 +24,7 @@ from mamba_dense.heads import EncoderFPN, build_mask_rcnn, make_transform
 
 from ._encoder import Encoder, check_checkpoint_fits
 from ._optim import param_groups, warmup_step
+from .callbacks import is_sampler_padding, local_log_dir
 from .metrics import COCOEvaluator
 from .visualize import IMAGENET_MEAN, IMAGENET_STD, draw_instances, save_rgb_png, to_uint8_image
 
@@ -218,6 +219,7 @@ class InstanceSegmentationTask(pl.LightningModule):
     def _start_eval(self, stage: str) -> None:
         self._gt = self._coco_gt(stage)
         self.evaluator = COCOEvaluator(self._label_to_cat_id(), mask_threshold=self.hparams.mask_threshold)
+        self._seen = 0  # evaluation images of this epoch on this rank (see callbacks.is_sampler_padding)
 
     def _eval_step(self, batch: tuple[list, list], batch_idx: int) -> dict[str, Any]:
         images, targets = batch
@@ -225,6 +227,10 @@ class InstanceSegmentationTask(pl.LightningModule):
             self._check_images(images)
         detections = self.model(list(images))
         for image, det, target in zip(images, detections, targets):
+            padding = self._trainer is not None and is_sampler_padding(self.trainer, self._seen)
+            self._seen += 1
+            if padding:  # a repeat added by DistributedSampler: evaluated once, on the rank that owns it
+                continue
             image_id = int(target["image_id"])
             size = tuple(image.shape[-2:])
             if self._gt is not None:
@@ -281,7 +287,11 @@ class InstanceSegmentationTask(pl.LightningModule):
     def predict_dir(self) -> str:
         if self._predict_dir:
             return self._predict_dir
-        return os.path.join(self.trainer.log_dir or self.trainer.default_root_dir, "predictions")
+        return os.path.join(getattr(self, "_predict_root", None) or local_log_dir(self.trainer), "predictions")
+
+    def on_predict_start(self) -> None:
+        # once, on every rank: trainer.log_dir is a collective, and ranks run different numbers of predict steps
+        self._predict_root = self.trainer.log_dir or self.trainer.default_root_dir
 
     def on_predict_epoch_start(self) -> None:
         self._predictions = []

@@ -25,6 +25,7 @@ from ._optim import param_groups, warmup_poly
 from ._upsample_ce import upsampled_cross_entropy
 from .inference import resize_logits, sliding_window_inference
 from .metrics import per_class_table, segmentation_scores
+from .callbacks import is_sampler_padding, local_log_dir
 from .visualize import IMAGENET_MEAN, IMAGENET_STD, overlay, palette, save_label_png, save_rgb_png, to_uint8_image
 
 HEADS: dict[str, type[nn.Module]] = {"upernet": UPerNetHead, "fpn": FPNHead}
@@ -158,6 +159,8 @@ class SemanticSegmentationTask(pl.LightningModule):
         self.test_iou = metric()
         self.scores: dict[str, dict[str, torch.Tensor]] = {}
         self._predicted: dict[str, str] = {}  # output stem -> input name, this predict run
+        self._predict_root: str | None = None  # the run folder, resolved on every rank in on_predict_start
+        self._seen = 0  # evaluation samples of this epoch on this rank (see callbacks.is_sampler_padding)
 
     # ------------------------------------------------------------------ model
 
@@ -261,13 +264,22 @@ class SemanticSegmentationTask(pl.LightningModule):
                 mask = mask[..., :h, :w]  # padded alike; else the mask is at its own (original) size
             logits = resize_logits(logits, mask.shape[-2:])
             pred = logits.argmax(1)
-            metric.update(pred, mask)
-            if bool((mask != self.hparams.ignore_index).any()):
-                losses.append(cross_entropy(logits, mask, ignore_index=self.hparams.ignore_index))
+            padding = self._trainer is not None and is_sampler_padding(self.trainer, self._seen)
+            self._seen += 1
+            if not padding:  # a repeat added by DistributedSampler: scored once, on the rank that owns it
+                metric.update(pred, mask)
+                if bool((mask != self.hparams.ignore_index).any()):
+                    losses.append(cross_entropy(logits, mask, ignore_index=self.hparams.ignore_index))
             preds.append(pred[0])
         if losses:
             self.log(f"{prefix}/loss", torch.stack(losses).mean(), batch_size=len(images))
         return {"preds": preds}
+
+    def on_validation_epoch_start(self) -> None:
+        self._seen = 0
+
+    def on_test_epoch_start(self) -> None:
+        self._seen = 0
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         return self._eval_step(batch, self.val_iou, "val")
@@ -326,11 +338,12 @@ class SemanticSegmentationTask(pl.LightningModule):
     def predict_dir(self) -> str:
         if self._predict_dir:
             return self._predict_dir
-        root = self.trainer.log_dir or self.trainer.default_root_dir
-        return os.path.join(root, "predictions")
+        return os.path.join(self._predict_root or local_log_dir(self.trainer), "predictions")
 
     def on_predict_start(self) -> None:
         self._predicted = {}
+        # once, on every rank: trainer.log_dir is a collective, and ranks run different numbers of predict steps
+        self._predict_root = self.trainer.log_dir or self.trainer.default_root_dir
 
     def _claim_stem(self, name: str) -> str:
         """Output stem of an input, unique within this predict run. Names are file stems already:

@@ -22,6 +22,7 @@ from mamba_dense.encoders.volumetric import create_volumetric_encoder
 from mamba_dense.heads.unet3d import UNet3DDecoder
 
 from ._encoder import load_encoder_weights
+from .callbacks import is_sampler_padding, local_log_dir
 from ._losses import cross_entropy
 from ._optim import param_groups, warmup_poly
 from .metrics3d import MetricRow, score_case, summarize, summary_table, write_csv
@@ -177,6 +178,7 @@ class VolumetricSegmentationTask(pl.LightningModule):
                 self.encoder.channels_last = True
             self.to(memory_format=torch.channels_last_3d)
         self._rows: dict[str, list[MetricRow]] = {"val": [], "test": []}
+        self._seen = 0  # evaluation cases of this epoch on this rank (see callbacks.is_sampler_padding)
         self.summary: dict[str, dict[str, dict[str, float]]] = {}
 
     # ------------------------------------------------------------------ model
@@ -338,9 +340,18 @@ class VolumetricSegmentationTask(pl.LightningModule):
         hd95 = stage == "test" or self.val_hd95
         rows = score_case(name, self.prediction_masks(probs), self.target_masks(label), self.structure_names(),
                           spacing, hd95=hd95)
-        self._rows[stage].extend(rows)
+        padding = self._trainer is not None and is_sampler_padding(self.trainer, self._seen)
+        self._seen += 1
+        if not padding:  # a repeat added by DistributedSampler: scored once, on the rank that owns it
+            self._rows[stage].extend(rows)
         self.log(f"{stage}/loss", self._loss(logits, label[None]), batch_size=1)
         return {"rows": rows}
+
+    def on_validation_epoch_start(self) -> None:
+        self._seen = 0  # evaluation cases of this epoch on this rank (see callbacks.is_sampler_padding)
+
+    def on_test_epoch_start(self) -> None:
+        self._seen = 0
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         return self._eval_step(batch, "val")
@@ -390,14 +401,18 @@ class VolumetricSegmentationTask(pl.LightningModule):
     def results_dir(self) -> str:
         if self._results_dir:
             return self._results_dir
-        return self.trainer.log_dir or self.trainer.default_root_dir
+        return local_log_dir(self.trainer)  # called on rank 0 only: not the collective trainer.log_dir
 
     # ------------------------------------------------------------------ predict
 
     def predict_dir(self) -> str:
         if self._predict_dir:
             return self._predict_dir
-        return os.path.join(self.trainer.log_dir or self.trainer.default_root_dir, "predictions")
+        return os.path.join(getattr(self, "_predict_root", None) or local_log_dir(self.trainer), "predictions")
+
+    def on_predict_start(self) -> None:
+        # once, on every rank: trainer.log_dir is a collective, and ranks run different numbers of predict steps
+        self._predict_root = self.trainer.log_dir or self.trainer.default_root_dir
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, str]:
         """Segment one volume; write ``<name>.nii.gz`` on the input's grid (its affine and header)

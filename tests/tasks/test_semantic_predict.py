@@ -85,3 +85,29 @@ def test_predict_refuses_two_inputs_with_one_output_name(tmp_path, tiny_encoder)
     loader = DataLoader(samples, batch_size=1, collate_fn=collate_segmentation)
     with pytest.raises(ValueError, match="'left/x' and 'right/x' would both be written to labels/x.png"):
         _predict(_task(tmp_path, tiny_encoder), tmp_path, dataloaders=loader)
+
+
+def test_scores_skip_the_distributed_samplers_repeats(tmp_path, tiny_encoder):
+    """Lightning's DistributedSampler gives every rank as many samples by repeating the first ones: with 3
+    validation images on 2 processes, rank 1 gets image 1 and a repeat of image 0. Scores must skip the
+    repeat (2-process validation scored 3.65 mIoU where 1 process scored 4.15; found by an exploratory
+    run). Here rank 1's loader runs in one process: its scores equal those of image 1 alone."""
+    from torch.utils.data import DistributedSampler, Subset
+
+    from mamba_dense.tasks.callbacks import local_log_dir
+
+    write_ade20k_like(tmp_path / "ade", num_train=0, num_val=3, size_range=(40, 72), seed=1)
+    dm = _dm(tmp_path / "ade")
+    dm.setup("validate")
+    ds = dm.datasets["val"]
+    task = _task(tmp_path, tiny_encoder)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, use_distributed_sampler=False, default_root_dir=str(tmp_path))
+    rank1 = DataLoader(ds, batch_size=1, sampler=DistributedSampler(ds, num_replicas=2, rank=1, shuffle=False),
+                       collate_fn=collate_segmentation)
+    assert [int(i) for i in rank1.sampler] == [1, 0]  # image 1, then the repeat of image 0
+    (padded,) = trainer.validate(task, dataloaders=rank1)
+    (alone,) = trainer.validate(task, dataloaders=DataLoader(Subset(ds, [1]), batch_size=1,
+                                                             collate_fn=collate_segmentation))
+    assert padded == pytest.approx(alone)
+    assert local_log_dir(trainer) == trainer.log_dir  # the rank-local folder (no collective) is Lightning's
