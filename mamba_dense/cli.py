@@ -124,7 +124,8 @@ def _warn_overridden(given: dict, model: Any, ckpt: str) -> None:
     if model is not None:  # the saved values land in init_args (or in dict_kwargs with a saved class path)
         saved = {**dict(model.get("init_args") or {}), **dict(model.get("dict_kwargs") or {})}
     dropped = sorted(k for k, v in given.items()
-                     if k in saved and k != "encoder_weights" and _plain(saved[k]) != _plain(v))  # see below
+                     if k in saved and k != "encoder_weights" and _plain(saved[k]) != _plain(v))
+    # (encoder_weights: _parse_ckpt_path drops it for checkpoint runs, whatever was given)
     if dropped:
         rank_zero_warn(
             f"--ckpt_path {ckpt}: the model is built from the checkpoint's saved hyperparameters, so these "
