@@ -75,13 +75,22 @@ _FIELD_CHECKS = {
 def load_coco(ann_file: Path, on_missing: str = "error") -> COCO:
     """Parse and check a COCO instances file; returns an indexed ``pycocotools`` COCO object.
 
-    Annotations whose ``image_id`` or ``category_id`` is not listed raise (``on_missing="error"``)
-    or are dropped with a warning (``"skip"``); the dropped ids are in ``coco.skipped``.
+    A file without an ``annotations`` list (COCO's ``image_info_test-dev2017.json``) is read as
+    images to predict (``coco.image_info_only``); training or evaluating on it raises.
+    Annotations whose ``image_id`` or ``category_id`` is not listed, or that have no mask (no
+    ``segmentation``, an empty one, or no polygon of 3 or more points), raise
+    (``on_missing="error"``) or are dropped with a warning (``"skip"``): COCOeval could not score
+    them. Polygon parts under 3 points or with an odd number of coordinates are dropped (as
+    detectron2 and mmdet do) and counted. The dropped ids are in ``coco.skipped``. Missing
+    ``area`` fields are filled with the mask's area (as pycocotools' ``loadRes``).
     """
     check_choice("on_missing", on_missing, ("error", "skip"))
     doc = read_json(ann_file, "COCO annotation file")
     if not isinstance(doc, dict):
         raise DataError(ann_file, "top level", "not a JSON object", "use a COCO instances_*.json file")
+    image_info_only = "annotations" not in doc and isinstance(doc.get("images"), list)
+    if image_info_only:  # e.g. image_info_test-dev2017.json: images to predict, nothing to evaluate
+        doc["annotations"] = []
     for key, fields in _REQUIRED.items():
         if not isinstance(doc.get(key), list):
             raise DataError(ann_file, key, "missing or not a list",
@@ -100,36 +109,105 @@ def load_coco(ann_file: Path, on_missing: str = "error") -> COCO:
                                     "repair the entry or regenerate the annotation file")
         if key != "annotations" and len({e["id"] for e in doc[key]}) != len(doc[key]):
             raise DataError(ann_file, f"{key}[].id", "duplicate ids", f"give every entry of {key} its own id")
-    image_ids = {im["id"] for im in doc["images"]}
+    images = {im["id"]: im for im in doc["images"]}
+    image_ids = images.keys()
     cat_ids = {c["id"] for c in doc["categories"]}
-    skipped: dict[str, list[Any]] = {"annotation_unknown_image_id": [], "annotation_unknown_category_id": []}
+    skipped: dict[str, list[Any]] = {"annotation_unknown_image_id": [], "annotation_unknown_category_id": [],
+                                     "annotation_without_mask": [], "polygon_part_invalid": []}
     kept = []
-    for a in doc["annotations"]:
+    for i, a in enumerate(doc["annotations"]):
         if a["image_id"] not in image_ids or a["category_id"] not in cat_ids:
             bad = "image_id" if a["image_id"] not in image_ids else "category_id"
             if on_missing == "error":
-                raise DataError(ann_file, f"annotations[id={a['id']}].{bad}", f"unknown {bad} {a[bad]}",
+                raise DataError(ann_file, f"annotations[{i}] (id={a['id']}).{bad}", f"unknown {bad} {a[bad]}",
                                 "remove the annotation, add the missing image/category, or pass on_missing='skip'")
             skipped[f"annotation_unknown_{bad}"].append(a["id"])
             continue
+        problem = _mask_problem(a, skipped["polygon_part_invalid"])
+        if problem:
+            # COCOeval rasterizes every ground truth: an annotation without a mask would crash it at
+            # the end of the first validation epoch, or (a line-like "polygon") be read as a box
+            if on_missing == "error":
+                raise DataError(ann_file, f"annotations[{i}] (id={a['id']}).segmentation", problem,
+                                "give it a polygon [[x1, y1, x2, y2, x3, y3, ...]] or an RLE, remove the annotation, "
+                                "or pass on_missing='skip' to drop such annotations (Mask R-CNN needs a mask for "
+                                "every instance)")
+            skipped["annotation_without_mask"].append(a["id"])
+            continue
         kept.append(a)
         a.setdefault("iscrowd", 0)
-        a.setdefault("area", float(a["bbox"][2] * a["bbox"][3]))
+        if "area" not in a:  # COCOeval's small/medium/large ranges use the mask area, as pycocotools' loadRes
+            a["area"] = _mask_area(a, images[a["image_id"]], ann_file, f"annotations[{i}] (id={a['id']})")
     doc["annotations"] = kept
     ann_ids = [a["id"] for a in doc["annotations"]]
     if 0 in ann_ids or len(set(ann_ids)) != len(ann_ids):
         # NOTE: COCOeval uses 0 as "unmatched", so a ground truth with id 0 can never be matched,
-        # and duplicate ids corrupt the index. Renumber in memory (the file is left untouched).
+        # and duplicate ids corrupt the index. Renumber in memory (the file is left untouched);
+        # messages keep naming an annotation by its id in the file (``file_id``).
         warnings.warn(f"{ann_file}: annotations[].id contains 0 or duplicates; renumbered 1..N in memory "
                       "so COCOeval can match them (fix the file to silence this)", stacklevel=2)
         for k, a in enumerate(doc["annotations"], start=1):
-            a["id"] = k
+            a["_file_id"], a["id"] = a["id"], k
     coco = COCO()
     coco.dataset = doc
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco.createIndex()
     coco.skipped = skipped  # type: ignore[attr-defined]
+    coco.image_info_only = image_info_only  # type: ignore[attr-defined]
     return coco
+
+
+def file_id(ann: dict[str, Any]) -> Any:
+    """The annotation's id in its file (``load_coco`` may renumber ids in memory)."""
+    return ann.get("_file_id", ann["id"])
+
+
+def _valid_polygon(p: Any) -> bool:
+    return isinstance(p, list) and len(p) >= 6 and len(p) % 2 == 0
+
+
+def _mask_problem(ann: dict[str, Any], invalid_parts: list[Any]) -> str | None:
+    """Why ``ann`` has no usable mask (None if it has one). Polygon parts with fewer than 3
+    points or an odd number of coordinates are dropped in memory (detectron2 and mmdet drop them
+    too; pycocotools would read a 4-number part as a box), their annotation's id is appended to
+    ``invalid_parts``. Other malformed segmentations are left to ``_decode``, which names them."""
+    if "segmentation" not in ann:
+        return "missing"
+    seg = ann["segmentation"]
+    if seg is None or (isinstance(seg, (list, dict)) and not seg):
+        return f"empty ({seg!r})"
+    if not isinstance(seg, list):
+        return None
+    if all(_is_real(v) for v in seg):
+        return "a flat list of numbers; COCO polygons are a list of lists [[x1, y1, x2, y2, ...], ...]"
+    polys = [p for p in seg if _valid_polygon(p)]
+    if len(polys) < len(seg):
+        invalid_parts.append(ann["id"])
+        ann["segmentation"] = polys
+    if not polys:
+        return "no polygon with 3 or more (x, y) points (a polygon is a list of an even number >= 6 of coordinates)"
+    return None
+
+
+def _mask_area(ann: dict[str, Any], image: dict[str, Any], ann_file: Path, where: str) -> float:
+    """Pixel area of the annotation's mask (its box area for an unsupported segmentation, which
+    ``_decode`` reports when the image is loaded)."""
+    seg, h, w = ann["segmentation"], image["height"], image["width"]
+    if isinstance(seg, list):
+        _check_polygons(seg, h, w, ann_file, where + ".segmentation")
+        return float(mask_utils.area(mask_utils.merge(mask_utils.frPyObjects(seg, h, w))))
+    if isinstance(seg, dict) and seg.get("size") == [h, w] and "counts" in seg:
+        _check_rle_counts(seg["counts"], h, w, ann_file, where + ".segmentation.counts")
+        rle = mask_utils.frPyObjects(seg, h, w) if isinstance(seg["counts"], list) else seg
+        return float(mask_utils.area(rle))
+    return float(ann["bbox"][2] * ann["bbox"][3])
+
+
+def _clip_box(bbox: Sequence[float], image: dict[str, Any]) -> tuple[float, float, float, float]:
+    """COCO xywh box clipped to its image, as xywh (width / height <= 0 when nothing is left)."""
+    x, y, bw, bh = (float(v) for v in bbox)
+    x0, y0 = max(0.0, x), max(0.0, y)
+    return x0, y0, min(float(image["width"]), x + bw) - x0, min(float(image["height"]), y + bh) - y0
 
 
 def _check_polygons(polys: list[list[Any]], h: int, w: int, ann_file: Path, where: str) -> None:
@@ -196,7 +274,7 @@ def _rle_string_runs(s: str) -> list[int] | None:
 def _decode(ann: dict[str, Any], h: int, w: int, ann_file: Path) -> np.ndarray | None:
     """(H, W) uint8 mask of a polygon / RLE annotation; None when no valid polygon remains."""
     seg = ann.get("segmentation")
-    where = f"annotations[id={ann['id']}].segmentation"
+    where = f"annotations[id={file_id(ann)}].segmentation"
     if seg is None or (isinstance(seg, (list, dict)) and not seg):  # empty: no mask, the annotation is dropped
         return None
     if isinstance(seg, list):
@@ -237,9 +315,11 @@ class CocoInstances(SkipsCorrupt, WorkerSeeded, Dataset):
             next readable image (counted in ``corrupt``, per process).
 
     Attributes:
-        skipped: reason -> ids/paths dropped when the dataset was built: unknown image/category
-            references (from ``load_coco``), missing image files, and annotations never used as
-            targets (``annotation_empty_segmentation``, ``annotation_degenerate_box``).
+        skipped: reason -> ids (as in the file) / paths dropped when the dataset was built: from
+            ``load_coco`` (unknown image/category references, annotations without a mask, polygon
+            parts dropped), missing image files, and annotations never used as targets
+            (``annotation_degenerate_box``: thinner than ``min_box_size``, routine in COCO;
+            ``annotation_box_outside_image``: nothing left after clipping to the image).
     """
 
     def __init__(self, coco: COCO, ann_file: Path, image_dir: Path, cat_id_to_label: dict[int, int],
@@ -253,9 +333,12 @@ class CocoInstances(SkipsCorrupt, WorkerSeeded, Dataset):
         self.corrupt = []
         self.skipped: dict[str, list[Any]] = {k: list(v) for k, v in getattr(coco, "skipped", {}).items()}
         anns = coco.dataset["annotations"]
-        self.skipped["annotation_empty_segmentation"] = [a["id"] for a in anns if not a.get("segmentation")]
         self.skipped["annotation_degenerate_box"] = [
-            a["id"] for a in anns if min(a["bbox"][2], a["bbox"][3]) < min_box_size]
+            file_id(a) for a in anns if min(a["bbox"][2], a["bbox"][3]) < min_box_size]
+        # a box that lies (almost) outside its image is cut to nothing in _get_item
+        self.skipped["annotation_box_outside_image"] = [
+            file_id(a) for a in anns if min(a["bbox"][2], a["bbox"][3]) >= min_box_size
+            and min(_clip_box(a["bbox"], coco.imgs[a["image_id"]])[2:]) < min_box_size]
         ids = sorted(coco.imgs)
         absent = [i for i in ids if not is_file(image_dir / coco.imgs[i]["file_name"])]
         if absent:
@@ -269,6 +352,12 @@ class CocoInstances(SkipsCorrupt, WorkerSeeded, Dataset):
             ids = sorted(set(ids) - set(absent))
         if train:
             ids = [i for i in ids if any(self._usable(a) for a in coco.imgToAnns.get(i, []))]
+            if not ids:
+                counts = {k: len(v) for k, v in self.skipped.items() if v}
+                raise DataError(ann_file, "annotations", f"no training image keeps an instance (of {len(coco.imgs)} "
+                                f"images and {len(anns)} annotations; dropped: {counts or 'none'}; crowd regions "
+                                f"and boxes under min_box_size={min_box_size} px are not trained on)",
+                                "check that the file has masks and boxes for the images in image_dir")
         self.ids = ids
 
     def check_files(self) -> list[str]:
@@ -289,7 +378,7 @@ class CocoInstances(SkipsCorrupt, WorkerSeeded, Dataset):
     def _usable(self, ann: dict[str, Any]) -> bool:
         if (self.train and ann.get("iscrowd", 0)) or not ann.get("segmentation"):
             return False
-        _, _, w, h = ann["bbox"]
+        _, _, w, h = _clip_box(ann["bbox"], self.coco.imgs[ann["image_id"]])
         return w >= self.min_box_size and h >= self.min_box_size
 
     def _seeded_transforms(self) -> list[Any]:
@@ -320,10 +409,10 @@ class CocoInstances(SkipsCorrupt, WorkerSeeded, Dataset):
             m = _decode(ann, h, w, self.ann_file)
             if m is None:
                 continue
-            x, y, bw, bh = (float(v) for v in ann["bbox"])
-            box = [max(0.0, x), max(0.0, y), min(float(w), x + bw), min(float(h), y + bh)]
-            if box[2] - box[0] < self.min_box_size or box[3] - box[1] < self.min_box_size:
+            cx, cy, cw, ch = _clip_box(ann["bbox"], info)
+            if cw < self.min_box_size or ch < self.min_box_size:
                 continue
+            box = [cx, cy, cx + cw, cy + ch]
             boxes.append(box)
             labels.append(self.cat_id_to_label[ann["category_id"]])
             crowd.append(int(ann.get("iscrowd", 0)))
@@ -381,9 +470,9 @@ class COCOInstanceDataModule(L.LightningDataModule):
         max_size: long-side cap.
         hflip_prob: horizontal flip probability in training.
         min_box_size: boxes thinner than this many pixels are dropped.
-        on_missing: images listed in an annotation file but absent on disk, and annotations naming
-            an unknown image/category: "error" (default) lists them and raises, "skip" drops them
-            with a warning. Counts: ``skipped`` after ``setup``.
+        on_missing: images listed in an annotation file but absent on disk, annotations naming
+            an unknown image/category, and annotations without a mask: "error" (default) names
+            them and raises, "skip" drops them with a warning. Counts: ``skipped`` after ``setup``.
         on_corrupt: undecodable images: "error" (default) raises naming the file, "skip" warns
             and serves the next readable image (counted per worker process).
         check_files: decode every image at ``setup`` (corrupt ones dropped and counted with
@@ -535,7 +624,7 @@ class COCOInstanceDataModule(L.LightningDataModule):
             if self.check_files:
                 ds.check_files()
             report_skipped(f"COCO {split} split ({ann_file})", ds.skipped,
-                           routine=("annotation_empty_segmentation", "annotation_degenerate_box"))
+                           routine=("annotation_degenerate_box",))
             self.datasets[split] = ds
         return self.datasets[split]
 

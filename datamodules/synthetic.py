@@ -216,9 +216,9 @@ def write_coco_like(
                                  "segmentation": _uncompressed_rle(m), "area": float(m.sum()),
                                  "bbox": [0.0, 0.0, float(w // 4), float(h // 5)], "iscrowd": 1})
                     ann_id += 1
-                if i == 0 and split == "train2017":  # degenerate: zero-width box, 2-point polygon
+                if i == 0 and split == "train2017":  # degenerate: zero-width box, a polygon of collinear points
                     anns.append({"id": ann_id, "image_id": image_id, "category_id": cat_ids[1],
-                                 "segmentation": [[10.0, 10.0, 10.0, 30.0]], "area": 0.0,
+                                 "segmentation": [[10.0, 10.0, 10.0, 20.0, 10.0, 30.0]], "area": 0.0,
                                  "bbox": [10.0, 10.0, 0.0, 20.0], "iscrowd": 0})
                     ann_id += 1
             doc = {

@@ -13,6 +13,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from typing import TYPE_CHECKING
 
@@ -207,7 +208,12 @@ class InstanceSegmentationTask(pl.LightningModule):
     def _coco_gt(self, stage: str) -> COCO | None:
         dm = self.trainer.datamodule if self._trainer is not None else None
         fn = getattr(dm, "coco_gt", None)
-        return fn(self._split(stage)) if callable(fn) else None
+        gt = fn(self._split(stage)) if callable(fn) else None
+        if gt is not None and getattr(gt, "image_info_only", False):
+            raise ValueError(f"the {self._split(stage)} annotation file of the datamodule lists images only (no "
+                             "'annotations'): there is nothing to evaluate against. Fix: use it for predict only, and "
+                             "an instances_*.json file with annotations for validate/test")
+        return gt
 
     def _label_to_cat_id(self) -> dict[int, int] | None:
         dm = self.trainer.datamodule if self._trainer is not None else None
@@ -238,7 +244,7 @@ class InstanceSegmentationTask(pl.LightningModule):
                 if info is None:
                     raise KeyError(f"image_id {image_id} is not in the datamodule's coco_gt.")
                 out_size = (int(info["height"]), int(info["width"]))
-                self.evaluator.add_predictions(image_id, det, out_size)
+                self.evaluator.add_predictions(image_id, det, out_size, size)
             else:
                 self.evaluator.add_predictions(image_id, det)
                 self.evaluator.add_ground_truth(image_id, target, size)
@@ -295,12 +301,15 @@ class InstanceSegmentationTask(pl.LightningModule):
 
     def on_predict_epoch_start(self) -> None:
         self._predictions = []
+        self._predict_seen = 0  # images of this rank so far: ids of image-only batches
         self._predict_coder = COCOEvaluator(self._label_to_cat_id(), mask_threshold=self.hparams.mask_threshold)
 
     def predict_step(self, batch: Any, batch_idx: int) -> list[str]:
         """Writes `overlays/<image_id>.png`; COCO results go to `coco_results.json` at the end.
 
-        Batches are `(images, targets)` (targets give image ids and original sizes) or images only.
+        Batches are `(images, targets)` (targets give image ids and original sizes) or images only
+        (ids: each image's index in the dataset, for an unshuffled loader, under DDP's
+        DistributedSampler too). Overlays are drawn at the original size when targets give one.
         """
         if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], (list, tuple)):
             images, targets = batch
@@ -309,17 +318,29 @@ class InstanceSegmentationTask(pl.LightningModule):
         detections = self.model(list(images))
         out_dir = self.predict_dir()
         paths = []
+        world, rank = self.trainer.world_size, self.trainer.global_rank
         for i, (image, det) in enumerate(zip(images, detections)):
-            image_id = int(targets[i]["image_id"]) if targets is not None else batch_idx * len(images) + i
+            if targets is not None:
+                image_id = int(targets[i]["image_id"])
+            else:  # DistributedSampler (no shuffle) gives rank r the dataset's items r, r + world, ...
+                image_id = self._predict_seen * world + rank
+            self._predict_seen += 1
             orig = targets[i].get("orig_size") if targets is not None else None
             out_size = tuple(int(v) for v in orig) if orig is not None else None  # undo a datamodule resize
-            self._predictions.extend(self._predict_coder.to_results(image_id, det, out_size))
+            in_size = tuple(image.shape[-2:])
+            self._predictions.extend(self._predict_coder.to_results(image_id, det, out_size, in_size))
             keep = det["scores"] >= self.predict_score_thresh
-            masks = det["masks"][keep, 0] > self.hparams.mask_threshold if "masks" in det else None
+            boxes, masks = det["boxes"][keep], det["masks"][keep] if "masks" in det else None
+            if out_size is not None and out_size != in_size:  # draw on the image at its size on disk
+                image = F.interpolate(image[None].float(), size=out_size, mode="bilinear", align_corners=False)[0]
+                boxes = boxes * boxes.new_tensor([out_size[1] / in_size[1], out_size[0] / in_size[0]] * 2)
+                if masks is not None:
+                    masks = F.interpolate(masks.float(), size=out_size, mode="bilinear", align_corners=False)
+            masks = masks[:, 0] > self.hparams.mask_threshold if masks is not None else None
             names = self.hparams.class_names or getattr(self.trainer.datamodule, "class_names", None)
             drawn = draw_instances(
                 to_uint8_image(image, None, None),
-                det["boxes"][keep],
+                boxes,
                 det["labels"][keep],
                 masks,
                 det["scores"][keep],
@@ -358,10 +379,14 @@ class InstanceSegmentationTask(pl.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         optimizer = torch.optim.AdamW(param_groups(self, hp.weight_decay), lr=hp.lr, betas=tuple(hp.betas))
-        self.trainer.estimated_stepping_batches  # noqa: B018  (sets up the train dataloader)
+        if self.trainer.train_dataloader is None:
+            # NOTE: not estimated_stepping_batches: with max_epochs=-1 (max_steps only) it returns
+            # max_steps without loading the train dataloader, whose length the milestones need
+            self.trainer.fit_loop.setup_data()
         batches = self.trainer.num_training_batches
         if not math.isfinite(batches):
-            raise ValueError("lr_milestones are in epochs: the train dataloader needs a length.")
+            raise ValueError("lr_milestones are in epochs: the train dataloader needs a length (an iterable "
+                             "dataset without __len__ has none). Fix: use a map-style dataset")
         steps_per_epoch = max(1, math.ceil(batches / self.trainer.accumulate_grad_batches))
         milestones = [m * steps_per_epoch for m in hp.lr_milestones]
         schedule = partial(

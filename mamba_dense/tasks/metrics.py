@@ -122,23 +122,32 @@ class COCOEvaluator:
             raise KeyError(f"label {int(label)} has no category id in label_to_cat_id.")
         return int(self.label_to_cat_id[int(label)])
 
-    def to_results(self, image_id: int, pred: Mapping[str, torch.Tensor], out_size: tuple[int, int] | None = None) -> list[dict]:
+    def to_results(self, image_id: int, pred: Mapping[str, torch.Tensor], out_size: tuple[int, int] | None = None,
+                   in_size: tuple[int, int] | None = None) -> list[dict]:
         """torchvision detections of one image -> COCO result dicts.
 
         Args:
             image_id: COCO image id.
             pred: boxes (N, 4) xyxy, labels (N,), scores (N,), optional masks (N, 1, h, w) probabilities.
             out_size: (H, W) of the ground-truth image when it differs from the prediction size.
+            in_size: (H, W) the prediction was made at; default: the masks' size (needed with
+                ``out_size`` when there are no masks).
         """
         boxes, labels, scores = pred["boxes"], pred["labels"], pred["scores"]
         masks = pred.get("masks")
         if masks is not None and masks.ndim == 3:
             masks = masks[:, None]
-        if out_size is not None and masks is not None and tuple(masks.shape[-2:]) != tuple(out_size):
-            h, w = masks.shape[-2:]
+        if in_size is None and masks is not None:
+            in_size = tuple(masks.shape[-2:])
+        if out_size is not None and in_size is None:
+            raise ValueError(f"to_results(image_id={image_id}): out_size={tuple(out_size)} but the detections have no "
+                             "masks to tell the size they were made at. Fix: pass in_size=(H, W) of the input image")
+        if out_size is not None and tuple(in_size) != tuple(out_size):
+            h, w = in_size
             scale = boxes.new_tensor([out_size[1] / w, out_size[0] / h, out_size[1] / w, out_size[0] / h])
             boxes = boxes * scale
-            masks = F.interpolate(masks.float(), size=out_size, mode="bilinear", align_corners=False)
+            if masks is not None:
+                masks = F.interpolate(masks.float(), size=out_size, mode="bilinear", align_corners=False)
         rles = encode_masks(masks[:, 0] > self.mask_threshold) if masks is not None else [None] * len(boxes)
         out = []
         for box, label, score, rle in zip(_xyxy_to_xywh(boxes), labels.tolist(), scores.tolist(), rles):
@@ -148,8 +157,9 @@ class COCOEvaluator:
             out.append(r)
         return out
 
-    def add_predictions(self, image_id: int, pred: Mapping[str, torch.Tensor], out_size: tuple[int, int] | None = None) -> list[dict]:
-        results = self.to_results(image_id, pred, out_size)
+    def add_predictions(self, image_id: int, pred: Mapping[str, torch.Tensor], out_size: tuple[int, int] | None = None,
+                        in_size: tuple[int, int] | None = None) -> list[dict]:
+        results = self.to_results(image_id, pred, out_size, in_size)
         self.results.extend(results)
         self.image_ids.append(int(image_id))
         return results

@@ -193,7 +193,7 @@ def test_bad_inputs(coco_root, tmp_path):
     doc = json.loads(json.dumps(good))
     doc["annotations"][0]["category_id"] = 42
     ann.write_text(json.dumps(doc))
-    with pytest.raises(DataError, match=r"annotations\[id=\d+\]\.category_id: unknown category_id 42"):
+    with pytest.raises(DataError, match=r"annotations\[0\] \(id=\d+\)\.category_id: unknown category_id 42"):
         make().coco_gt("val")
 
     doc = json.loads(json.dumps(good))
@@ -288,7 +288,7 @@ def test_annotations_referencing_missing_images(coco_root, tmp_path):
         doc["annotations"][1]["category_id"] = 42
 
     root, doc = _edit(coco_root, tmp_path, edit)
-    with pytest.raises(DataError, match=r"annotations\[id=\d+\]\.image_id: unknown image_id 4242.*on_missing='skip'"):
+    with pytest.raises(DataError, match=r"annotations\[\d+\] \(id=\d+\)\.image_id: unknown image_id 4242.*on_missing='skip'"):
         COCOInstanceDataModule(str(root), num_workers=0).coco_gt("val")
     dm = COCOInstanceDataModule(str(root), num_workers=0, on_missing="skip")
     with pytest.warns(UserWarning, match=r"COCO val split .*skipped 2 item\(s\): 1 annotation unknown image id .*"
@@ -299,22 +299,142 @@ def test_annotations_referencing_missing_images(coco_root, tmp_path):
     assert all(len(dm.datasets["val"][i][1]["boxes"]) >= 0 for i in range(len(dm.datasets["val"])))
 
 
-def test_empty_segmentation_and_zero_area_boxes_dropped(coco_root, tmp_path):
+def _plain_polygon_anns(doc):
+    return [a for a in doc["annotations"] if not a["iscrowd"] and isinstance(a["segmentation"], list)]
+
+
+@pytest.mark.parametrize("seg", ["missing", None, [], [[10.0, 10.0, 50.0, 10.0]], [10.0, 10.0, 50.0, 10.0, 30.0, 40.0]])
+def test_annotation_without_mask_is_named_or_skipped(coco_root, tmp_path, seg):
+    """COCOeval rasterizes every ground truth: an annotation without a mask crashed it inside
+    pycocotools at the end of the first validation epoch (a training epoch later)."""
+    picked = []
+
     def edit(doc):
-        ann = [a for a in doc["annotations"] if not a["iscrowd"] and isinstance(a["segmentation"], list)]
-        ann[0]["segmentation"] = []
-        del ann[1]["segmentation"]
-        ann[2]["bbox"] = [10.0, 10.0, 0.0, 0.0]
-        ann[2]["area"] = 0.0
+        ann = _plain_polygon_anns(doc)[0]
+        picked.append(doc["annotations"].index(ann))
+        if seg == "missing":
+            del ann["segmentation"]
+        else:
+            ann["segmentation"] = seg
 
     root, doc = _edit(coco_root, tmp_path, edit)
+    index = picked[0]
+    bad = doc["annotations"][index]
+    with pytest.raises(DataError, match=rf"annotations\[{index}\] \(id={bad['id']}\)\.segmentation: .*Fix: give it a "
+                                        r"polygon.*on_missing='skip'"):
+        COCOInstanceDataModule(str(root), num_workers=0).coco_gt("val")
+    dm = COCOInstanceDataModule(str(root), num_workers=0, on_missing="skip")
+    with pytest.warns(UserWarning, match=r"1 annotation without mask"):
+        dm.setup("validate")
+    gt = dm.coco_gt("val")
+    assert bad["id"] not in gt.anns and len(gt.anns) == len(doc["annotations"]) - 1
+    # what was kept is scored without a crash, ground truth as predictions: AP 1
+    stats = _gt_as_predictions(dm, "val")
+    assert stats["bbox"] == pytest.approx(1.0) and stats["segm"] == pytest.approx(1.0)
+
+
+def test_invalid_polygon_parts_dropped_in_targets_and_ground_truth(coco_root, tmp_path):
+    """A part with fewer than 3 points or an odd number of coordinates is dropped (detectron2,
+    mmdet) from the targets and from COCOeval's ground truth alike; the drop is counted."""
+    def edit(doc):
+        ann = _plain_polygon_anns(doc)[0]
+        ann["segmentation"] = ann["segmentation"] + [[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0]]
+
+    root, doc = _edit(coco_root, tmp_path, edit)
+    ann = _plain_polygon_anns(doc)[0]
     dm = COCOInstanceDataModule(str(root), num_workers=0)
-    dm.setup("validate")  # routine drops: logged, counted, no error
-    counts = dm.skipped["val"]
-    assert counts["annotation_empty_segmentation"] == 2 and counts["annotation_degenerate_box"] == 1
+    with pytest.warns(UserWarning, match=rf"1 polygon part invalid \(e\.g\. \[{ann['id']}\]\)"):
+        dm.setup("validate")
+    gt_ann = dm.coco_gt("val").anns[ann["id"]]
+    assert gt_ann["segmentation"] == ann["segmentation"][:-2]
+    stats = _gt_as_predictions(dm, "val")
+    assert stats["segm"] == pytest.approx(1.0)
+
+
+def test_degenerate_and_outside_boxes_counted(coco_root, tmp_path):
+    def edit(doc):
+        anns = _plain_polygon_anns(doc)
+        anns[0]["bbox"], anns[0]["area"] = [10.0, 10.0, 0.0, 0.0], 0.0  # COCO has such: routine
+        image = next(im for im in doc["images"] if im["id"] == anns[1]["image_id"])
+        anns[1]["bbox"] = [image["width"] + 5.0, 3.0, 20.0, 20.0]  # nothing left inside the image: warned
+
+    root, doc = _edit(coco_root, tmp_path, edit)
+    anns = _plain_polygon_anns(doc)
+    dm = COCOInstanceDataModule(str(root), num_workers=0)
+    with pytest.warns(UserWarning, match=rf"1 annotation degenerate box .*1 annotation box outside image "
+                                         rf"\(e\.g\. \[{anns[1]['id']}\]\)"):
+        dm.setup("validate")
     ds = dm.datasets["val"]
     n_targets = sum(len(ds[i][1]["boxes"]) for i in range(len(ds)))
-    assert n_targets == len(doc["annotations"]) - 3
+    assert n_targets == len(doc["annotations"]) - 2
+
+
+def test_train_split_without_instances_raises(coco_root, tmp_path):
+    root = tmp_path / "crowd_only"
+    shutil.copytree(coco_root, root)
+    path = root / "annotations" / "instances_train2017.json"
+    doc = json.loads(path.read_text())
+    for a in doc["annotations"]:
+        a["iscrowd"] = 1  # crowd regions are never trained on
+    path.write_text(json.dumps(doc))
+    dm = COCOInstanceDataModule(str(root), num_workers=0)
+    with pytest.raises(DataError, match=r"instances_train2017\.json: annotations: no training image keeps an instance "
+                                        r"\(of 6 images and \d+ annotations.*Fix: check that the file has masks"):
+        dm.setup("fit")
+
+
+def test_messages_name_file_ids_after_renumbering(coco_root, tmp_path):
+    def edit(doc):
+        doc["annotations"][0]["id"] = 0  # renumbered 1..N in memory
+        _plain_polygon_anns(doc)[1]["segmentation"] = {"counts": [4], "size": [2, 2]}
+
+    root, doc = _edit(coco_root, tmp_path, edit)
+    bad = next(a for a in doc["annotations"] if isinstance(a["segmentation"], dict) and a["segmentation"]["size"] == [2, 2])
+    dm = COCOInstanceDataModule(str(root), num_workers=0)
+    with pytest.warns(UserWarning, match="renumbered"):
+        dm.setup("validate")
+    ds = dm.datasets["val"]
+    (moved,) = [a for a in dm.coco_gt("val").anns.values() if a.get("_file_id") == bad["id"]]
+    assert moved["id"] != bad["id"]  # in memory, the file's id is another annotation's or none
+    index = ds.ids.index(bad["image_id"])
+    with pytest.raises(DataError, match=rf"annotations\[id={bad['id']}\]\.segmentation\.size"):
+        ds[index]
+
+
+def test_missing_area_is_the_mask_area(coco_root, tmp_path):
+    from pycocotools import mask as mask_utils
+
+    def edit(doc):
+        for a in doc["annotations"]:
+            del a["area"]
+
+    root, doc = _edit(coco_root, tmp_path, edit)
+    gt = COCOInstanceDataModule(str(root), num_workers=0).coco_gt("val")
+    for a in doc["annotations"]:
+        image = gt.imgs[a["image_id"]]
+        seg = a["segmentation"]
+        rle = (mask_utils.merge(mask_utils.frPyObjects(seg, image["height"], image["width"])) if isinstance(seg, list)
+               else mask_utils.frPyObjects(seg, image["height"], image["width"]) if isinstance(seg["counts"], list)
+               else seg)
+        area = float(mask_utils.area(rle))
+        assert gt.anns[a["id"]]["area"] == area and 0 < area < a["bbox"][2] * a["bbox"][3] + 1e-6
+
+
+def test_image_info_file_predicts_but_does_not_train(coco_root, tmp_path):
+    """COCO's image_info_test-dev2017.json has images and categories, no annotations."""
+    root = tmp_path / "testdev"
+    shutil.copytree(coco_root, root)
+    doc = json.loads((root / "annotations" / "instances_val2017.json").read_text())
+    del doc["annotations"]
+    (root / "annotations" / "image_info_test.json").write_text(json.dumps(doc))
+    dm = COCOInstanceDataModule(str(root), test_ann="annotations/image_info_test.json", num_workers=0)
+    dm.setup("predict")
+    images = [img for batch, _ in dm.predict_dataloader() for img in batch]
+    assert len(images) == len(doc["images"]) and dm.coco_gt("test").image_info_only
+    dm = COCOInstanceDataModule(str(root), train_ann="annotations/image_info_test.json", train_images="val2017",
+                                num_workers=0)
+    with pytest.raises(DataError, match="no training image keeps an instance"):
+        dm.setup("fit")
 
 
 def test_missing_and_corrupt_images_skipped_and_counted(coco_root, tmp_path):

@@ -66,3 +66,30 @@ def test_input_checks(tiny_encoder, small_rcnn):
     loss = task.training_step(([torch.rand(3, 64, 64)], [crowd]), 1)
     loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_max_steps_only_and_predict_without_targets(tmp_path, tiny_encoder, small_rcnn):
+    """`max_steps` without `max_epochs` (iteration-based runs) failed with "the train dataloader
+    needs a length"; image-only predict batches reused ids (batch_idx * len(batch) + i, so a
+    shorter last batch overwrote an earlier overlay); with resize=True the overlays were drawn at
+    the resized size."""
+    dm = SyntheticCOCODataModule(root=str(tmp_path / "coco"), batch_size=2, val_batch_size=2, num_train=4, num_val=3,
+                                 resize=True)
+    task = _task(tiny_encoder, small_rcnn, predict_dir=str(tmp_path / "pred"))
+    trainer = pl.Trainer(max_epochs=-1, max_steps=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, num_sanity_val_steps=0, limit_val_batches=0, default_root_dir=tmp_path)
+    trainer.fit(task, dm)
+    assert trainer.global_step == 1
+
+    paths = [p for batch in trainer.predict(task, dm) for p in batch]
+    for path in paths:  # drawn at each image's size on disk, though the datamodule resized it
+        info = dm.coco_gt("test").imgs[int(path.rsplit("/", 1)[-1][:-4])]
+        assert Image.open(path).size == (info["width"], info["height"])
+
+    images = [img for batch, _ in dm.predict_dataloader() for img in batch]  # 3 images: batches of 2 and 1
+    loader = torch.utils.data.DataLoader(images, batch_size=2, collate_fn=list)
+    task._predict_dir = str(tmp_path / "pred_images_only")
+    paths = [p for batch in trainer.predict(task, loader) for p in batch]
+    assert [p.rsplit("/", 1)[-1] for p in paths] == ["0.png", "1.png", "2.png"]
+    results = json.loads((tmp_path / "pred_images_only" / "coco_results.json").read_text())
+    assert {r["image_id"] for r in results} <= {0, 1, 2}

@@ -106,6 +106,22 @@ def test_cocoeval_predictions_rescaled_to_original_size():
     assert metrics["bbox_AP"] == pytest.approx(1.0) and metrics["segm_AP50"] == pytest.approx(1.0)
 
 
+def test_cocoeval_box_only_predictions_rescaled_with_in_size():
+    """Without masks the prediction's size is unknown: boxes were left unscaled, silently."""
+    boxes_ev, masks_ev = COCOEvaluator(LABEL_TO_CAT), COCOEvaluator(LABEL_TO_CAT)
+    for image_id, (h, w, objs) in OBJECTS.items():
+        pred = _perfect_prediction(objs, scale=2)
+        masks_ev.add_predictions(image_id, pred, out_size=(h, w))
+        boxes_only = {k: v for k, v in pred.items() if k != "masks"}
+        with pytest.raises(ValueError, match=r"no masks.*Fix: pass in_size"):
+            boxes_ev.to_results(image_id, boxes_only, out_size=(h, w))
+        results = boxes_ev.add_predictions(image_id, boxes_only, out_size=(h, w), in_size=(h // 2, w // 2))  # the model saw it at half size
+        assert "segmentation" not in results[0]
+    assert [r["bbox"] for r in boxes_ev.results] == [r["bbox"] for r in masks_ev.results]
+    metrics, _ = boxes_ev.evaluate(_coco_gt(), iou_types=("bbox",))
+    assert metrics["bbox_AP"] == pytest.approx(1.0)
+
+
 def test_cocoeval_ground_truth_from_targets_and_wrong_labels():
     ev = COCOEvaluator(LABEL_TO_CAT)
     for image_id, (h, w, objs) in OBJECTS.items():
