@@ -7,6 +7,7 @@ Arrays leave this module as (C, D, H, W) images and (D, H, W) labels in a common
 
 from __future__ import annotations
 
+import math
 import warnings
 import zlib
 from pathlib import Path
@@ -187,11 +188,35 @@ class CaseGeometry(dict):
     ``spacing`` (3,) mm of the returned (D, H, W) grid."""
 
 
+def check_orientation(orientation: Any) -> str:
+    """Upper-cased axis codes, one of each of L/R, A/P, S/I (e.g. "RAS", "LPS"); else ValueError."""
+    codes = orientation.upper() if isinstance(orientation, str) else ""
+    if len(codes) != 3 or sorted("LRAPSI".index(c) // 2 for c in codes if c in "LRAPSI") != [0, 1, 2]:
+        raise ValueError(f"orientation={orientation!r}: expected 3 axis codes naming each of L/R, A/P and S/I "
+                         "once (the directions of increasing x, y, z). Fix: e.g. orientation='RAS' or 'LPS'")
+    return codes
+
+
+def check_spacing(target_spacing: Any) -> tuple[float, float, float] | None:
+    """``target_spacing`` as 3 floats > 0 (or None); else ValueError."""
+    if target_spacing is None:
+        return None
+    try:
+        spacing = tuple(float(v) for v in target_spacing)
+    except (TypeError, ValueError):
+        spacing = ()
+    if len(spacing) != 3 or not all(math.isfinite(v) and v > 0 for v in spacing):
+        raise ValueError(f"target_spacing={target_spacing!r}: expected 3 finite spacings > 0 in mm (D, H, W). "
+                         "Fix: e.g. target_spacing=(1.5, 1.5, 1.5), or None to keep each file's spacing")
+    return spacing  # type: ignore[return-value]
+
+
 def to_common_space(image: np.ndarray, label: np.ndarray | None, affine: np.ndarray, orientation: str = "RAS",
                     target_spacing: Sequence[float] | None = None,
                     ) -> tuple[np.ndarray, np.ndarray | None, CaseGeometry]:
     """(X, Y, Z, C) image + label in file order -> (C, D, H, W) / (D, H, W) in ``orientation``,
     optionally resampled to ``target_spacing`` (D, H, W order, mm): trilinear image, nearest label."""
+    orientation, target_spacing = check_orientation(orientation), check_spacing(target_spacing)
     original_shape = image.shape[:3]
     tr = ornts.ornt_transform(ornts.io_orientation(affine), ornts.axcodes2ornt(tuple(orientation)))
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))

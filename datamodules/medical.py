@@ -6,10 +6,11 @@ Layout (``root`` is the task folder)::
     imagesTr/*.nii.gz labelsTr/*.nii.gz imagesTs/*.nii.gz
 
 File lists come from ``dataset.json`` only (the official archives also hold ``._*.nii.gz``
-junk). Volumes are reoriented to ``orientation`` (RAS) and optionally resampled to
-``target_spacing``; CT channels are clipped to the 0.5/99.5 foreground percentiles and
-z-scored with dataset statistics (computed once by ``prepare_data`` and cached in ``cache_dir``,
-never in ``root``); other modalities get a per-image z-score over nonzero voxels.
+junk). CT channels are clipped to the 0.5/99.5 foreground percentiles and z-scored with
+dataset statistics (computed once by ``prepare_data``, cached in ``cache_dir``, never in
+``root``, and saved in checkpoints); other modalities get a per-image z-score over nonzero
+voxels. Then (nnU-Net's order) volumes are reoriented to ``orientation`` (RAS) and optionally
+resampled to ``target_spacing``.
 
 Training batches: ``image`` (B, C, D, H, W) float32 and ``label`` (B, D, H, W) int64 patches.
 Validation/test batches (batch size 1): whole volumes plus ``affine``, ``ornt``, ``spacing``,
@@ -39,7 +40,7 @@ from ._common import (
     report_skipped,
 )
 from ._volume import (
-    CaseGeometry, ct_normalize, intensity_augment, nonzero_zscore, random_flip, read_case, restore_original_space,
+    CaseGeometry, check_orientation, check_spacing, ct_normalize, intensity_augment, nonzero_zscore, random_flip, read_case, restore_original_space,
     sample_patch, to_common_space,
 )
 from .synthetic import write_msd_like
@@ -110,6 +111,9 @@ def parse_dataset_json(root: str | Path, on_missing: str = "error") -> MSDTask:
         modalities = [str(mod[k]) for k in sorted(mod, key=int)]
     except ValueError:
         raise DataError(path, "modality", f"keys {list(mod)} are not channel indices", 'use {"0": "CT", ...}') from None
+    if sorted(int(k) for k in mod) != list(range(len(mod))):
+        raise DataError(path, "modality", f"channel indices {sorted(int(k) for k in mod)} are not 0..{len(mod) - 1}",
+                        "number the channels 0, 1, ... in the order of the image files / the 4th image axis")
     labels = doc.get("labels")
     if not isinstance(labels, dict) or not labels:
         raise DataError(path, "labels", "missing or empty", 'add e.g. "labels": {"0": "background", "1": "organ"}')
@@ -169,16 +173,45 @@ def parse_dataset_json(root: str | Path, on_missing: str = "error") -> MSDTask:
         images = resolve_all(imgs, f"test[{i}]", "test")
         if images is not None:
             test.append(Case(_case_name(images[0]), images, None))
-    for group in (cases, test):  # one file per modality (BraTS-style folders) can repeat file names
-        if len({c.name for c in group}) != len(group):
-            for c in group:
-                c.name = f"{c.images[0].parent.name}_{c.name}"
+    for group, key in ((cases, "training"), (test, "test")):
+        _unique_names(group, path, key)
     name = str(doc.get("name") or root.name)
     return MSDTask(path, name, modalities, [by_id[k] for k in range(len(by_id))], cases, test, skipped)
 
 
 def _case_name(path: Path) -> str:
     return re.sub(r"(_0000)?\.nii(\.gz)?$", "", path.name)
+
+
+def _unique_names(group: list[Case], path: Path, key: str) -> None:
+    """Case names (prediction files, per-case rows) unique within ``group``: one file per case
+    folder (BraTS-style ``sub-01/anat/T1w.nii.gz``) repeats file names, so parent folders are
+    prefixed until no two names collide. The same image listed twice is an error (the case
+    could land in training and validation at once)."""
+    first: dict[Path, int] = {}
+    for i, c in enumerate(group):
+        j = first.setdefault(c.images[0].resolve(), i)
+        if j != i:
+            raise DataError(path, f"{key}[{i}]", f"lists the same image as {key}[{j}] ({c.images[0]})",
+                            "list every case once")
+    depth = [0] * len(group)
+    while True:
+        by_name: dict[str, list[int]] = {}
+        for i, c in enumerate(group):
+            by_name.setdefault(c.name, []).append(i)
+        clashes = [ids for ids in by_name.values() if len(ids) > 1]
+        if not clashes:
+            return
+        for ids in clashes:
+            for i in ids:
+                c = group[i]
+                parents = [p for p in c.images[0].parent.parts if p != c.images[0].anchor]
+                depth[i] += 1
+                if depth[i] > len(parents):  # x.nii and x.nii.gz, or x_0000.nii.gz and x.nii.gz, in one folder
+                    j = next(j for j in ids if j != i)
+                    raise DataError(path, f"{key}[{i}]", f"{c.images[0]} and {key}[{j}]'s {group[j].images[0]} "
+                                    f"give the same case name {c.name!r}", "rename one of the files")
+                c.name = "_".join([*parents[-depth[i]:], _case_name(c.images[0])])
 
 
 class CaseLoader:
@@ -195,14 +228,17 @@ class CaseLoader:
         if key in self._cache:
             return self._cache[key]
         image, label, affine = read_case(case.images, case.label, len(self.task.modalities), len(self.task.class_names))
-        image, label, geom = to_common_space(image, label, affine, self.orientation, self.target_spacing)
+        # normalized on the file's grid, then resampled (nnU-Net's order): the nonzero-voxel mask of
+        # MR channels is the acquired one, not one blurred by trilinear resampling
+        image = np.asarray(image, np.float32)
         for c, modality in enumerate(self.task.modalities):
             if modality.upper() == "CT":
                 if str(c) not in self.ct_stats:
                     raise RuntimeError("CT statistics missing: call prepare_data() (or setup()) first")
-                image[c] = ct_normalize(image[c], self.ct_stats[str(c)])
+                image[..., c] = ct_normalize(image[..., c], self.ct_stats[str(c)])
             else:
-                image[c] = nonzero_zscore(image[c])
+                image[..., c] = nonzero_zscore(image[..., c])
+        image, label, geom = to_common_space(image, label, affine, self.orientation, self.target_spacing)
         item = {"image": image.astype(np.float32), "label": label, "geom": geom, "case": case}
         if label is not None:
             rng = np.random.default_rng(0)
@@ -392,14 +428,18 @@ class MedicalDecathlonDataModule(L.LightningDataModule):
         self.samples_per_volume, self.oversample_foreground = samples_per_volume, oversample_foreground
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self.orientation, self.augment, self.cache_volumes = orientation, augment, cache_volumes
-        self.target_spacing = None if target_spacing is None else tuple(float(s) for s in target_spacing)
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         check_outside(self.cache_dir, self.root, "cache_dir")
-        if len(self.patch_size) != 3 or len(orientation) != 3:
-            raise ValueError(f"patch_size={patch_size}, orientation={orientation!r}: expected 3 of each. "
-                             "Fix: e.g. patch_size=(128, 128, 128), orientation='RAS'")
+        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
+            raise ValueError(f"patch_size={patch_size}: expected 3 positive voxel counts (D, H, W). "
+                             "Fix: e.g. patch_size=(128, 128, 128)")
+        self.orientation, self.target_spacing = check_orientation(orientation), check_spacing(target_spacing)
+        if not 0 < val_fraction < 1:
+            raise ValueError(f"val_fraction={val_fraction}: expected a share in (0, 1) of the training list. Fix: e.g. "
+                             "val_fraction=0.2; to train without validation pass trainer.limit_val_batches=0")
         self._task: MSDTask | None = None
         self._loader: CaseLoader | None = None
+        self._saved_ct_stats: dict[str, dict[str, float]] | None = None
         self.datasets: dict[str, Dataset] = {}
 
     # -- dataset.json ------------------------------------------------------------------------
@@ -470,12 +510,42 @@ class MedicalDecathlonDataModule(L.LightningDataModule):
         os.replace(tmp, path)
 
     def ct_stats(self) -> dict[str, dict[str, float]]:
+        """CT clipping / normalization statistics per CT channel: those restored from a checkpoint
+        (``load_state_dict``), else computed from the current training cases (cached on disk)."""
         if "ct" not in self.normalization:
             return {}
+        if self._saved_ct_stats is not None:
+            return self._saved_ct_stats
         path = self._stats_path()
         if not path.is_file():
             self.prepare_data()
         return json.loads(path.read_text())
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in checkpoints: the CT statistics the model was trained with, so that evaluating
+        or predicting from the checkpoint normalizes as in training even after the training
+        cases changed."""
+        stats = self.ct_stats()
+        return {"ct_stats": stats} if stats else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        stats = state_dict.get("ct_stats")
+        if not stats:
+            return
+        saved = {str(c): {k: float(v) for k, v in st.items()} for c, st in stats.items()}
+        if self._saved_ct_stats is None and "ct" in self.normalization:
+            try:
+                live = self.ct_stats()
+            except (OSError, DataError):  # training files gone: the checkpoint's statistics are all there is
+                live = saved
+            if live != saved:
+                msg = (f"{self.task.json_path}: the CT statistics of the current training cases differ from those "
+                       f"saved with the checkpoint ({live} vs {saved}); the checkpoint's are used, as in training")
+                warnings.warn(msg, stacklevel=2)
+        self._saved_ct_stats = saved
+        if self._loader is not None:  # Lightning restores the datamodule after setup() built the loader
+            self._loader.ct_stats = saved
+            self._loader._cache.clear()
 
     # -- datasets --------------------------------------------------------------------------
     def case_loader(self) -> CaseLoader:

@@ -44,8 +44,10 @@ def _gaussian_cpu(patch_size: tuple[int, ...], sigma_scale: float) -> torch.Tens
 
 def gaussian_importance_map(patch_size: Sequence[int], sigma_scale: float = 1.0 / 8,
                             device: torch.device | str | None = None) -> torch.Tensor:
-    """(pD, pH, pW) float32 Gaussian, sigma = ``sigma_scale`` * patch per axis, max 1, no zeros."""
-    return _gaussian_cpu(tuple(int(p) for p in patch_size), float(sigma_scale)).to(device or "cpu")
+    """(pD, pH, pW) float32 Gaussian, sigma = ``sigma_scale`` * patch per axis, max 1, no zeros.
+    A new tensor each call (the cached map is never handed out: an in-place edit would change
+    every later sliding-window run)."""
+    return _gaussian_cpu(tuple(int(p) for p in patch_size), float(sigma_scale)).to(device or "cpu", copy=True)
 
 
 def window_starts(size: int, patch: int, overlap: float) -> list[int]:

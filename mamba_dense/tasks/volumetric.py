@@ -147,6 +147,9 @@ class VolumetricSegmentationTask(pl.LightningModule):
         self._predict_dir, self._results_dir = predict_dir, results_dir
         if num_classes < 2:
             raise ValueError(f"num_classes counts the background too: >= 2, got {num_classes}")
+        if num_classes > 256:
+            raise ValueError(f"num_classes={num_classes}: predicted label maps are written as uint8 NIfTI (classes "
+                             "0..255). Fix: at most 256 classes")
         if optimizer not in ("adamw", "sgd"):
             raise ValueError(f"optimizer must be 'adamw' or 'sgd', got {optimizer!r}")
         if compile_mode is not None and compile_mode not in COMPILE_MODES:
@@ -267,8 +270,8 @@ class VolumetricSegmentationTask(pl.LightningModule):
 
     def _loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
-        if tuple(label.shape[1:]) != tuple(logits.shape[2:]):  # deep supervision: nearest-downsampled labels
-            label = F.interpolate(label[:, None].float(), size=logits.shape[2:], mode="nearest")[:, 0].long()
+        if tuple(label.shape[1:]) != tuple(logits.shape[2:]):  # deep supervision: downsampled labels
+            label = _downsample_labels(label, tuple(logits.shape[2:]))
         target = self._targets(label)
         if self.regions:
             ce = F.binary_cross_entropy_with_logits(logits, target)
@@ -484,6 +487,16 @@ class VolumetricSegmentationTask(pl.LightningModule):
                            power=hp.poly_power, min_lr_ratio=0.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def _downsample_labels(label: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """(B, *S) labels -> (B, *size): every k-th voxel where ``size`` is ceil(S / k) (a stride-k
+    output's voxel j sits on input voxel k * j: 9 -> 5 takes 0, 2, 4, 6, 8, where nearest
+    interpolation took 0, 1, 3, 5, 7), nearest interpolation otherwise."""
+    steps = [-(-s // o) for s, o in zip(label.shape[1:], size)]
+    if all(-(-s // k) == o for s, k, o in zip(label.shape[1:], steps, size)):
+        return label[(slice(None), *(slice(None, None, k) for k in steps))]
+    return F.interpolate(label[:, None].float(), size=size, mode="nearest")[:, 0].long()
 
 
 def _write_summary_csv(summary: dict[str, dict[str, float]], path: str) -> None:

@@ -337,3 +337,88 @@ def test_dataset_json_missing_files_skipped_and_counted(msd_root, tmp_path):
     loader = MedicalDecathlonDataModule(str(root), cache_dir=str(tmp_path / "cache"), on_missing="skip", num_workers=1,
                                         pin_memory=True, persistent_workers=False, prefetch_factor=3).val_dataloader()
     assert (loader.num_workers, loader.pin_memory, loader.persistent_workers, loader.prefetch_factor) == (1, True, False, 3)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"orientation": "RLS"}, r"orientation='RLS': expected 3 axis codes naming each of L/R, A/P and S/I once"),
+    ({"orientation": "SSS"}, r"orientation='SSS'"),
+    ({"orientation": "RA"}, r"orientation='RA'"),
+    ({"target_spacing": (-2.0, 1.5, 1.5)}, r"target_spacing=\(-2\.0, 1\.5, 1\.5\): expected 3 finite spacings > 0"),
+    ({"target_spacing": (0.0, 1.5, 1.5)}, r"target_spacing=\(0\.0, 1\.5, 1\.5\)"),
+    ({"target_spacing": (1.5, 1.5)}, r"target_spacing=\(1\.5, 1\.5\)"),
+    ({"patch_size": (0, 16, 16)}, r"patch_size=\(0, 16, 16\): expected 3 positive voxel counts"),
+    ({"val_fraction": 0.0}, r"val_fraction=0\.0: expected a share in \(0, 1\) of the training list\."),
+])
+def test_geometry_arguments_checked(msd_root, tmp_path, kw, match):
+    """A repeated axis code (a typo such as 'RLS') skipped the reorientation and reported an
+    uninitialized spacing; a negative spacing squeezed the volume to one slice."""
+    with pytest.raises(ValueError, match=match + r".*Fix"):
+        _dm(msd_root, tmp_path / "cache", **kw)
+    if "orientation" in kw:  # the volume reader checks as well
+        with pytest.raises(ValueError, match=match):
+            to_common_space(np.ones((4, 5, 6, 1), np.float32), None, np.diag([-0.8, -0.8, 5.0, 1.0]), kw["orientation"])
+    assert _dm(msd_root, tmp_path / "cache", orientation="lps").orientation == "LPS"
+
+
+def test_case_names_unique_and_cases_listed_once(msd_root, tmp_path):
+    """BraTS-style folders (sub-01/anat/T1w.nii.gz) gave two cases one name: predict overwrote one
+    file with the other."""
+    root = _copy_task(msd_root, tmp_path)
+    doc = json.loads((root / "dataset.json").read_text())
+    src = root / doc["test"][0]
+    doc["test"] = []
+    for sub in ("sub-01", "sub-02"):
+        (root / sub / "anat").mkdir(parents=True)
+        shutil.copy(src, root / sub / "anat" / "T1w.nii.gz")
+        doc["test"].append(f"./{sub}/anat/T1w.nii.gz")
+    doc["test"].append(f"./imagesTs/{src.name}")
+    (root / "dataset.json").write_text(json.dumps(doc))
+    names = [c.name for c in _dm(root, tmp_path / "cache").task.test]
+    assert names == ["sub-01_anat_T1w", "sub-02_anat_T1w", src.name.replace(".nii.gz", "")]
+
+    doc["training"].append(dict(doc["training"][0]))
+    (root / "dataset.json").write_text(json.dumps(doc))
+    n = len(doc["training"]) - 1
+    with pytest.raises(DataError, match=rf"training\[{n}\]: lists the same image as training\[0\].*list every case once"):
+        _dm(root, tmp_path / "cache").task
+
+    doc["training"].pop()
+    doc["modality"] = {"0": "CT", "2": "CT"}
+    (root / "dataset.json").write_text(json.dumps(doc))
+    with pytest.raises(DataError, match=r"modality: channel indices \[0, 2\] are not 0\.\.1"):
+        _dm(root, tmp_path / "cache").task
+
+
+def test_ct_statistics_travel_with_the_checkpoint(msd_root, tmp_path):
+    """The statistics were recomputed from the live training list: after it changed, the same
+    model saw differently normalized inputs, silently."""
+    root = _copy_task(msd_root, tmp_path)
+    trained = _dm(root, tmp_path / "cache")
+    state = trained.state_dict()
+    assert set(state["ct_stats"]) == {"0"} and state["ct_stats"]["0"] == trained.ct_stats()["0"]
+    before = trained._get("predict")[0]["image"]
+
+    doc = json.loads((root / "dataset.json").read_text())
+    doc["training"] = doc["training"][:2]  # the training set changes after training
+    (root / "dataset.json").write_text(json.dumps(doc))
+    later = _dm(root, tmp_path / "cache")
+    later.setup("predict")  # Lightning builds the datasets, then restores the datamodule's state
+    assert later.ct_stats() != trained.ct_stats()
+    with pytest.warns(UserWarning, match=r"CT statistics of the current training cases differ .* the checkpoint's are used"):
+        later.load_state_dict(state)
+    assert later.ct_stats() == trained.ct_stats()
+    assert torch.equal(later._get("predict")[0]["image"], before)
+
+
+def test_mr_normalized_before_resampling(tmp_path):
+    """nnU-Net's order: the nonzero mask of an MR channel is the acquired one, not the one blurred
+    by trilinear resampling."""
+    root = write_msd_like(tmp_path / "mr", num_cases=2, num_test=0, shape=(16, 16, 12), modalities=("FLAIR",))
+    dm = _dm(root, tmp_path / "cache", target_spacing=(3.0, 2.0, 2.0))
+    case = dm.split()[1][0]
+    x = dm._get("val")[0]["image"].numpy()
+    raw, label, affine = read_case(case.images, case.label, 1, dm.num_classes)
+    expected, _, _ = to_common_space(nonzero_zscore(raw[..., 0])[..., None], label, affine, "RAS", (3.0, 2.0, 2.0))
+    np.testing.assert_allclose(x, expected, rtol=0, atol=1e-5)
+    blurred, _, _ = to_common_space(raw, label, affine, "RAS", (3.0, 2.0, 2.0))
+    assert np.abs(nonzero_zscore(blurred[0]) - x[0]).max() > 1e-2  # the old order differs

@@ -118,3 +118,13 @@ def test_gpu_network_with_cpu_buffer_and_bf16():
     torch.testing.assert_close(out, ref.cpu(), rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(out, net(x).float().cpu(), rtol=2e-2, atol=2e-2)  # bf16 network
+
+
+def test_importance_map_is_a_fresh_tensor_each_call():
+    """The cached map was handed out itself: an in-place edit by a caller changed every later
+    sliding-window run in the process."""
+    g = gaussian_importance_map((6, 5, 4))
+    ref = g.clone()
+    g.zero_()
+    again = gaussian_importance_map((6, 5, 4))
+    assert torch.equal(again, ref) and again.data_ptr() != g.data_ptr()

@@ -312,3 +312,21 @@ def test_channels_last_gives_the_same_logits_and_gradients(encoder):
     assert all(o.is_contiguous() for o in outs)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_deep_supervision_labels_sit_on_the_strided_voxels():
+    """A stride-2 output's voxel j lies on input voxel 2j: 9 -> 5 takes 0, 2, 4, 6, 8 (nearest
+    interpolation took 0, 1, 3, 5, 7 for odd sizes)."""
+    from mamba_dense.tasks.volumetric import _downsample_labels
+
+    label = torch.arange(9 * 6 * 7).reshape(1, 9, 6, 7)
+    out = _downsample_labels(label, (5, 3, 4))
+    assert torch.equal(out, label[:, ::2, ::2, ::2])
+    assert torch.equal(_downsample_labels(label, (3, 2, 2)), label[:, ::3, ::3, ::4])
+    odd = _downsample_labels(label, (4, 6, 7))  # 9 -> 4 is no stride: nearest
+    assert odd.shape == (1, 4, 6, 7) and torch.equal(odd[0, :, 0, 0], label[0, [0, 2, 4, 6], 0, 0])
+
+
+def test_more_classes_than_a_uint8_label_map_holds():
+    with pytest.raises(ValueError, match=r"num_classes=300: predicted label maps are written as uint8.*Fix"):
+        VolumetricSegmentationTask(num_classes=300)
