@@ -17,7 +17,8 @@ class _CrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    def forward(ctx, logits: torch.Tensor, target: torch.Tensor, ignore_index: int, avg_non_ignore: bool = True
+                ) -> torch.Tensor:
         total = logits.new_zeros((), dtype=torch.float32 if logits.dtype != torch.float64 else torch.float64)
         count = target.new_zeros((), dtype=torch.long)
         for lf, t in zip(logits, target):  # lf (C, *S), t (*S)
@@ -26,6 +27,8 @@ class _CrossEntropy(torch.autograd.Function):
             picked = lf.gather(0, torch.where(valid, t, 0).unsqueeze(0)).squeeze(0)
             total = total + torch.where(valid, torch.logsumexp(lf, 0) - picked, 0).sum()
             count = count + valid.sum()
+        if not avg_non_ignore:  # mmseg's default: the mean over every element, ignored ones counting 0
+            count = count.new_tensor(target.numel())
         ctx.save_for_backward(logits, target, count)
         ctx.ignore_index = ignore_index
         return total / count  # 0 / 0 = NaN when every element is ignored, as F.cross_entropy's
@@ -42,12 +45,15 @@ class _CrossEntropy(torch.autograd.Function):
             g.sub_((classes == t.unsqueeze(0)).to(cdt))  # minus the one-hot target (elementwise, no scatter)
             g.mul_(scale).masked_fill_((t == ctx.ignore_index).unsqueeze(0), 0)
             out[i] = g
-        return out, None, None
+        return out, None, None, None
 
 
-def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = -100,
+                  avg_non_ignore: bool = True) -> torch.Tensor:
     """`F.cross_entropy(logits, target, ignore_index=ignore_index)` (the mean over non-ignored elements),
-    deterministic and light on memory.
+    deterministic and light on memory. ``avg_non_ignore=False``: the sum over non-ignored elements
+    divided by all elements (mmseg's ``CrossEntropyLoss`` default; 0, not NaN, when every element
+    is ignored).
 
     NOTE: on CUDA, the built-in mean of (B, C, *spatial) logits goes through nll_loss2d, which sums with
     float atomics: the value changes in its last bits from run to run, and
@@ -58,4 +64,4 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int 
     if logits.dim() < 2 or target.shape != (logits.shape[0], *logits.shape[2:]):
         raise ValueError(f"cross_entropy: logits (B, C, *S) and target (B, *S) expected, got {tuple(logits.shape)} and {tuple(target.shape)}")
     with torch.autocast(logits.device.type, enabled=False):
-        return _CrossEntropy.apply(logits, target, ignore_index)
+        return _CrossEntropy.apply(logits, target, ignore_index, avg_non_ignore)

@@ -133,7 +133,7 @@ def _block_sizes(C: int, which: str) -> tuple[int, int, int]:
 
 class _UpsampledCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, out_size, ignore_index):
+    def forward(ctx, logits, target, out_size, ignore_index, avg_non_ignore=True):
         B, C, h, w = logits.shape
         Hc, Wc = target.shape[-2:]
         P = Hc * Wc
@@ -151,7 +151,7 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
         lse = (mx + (s * torch.exp(m - mx)).sum(1, keepdim=True).log()).squeeze(1)  # (B, P)
         valid = target.view(B, P) != ignore_index
         loss = torch.where(valid, lse - zt.sum(1), 0.0)
-        count = valid.sum()
+        count = valid.sum() if avg_non_ignore else valid.new_tensor(valid.numel(), dtype=torch.long)
         ctx.save_for_backward(logits, target, lse, count)
         ctx.args = (out_size, ignore_index, sh, sw)
         return loss.sum() / count  # 0 / 0 = NaN when every pixel is ignored, as F.cross_entropy's
@@ -179,7 +179,7 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
                 gi = G if rx is None else G @ rx  # (C, Hc, w)
                 gi = gi if ry is None else ry.transpose(0, 1) @ gi  # (C, h, w)
                 out[i] = (gi.float() * scale).to(gdt)
-        return out, None, None, None
+        return out, None, None, None, None
 
 
 def _use_triton(logits: torch.Tensor, impl: str) -> bool:
@@ -195,7 +195,8 @@ def _use_triton(logits: torch.Tensor, impl: str) -> bool:
 
 @torch.compiler.disable
 def upsampled_cross_entropy(logits: torch.Tensor, target: torch.Tensor, out_size: tuple[int, int] | None = None,
-                            ignore_index: int = -100, impl: str = "auto", check_target: bool = True) -> torch.Tensor:
+                            ignore_index: int = -100, impl: str = "auto", check_target: bool = True,
+                            avg_non_ignore: bool = True) -> torch.Tensor:
     """``cross_entropy(F.interpolate(logits, out_size, mode="bilinear", align_corners=False)[..., :H, :W],
     target, ignore_index)`` for (B, C, h, w) logits and a (B, H, W) target, without forming the
     resized logits (see the module docstring). ``out_size`` defaults to the target's size; a larger
@@ -203,7 +204,8 @@ def upsampled_cross_entropy(logits: torch.Tensor, target: torch.Tensor, out_size
 
     ``impl``: "auto" (Triton on CUDA tensors except fp64, unless MAMBA_DENSE_FUSED_CE=0), "triton",
     "torch". ``check_target``: raise on a label outside [0, C) that is not ``ignore_index`` (one device
-    sync; callers that validated their masks already pass False).
+    sync; callers that validated their masks already pass False). ``avg_non_ignore``: as in
+    ``cross_entropy`` (False: divide by all pixels, mmseg's default).
     Under ``torch.compile`` this function runs eagerly (a graph break).
     """
     if logits.dim() != 4 or target.dim() != 3 or target.shape[0] != logits.shape[0]:
@@ -225,8 +227,8 @@ def upsampled_cross_entropy(logits: torch.Tensor, target: torch.Tensor, out_size
     if not _use_triton(logits, impl) or target.numel() == 0:  # empty: the literal path's NaN, no 0-size grid
         if tuple(logits.shape[-2:]) != out_size:
             logits = F.interpolate(logits, size=out_size, mode="bilinear", align_corners=False)
-        return cross_entropy(logits[..., :H, :W], target, ignore_index=ignore_index)
+        return cross_entropy(logits[..., :H, :W], target, ignore_index=ignore_index, avg_non_ignore=avg_non_ignore)
     if logits.dtype == torch.float64:  # Triton's fp32 math would silently lose fp64 precision
         raise ValueError("upsampled_cross_entropy: the Triton path computes in fp32; use impl='torch' for fp64")
     with torch.autocast(logits.device.type, enabled=False):
-        return _UpsampledCrossEntropy.apply(logits, target.long(), out_size, int(ignore_index))
+        return _UpsampledCrossEntropy.apply(logits, target.long(), out_size, int(ignore_index), bool(avg_non_ignore))

@@ -66,6 +66,10 @@ class SemanticSegmentationTask(pl.LightningModule):
         aux_weight: its loss weight (0.4).
         ignore_index: label ignored by loss and metrics.
         dice_weight: weight of an added Dice loss (0 = cross-entropy only).
+        avg_non_ignore: average the cross-entropy over the non-ignored pixels only (True) or over
+            all pixels of the batch, ignored ones counting 0 (False, mmseg's ``CrossEntropyLoss``
+            default, which the published ADE20K results used). Either way a batch whose pixels
+            are all ignored gives a loss of 0 and no gradient.
         lr, weight_decay, betas: AdamW (6e-5, 0.01, (0.9, 0.999)); no decay on norms, biases,
             A_logs, Ds and position embeddings.
         warmup_iters, warmup_ratio: linear warmup (1500 iterations from 1e-6 x lr).
@@ -100,6 +104,7 @@ class SemanticSegmentationTask(pl.LightningModule):
         aux_weight: float = 0.4,
         ignore_index: int = 255,
         dice_weight: float = 0.0,
+        avg_non_ignore: bool = False,
         lr: float = 6e-5,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -213,12 +218,16 @@ class SemanticSegmentationTask(pl.LightningModule):
         ``align_corners=False``) to ``out_size`` (default: the mask's size) and the top-left (H, W)
         compared. Without the Dice term the resize is fused into the cross-entropy
         (``upsampled_cross_entropy``: same value and gradient, no full-resolution logits on a GPU)."""
-        ignore = self.hparams.ignore_index
+        ignore, avg = self.hparams.ignore_index, self.hparams.avg_non_ignore
+        if avg and not bool((mask != ignore).any()):  # nothing to learn from (mmseg: 0 / (0 + eps) = 0)
+            return logits.sum() * 0.0
         if self.dice is None:
-            return upsampled_cross_entropy(logits, mask, out_size, ignore_index=ignore, check_target=False)
+            return upsampled_cross_entropy(logits, mask, out_size, ignore_index=ignore, check_target=False,
+                                           avg_non_ignore=avg)
         H, W = mask.shape[-2:]
         logits = resize_logits(logits, out_size or (H, W))[..., :H, :W]
-        return cross_entropy(logits, mask, ignore_index=ignore) + self.hparams.dice_weight * self.dice(logits, mask)
+        ce = cross_entropy(logits, mask, ignore_index=ignore, avg_non_ignore=avg)
+        return ce + self.hparams.dice_weight * self.dice(logits, mask)
 
     def training_loss(
         self, images: torch.Tensor, masks: torch.Tensor

@@ -47,3 +47,23 @@ def test_all_ignored_is_nan_like_torch():
 def test_bad_shapes_name_both():
     with pytest.raises(ValueError, match=r"\(2, 3, 4, 4\) and \(2, 5, 4\)"):
         cross_entropy(torch.randn(2, 3, 4, 4), torch.zeros(2, 5, 4, dtype=torch.long))
+
+
+@pytest.mark.parametrize("spatial", [(7, 9), (3, 4, 5)])
+def test_average_over_all_elements_as_mmseg(spatial):
+    """avg_non_ignore=False: mmseg's CrossEntropyLoss default, the sum over non-ignored elements
+    divided by all of them; 0 (not NaN) when every element is ignored."""
+    g = torch.Generator().manual_seed(2)
+    logits = (3 * torch.randn(2, 4, *spatial, generator=g, dtype=torch.float64)).requires_grad_()
+    target = torch.randint(0, 4, (2, *spatial), generator=g)
+    target[1].view(-1)[::2] = 255
+    l2 = logits.detach().clone().requires_grad_()
+    loss = cross_entropy(logits, target, ignore_index=255, avg_non_ignore=False)
+    ref = F.cross_entropy(l2, target, ignore_index=255, reduction="sum") / target.numel()
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=0)
+    gl, gr = torch.autograd.grad(1.3 * loss, logits), torch.autograd.grad(1.3 * ref, l2)
+    torch.testing.assert_close(gl[0], gr[0], rtol=1e-10, atol=1e-14)
+    ignored = torch.full_like(target, 255)
+    loss = cross_entropy(logits, ignored, ignore_index=255, avg_non_ignore=False)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert float(loss) == 0.0 and torch.equal(grad, torch.zeros_like(grad))

@@ -151,11 +151,13 @@ def test_bad_configuration_errors(tiny_encoder):
         task.training_step({"image": torch.randn(1, 3, 32, 32), "mask": torch.full((1, 32, 32), 3)}, 0)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["torch", "triton-kernels"])
-def test_training_loss_is_resize_then_cross_entropy(fused, tiny_encoder, monkeypatch):
+@pytest.mark.parametrize("fused, avg_non_ignore", [(False, True), (True, False)],
+                         ids=["torch-mean-over-labelled", "triton-kernels-mean-over-all"])
+def test_training_loss_is_resize_then_cross_entropy(fused, avg_non_ignore, tiny_encoder, monkeypatch):
     """training_loss (heads' logits, resize fused into the loss) equals the literal recipe: logits
-    resized to the padded input, cropped, F.cross_entropy; main + aux_weight * aux; same gradients.
-    With fused=True the Triton kernels run (interpreter on CPU), as they do on a GPU."""
+    resized to the padded input, cropped, F.cross_entropy (averaged over the labelled pixels, or
+    over all of them as mmseg's default); main + aux_weight * aux; same gradients. With fused=True
+    the Triton kernels run (interpreter on CPU), as they do on a GPU."""
     import torch.nn.functional as F
 
     from mamba_dense.tasks import _upsample_ce
@@ -163,7 +165,8 @@ def test_training_loss_is_resize_then_cross_entropy(fused, tiny_encoder, monkeyp
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     monkeypatch.setattr(_upsample_ce, "_use_triton", lambda logits, impl: fused)
     torch.manual_seed(0)
-    task = SemanticSegmentationTask(num_classes=5, head="upernet", head_kwargs={"channels": 16}, **tiny_encoder)
+    task = SemanticSegmentationTask(num_classes=5, head="upernet", head_kwargs={"channels": 16},
+                                    avg_non_ignore=avg_non_ignore, **tiny_encoder)
     task = task.to(dev).train()
     images = torch.randn(2, 3, 50, 45, device=dev)  # padded to 64 x 64 inside (size_divisor 32)
     masks = torch.randint(0, 5, (2, 50, 45), device=dev)
@@ -174,8 +177,9 @@ def test_training_loss_is_resize_then_cross_entropy(fused, tiny_encoder, monkeyp
     torch.manual_seed(1)
     logits, aux_logits = task._logits(images, with_aux=True)
     assert logits.shape[-2:] == masks.shape[-2:]
-    ref_main = F.cross_entropy(logits, masks, ignore_index=255)
-    ref = ref_main + task.hparams.aux_weight * F.cross_entropy(aux_logits, masks, ignore_index=255)
+    norm = 1.0 if avg_non_ignore else float((masks != 255).sum()) / masks.numel()
+    ref_main = F.cross_entropy(logits, masks, ignore_index=255) * norm
+    ref = ref_main + task.hparams.aux_weight * F.cross_entropy(aux_logits, masks, ignore_index=255) * norm
     ref_grads = torch.autograd.grad(ref, list(task.parameters()), allow_unused=True)
     torch.testing.assert_close(main, ref_main, rtol=1e-5, atol=0)
     torch.testing.assert_close(total, ref, rtol=1e-5, atol=0)
@@ -187,3 +191,14 @@ def test_training_loss_is_resize_then_cross_entropy(fused, tiny_encoder, monkeyp
             assert float((g - r).norm() / r.norm()) < 1e-3
             n += 1
     assert n > 10
+
+
+@pytest.mark.parametrize("kw", [{}, {"avg_non_ignore": True}, {"dice_weight": 0.5}])
+def test_batch_of_ignored_pixels_trains_on(kw, tiny_encoder):
+    """A batch whose crops all fall on ignored pixels ("other" in ADE20K, padding) gave a NaN loss,
+    and the non-finite guard stopped the run; mmseg's loss is 0 there."""
+    task = SemanticSegmentationTask(num_classes=5, head="upernet", head_kwargs={"channels": 16}, **kw, **tiny_encoder)
+    total, main, aux = task.train().training_loss(torch.randn(2, 3, 32, 32), torch.full((2, 32, 32), 255))
+    total.backward()
+    assert float(total) == 0.0 and float(main) == 0.0
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in task.parameters())

@@ -109,3 +109,24 @@ def test_bad_input_errors_name_the_problem():
         upsampled_cross_entropy(logits, torch.full((2, 16, 16), 7), ignore_index=255)
     with pytest.raises(ValueError, match="fp64"):
         upsampled_cross_entropy(logits.double(), torch.zeros(2, 16, 16, dtype=torch.long), impl="triton")
+
+
+@pytest.mark.parametrize("impl", ["triton", "torch"])
+def test_average_over_all_pixels_as_mmseg(impl):
+    """avg_non_ignore=False (mmseg's default): the summed loss over all label pixels, ignored ones
+    counting 0; an all-ignored batch gives 0 and a zero gradient."""
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(2, 5, 7, 9, generator=g, dtype=torch.float32).to(DEVICE).requires_grad_()
+    target = torch.randint(0, 5, (2, 30, 37), generator=g)
+    target[0, :11] = 255
+    target = target.to(DEVICE)
+    loss = upsampled_cross_entropy(logits, target, (32, 40), ignore_index=255, impl=impl, avg_non_ignore=False)
+    (grad,) = torch.autograd.grad(1.7 * loss, logits)
+    ref_loss, ref_grad = _reference(logits, target, (32, 40), 255)
+    valid = float((target != 255).sum()) / target.numel()  # the reference averages over valid pixels
+    assert abs(float(loss) - float(ref_loss) * valid) < 1e-5 * float(ref_loss)
+    assert _rel(grad, ref_grad * valid) < 1e-5
+    ignored = torch.full_like(target, 255)
+    loss = upsampled_cross_entropy(logits, ignored, (32, 40), ignore_index=255, impl=impl, avg_non_ignore=False)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert float(loss) == 0.0 and not grad.any()
