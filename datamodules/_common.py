@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import warnings
 from pathlib import Path
@@ -64,6 +65,36 @@ def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
     if value not in choices:
         raise ValueError(f"{name}={value!r}: expected one of {list(choices)}. Fix: `{name}`")
     return value
+
+
+def check_sizes(name: str, value: Any, n: int | None, example: str) -> tuple[int, ...]:
+    """``value`` (an int, repeated, or ``n`` of them; ``n=None``: one or more) as positive ints,
+    else a ValueError naming the argument."""
+    single = isinstance(value, int) and not isinstance(value, bool)
+    vals = (value,) * (n or 1) if single else value
+    try:
+        out = tuple(int(v) for v in vals)
+        ok = len(out) == n if n else len(out) >= 1
+        ok = ok and all(o == v and o >= 1 and not isinstance(v, bool) for o, v in zip(out, vals))
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        what = "one or more positive integers" if n is None else "a positive integer" if n == 1 else \
+            f"{n} positive integers"
+        raise ValueError(f"{name}={value!r}: expected {what}. Fix: e.g. {name}={example}")
+    return out
+
+
+def check_number(name: str, value: Any, lo: float, hi: float = math.inf, lo_open: bool = False,
+                 example: str = "") -> float:
+    """``value`` as a float in [lo, hi] ((lo, hi] with ``lo_open``), else a ValueError."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > lo if lo_open else value >= lo) and value <= hi
+    if not ok:
+        span = (f"a number {'>' if lo_open else '>='} {lo:g}" if hi == math.inf
+                else f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}]")
+        raise ValueError(f"{name}={value!r}: expected {span}. Fix: e.g. {name}={example}")
+    return float(value)
 
 
 _log = logging.getLogger("mamba_dense.datamodules")
@@ -242,6 +273,22 @@ def check_outside(path: Path, root: Path, what: str) -> None:
         )
 
 
+def seed_pipeline(transform: Any, seed: int) -> None:
+    """Seed an albumentations pipeline so that each transform draws from its own stream.
+
+    NOTE: albumentations' ``Compose.set_random_seed`` (2.0) hands every child the compose's seed,
+    so all children make the same draws: with ADE20K's pipeline the flip happened exactly when the
+    rescale ratio was small, and the photometric steps fired together with the flip. Each child
+    gets a seed derived from (seed, its position) instead, recursively."""
+    transform.set_random_seed(int(seed))
+    children = getattr(transform, "transforms", None)
+    if children:
+        states = np.random.SeedSequence(int(seed)).generate_state(len(children))
+        for child, state in zip(children, states):
+            if hasattr(child, "set_random_seed"):
+                seed_pipeline(child, int(state))
+
+
 class WorkerSeeded:
     """Mixin for datasets with random augmentation. ``rng(index)`` reseeds the augmentation for an
     index that carries its own seed (``SeededIndex``, from the training loaders of ``make_loader``), so
@@ -259,7 +306,7 @@ class WorkerSeeded:
     def _reseed(self, seed: int) -> None:
         self._rng = np.random.default_rng(seed)
         for t in self._seeded_transforms():
-            t.set_random_seed(seed)
+            seed_pipeline(t, seed)
 
     def rng(self, index: Any = None) -> np.random.Generator:
         sample_seed = getattr(index, "seed", None)

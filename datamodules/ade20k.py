@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from ._ade20k_meta import ADE20K_CLASSES, ADE20K_PALETTE
 from ._common import (
     IMAGENET_MEAN, IMAGENET_STD, CorruptFileError, DataError, SkipsCorrupt, WorkerSeeded, check_choice,
-    default_cache_dir, list_files, make_loader, read_label_png, read_rgb, report_skipped,
+    check_number, check_sizes, default_cache_dir, list_files, make_loader, read_label_png, read_rgb, report_skipped,
 )
 from .synthetic import SHAPE_CLASSES, write_ade20k_like
 from .transforms import PhotoMetricDistortion, RandomCropCatMax, RescaleToFit
@@ -303,10 +303,16 @@ class ADE20KDataModule(L.LightningDataModule):
                              "Fix: `num_classes`")
         self.save_hyperparameters()
         self.root = Path(root).expanduser()
-        self.crop_size = (crop_size, crop_size) if isinstance(crop_size, int) else tuple(crop_size)
-        self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
-        self.scale, self.ratio_range = tuple(scale), tuple(ratio_range)
-        self.cat_max_ratio, self.size_divisor = cat_max_ratio, size_divisor
+        self.crop_size = check_sizes("crop_size", crop_size, 2, "512 or (512, 512)")
+        self.batch_size = int(check_number("batch_size", batch_size, 1, example="16"))
+        self.val_batch_size = int(check_number("val_batch_size", val_batch_size, 1, example="1"))
+        self.num_workers = int(check_number("num_workers", num_workers, 0, example="4"))
+        self.scale = check_sizes("scale", scale, 2, "(2048, 512)")
+        self.ratio_range = RescaleToFit(self.scale, ratio_range).ratio_range  # checks it
+        self.cat_max_ratio = check_number("cat_max_ratio", cat_max_ratio, 0, 1, lo_open=True, example="0.75 (1: no limit)")
+        if size_divisor is not None:
+            size_divisor = int(check_number("size_divisor", size_divisor, 1, example="32 (or None)"))
+        self.size_divisor = size_divisor
         self.num_classes, self.reduce_zero_label = num_classes, reduce_zero_label
         self.img_suffix, self.seg_suffix = img_suffix, seg_suffix
         self.splits = {"train": train_split, "val": val_split, "test": test_split}

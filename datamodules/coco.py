@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ._common import (
     IMAGENET_MEAN, IMAGENET_STD, CorruptFileError, DataError, SkipsCorrupt, WorkerSeeded, check_choice,
-    default_cache_dir, is_file, make_loader, read_json, read_rgb, report_skipped,
+    check_number, check_sizes, default_cache_dir, is_file, make_loader, read_json, read_rgb, report_skipped,
 )
 from .synthetic import write_coco_like
 from .transforms import ResizeShortestEdge
@@ -327,7 +327,7 @@ class CocoInstances(SkipsCorrupt, WorkerSeeded, Dataset):
                  on_corrupt: str = "error") -> None:
         self.coco, self.ann_file, self.image_dir = coco, ann_file, image_dir
         self.cat_id_to_label, self.train, self.transform = cat_id_to_label, train, transform
-        self.min_box_size = min_box_size
+        self.min_box_size = check_number("min_box_size", min_box_size, 0, lo_open=True, example="1.0")
         self.on_missing = check_choice("on_missing", on_missing, ("error", "skip"))
         self.on_corrupt = check_choice("on_corrupt", on_corrupt, ("error", "skip"))
         self.corrupt = []
@@ -523,10 +523,16 @@ class COCOInstanceDataModule(L.LightningDataModule):
         self.root = Path(root).expanduser()
         self.files = {"train": (train_ann, train_images), "val": (val_ann, val_images),
                       "test": (test_ann or val_ann, test_images or val_images)}
-        self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
-        self.resize, self.train_scales = resize, tuple(train_scales)
-        self.test_scale, self.max_size = test_scale, max_size
-        self.hflip_prob, self.min_box_size = hflip_prob, min_box_size
+        self.batch_size = int(check_number("batch_size", batch_size, 1, example="2"))
+        self.val_batch_size = int(check_number("val_batch_size", val_batch_size, 1, example="2"))
+        self.num_workers = int(check_number("num_workers", num_workers, 0, example="4"))
+        self.resize = resize
+        self.train_scales = check_sizes("train_scales", train_scales, None, "(640, 672, 704, 736, 768, 800)")
+        self.test_scale = check_sizes("test_scale", test_scale, 1, "800")[0]
+        self.max_size = check_sizes("max_size", max_size, 1, "1333")[0]
+        self.hflip_prob = check_number("hflip_prob", hflip_prob, 0, 1, example="0.5")
+        # a box of width 0 cannot be trained on (albumentations and torchvision reject it)
+        self.min_box_size = check_number("min_box_size", min_box_size, 0, lo_open=True, example="1.0")
         self.mean, self.std = IMAGENET_MEAN, IMAGENET_STD
         self.on_missing, self.on_corrupt, self.check_files = on_missing, on_corrupt, check_files
         self.loader_kwargs = {"pin_memory": pin_memory, "persistent_workers": persistent_workers,

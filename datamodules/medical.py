@@ -36,8 +36,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ._common import (
-    DataError, WorkerSeeded, check_choice, check_outside, default_cache_dir, is_file, make_loader, read_json,
-    report_skipped,
+    DataError, WorkerSeeded, check_choice, check_number, check_outside, check_sizes, default_cache_dir, is_file,
+    make_loader, read_json, report_skipped,
 )
 from ._volume import (
     CaseGeometry, check_orientation, check_spacing, ct_normalize, intensity_augment, nonzero_zscore, random_flip, read_case, restore_original_space,
@@ -423,16 +423,15 @@ class MedicalDecathlonDataModule(L.LightningDataModule):
                               "prefetch_factor": prefetch_factor}
         self.save_hyperparameters()
         self.root = Path(root).expanduser()
-        self.patch_size = tuple(int(p) for p in patch_size)
-        self.batch_size, self.num_workers = batch_size, num_workers
-        self.samples_per_volume, self.oversample_foreground = samples_per_volume, oversample_foreground
+        self.patch_size = check_sizes("patch_size", patch_size, 3, "(128, 128, 128)")
+        self.batch_size = int(check_number("batch_size", batch_size, 1, example="2"))
+        self.num_workers = int(check_number("num_workers", num_workers, 0, example="4"))
+        self.samples_per_volume = check_sizes("samples_per_volume", samples_per_volume, 1, "4")[0]
+        self.oversample_foreground = check_number("oversample_foreground", oversample_foreground, 0, 1, example="0.33")
         self.val_fraction, self.split_seed = val_fraction, split_seed
         self.orientation, self.augment, self.cache_volumes = orientation, augment, cache_volumes
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         check_outside(self.cache_dir, self.root, "cache_dir")
-        if len(self.patch_size) != 3 or min(self.patch_size) < 1:
-            raise ValueError(f"patch_size={patch_size}: expected 3 positive voxel counts (D, H, W). "
-                             "Fix: e.g. patch_size=(128, 128, 128)")
         self.orientation, self.target_spacing = check_orientation(orientation), check_spacing(target_spacing)
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction={val_fraction}: expected a share in (0, 1) of the training list. Fix: e.g. "

@@ -17,12 +17,15 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import albumentations as A
 import cv2
 import numpy as np
 import torch
+
+from ._common import check_number, check_sizes
 
 __all__ = ["PhotoMetricDistortion", "RandomCropCatMax", "RescaleToFit", "ResizeShortestEdge", "to_chw_tensor"]
 
@@ -67,8 +70,16 @@ class RescaleToFit(_ScaleTransform):
 
     def __init__(self, scale: Sequence[int], ratio_range: Sequence[float] | None = None, p: float = 1.0) -> None:
         super().__init__(p=p)
+        scale = check_sizes("scale", scale, 2, "(2048, 512)")
         self.scale = (max(scale), min(scale))
-        self.ratio_range = None if ratio_range is None else (float(ratio_range[0]), float(ratio_range[1]))
+        if ratio_range is not None:
+            rr = tuple(ratio_range)
+            if len(rr) != 2 or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r < math.inf
+                                       for r in rr) or rr[0] > rr[1]:
+                raise ValueError(f"ratio_range={ratio_range!r}: expected (low, high) with 0 < low <= high (the "
+                                 "rescale ratio is drawn from it). Fix: e.g. ratio_range=(0.5, 2.0)")
+            ratio_range = (float(rr[0]), float(rr[1]))
+        self.ratio_range = ratio_range
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         h, w = params["shape"][:2]
@@ -89,8 +100,8 @@ class ResizeShortestEdge(_ScaleTransform):
 
     def __init__(self, short_sizes: Sequence[int], max_size: int, p: float = 1.0) -> None:
         super().__init__(p=p)
-        self.short_sizes = tuple(int(s) for s in short_sizes)
-        self.max_size = int(max_size)
+        self.short_sizes = check_sizes("short_sizes", short_sizes, None, "(640, 672, 704)")
+        self.max_size = check_sizes("max_size", max_size, 1, "1333")[0]
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         h, w = params["shape"][:2]
@@ -119,7 +130,8 @@ class RandomCropCatMax(A.DualTransform):
         max_tries: int = 10, p: float = 1.0,
     ) -> None:
         super().__init__(p=p)
-        self.height, self.width = int(height), int(width)
+        self.height, self.width = check_sizes("crop size (height, width)", (height, width), 2, "(512, 512)")
+        check_number("cat_max_ratio", cat_max_ratio, 0, 1, lo_open=True, example="0.75 (1: no limit)")
         self.cat_max_ratio, self.ignore_index, self.max_tries = float(cat_max_ratio), int(ignore_index), int(max_tries)
 
     def _draw(self, h: int, w: int) -> tuple[int, int, int, int]:

@@ -346,7 +346,7 @@ def test_dataset_json_missing_files_skipped_and_counted(msd_root, tmp_path):
     ({"target_spacing": (-2.0, 1.5, 1.5)}, r"target_spacing=\(-2\.0, 1\.5, 1\.5\): expected 3 finite spacings > 0"),
     ({"target_spacing": (0.0, 1.5, 1.5)}, r"target_spacing=\(0\.0, 1\.5, 1\.5\)"),
     ({"target_spacing": (1.5, 1.5)}, r"target_spacing=\(1\.5, 1\.5\)"),
-    ({"patch_size": (0, 16, 16)}, r"patch_size=\(0, 16, 16\): expected 3 positive voxel counts"),
+    ({"patch_size": (0, 16, 16)}, r"patch_size=\(0, 16, 16\): expected 3 positive integers"),
     ({"val_fraction": 0.0}, r"val_fraction=0\.0: expected a share in \(0, 1\) of the training list\."),
 ])
 def test_geometry_arguments_checked(msd_root, tmp_path, kw, match):

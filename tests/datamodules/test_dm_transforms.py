@@ -106,3 +106,59 @@ def test_readers(tmp_path):
         read_rgb(tmp_path / "x.jpg")
     with pytest.raises(FileNotFoundError, match="file not found"):
         read_rgb(tmp_path / "absent.jpg")
+
+
+def test_pipeline_transforms_draw_independently(tmp_path):
+    """albumentations' Compose.set_random_seed gives every child the compose's seed: the ADE20K
+    flip fired exactly when the rescale ratio was small (and the photometric steps with it), and
+    the COCO 3x recipe never flipped at short sides 768 and 800."""
+    from mamba_dense.datamodules import ADE20KDataModule, write_ade20k_like
+    from mamba_dense.datamodules._common import seed_pipeline
+
+    write_ade20k_like(tmp_path / "ade", num_train=2, num_val=1, num_classes=4, size_range=(40, 60), seed=0)
+    t = ADE20KDataModule(str(tmp_path / "ade"), num_classes=4, crop_size=16, scale=(64, 16)).train_transform()
+    seed_pipeline(t, 5)
+    first = [c.py_random.random() for c in t.transforms]
+    assert len(set(first)) == len(first)  # each child its own stream
+    draws = np.array([[c.py_random.random() for c in (seed_pipeline(t, seed) or t.transforms)] for seed in range(300)])
+    corr = np.corrcoef(draws.T)[np.triu_indices(len(t.transforms), 1)]
+    assert np.abs(corr).max() < 0.25, corr  # identical seeds: 1.0
+    seed_pipeline(t, 5)
+    assert [c.py_random.random() for c in t.transforms] == first  # and reproducible
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: RescaleToFit((2048, 512), (0.0, 0.0)), r"ratio_range=\(0\.0, 0\.0\)"),
+    (lambda: RescaleToFit((2048, 512), (2.0, 0.5)), r"ratio_range=\(2\.0, 0\.5\): expected \(low, high\)"),
+    (lambda: RescaleToFit((0, 16)), r"scale=\(0, 16\): expected 2 positive integers"),
+    (lambda: RandomCropCatMax(0, 16), r"crop size \(height, width\)=\(0, 16\)"),
+    (lambda: RandomCropCatMax(16, 16, cat_max_ratio=0.0), r"cat_max_ratio=0\.0: expected a number in \(0, 1\]"),
+    (lambda: ResizeShortestEdge((), 1333), r"short_sizes=\(\): expected one or more positive integers"),
+    (lambda: ResizeShortestEdge((800,), 0), r"max_size=0: expected a positive integer"),
+])
+def test_transform_arguments_checked(make, match):
+    with pytest.raises(ValueError, match=match + r".*Fix: e\.g\."):
+        make()
+
+
+@pytest.mark.parametrize("kind, kw, match", [
+    ("ade", {"crop_size": 0}, r"crop_size=0: expected 2 positive integers"),
+    ("ade", {"crop_size": (8, 8, 8)}, r"crop_size=\(8, 8, 8\)"),
+    ("ade", {"ratio_range": (1.0,)}, r"ratio_range=\(1\.0,\)"),
+    ("ade", {"ratio_range": (-1, -0.5)}, r"ratio_range=\(-1, -0\.5\)"),
+    ("ade", {"size_divisor": -4}, r"size_divisor=-4: expected a number >= 1"),
+    ("ade", {"batch_size": 0}, r"batch_size=0: expected a number >= 1"),
+    ("coco", {"min_box_size": 0}, r"min_box_size=0: expected a number > 0"),
+    ("coco", {"train_scales": ()}, r"train_scales=\(\): expected one or more positive integers"),
+    ("coco", {"hflip_prob": -0.5}, r"hflip_prob=-0\.5: expected a number in \[0, 1\]"),
+    ("msd", {"oversample_foreground": -0.5}, r"oversample_foreground=-0\.5: expected a number in \[0, 1\]"),
+    ("msd", {"samples_per_volume": 0}, r"samples_per_volume=0: expected a positive integer"),
+])
+def test_datamodule_augmentation_arguments_checked(tmp_path, kind, kw, match):
+    """Bad settings were accepted and failed mid-epoch inside OpenCV / albumentations / numpy, or
+    silently trained on nothing (ratio_range=(0, 0): every crop 1 x 1 pixel of ignore label)."""
+    from mamba_dense.datamodules import ADE20KDataModule, COCOInstanceDataModule, MedicalDecathlonDataModule
+
+    make = {"ade": ADE20KDataModule, "coco": COCOInstanceDataModule, "msd": MedicalDecathlonDataModule}[kind]
+    with pytest.raises(ValueError, match=match + r".*Fix: e\.g\."):
+        make(str(tmp_path / "nowhere"), **kw)
