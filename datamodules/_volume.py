@@ -319,9 +319,10 @@ def random_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
 
 
 def intensity_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """nnU-Net-style intensity augmentation on a normalized (C, D, H, W) patch: Gaussian noise
-    (p 0.1), brightness x[0.75, 1.25] (p 0.15), contrast x[0.75, 1.25] (p 0.15), gamma
-    [0.7, 1.5] (p 0.3), each per channel."""
+    """nnU-Net-style intensity augmentation on a normalized (C, D, H, W) patch, each per channel:
+    Gaussian noise (p 0.1), brightness x[0.75, 1.25] (p 0.15), contrast x[0.75, 1.25] (p 0.15),
+    gamma on the inverted image (p 0.1) and on the image (p 0.3), gamma drawn as nnU-Net does
+    (half the time from [0.7, 1), else from [1, 1.5]), the channel's mean and std kept."""
     image = image.astype(np.float32, copy=True)
     for c in range(image.shape[0]):
         x = image[c]
@@ -332,11 +333,22 @@ def intensity_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray
         if rng.random() < 0.15:
             mean, lo, hi = x.mean(), x.min(), x.max()
             x[:] = np.clip((x - mean) * rng.uniform(0.75, 1.25) + mean, lo, hi)
-        if rng.random() < 0.3:
-            lo, hi = x.min(), x.max()
-            if hi > lo:
-                mean, std = x.mean(), x.std()
-                x[:] = ((x - lo) / (hi - lo)) ** rng.uniform(0.7, 1.5) * (hi - lo) + lo
-                x[:] = (x - x.mean()) / max(float(x.std()), 1e-8) * std + mean  # keep the statistics
+        for p_gamma, invert in ((0.1, True), (0.3, False)):
+            if rng.random() < p_gamma:
+                _gamma(x, rng, invert)
         image[c] = x
     return image
+
+
+def _gamma(x: np.ndarray, rng: np.random.Generator, invert: bool) -> None:
+    """In place: batchgenerators' ``augment_gamma`` (range (0.7, 1.5), retain_stats)."""
+    if invert:
+        x *= -1
+    lo, hi = x.min(), x.max()
+    if hi > lo:
+        gamma = rng.uniform(0.7, 1.0) if rng.random() < 0.5 else rng.uniform(1.0, 1.5)
+        mean, std = x.mean(), x.std()
+        x[:] = ((x - lo) / (hi - lo)) ** gamma * (hi - lo) + lo
+        x[:] = (x - x.mean()) / max(float(x.std()), 1e-8) * std + mean  # keep the statistics
+    if invert:
+        x *= -1

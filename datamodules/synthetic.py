@@ -89,6 +89,12 @@ def _scene(rng: np.random.Generator, h: int, w: int, num_classes: int, max_objec
     return np.clip(img, 0, 255).astype(np.uint8), label, objects
 
 
+def _check_size_range(size_range: Sequence[int]) -> None:
+    if len(size_range) != 2 or not 1 <= size_range[0] <= size_range[1]:
+        raise ValueError(f"size_range={tuple(size_range)}: expected (min, max) image sides with 1 <= min <= max. "
+                         "Fix: e.g. size_range=(128, 256)")
+
+
 def write_ade20k_like(
     root: str | Path, num_train: int = 64, num_val: int = 16, num_classes: int = 4,
     size_range: tuple[int, int] = (128, 256), seed: int = 0, quirks: bool = True,
@@ -112,6 +118,10 @@ def write_ade20k_like(
     Returns:
         Path to ``root/ADEChallengeData2016``.
     """
+    if not 1 <= num_classes <= 250:
+        raise ValueError(f"num_classes={num_classes}: expected 1..250 (label values up to 250; 255 is the ignore "
+                         "label). Fix: `num_classes`")
+    _check_size_range(size_range)
     params = dict(kind="ade20k", num_train=num_train, num_val=num_val, num_classes=num_classes,
                   size_range=list(size_range), seed=seed, quirks=quirks)
 
@@ -173,6 +183,7 @@ def write_coco_like(
     from pycocotools import mask as mask_utils
 
     cat_ids = (1, 3, 7, 9)
+    _check_size_range(size_range)
     params = dict(kind="coco", num_train=num_train, num_val=num_val, size_range=list(size_range), seed=seed)
 
     def fill(tmp: Path) -> None:
@@ -268,6 +279,9 @@ def write_msd_like(
     """
     import nibabel as nib
 
+    if not 1 <= num_foreground <= 3:
+        raise ValueError(f"num_foreground={num_foreground}: expected 1..3 (organ, lesion, vessel). "
+                         "Fix: `num_foreground`")
     params = dict(kind="msd", num_cases=num_cases, num_test=num_test, shape=list(shape),
                   num_foreground=num_foreground, modalities=list(modalities), spacing=list(spacing), seed=seed)
     affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])  # LPS: x and y flipped vs RAS

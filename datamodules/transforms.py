@@ -160,10 +160,16 @@ class RandomCropCatMax(A.DualTransform):
         return np.ascontiguousarray(mask[box[0]:box[2], box[1]:box[3]])
 
 
+def _convert(img: np.ndarray, alpha: float = 1.0, beta: float = 0.0) -> np.ndarray:
+    """mmseg's ``PhotoMetricDistortion.convert``: img * alpha + beta, clipped, back to uint8."""
+    return np.clip(img.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
 class PhotoMetricDistortion(A.ImageOnlyTransform):
     """mmseg's photometric distortion on uint8 RGB, each step with probability 1/2:
     brightness +-32, contrast x[0.5, 1.5] (before or after the HSV steps), saturation
-    x[0.5, 1.5], hue +-18 (OpenCV's 0..180 hue scale).
+    x[0.5, 1.5], hue +-18 (OpenCV's 0..180 hue scale). As mmseg, every step returns uint8 and
+    saturation and hue each take their own HSV round trip.
 
     Args:
         brightness_delta, contrast_range, saturation_range, hue_delta: as in mmseg.
@@ -175,10 +181,10 @@ class PhotoMetricDistortion(A.ImageOnlyTransform):
         saturation_range: Sequence[float] = (0.5, 1.5), hue_delta: int = 18, p: float = 1.0,
     ) -> None:
         super().__init__(p=p)
-        self.brightness_delta = int(brightness_delta)
-        self.contrast_range = (float(contrast_range[0]), float(contrast_range[1]))
-        self.saturation_range = (float(saturation_range[0]), float(saturation_range[1]))
-        self.hue_delta = int(hue_delta)
+        self.brightness_delta = int(check_number("brightness_delta", brightness_delta, 0, 255, example="32"))
+        self.contrast_range = _factor_range("contrast_range", contrast_range)
+        self.saturation_range = _factor_range("saturation_range", saturation_range)
+        self.hue_delta = int(check_number("hue_delta", hue_delta, 0, 180, example="18"))
 
     def get_params(self) -> dict[str, Any]:
         r = self.py_random
@@ -196,21 +202,31 @@ class PhotoMetricDistortion(A.ImageOnlyTransform):
               **params: Any) -> np.ndarray:
         if img.dtype != np.uint8:
             raise TypeError("PhotoMetricDistortion expects uint8 RGB; put it before A.Normalize")
-        out = img.astype(np.float32)
+        out = img
         if brightness is not None:
-            out = np.clip(out + brightness, 0, 255)
+            out = _convert(out, beta=brightness)
         if contrast is not None and contrast_first:
-            out = np.clip(out * contrast, 0, 255)
-        if saturation is not None or hue is not None:
-            hsv = cv2.cvtColor(out.astype(np.uint8), cv2.COLOR_RGB2HSV).astype(np.float32)
-            if saturation is not None:
-                hsv[..., 1] = np.clip(hsv[..., 1] * saturation, 0, 255)
-            if hue is not None:
-                hsv[..., 0] = (hsv[..., 0] + hue) % 180
-            out = cv2.cvtColor(hsv.astype(np.uint8), cv2.COLOR_HSV2RGB).astype(np.float32)
+            out = _convert(out, alpha=contrast)
+        if saturation is not None:
+            hsv = cv2.cvtColor(out, cv2.COLOR_RGB2HSV)
+            hsv[..., 1] = _convert(hsv[..., 1], alpha=saturation)
+            out = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+        if hue is not None:
+            hsv = cv2.cvtColor(out, cv2.COLOR_RGB2HSV)
+            hsv[..., 0] = ((hsv[..., 0].astype(np.int32) + hue) % 180).astype(np.uint8)
+            out = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
         if contrast is not None and not contrast_first:
-            out = np.clip(out * contrast, 0, 255)
-        return out.astype(np.uint8)
+            out = _convert(out, alpha=contrast)
+        return np.ascontiguousarray(out)
+
+
+def _factor_range(name: str, value: Sequence[float]) -> tuple[float, float]:
+    rr = tuple(value)
+    if len(rr) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf
+                               for v in rr) or rr[0] > rr[1]:
+        raise ValueError(f"{name}={value!r}: expected (low, high) factors with 0 <= low <= high. "
+                         f"Fix: e.g. {name}=(0.5, 1.5)")
+    return float(rr[0]), float(rr[1])
 
 
 def to_chw_tensor(img: np.ndarray) -> torch.Tensor:

@@ -68,6 +68,61 @@ def test_photometric_distortion():
         t.apply(img.astype(np.float32))
 
 
+def _mmseg_photometric(bgr, brightness, contrast_first, contrast, saturation, hue):
+    """mmseg's PhotoMetricDistortion.transform on a BGR uint8 image, step by step (each step back
+    to uint8, one HSV round trip per HSV step), written from its source."""
+    import cv2
+
+    def convert(img, alpha=1.0, beta=0.0):
+        return np.clip(img.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+    img = convert(bgr, beta=brightness)
+    if contrast_first:
+        img = convert(img, alpha=contrast)
+    hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
+    hsv[:, :, 1] = convert(hsv[:, :, 1], alpha=saturation)
+    img = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+    hsv = cv2.cvtColor(img, cv2.COLOR_BGR2HSV)
+    hsv[:, :, 0] = (hsv[:, :, 0].astype(int) + hue) % 180
+    img = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR)
+    if not contrast_first:
+        img = convert(img, alpha=contrast)
+    return img
+
+
+@pytest.mark.parametrize("contrast_first", [True, False])
+def test_photometric_distortion_matches_mmseg(contrast_first):
+    """Every step returned uint8 in mmseg, and saturation and hue took separate HSV round trips;
+    the fused version differed by up to 9 grey levels."""
+    rgb = np.random.default_rng(1).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    params = dict(brightness=-13.7, contrast_first=contrast_first, contrast=1.37, saturation=0.61, hue=-7)
+    ours = PhotoMetricDistortion().apply(rgb, **params)
+    ref = _mmseg_photometric(rgb[..., ::-1].copy(), **params)[..., ::-1]
+    assert np.array_equal(ours, ref)
+    with pytest.raises(ValueError, match=r"hue_delta=-1: expected a number in \[0, 180\]"):
+        PhotoMetricDistortion(hue_delta=-1)
+    with pytest.raises(ValueError, match=r"contrast_range=\(-1, -0\.5\): expected \(low, high\) factors"):
+        PhotoMetricDistortion(contrast_range=(-1, -0.5))
+
+
+def test_gamma_drawn_as_nnunet():
+    """batchgenerators' augment_gamma: half the draws from [0.7, 1), half from [1, 1.5] (a uniform
+    draw over [0.7, 1.5] brightened only 3 in 8); mean and std kept; the inverted variant too."""
+    from mamba_dense.datamodules._volume import _gamma
+
+    x0 = np.random.default_rng(2).normal(size=(6, 7, 8)).astype(np.float32)
+    brighter = []
+    for seed in range(400):
+        x = x0.copy()
+        _gamma(x, np.random.default_rng(seed), invert=False)
+        assert abs(x.mean() - x0.mean()) < 1e-4 and abs(x.std() - x0.std()) < 1e-4
+        brighter.append(np.median(x) > np.median(x0))  # gamma < 1 lifts the middle of the range
+    assert 0.42 < np.mean(brighter) < 0.58
+    x = x0.copy()
+    _gamma(x, np.random.default_rng(0), invert=True)
+    assert abs(x.mean() - x0.mean()) < 1e-4 and not np.allclose(x, x0)
+
+
 class _Draws(WorkerSeeded, Dataset):
     def __len__(self):
         return 4
