@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from segmentation_models_pytorch.losses import DiceLoss
 from torch import nn
@@ -266,10 +267,13 @@ class SemanticSegmentationTask(pl.LightningModule):
         images, masks = batch["image"], batch["mask"].long()
         self._check_mask(masks)
         preds, losses = [], []
+        original = bool(batch.get("mask_is_original"))
         for i, (h, w) in enumerate(self.valid_sizes(batch)):
             logits = self.inference(images[i : i + 1, :, :h, :w])
             mask = masks[i : i + 1]
-            if mask.shape[-2:] == images.shape[-2:]:
+            if original:  # the label as on disk: logits resized back to it (mmseg's protocol)
+                mask = mask[..., : int(batch["orig_size"][i][0]), : int(batch["orig_size"][i][1])]
+            elif mask.shape[-2:] == images.shape[-2:]:
                 mask = mask[..., :h, :w]  # padded alike; else the mask is at its own (original) size
             logits = resize_logits(logits, mask.shape[-2:])
             pred = logits.argmax(1)
@@ -412,9 +416,12 @@ class SemanticSegmentationTask(pl.LightningModule):
         images, masks = batch["image"], batch["mask"]
         names = batch.get("name") or [str(i) for i in range(len(images))]
         strips = []
+        sizes = self.valid_sizes(batch)
         for i, pred in enumerate(outputs["preds"][:max_images]):
-            h, w = pred.shape
-            rgb = to_uint8_image(images[i, :, :h, :w], *self._norm_stats())
+            h, w = pred.shape  # the mask's size: the image's, or the original one
+            rgb = to_uint8_image(images[i, :, : sizes[i][0], : sizes[i][1]], *self._norm_stats())
+            if rgb.shape[:2] != (h, w):
+                rgb = np.asarray(Image.fromarray(rgb).resize((w, h), Image.BILINEAR))
             mask = masks[i, :h, :w].cpu().numpy()
             if mask.shape != rgb.shape[:2]:
                 continue  # mask at original size: no side-by-side overlay

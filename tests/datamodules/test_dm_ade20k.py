@@ -36,6 +36,17 @@ def test_real_validation_whole_images(ade_real, snap):
         assert ((valid >= 0) & (valid < 150) | (valid == 255)).all()
     # first image: 683x512 (WxH) -> 512x683, padded to 512x704
     assert size[0].tolist() == [512, 683]
+    assert "mask_is_original" not in batch
+
+    # mmseg's protocol: masks as on disk, padded on their own
+    dm = _real_dm(ade_real, val_batch_size=3, eval_at_original_size=True)
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["mask_is_original"] and torch.equal(batch["image"], img) and torch.equal(batch["size"], size)
+    for i, (h, w) in enumerate(batch["orig_size"].tolist()):
+        label = dm._get("val").load(i)[1]
+        assert torch.equal(batch["mask"][i, :h, :w], torch.from_numpy(label))
+        assert (batch["mask"][i, h:] == 255).all() and (batch["mask"][i, :, w:] == 255).all()
     assert snap(ade_real) == before
 
 

@@ -90,6 +90,32 @@ def test_miou_does_not_depend_on_batch_size(tiny_encoder):
     assert miou_1 == miou_3
 
 
+def test_scores_at_the_original_size(tiny_encoder):
+    """mmseg's protocol (``mask_is_original`` batches): each image's logits are resized back to its
+    label as on disk and scored there; batched and one by one alike."""
+    import torch.nn.functional as F
+
+    task = SemanticSegmentationTask(num_classes=4, head="upernet", head_kwargs={"channels": 32}, **tiny_encoder).eval()
+    samples = []
+    for k, ((h, w), (h0, w0)) in enumerate([((64, 96), (50, 75)), ((96, 64), (121, 80)), ((50, 70), (50, 70))]):
+        s = _sample(h, w, k)
+        s["mask"] = _sample(h0, w0, 10 + k)["mask"]
+        s["orig_size"], s["mask_is_original"] = torch.tensor([h0, w0]), True
+        samples.append(s)
+    confmat = torch.zeros(4, 4, dtype=torch.int64)
+    with torch.no_grad():
+        for s in samples:  # independently: logits at the image size, resized to the label, argmax
+            logits = task.inference(s["image"][None])
+            pred = F.interpolate(logits, size=tuple(s["mask"].shape), mode="bilinear", align_corners=False).argmax(1)[0]
+            keep = s["mask"] != 255
+            confmat += torch.bincount(4 * s["mask"][keep] + pred[keep], minlength=16).view(4, 4)
+        miou_1, cm_1 = _evaluate(task, [collate_segmentation([s]) for s in samples])
+        miou_3, cm_3 = _evaluate(task, [collate_segmentation(samples)])
+    assert torch.equal(cm_1, confmat) and torch.equal(cm_3, confmat)
+    with pytest.raises(ValueError, match="mixes masks at the original size and resized masks"):
+        collate_segmentation([samples[0], _sample(64, 96, 0)])
+
+
 def test_predict_writes_label_and_overlay_pngs(tmp_path, tiny_encoder):
     task = SemanticSegmentationTask(
         num_classes=4, head="fpn", head_kwargs=SMALL_HEADS["fpn"], predict_dir=str(tmp_path), **tiny_encoder
