@@ -60,7 +60,8 @@ class SegmentationFolder(SkipsCorrupt, WorkerSeeded, Dataset):
     """Image/label pairs from two folders, paired by file stem.
 
     Args:
-        image_dir, label_dir: folders of images and single-channel label PNGs.
+        image_dir, label_dir: folders of images and single-channel label PNGs; ``label_dir=None``
+            reads images only (to predict), each with an all-ignore mask.
         num_classes: classes after ``reduce_zero_label``.
         reduce_zero_label: file value 0 -> 255 (ignore), k -> k - 1 (ADE20K convention).
         transform: albumentations pipeline on uint8 HWC image + mask, ending in ``A.Normalize``.
@@ -81,7 +82,7 @@ class SegmentationFolder(SkipsCorrupt, WorkerSeeded, Dataset):
     """
 
     def __init__(
-        self, image_dir: Path, label_dir: Path, num_classes: int, reduce_zero_label: bool,
+        self, image_dir: Path, label_dir: Path | None, num_classes: int, reduce_zero_label: bool,
         transform: A.Compose, pad_to: tuple[int, int] | None = None, size_divisor: int | None = None,
         img_suffix: str = ".jpg", seg_suffix: str = ".png", on_missing: str = "error", on_corrupt: str = "error",
         mask_at_original_size: bool = False,
@@ -92,8 +93,15 @@ class SegmentationFolder(SkipsCorrupt, WorkerSeeded, Dataset):
         self.on_missing = check_choice("on_missing", on_missing, ("error", "skip"))
         self.on_corrupt = check_choice("on_corrupt", on_corrupt, ("error", "skip"))
         self.corrupt = []
-        image_dir, label_dir = Path(image_dir), Path(label_dir)
+        image_dir = Path(image_dir)
         images = {p.name[: -len(img_suffix)]: p for p in list_files(image_dir, [img_suffix])}
+        if label_dir is None:
+            if not images:
+                raise FileNotFoundError(f"{image_dir}: no *{img_suffix} image. Fix: check `root` and `img_suffix`")
+            self.skipped = {}
+            self.pairs: list[tuple[Path, Path | None]] = [(images[k], None) for k in sorted(images)]
+            return
+        label_dir = Path(label_dir)
         labels = {p.name[: -len(seg_suffix)]: p for p in list_files(label_dir, [seg_suffix])}
         # NOTE: names are compared case-sensitively after stripping the (case-insensitive) suffix
         no_label = sorted(images.keys() - labels.keys())
@@ -120,7 +128,9 @@ class SegmentationFolder(SkipsCorrupt, WorkerSeeded, Dataset):
         bad, good = [], []
         for img_path, lbl_path in self.pairs:
             try:
-                read_rgb(img_path), read_label_png(lbl_path)
+                read_rgb(img_path)
+                if lbl_path is not None:
+                    read_label_png(lbl_path)
                 good.append((img_path, lbl_path))
             except CorruptFileError as e:
                 if self.on_corrupt != "skip":
@@ -159,6 +169,9 @@ class SegmentationFolder(SkipsCorrupt, WorkerSeeded, Dataset):
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Raw (H, W, 3) uint8 image and remapped (H, W) int64 label, sizes checked."""
         img_path, lbl_path = self.pairs[index]
+        if lbl_path is None:  # images only: nothing labelled
+            image = read_rgb(img_path)
+            return image, np.full(image.shape[:2], IGNORE_INDEX, np.int64)
         image, label = read_rgb(img_path), read_label_png(lbl_path)
         if image.shape[:2] != label.shape[:2]:
             raise DataError(
@@ -270,7 +283,8 @@ class ADE20KDataModule(L.LightningDataModule):
         class_names_file: names, one per line or ADE20K's ``objectInfo150.txt``; default ADE20K's
             names when ``num_classes == 150``, else ``class_<k>``.
         img_suffix, seg_suffix: file endings of images and labels.
-        train_split, val_split, test_split: sub-folder names under images/ and annotations/.
+        train_split, val_split, test_split: sub-folder names under images/ and annotations/
+            (predict reads the test split's images; its annotations folder may be absent).
         on_missing: "error" (default) lists images without labels and labels without images and
             raises; "skip" drops them with a warning. Counts: ``skipped`` after ``setup``.
         on_corrupt: undecodable JPEG/PNG files: "error" (default) raises naming the file; "skip"
@@ -375,9 +389,13 @@ class ADE20KDataModule(L.LightningDataModule):
 
     def _dataset(self, split: str) -> SegmentationFolder:
         base = _resolve_root(self.root)
-        sub = self.splits[split]
+        sub = self.splits["test" if split == "predict" else split]
         train = split == "train"
+        # predict reads the test split's images, with or without labels (ADE20K's test release has none)
+        images_only = split == "predict" and not (base / "annotations" / sub).is_dir()
         for kind, suffix in (("images", self.img_suffix), ("annotations", self.seg_suffix)):
+            if kind == "annotations" and images_only:
+                continue
             if not (base / kind / sub).is_dir():
                 raise FileNotFoundError(
                     f"{base / kind / sub}: split folder not found. Expected layout: {base}/images/{sub}/*{self.img_suffix}"
@@ -385,7 +403,8 @@ class ADE20KDataModule(L.LightningDataModule):
                     f"{sorted(p.name for p in (base / kind).iterdir() if p.is_dir())}). Fix: `{split}_split` or `root`"
                 )
         return SegmentationFolder(
-            base / "images" / sub, base / "annotations" / sub, self.num_classes, self.reduce_zero_label,
+            base / "images" / sub, None if images_only else base / "annotations" / sub, self.num_classes,
+            self.reduce_zero_label,
             self.train_transform() if train else self.eval_transform(),
             pad_to=self.crop_size if train else None, size_divisor=None if train else self.size_divisor,
             img_suffix=self.img_suffix, seg_suffix=self.seg_suffix, on_missing=self.on_missing,
@@ -393,7 +412,7 @@ class ADE20KDataModule(L.LightningDataModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
-        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["test"]}
+        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
         for split in wanted.get(stage or "", ["train", "val", "test"]):
             self._get(split)
 
@@ -432,7 +451,8 @@ class ADE20KDataModule(L.LightningDataModule):
         return self._loader("test", self.val_batch_size, False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+        """The test split's images (``test_split``); its annotations folder may be absent."""
+        return self._loader("predict", self.val_batch_size, False)
 
 
 class ShapesDataModule(ADE20KDataModule):

@@ -42,7 +42,7 @@ def test_predict_writes_at_each_inputs_original_size(tmp_path, tiny_encoder):
     paths = _predict(task, tmp_path, datamodule=dm)
     assert len(paths) == 3
     dm.setup("predict")
-    batch = collate_segmentation([dm.datasets["test"][i] for i in range(3)])
+    batch = collate_segmentation([dm.datasets["predict"][i] for i in range(3)])
     assert len({tuple(s) for s in batch["size"].tolist()}) > 1  # one padded batch of different sizes
     task.eval()
     for i, name in enumerate(batch["name"]):
@@ -111,3 +111,16 @@ def test_scores_skip_the_distributed_samplers_repeats(tmp_path, tiny_encoder):
                                                              collate_fn=collate_segmentation))
     assert padded == pytest.approx(alone)
     assert local_log_dir(trainer) == trainer.log_dir  # the rank-local folder (no collective) is Lightning's
+
+
+def test_predict_on_images_without_labels(tmp_path, tiny_encoder):
+    """ADE20K's test release has images only: predict needed an annotations folder."""
+    src = write_ade20k_like(tmp_path / "ade", num_train=0, num_val=3, size_range=(40, 56), seed=3)
+    shutil.rmtree(src / "annotations" / "validation")
+    dm = _dm(tmp_path / "ade")
+    paths = _predict(_task(tmp_path, tiny_encoder), tmp_path, datamodule=dm)
+    names = sorted(p.stem for p in (src / "images" / "validation").glob("*.jpg"))
+    assert len(paths) == 3
+    assert sorted(p.stem for p in (tmp_path / "pred" / "labels").iterdir()) == names
+    with pytest.raises(FileNotFoundError, match=r"annotations/validation: split folder not found.*Fix"):
+        dm.setup("test")  # scoring still needs the labels
