@@ -45,11 +45,12 @@ def first_nonfinite(module: torch.nn.Module) -> list[str]:
 class NonFiniteGuard(pl.Callback):
     """Stops training at the first NaN/inf training loss, after saving a checkpoint to debug from.
 
-    After each training batch the loss returned by `training_step` is checked (any rank, in
-    distributed runs). When it is NaN or inf the guard saves `<log dir>/nonfinite-step<S>.ckpt`,
-    looks for the first non-finite parameter and gradient by name, and raises a RuntimeError
-    naming the step, epoch, batch, offending tensors and checkpoint, with fixes to try.
-    `mamba-dense` adds it to every run.
+    The loss is checked before its backward pass (any rank, in distributed runs), so nothing of
+    the bad step has touched the weights yet. When it is NaN or inf the guard saves
+    `<log dir>/nonfinite-step<S>.ckpt` (the weights and optimizer state that gave this loss on
+    this batch), names the first non-finite parameter if one is, and raises a RuntimeError naming
+    the step, epoch, batch, offending tensors and checkpoint, with fixes to try. `mamba-dense`
+    adds it to every run.
 
     Example:
         >>> trainer = pl.Trainer(callbacks=[NonFiniteGuard()])  # doctest: +SKIP
@@ -58,16 +59,16 @@ class NonFiniteGuard(pl.Callback):
     def __init__(self) -> None:
         super().__init__()
         self._step = 0
+        self._batch_idx = 0
         self.checkpoint_path: str | None = None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._step = trainer.global_step  # NOTE: global_step is already incremented in on_train_batch_end
+        self._step, self._batch_idx = trainer.global_step, batch_idx
 
-    def on_train_batch_end(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
-    ) -> None:
-        loss = _loss_of(outputs)
-        bad = loss is not None and not bool(torch.isfinite(loss.detach()).all())
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        # NOTE: here, not in on_train_batch_end: by then the optimizer had applied the NaN step and
+        # the debug checkpoint held non-finite weights everywhere
+        bad = not bool(torch.isfinite(loss.detach()).all())
         if not trainer.strategy.reduce_boolean_decision(bad, all=False):
             return
         root = trainer.log_dir or trainer.default_root_dir
@@ -77,8 +78,8 @@ class NonFiniteGuard(pl.Callback):
         culprits = [f"loss = {loss.item()}" if bad else "loss on another rank"] + first_nonfinite(pl_module)
         raise RuntimeError(
             f"Non-finite training loss at global step {self._step} (epoch {trainer.current_epoch}, "
-            f"batch {batch_idx}): {', '.join(culprits)}. Checkpoint saved to {path}. "
-            f"To fix: {FIXES}."
+            f"batch {self._batch_idx}): {', '.join(culprits)}. Checkpoint of the weights before this step "
+            f"saved to {path}. To fix: {FIXES}."
         )
 
 
