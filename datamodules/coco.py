@@ -228,6 +228,8 @@ def _check_polygons(polys: list[list[Any]], h: int, w: int, ann_file: Path, wher
 def _check_rle_counts(counts: Any, h: int, w: int, ann_file: Path, where: str) -> None:
     """RLE run lengths must be non-negative and cover exactly h * w pixels: pycocotools decodes
     without bounds checks (longer runs write past the mask)."""
+    if isinstance(counts, bytes):  # pycocotools' own compressed RLE (e.g. a ground truth COCOeval rewrote)
+        counts = counts.decode("ascii", errors="replace")
     if isinstance(counts, list):
         if not all(_is_int(c) and c >= 0 for c in counts):
             raise DataError(ann_file, where, "uncompressed RLE counts must be non-negative integers",
@@ -519,7 +521,10 @@ class COCOInstanceDataModule(L.LightningDataModule):
         super().__init__()
         check_choice("on_missing", on_missing, ("error", "skip"))
         check_choice("on_corrupt", on_corrupt, ("error", "skip"))
-        self.save_hyperparameters()
+        # NOTE: not sent to the logger: Lightning merges the datamodule's and the task's logged
+        # hyperparameters and stops the run when a name holds two values (the tasks' own patch_size /
+        # size_divisor are the inference window / padding and may differ); the CLI's config.yaml keeps them
+        self.save_hyperparameters(logger=False)
         self.root = Path(root).expanduser()
         self.files = {"train": (train_ann, train_images), "val": (val_ann, val_images),
                       "test": (test_ann or val_ann, test_images or val_images)}

@@ -91,6 +91,24 @@ def _xyxy_to_xywh(boxes: torch.Tensor) -> list[list[float]]:
     return torch.stack([b[:, 0], b[:, 1], b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]], dim=1).tolist()
 
 
+def _private_copy(gt: "COCO", img_ids: Sequence[int]) -> "COCO":
+    """The ground truth of ``img_ids`` in a COCO object of its own. NOTE: COCOeval rewrites every
+    ground truth's ``segmentation`` as an RLE with ``bytes`` counts and adds ``ignore`` keys, in
+    place: on the datamodule's own object the next epoch's dataset read those (a crash at the
+    second evaluation). Annotation dicts are copied (one level: COCOeval only reassigns keys)."""
+    from pycocotools.coco import COCO
+
+    keep = set(img_ids)
+    doc = {k: v for k, v in gt.dataset.items() if k not in ("images", "annotations")}
+    doc["images"] = [dict(im) for im in gt.dataset.get("images", []) if im["id"] in keep]
+    doc["annotations"] = [dict(a) for a in gt.dataset.get("annotations", []) if a["image_id"] in keep]
+    out = COCO()
+    out.dataset = doc
+    with contextlib.redirect_stdout(io.StringIO()):
+        out.createIndex()
+    return out
+
+
 class COCOEvaluator:
     """Collects Mask R-CNN outputs as COCO results and scores them with pycocotools' COCOeval.
 
@@ -208,6 +226,7 @@ class COCOEvaluator:
         """
         gt = coco_gt if coco_gt is not None else self.ground_truth()
         img_ids = sorted(set(self.image_ids))
+        gt = _private_copy(gt, img_ids)
         metrics: dict[str, float] = {}
         text = io.StringIO()
         for iou_type in iou_types:

@@ -93,3 +93,19 @@ def test_max_steps_only_and_predict_without_targets(tmp_path, tiny_encoder, smal
     assert [p.rsplit("/", 1)[-1] for p in paths] == ["0.png", "1.png", "2.png"]
     results = json.loads((tmp_path / "pred_images_only" / "coco_results.json").read_text())
     assert {r["image_id"] for r in results} <= {0, 1, 2}
+
+
+def test_evaluating_twice_gives_the_same_scores(tmp_path, tiny_encoder, small_rcnn):
+    """COCOeval rewrote the datamodule's ground truth in place (RLE with bytes counts): the second
+    validation (Lightning's sanity check, then epoch 0) failed reading its own annotations."""
+    dm = SyntheticCOCODataModule(root=str(tmp_path / "coco"), val_batch_size=2, num_train=2, num_val=3)
+    task = _task(tiny_encoder, small_rcnn)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         default_root_dir=tmp_path)
+    first = dict(trainer.validate(task, dm, verbose=False)[0])
+    second = dict(trainer.validate(task, dm, verbose=False)[0])
+    assert first == second and "val/segm_AP" in first
+    gt = dm.coco_gt("val")
+    assert all(isinstance(a["segmentation"], (list, dict)) and "ignore" not in a for a in gt.anns.values())
+    assert not any(isinstance(a["segmentation"], dict) and isinstance(a["segmentation"]["counts"], bytes)
+                   for a in gt.anns.values())
