@@ -309,6 +309,24 @@ class VolumeDataset(Dataset):
         return out
 
 
+GEOMETRY_KEYS = ("affine", "ornt", "spacing", "original_shape", "common_shape")
+
+
+def collate_volumes(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """``default_collate``, except that the geometry (``GEOMETRY_KEYS``) stays float64 / int64
+    numpy arrays stacked over the batch. NOTE: Lightning's ``precision="16-true"`` /
+    ``"bf16-true"`` cast every floating tensor of a batch: an fp16 affine lost its translation's
+    decimals (201.37 mm -> 201.375) and a bf16 one could not be written at all."""
+    from torch.utils.data import default_collate
+
+    out = default_collate([{k: v for k, v in b.items() if k not in GEOMETRY_KEYS} for b in batch])
+    for key in GEOMETRY_KEYS:
+        if all(key in b for b in batch):
+            out[key] = np.stack([np.asarray(b[key].numpy() if isinstance(b[key], torch.Tensor) else b[key])
+                                 for b in batch])
+    return out
+
+
 def save_prediction(pred: torch.Tensor | np.ndarray, meta: dict[str, Any], path: str | Path, index: int = 0) -> Path:
     """Write a (D, H, W) class map as NIfTI on the original voxel grid of the case.
 
@@ -421,7 +439,10 @@ class MedicalDecathlonDataModule(L.LightningDataModule):
         self.on_missing = check_choice("on_missing", on_missing, ("error", "skip"))
         self.loader_kwargs = {"pin_memory": pin_memory, "persistent_workers": persistent_workers,
                               "prefetch_factor": prefetch_factor}
-        self.save_hyperparameters()
+        # NOTE: not sent to the logger: Lightning merges the datamodule's and the task's logged
+        # hyperparameters and stops the run when a name holds two values (the tasks' own patch_size /
+        # size_divisor are the inference window / padding and may differ); the CLI's config.yaml keeps them
+        self.save_hyperparameters(logger=False)
         self.root = Path(root).expanduser()
         self.patch_size = check_sizes("patch_size", patch_size, 3, "(128, 128, 128)")
         self.batch_size = int(check_number("batch_size", batch_size, 1, example="2"))
@@ -579,13 +600,13 @@ class MedicalDecathlonDataModule(L.LightningDataModule):
         return make_loader(self._get("train"), self.batch_size, True, self.num_workers, **self.loader_kwargs)
 
     def val_dataloader(self) -> DataLoader:
-        return make_loader(self._get("val"), 1, False, self.num_workers, **self.loader_kwargs)
+        return make_loader(self._get("val"), 1, False, self.num_workers, collate_volumes, **self.loader_kwargs)
 
     def test_dataloader(self) -> DataLoader:
-        return make_loader(self._get("test"), 1, False, self.num_workers, **self.loader_kwargs)
+        return make_loader(self._get("test"), 1, False, self.num_workers, collate_volumes, **self.loader_kwargs)
 
     def predict_dataloader(self) -> DataLoader:
-        return make_loader(self._get("predict"), 1, False, self.num_workers, **self.loader_kwargs)
+        return make_loader(self._get("predict"), 1, False, self.num_workers, collate_volumes, **self.loader_kwargs)
 
 
 class SyntheticVolumesDataModule(MedicalDecathlonDataModule):

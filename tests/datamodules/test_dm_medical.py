@@ -422,3 +422,21 @@ def test_mr_normalized_before_resampling(tmp_path):
     np.testing.assert_allclose(x, expected, rtol=0, atol=1e-5)
     blurred, _, _ = to_common_space(raw, label, affine, "RAS", (3.0, 2.0, 2.0))
     assert np.abs(nonzero_zscore(blurred[0]) - x[0]).max() > 1e-2  # the old order differs
+
+
+def test_geometry_survives_half_precision_runs(msd_root, tmp_path):
+    """precision="16-true" / "bf16-true" cast every floating tensor of a batch: the affine lost its
+    translation's decimals (fp16) or could not be written (bf16). Evaluation batches keep the
+    geometry as float64 numpy arrays, which Lightning leaves alone."""
+    from lightning.pytorch.plugins.precision import HalfPrecision
+
+    dm = _dm(msd_root, tmp_path / "cache")
+    dm.setup("test")
+    batch = next(iter(dm.test_dataloader()))
+    item = dm._get("test")[0]
+    for precision in ("16-true", "bf16-true"):
+        cast = HalfPrecision(precision).convert_input(dict(batch))
+        assert cast["image"].dtype != torch.float32  # the image is cast, as Lightning does
+        assert cast["affine"].dtype == np.float64 and np.array_equal(cast["affine"][0], item["affine"].numpy())
+        path = save_prediction(torch.zeros(tuple(cast["image"].shape[-3:]), dtype=torch.uint8), cast, tmp_path / "p.nii.gz")
+        assert np.allclose(nib.load(path).affine, item["affine"].numpy(), atol=1e-5)
