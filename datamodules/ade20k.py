@@ -337,7 +337,10 @@ class ADE20KDataModule(L.LightningDataModule):
         if not 0 < num_classes < IGNORE_INDEX:
             raise ValueError(f"num_classes={num_classes}: expected 1..254 (255 is the ignore label). "
                              "Fix: `num_classes`")
-        self.save_hyperparameters()
+        # NOTE: not sent to the logger: Lightning merges the datamodule's and the task's logged
+        # hyperparameters and stops the run when a name holds two values (the tasks' own patch_size /
+        # size_divisor are the inference window / padding and may differ); the CLI's config.yaml keeps them
+        self.save_hyperparameters(logger=False)
         self.root = Path(root).expanduser()
         self.crop_size = check_sizes("crop_size", crop_size, 2, "512 or (512, 512)")
         self.batch_size = int(check_number("batch_size", batch_size, 1, example="16"))

@@ -228,3 +228,21 @@ def test_batch_of_ignored_pixels_trains_on(kw, tiny_encoder):
     total.backward()
     assert float(total) == 0.0 and float(main) == 0.0
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in task.parameters())
+
+
+def test_task_and_datamodule_settings_of_one_name_do_not_stop_a_logged_run(tmp_path, tiny_encoder):
+    """Lightning merges the logged hyperparameters of task and datamodule and raised when a name
+    held two values: the task's size_divisor (inference padding) against the datamodule's."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.loggers import CSVLogger
+
+    from mamba_dense.datamodules.ade20k import ShapesDataModule
+
+    dm = ShapesDataModule(root=str(tmp_path / "shapes"), crop_size=64, batch_size=2, num_workers=0,
+                          num_train=4, num_val=2)
+    task = SemanticSegmentationTask(num_classes=5, head="upernet", head_kwargs={"channels": 16}, size_divisor=64,
+                                    **tiny_encoder)
+    trainer = pl.Trainer(max_steps=1, limit_val_batches=0, accelerator="cpu", enable_progress_bar=False,
+                         enable_checkpointing=False, logger=CSVLogger(str(tmp_path / "logs")))
+    trainer.fit(task, dm)
+    assert trainer.global_step == 1
