@@ -322,13 +322,14 @@ class VolumetricSegmentationTask(pl.LightningModule):
 
     @staticmethod
     def _item(batch: dict[str, Any], key: str, default: Any = None) -> Any:
-        """Entry ``key`` of the single item of a collated batch (lists and batched tensors unwrapped)."""
+        """Entry ``key`` of the single item of a collated batch (lists and batched arrays unwrapped)."""
         v = batch.get(key, default)
         if isinstance(v, (list, tuple)):
             return v[0]
-        if isinstance(v, torch.Tensor) and key in _ITEM_DIMS and v.dim() > _ITEM_DIMS[key]:
+        if isinstance(v, (torch.Tensor, np.ndarray)) and key in _ITEM_DIMS and v.ndim > _ITEM_DIMS[key]:
             return v[0]
         return v
+
 
     def _eval_step(self, batch: dict[str, Any], stage: str) -> dict[str, Any]:
         image = batch["image"]
