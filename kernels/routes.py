@@ -426,6 +426,10 @@ def _device_route_op(key: str, grid: list[int], registers: int, device: torch.de
 def _(key, grid, registers, device):
     from torch._subclasses.fake_tensor import unset_fake_temporarily
 
+    # NOTE: a route's length depends on the grid in builder-specific ways (padded windows, ...), so
+    # symbolic sizes (torch.compile's automatic dynamic shapes) are made concrete: int() of a SymInt
+    # guards on its value (the graph is specialized to this size; another size recompiles)
+    grid = [int(g) for g in grid]
     with unset_fake_temporarily():
         shape = tuple(built_route(key, *grid, registers=registers).shape)
     return torch.empty(shape, dtype=torch.long, device=device)

@@ -89,6 +89,12 @@ class EncoderStage(nn.Module):
         return self.forward_with_registers(x)[0]  # registers dropped before the map becomes a feature
 
 
+def _check_pool(global_pool: str) -> str:
+    if global_pool not in ("avg", ""):
+        raise ValueError(f"global_pool={global_pool!r}: expected 'avg' or '' (no pooling)")
+    return global_pool
+
+
 class HierarchicalEncoder(nn.Module):
     """Base class: 4-stage channels-last encoder with the timm feature contract.
 
@@ -105,8 +111,12 @@ class HierarchicalEncoder(nn.Module):
     stem: nn.Module
     stages: nn.ModuleList
 
-    def _init_head(self, dims: Sequence[int], num_classes: int, in_chans: int, feature_norms: bool, norm_eps: float) -> None:
+    def _init_head(self, dims: Sequence[int], num_classes: int, in_chans: int, feature_norms: bool, norm_eps: float,
+                   drop_rate: float = 0.0, global_pool: str = "avg") -> None:
         self.dims = list(dims)
+        self.global_pool = _check_pool(global_pool)
+        self.drop_rate = float(drop_rate)
+        self.head_drop = nn.Dropout(self.drop_rate)
         self.in_chans = in_chans
         self.num_classes = num_classes
         self.num_features = self.head_hidden_size = self.dims[-1]
@@ -149,6 +159,8 @@ class HierarchicalEncoder(nn.Module):
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        if global_pool is not None:
+            self.global_pool = _check_pool(global_pool)
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -225,7 +237,11 @@ class HierarchicalEncoder(nn.Module):
         return self.norm(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.mean(dim=(1, 2))
+        """(B, H, W, C) final map -> (B, num_classes); with ``global_pool=""`` no pooling:
+        (B, H, W, num_classes), or the (B, H, W, C) map itself with ``pre_logits``."""
+        if getattr(self, "global_pool", "avg") == "avg":
+            x = x.mean(dim=(1, 2))
+        x = self.head_drop(x) if hasattr(self, "head_drop") else x
         return x if pre_logits else self.head(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

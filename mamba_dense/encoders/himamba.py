@@ -92,7 +92,6 @@ class HierarchicalSS2D(nn.Module):
         conv_bias: bool = False,
         norm_eps: float = 1e-5,
         dropout: float = 0.0,
-        **_: Any,
     ) -> None:
         super().__init__()
         direction_route(direction, 1, 1)  # validates the name
@@ -165,6 +164,9 @@ class HiMamba(VMamba):
     def __init__(self, region_grid: int = 4, d_state: int = 16, **kwargs: Any) -> None:
         self._region_grid = region_grid
         super().__init__(d_state=d_state, **kwargs)
+
+    _mixer_cls = HierarchicalSS2D
+    _mixer_own = ("dim", "direction", "region_grid")
 
     def _make_mixer(self, dim: int, block_idx: int) -> nn.Module:
         cfg = {k: v for k, v in self.ssm_cfg.items() if k != "gate"}

@@ -163,6 +163,9 @@ class LocalVMamba(VMamba):
         )
         super().__init__(depths=depths, **dict(defaults, **kwargs))
 
+    _mixer_cls = LocalSS2D
+    _mixer_own = ("dim", "num_routes", "route_fn", "directions", "reduction_ratio")
+
     def _make_mixer(self, dim: int, block_idx: int) -> nn.Module:
         return LocalSS2D(dim, self._directions[block_idx], reduction_ratio=self._reduction_ratio, **self.ssm_cfg)
 

@@ -72,6 +72,10 @@ class VMamba(HierarchicalEncoder):
         feature_norms: a LayerNorm per returned feature map (the official dense backbones' outnorms).
         num_registers: Mamba(R) register tokens per stage (0 = none); see :class:`EncoderStage`.
         output_stride: only 32 is supported (the stages always downsample).
+        drop_rate: dropout before the classifier (timm's ``drop_rate``).
+        global_pool: "avg" (default) or "" (no pooling: the head sees the (B, H, W, C) map).
+        **mixer_kwargs: further arguments of the token mixer (e.g. SS2D's ``dropout``); any other
+            name raises a TypeError listing the accepted ones.
 
     Shapes: forward (B, in_chans, H, W) -> (B, num_classes); see ``forward_intermediates`` for features.
     """
@@ -96,9 +100,12 @@ class VMamba(HierarchicalEncoder):
         feature_norms: bool = False,
         num_registers: int = 0,
         output_stride: int = 32,
+        drop_rate: float = 0.0,
+        global_pool: str = "avg",
         **mixer_kwargs: Any,
     ) -> None:
         super().__init__()
+        self._check_mixer_kwargs(mixer_kwargs)
         if output_stride != 32:
             raise ValueError(
                 f"{type(self).__name__} supports output_stride=32 only (got {output_stride}); its stages always downsample"
@@ -131,8 +138,27 @@ class VMamba(HierarchicalEncoder):
             down = down_cls(dims[i - 1], dim, norm_eps=norm_eps) if i > 0 else None
             stages.append(EncoderStage(blocks, down, dim=dim, num_registers=num_registers))
         self.stages = nn.ModuleList(stages)
-        self._init_head(dims, num_classes, in_chans, feature_norms, norm_eps)
+        self._init_head(dims, num_classes, in_chans, feature_norms, norm_eps, drop_rate, global_pool)
         self.apply(self._init_weights)
+
+    # the mixer class whose keyword arguments ``**mixer_kwargs`` may hold, and the ones the
+    # encoder sets itself
+    _mixer_cls: type = SS2D
+    _mixer_own = ("dim", "num_routes", "route_fn")
+
+    def _check_mixer_kwargs(self, mixer_kwargs: dict[str, Any]) -> None:
+        import inspect
+
+        accepted = set(inspect.signature(self._mixer_cls.__init__).parameters) - {"self", "args", "kwargs"}
+        if issubclass(self._mixer_cls, SS2D):  # subclasses pass their **kwargs on to SS2D
+            accepted |= set(inspect.signature(SS2D.__init__).parameters)
+        accepted -= {"self", *self._mixer_own}
+        unknown = sorted(set(mixer_kwargs) - accepted)
+        if unknown:
+            own = sorted({n for c in type(self).__mro__ if issubclass(c, VMamba)
+                          for n in inspect.signature(c.__init__).parameters} - {"self", "kwargs", "mixer_kwargs"})
+            raise TypeError(f"{type(self).__name__}: unknown argument(s) {unknown}. Encoder arguments: {own}; "
+                            f"token-mixer arguments: {sorted(accepted)}")
 
     def _make_mixer(self, dim: int, block_idx: int) -> nn.Module:
         """The token mixer of block ``block_idx`` (counted over all stages); subclasses override."""

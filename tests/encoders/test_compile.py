@@ -93,3 +93,20 @@ def test_hierarchical_encoders_trace_as_one_graph(name, kw):
         compiled = torch.compile(m, backend="eager", fullgraph=True, dynamic=False)(x)
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b)
+
+
+def test_default_compile_follows_a_new_input_size():
+    """torch.compile's default (dynamic=None) makes a size symbolic once it changes; the route
+    lookup hashed that SymInt and crashed at the second size. Sizes are now specialized there."""
+    import timm
+
+    import mamba_dense.encoders  # noqa: F401
+
+    torch.manual_seed(0)
+    m = timm.create_model("vmamba_tiny", features_only=True, depths=(1, 1, 1, 1), dims=16).eval()
+    compiled = torch.compile(m, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        for h, w in ((64, 96), (32, 64), (48, 48)):
+            x = torch.randn(1, 3, h, w)
+            for a, b in zip(compiled(x), m(x)):
+                torch.testing.assert_close(a, b)

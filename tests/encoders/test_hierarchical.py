@@ -113,3 +113,24 @@ def test_registers_spliced_and_dropped(name, monkeypatch):
         for row in r:
             pos = [int((row == L - 3 + i).nonzero()) for i in range(3)]
             assert 0 < pos[0] < pos[1] < pos[2] < row.numel() - 1
+
+
+@pytest.mark.parametrize("name", ["vmamba_tiny", "localvmamba_tiny", "himamba_tiny"])
+def test_timm_head_arguments_and_unknown_ones(name):
+    """timm's train.py passes drop_rate (VMamba / LocalVMamba raised a TypeError from inside SS2D)
+    and global_pool; a misspelt argument named nowhere was swallowed by Hi-Mamba."""
+    import timm
+
+    import mamba_dense.encoders  # noqa: F401
+
+    kw = dict(depths=(1, 1, 1, 1), dims=16, num_classes=5)
+    if name.startswith("local"):
+        kw["directions"] = [("h", "v_flip", "w2", "w7")] * 4
+    m = timm.create_model(name, drop_rate=0.3, global_pool="avg", **kw).eval()
+    assert m.head_drop.p == 0.3 and m(torch.randn(2, 3, 64, 64)).shape == (2, 5)
+    m.reset_classifier(0, global_pool="")
+    assert m(torch.randn(2, 3, 64, 64)).shape == (2, 2, 2, 128)  # the unpooled (B, H, W, C) map
+    with pytest.raises(TypeError, match=r"unknown argument\(s\) \['drop_path'\]\. Encoder arguments: .*drop_path_rate"):
+        timm.create_model(name, drop_path=0.1, **kw)
+    with pytest.raises(ValueError, match=r"global_pool='max': expected 'avg' or ''"):
+        timm.create_model(name, global_pool="max", **kw)
