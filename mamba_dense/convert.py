@@ -219,12 +219,14 @@ def _filter_for(enc: nn.Module) -> Callable[[dict[str, torch.Tensor]], dict[str,
     return dict
 
 
-def convert_state_dict(model: nn.Module, checkpoint: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], list[str]]:
+def convert_state_dict(model: nn.Module, checkpoint: Mapping[str, Any], path: str | os.PathLike | None = None,
+                       ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Official (or our own) checkpoint contents -> tensors under ``model``'s names.
 
     Args:
         model: one of our encoders, or a timm / smp wrapper of one.
         checkpoint: what ``torch.load`` returned (wrappers such as ``{"model": ...}`` allowed).
+        path: the file it came from, for error messages.
 
     Returns:
         (converted state dict, raw names of the file's tensors that belong to no encoder: the
@@ -237,7 +239,15 @@ def convert_state_dict(model: nn.Module, checkpoint: Mapping[str, Any]) -> tuple
     if any(k.startswith("vit.") for k in sd):  # SegMamba's whole model: encoder under "vit."
         left_out += sorted(k for k in sd if not k.startswith("vit."))
         sd = {k: v for k, v in sd.items() if k.startswith("vit.")}
-    return _filter_for(enc)(sd), left_out
+    try:
+        return _filter_for(enc)(sd), left_out
+    except KeyError as err:  # a tensor the family's conversion needs (e.g. Vim's pos_embed)
+        where = f"{path}: " if path is not None else ""
+        found = f"{len(sd)} tensors, e.g. {sorted(sd)[:4]}" if sd else "no tensors"
+        raise CheckpointMismatchError(
+            f"{where}not a {type(enc).__name__} checkpoint: it lacks {err.args[0]!r}, which the conversion needs "
+            f"(the file holds {found}). Fix: pass the official checkpoint of this model family"
+        ) from None
 
 
 def _pruned(key: str, enc: nn.Module) -> bool:
@@ -327,7 +337,7 @@ def load_encoder_weights(
             listed in the module docstring; the message lists them.
     """
     enc = _encoder_of(model)
-    converted, left_out = convert_state_dict(enc, read_checkpoint(path, weights_only))
+    converted, left_out = convert_state_dict(enc, read_checkpoint(path, weights_only), path)
     report, to_load = _match(enc, converted, left_out, path, ignore)
     result = enc.load_state_dict(to_load, strict=False)
     # NOTE: BatchNorm fills a missing num_batches_tracked itself, so it is not in missing_keys.
@@ -354,7 +364,7 @@ def checked_filter(path: str | os.PathLike) -> Callable[[Mapping[str, Any], nn.M
         names = [cfg.get("first_conv"), cfg.get("classifier")]
         names = [n for v in names for n in ((v,) if isinstance(v, str) else (v or ()))]
         adapt = [f"{n}.{p}" for n in names for p in ("weight", "bias")]
-        converted, left_out = convert_state_dict(model, state_dict)
+        converted, left_out = convert_state_dict(model, state_dict, path)
         report, to_load = _match(_encoder_of(model), converted, left_out, path, adapt=adapt, skip_hint=(
             "load the file with mamba_dense.convert.load_encoder_weights(model, path, ignore=[...])"))
         own = model.state_dict()

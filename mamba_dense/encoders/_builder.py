@@ -70,7 +70,9 @@ def pretrained_filter(variant: str, pretrained: bool, kwargs: Mapping[str, Any],
     if not pretrained:
         return family_filter
     cfgs = (kwargs.get("pretrained_cfg_overlay") or {}, kwargs.get("pretrained_cfg") or {})
-    file = next((c["file"] for c in cfgs if isinstance(c, dict) and c.get("file")), None)
+    # a dict, or timm's PretrainedCfg dataclass
+    files = (c.get("file") if isinstance(c, Mapping) else getattr(c, "file", None) for c in cfgs)
+    file = next((f for f in files if f), None)
     if file is None:
         raise ValueError(
             f"{variant}: weights are never downloaded; pass the official checkpoint as a file, e.g. "

@@ -187,6 +187,7 @@ class Vim(nn.Module):
         simple_pyramid: dense mode: ``feature_info`` / ``forward_intermediates`` are the 4 pyramid
             levels at strides 4, 8, 16, 32 (:class:`~mamba_dense.layers.SimplePyramid`).
         pyramid_blocks: the blocks feeding the 4 levels (default 4 evenly spaced, (5, 11, 17, 23)).
+        output_stride: None or 32 (timm / smp pass it; nothing dilates, so 8 or 16 raise).
 
     Returns:
         ``forward`` -> logits (B, num_classes); ``forward_features`` -> (B, L, C) normalised tokens;
@@ -224,8 +225,15 @@ class Vim(nn.Module):
         rms_norm: bool = True,
         simple_pyramid: bool = False,
         pyramid_blocks: Sequence[int] | None = None,
+        output_stride: int | None = None,
     ) -> None:
         super().__init__()
+        if output_stride not in (None, 32):
+            raise ValueError(
+                f"{type(self).__name__} supports output_stride=32 only (got {output_stride}): its pyramid's deepest "
+                "map is at stride 32 and nothing dilates. Fix: a decoder without output_stride (smp's Unet, FPN, "
+                "UPerNet, Segformer) or output_stride=32"
+            )
         if num_registers < 0:
             raise ValueError(f"num_registers must be >= 0, got {num_registers}")
         if embed_dim % register_reduce:

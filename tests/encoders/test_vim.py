@@ -296,3 +296,29 @@ def test_compiles_as_one_graph_and_matches_eager(monkeypatch):
     torch.testing.assert_close(y, y2, rtol=1e-9, atol=1e-10)
     for a, b in zip(g, g2):
         torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+
+
+def test_wrong_files_and_settings_are_named(tmp_path):
+    """A VMamba checkpoint or an empty one given to Vim failed with a bare KeyError ('pos_embed');
+    smp's DeepLabV3(+) passes output_stride=16, which Vim did not take at all; timm's
+    PretrainedCfg dataclass naming the file was refused as "no file"."""
+    import timm
+    from timm.models import PretrainedCfg
+
+    import mamba_dense.encoders  # noqa: F401
+    from mamba_dense.convert import CheckpointMismatchError, load_encoder_weights
+
+    kw = dict(embed_dim=16, depth=2, d_state=2)
+    vmamba = timm.create_model("vmamba_tiny", depths=(1, 1, 1, 1), dims=16)
+    torch.save({"model": vmamba.state_dict()}, tmp_path / "vssm.pth")
+    torch.save({"model": {}}, tmp_path / "empty.pth")
+    vim = timm.create_model("vim_tiny", **kw)
+    for f in ("vssm.pth", "empty.pth"):
+        with pytest.raises(CheckpointMismatchError, match=rf"{f}: not a Vim checkpoint: it lacks 'pos_embed'.*Fix"):
+            load_encoder_weights(vim, tmp_path / f)
+    with pytest.raises(ValueError, match=r"Vim supports output_stride=32 only \(got 16\).*Fix"):
+        timm.create_model("vim_tiny", features_only=True, output_stride=16, **kw)
+    torch.save({"model": vim.state_dict()}, tmp_path / "vim.pth")
+    with pytest.raises(CheckpointMismatchError):  # the dataclass's file is read (and checked)
+        timm.create_model("vmamba_tiny", pretrained=True, pretrained_cfg=PretrainedCfg(file=str(tmp_path / "vim.pth")),
+                          depths=(1, 1, 1, 1), dims=16)
