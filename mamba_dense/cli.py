@@ -47,7 +47,8 @@ class MambaDenseCLI(LightningCLI):
     CheckpointIO plugin. `trainer.sync_batchnorm: true` uses `NoHostSyncBatchNorm` (PyTorch's
     SyncBatchNorm without its host sync per layer) unless the config gives a LayerSync plugin.
     `fit --ckpt_path last` resumes from the newest `last*.ckpt` of any earlier run in the same log
-    folder (Lightning alone looks only in the new run's empty version folder)."""
+    folder (Lightning alone looks only in the new run's empty version folder); validate / test /
+    predict with `--ckpt_path last` evaluate that checkpoint, or stop when there is none."""
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = self._get(self.config_init, "trainer", default={})
@@ -115,6 +116,26 @@ class MambaDenseCLI(LightningCLI):
             if path is not None:
                 rank_zero_info(f"Resuming from the newest last checkpoint: {path}")
                 config["ckpt_path"] = path
+
+    def _evaluate_last(self) -> None:
+        """`--ckpt_path last` for validate / test / predict: the newest `last*.ckpt` of the log folder's
+        runs. NOTE: Lightning alone finds none in a new process and goes on with the untrained
+        weights, with a warning only."""
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") != "last":
+            return
+        path = find_last_checkpoint(self.trainer)
+        if path is None:
+            raise CheckpointNotFoundError(
+                f"--ckpt_path last: no last*.ckpt in the runs under {self.trainer.default_root_dir}, so "
+                f"`{self.subcommand}` would use untrained weights. Fix: give the checkpoint's path, e.g. "
+                "runs/<name>/lightning_logs/version_<n>/checkpoints/last.ckpt, or the same "
+                "trainer.default_root_dir as the fit run"
+            )
+        rank_zero_info(f"{self.subcommand} with the newest last checkpoint: {path}")
+        config["ckpt_path"] = path
+
+    before_validate = before_test = before_predict = _evaluate_last
 
 
 def _warn_overridden(given: dict, model: Any, ckpt: str) -> None:

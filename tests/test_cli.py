@@ -53,6 +53,11 @@ def test_demo_config_fast_dev_run(command, shapes_args, tmp_path):
 
 
 def test_fit_then_predict_from_checkpoint(shapes_args, tmp_path):
+    from mamba_dense.tasks.guards import CheckpointNotFoundError
+
+    # `--ckpt_path last` with no run yet: Lightning alone evaluated the untrained weights
+    with pytest.raises(CheckpointNotFoundError, match=r"--ckpt_path last: no last\*\.ckpt .*untrained weights.*Fix"):
+        build_cli(["validate", *shapes_args, "--ckpt_path=last", "--trainer.limit_val_batches=1"])
     fit = build_cli([
         "fit", *shapes_args, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
     ])
@@ -75,6 +80,8 @@ def test_fit_then_predict_from_checkpoint(shapes_args, tmp_path):
         cli = build_cli(["validate", *shapes_args, f"--ckpt_path={ckpt}", "--trainer.fast_dev_run=1",
                          "--model.init_args.head_kwargs={channels: 32, norm: groupnorm}"])
     assert cli.model.hparams.head_kwargs["channels"] == 16
+    cli = build_cli(["test", *shapes_args, "--ckpt_path=last", "--trainer.limit_test_batches=1"])
+    assert cli.trainer.ckpt_path == ckpt  # the fit run's last.ckpt, found from a new run
 
 
 def test_bad_config_values_give_clear_errors(shapes_args):
