@@ -32,9 +32,26 @@ MARKER = "mamba_dense_synthetic.json"
 
 
 def _atomic_write(root: Path, params: dict[str, Any], fill: Callable[[Path], None]) -> Path:
-    """Run ``fill(tmp)`` on an empty temp folder, then move it to ``root`` (unless present)."""
+    """Run ``fill(tmp)`` on an empty temp folder, then move it to ``root`` (unless present). A
+    present ``root`` written by another call of the writers (its marker file records the
+    parameters) with other parameters raises instead of being reused: a 4-image quick run's folder
+    silently became the full demo's training set."""
     root = Path(root).expanduser()
     if root.exists():
+        marker = root / MARKER
+        if marker.is_file():
+            try:
+                stored = json.loads(marker.read_text())
+            except (OSError, ValueError):
+                stored = None
+            want = json.loads(json.dumps(params))
+            if isinstance(stored, dict) and stored != want:
+                diff = {k: (stored.get(k), want.get(k)) for k in sorted(set(stored) | set(want))
+                        if stored.get(k) != want.get(k)}
+                raise ValueError(
+                    f"{root} holds a synthetic dataset written with other settings (setting: (in the folder, "
+                    f"asked for)): {diff}. Fix: delete {root} to write it anew, or give another root"
+                )
         return root
     tmp = root.with_name(root.name + f".partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

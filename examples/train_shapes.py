@@ -4,7 +4,7 @@ To run (from the repo root):
     python examples/train_shapes.py                  # a few minutes on a 2-core CPU
     python examples/train_shapes.py --fast-dev-run   # one batch of each stage, seconds
 
-It writes the synthetic dataset to data/shapes (once), trains a small VMamba + semantic FPN,
+It writes the synthetic dataset to data/shapes (once; data/shapes_tiny with --fast-dev-run), trains a small VMamba + semantic FPN,
 prints the validation mIoU per epoch and the per-class table of the test set, and writes
 label-map and overlay PNGs of the test images to <out>/predictions.
 """
@@ -23,7 +23,8 @@ from mamba_dense.tasks import OverlayLogger, SemanticSegmentationTask
 
 def main(argv: list[str] | None = None) -> SemanticSegmentationTask:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default="data/shapes", help="dataset folder (written if absent)")
+    parser.add_argument("--root", default=None,
+                        help="dataset folder, written if absent (default data/shapes; data/shapes_tiny with --fast-dev-run)")
     parser.add_argument("--out", default="runs/example_shapes", help="logs, checkpoints and predictions")
     parser.add_argument("--max-epochs", type=int, default=10)
     parser.add_argument("--fast-dev-run", action="store_true", help="one batch per stage, tiny model")
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> SemanticSegmentationTask:
 
     pl.seed_everything(0)
     tiny = args.fast_dev_run
+    args.root = args.root or ("data/shapes_tiny" if tiny else "data/shapes")  # a tiny dataset of its own
     data = ShapesDataModule(root=args.root, crop_size=64 if tiny else 128, batch_size=2 if tiny else 4,
                             val_batch_size=2 if tiny else 4, num_train=4 if tiny else 64, num_val=2 if tiny else 16)
     task = SemanticSegmentationTask(

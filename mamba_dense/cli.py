@@ -48,7 +48,8 @@ class MambaDenseCLI(LightningCLI):
     SyncBatchNorm without its host sync per layer) unless the config gives a LayerSync plugin.
     `fit --ckpt_path last` resumes from the newest `last*.ckpt` of any earlier run in the same log
     folder (Lightning alone looks only in the new run's empty version folder); validate / test /
-    predict with `--ckpt_path last` evaluate that checkpoint, or stop when there is none."""
+    predict with `--ckpt_path last` evaluate that checkpoint (`best`: the best one it recorded), or
+    stop when there is none."""
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = self._get(self.config_init, "trainer", default={})
@@ -117,25 +118,48 @@ class MambaDenseCLI(LightningCLI):
                 rank_zero_info(f"Resuming from the newest last checkpoint: {path}")
                 config["ckpt_path"] = path
 
-    def _evaluate_last(self) -> None:
-        """`--ckpt_path last` for validate / test / predict: the newest `last*.ckpt` of the log folder's
-        runs. NOTE: Lightning alone finds none in a new process and goes on with the untrained
-        weights, with a warning only."""
+    def _evaluate_keyword(self) -> None:
+        """`--ckpt_path last` / `best` for validate / test / predict: the newest `last*.ckpt` of the log
+        folder's runs, or the best checkpoint its ModelCheckpoint recorded. NOTE: Lightning alone
+        finds no `last` in a new process and goes on with the untrained weights (a warning only),
+        and refuses `best` (known only to the process that ran fit)."""
         config = self.config_init[self.subcommand]
-        if config.get("ckpt_path") != "last":
+        keyword = config.get("ckpt_path")
+        if keyword not in ("last", "best"):
             return
-        path = find_last_checkpoint(self.trainer)
+        last = find_last_checkpoint(self.trainer)
+        fix = ("Fix: give the checkpoint's path, e.g. runs/<name>/lightning_logs/version_<n>/checkpoints/last.ckpt, "
+               "or the same trainer.default_root_dir as the fit run")
+        if last is None:
+            raise CheckpointNotFoundError(
+                f"--ckpt_path {keyword}: no last*.ckpt in the runs under {self.trainer.default_root_dir}, so "
+                f"`{self.subcommand}` would use untrained weights. {fix}"
+            )
+        path = last if keyword == "last" else _best_recorded_in(last)
         if path is None:
             raise CheckpointNotFoundError(
-                f"--ckpt_path last: no last*.ckpt in the runs under {self.trainer.default_root_dir}, so "
-                f"`{self.subcommand}` would use untrained weights. Fix: give the checkpoint's path, e.g. "
-                "runs/<name>/lightning_logs/version_<n>/checkpoints/last.ckpt, or the same "
-                "trainer.default_root_dir as the fit run"
+                f"--ckpt_path best: {last} records no best checkpoint that still exists (a ModelCheckpoint with a "
+                f"`monitor` writes one). {fix}"
             )
-        rank_zero_info(f"{self.subcommand} with the newest last checkpoint: {path}")
+        rank_zero_info(f"{self.subcommand} with the {keyword} checkpoint: {path}")
         config["ckpt_path"] = path
 
-    before_validate = before_test = before_predict = _evaluate_last
+    before_validate = before_test = before_predict = _evaluate_keyword
+
+
+def _best_recorded_in(last: str) -> str | None:
+    """The best checkpoint that a monitoring ModelCheckpoint recorded in checkpoint ``last`` (its
+    path as recorded, else the same file name beside ``last``), or None."""
+    import torch
+
+    state = torch.load(last, map_location="cpu", weights_only=False, mmap=True).get("callbacks") or {}
+    for cb in state.values():
+        best = cb.get("best_model_path") if isinstance(cb, dict) and cb.get("monitor") else None
+        if best:
+            for cand in (best, os.path.join(os.path.dirname(last), os.path.basename(best))):
+                if os.path.isfile(cand):
+                    return cand
+    return None
 
 
 def _warn_overridden(given: dict, model: Any, ckpt: str) -> None:

@@ -82,6 +82,10 @@ def test_fit_then_predict_from_checkpoint(shapes_args, tmp_path):
     assert cli.model.hparams.head_kwargs["channels"] == 16
     cli = build_cli(["test", *shapes_args, "--ckpt_path=last", "--trainer.limit_test_batches=1"])
     assert cli.trainer.ckpt_path == ckpt  # the fit run's last.ckpt, found from a new run
+    best = fit.trainer.checkpoint_callback.best_model_path  # the demo monitors val/mIoU
+    assert best and os.path.basename(best).startswith("best-")
+    cli = build_cli(["test", *shapes_args, "--ckpt_path=best", "--trainer.limit_test_batches=1"])
+    assert os.path.samefile(cli.trainer.ckpt_path, best)
 
 
 def test_bad_config_values_give_clear_errors(shapes_args):

@@ -35,7 +35,11 @@ def test_deterministic_and_write_once(tmp_path, snap):
     rel = "annotations/training/ADE_train_00000001.png"
     assert (a / rel).read_bytes() == (b / rel).read_bytes() != (c / rel).read_bytes()
     before = snap(tmp_path / "a")
-    write_ade20k_like(tmp_path / "a", num_train=5, num_val=1, seed=9)  # present: left untouched
+    write_ade20k_like(tmp_path / "a", num_train=2, num_val=1, seed=5)  # present with these settings: reused
+    # other settings: named, not silently reused (a quick run's 4 images became the demo's training set)
+    with pytest.raises(ValueError, match=r"holds a synthetic dataset written with other settings .*'num_train': "
+                                         r"\(2, 5\).*'seed': \(5, 9\).*Fix: delete"):
+        write_ade20k_like(tmp_path / "a", num_train=5, num_val=1, seed=9)
     assert snap(tmp_path / "a") == before
     assert json.loads((a / synthetic.MARKER).read_text())["seed"] == 5
 
