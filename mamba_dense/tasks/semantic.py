@@ -282,7 +282,8 @@ class SemanticSegmentationTask(pl.LightningModule):
             if not padding:  # a repeat added by DistributedSampler: scored once, on the rank that owns it
                 metric.update(pred, mask)
                 if bool((mask != self.hparams.ignore_index).any()):
-                    losses.append(cross_entropy(logits, mask, ignore_index=self.hparams.ignore_index))
+                    losses.append(cross_entropy(logits, mask, ignore_index=self.hparams.ignore_index,
+                                                avg_non_ignore=self.hparams.avg_non_ignore))
             preds.append(pred[0])
         if losses:
             self.log(f"{prefix}/loss", torch.stack(losses).mean(), batch_size=len(images))
