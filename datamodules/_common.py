@@ -273,6 +273,21 @@ def check_outside(path: Path, root: Path, what: str) -> None:
         )
 
 
+def check_span(name: str, value: Any, lo_open: bool, example: str, what: str = "") -> tuple[float, float]:
+    """``value`` as (low, high) with 0 < low <= high (0 <= low with ``lo_open=False``), else a
+    ValueError naming the argument."""
+    try:
+        rr = tuple(value)
+    except TypeError:
+        rr = ()
+    ok = len(rr) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                              and (v > 0 if lo_open else v >= 0) for v in rr) and rr[0] <= rr[1]
+    if not ok:
+        raise ValueError(f"{name}={value!r}: expected (low, high) {what}with 0 {'<' if lo_open else '<='} low <= high. "
+                         f"Fix: e.g. {name}={example}")
+    return float(rr[0]), float(rr[1])
+
+
 def seed_pipeline(transform: Any, seed: int) -> None:
     """Seed an albumentations pipeline so that each transform draws from its own stream.
 

@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 from ._ade20k_meta import ADE20K_CLASSES, ADE20K_PALETTE
 from ._common import (
     IMAGENET_MEAN, IMAGENET_STD, CorruptFileError, DataError, SkipsCorrupt, WorkerSeeded, check_choice,
-    check_number, check_sizes, default_cache_dir, list_files, make_loader, read_label_png, read_rgb, report_skipped,
+    check_number, check_sizes, check_span, default_cache_dir, list_files, make_loader, read_label_png, read_rgb,
+    report_skipped,
 )
 from .synthetic import SHAPE_CLASSES, write_ade20k_like
 from .transforms import PhotoMetricDistortion, RandomCropCatMax, RescaleToFit
@@ -347,7 +348,7 @@ class ADE20KDataModule(L.LightningDataModule):
         self.val_batch_size = int(check_number("val_batch_size", val_batch_size, 1, example="1"))
         self.num_workers = int(check_number("num_workers", num_workers, 0, example="4"))
         self.scale = check_sizes("scale", scale, 2, "(2048, 512)")
-        self.ratio_range = RescaleToFit(self.scale, ratio_range).ratio_range  # checks it
+        self.ratio_range = check_span("ratio_range", ratio_range, True, "(0.5, 2.0)")
         self.cat_max_ratio = check_number("cat_max_ratio", cat_max_ratio, 0, 1, lo_open=True, example="0.75 (1: no limit)")
         if size_divisor is not None:
             size_divisor = int(check_number("size_divisor", size_divisor, 1, example="32 (or None)"))

@@ -40,8 +40,8 @@ from ._common import (
     make_loader, read_json, report_skipped,
 )
 from ._volume import (
-    CaseGeometry, check_orientation, check_spacing, ct_normalize, intensity_augment, nonzero_zscore, random_flip, read_case, restore_original_space,
-    sample_patch, to_common_space,
+    CaseGeometry, check_orientation, check_spacing, ct_normalize, intensity_augment, nonzero_zscore, random_flip,
+    read_case, restore_original_space, sample_patch, to_common_space,
 )
 from .synthetic import write_msd_like
 

@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import albumentations as A
@@ -25,7 +24,7 @@ import cv2
 import numpy as np
 import torch
 
-from ._common import check_number, check_sizes
+from ._common import check_number, check_sizes, check_span
 
 __all__ = ["PhotoMetricDistortion", "RandomCropCatMax", "RescaleToFit", "ResizeShortestEdge", "to_chw_tensor"]
 
@@ -72,14 +71,7 @@ class RescaleToFit(_ScaleTransform):
         super().__init__(p=p)
         scale = check_sizes("scale", scale, 2, "(2048, 512)")
         self.scale = (max(scale), min(scale))
-        if ratio_range is not None:
-            rr = tuple(ratio_range)
-            if len(rr) != 2 or not all(isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r < math.inf
-                                       for r in rr) or rr[0] > rr[1]:
-                raise ValueError(f"ratio_range={ratio_range!r}: expected (low, high) with 0 < low <= high (the "
-                                 "rescale ratio is drawn from it). Fix: e.g. ratio_range=(0.5, 2.0)")
-            ratio_range = (float(rr[0]), float(rr[1]))
-        self.ratio_range = ratio_range
+        self.ratio_range = None if ratio_range is None else check_span("ratio_range", ratio_range, True, "(0.5, 2.0)")
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         h, w = params["shape"][:2]
@@ -182,8 +174,8 @@ class PhotoMetricDistortion(A.ImageOnlyTransform):
     ) -> None:
         super().__init__(p=p)
         self.brightness_delta = int(check_number("brightness_delta", brightness_delta, 0, 255, example="32"))
-        self.contrast_range = _factor_range("contrast_range", contrast_range)
-        self.saturation_range = _factor_range("saturation_range", saturation_range)
+        self.contrast_range = check_span("contrast_range", contrast_range, False, "(0.5, 1.5)", "factors ")
+        self.saturation_range = check_span("saturation_range", saturation_range, False, "(0.5, 1.5)", "factors ")
         self.hue_delta = int(check_number("hue_delta", hue_delta, 0, 180, example="18"))
 
     def get_params(self) -> dict[str, Any]:
@@ -218,15 +210,6 @@ class PhotoMetricDistortion(A.ImageOnlyTransform):
         if contrast is not None and not contrast_first:
             out = _convert(out, alpha=contrast)
         return np.ascontiguousarray(out)
-
-
-def _factor_range(name: str, value: Sequence[float]) -> tuple[float, float]:
-    rr = tuple(value)
-    if len(rr) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < math.inf
-                               for v in rr) or rr[0] > rr[1]:
-        raise ValueError(f"{name}={value!r}: expected (low, high) factors with 0 <= low <= high. "
-                         f"Fix: e.g. {name}=(0.5, 1.5)")
-    return float(rr[0]), float(rr[1])
 
 
 def to_chw_tensor(img: np.ndarray) -> torch.Tensor:
