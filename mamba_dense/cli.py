@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import mamba_dense.datamodules  # noqa: F401  (classes imported here resolve by short name)
 import mamba_dense.tasks  # noqa: F401
-from mamba_dense.convert import CheckpointMismatchError, CorruptCheckpointError, unreadable_error
+from mamba_dense.convert import CheckpointMismatchError, CorruptCheckpointError, read_checkpoint, unreadable_error
 from mamba_dense.datamodules._common import DataError
 from mamba_dense.tasks.guards import (
     AtomicCheckpointIO,
@@ -150,9 +150,7 @@ class MambaDenseCLI(LightningCLI):
 def _best_recorded_in(last: str) -> str | None:
     """The best checkpoint that a monitoring ModelCheckpoint recorded in checkpoint ``last`` (its
     path as recorded, else the same file name beside ``last``), or None."""
-    import torch
-
-    state = torch.load(last, map_location="cpu", weights_only=False, mmap=True).get("callbacks") or {}
+    state = read_checkpoint(last, weights_only=False).get("callbacks") or {}
     for cb in state.values():
         best = cb.get("best_model_path") if isinstance(cb, dict) and cb.get("monitor") else None
         if best:
