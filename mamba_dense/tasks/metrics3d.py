@@ -129,8 +129,8 @@ def hausdorff_distance(pred: torch.Tensor | np.ndarray, target: torch.Tensor | n
     p, g = _as_bool_tensor(pred), _as_bool_tensor(target)
     if p.shape != g.shape:
         raise ValueError(f"prediction {tuple(p.shape)} and target {tuple(g.shape)} differ in shape")
-    if len(spacing) != 3 or min(float(s) for s in spacing) <= 0:
-        raise ValueError(f"spacing must be three positive voxel sizes (mm) along D, H, W, got {spacing}")
+    if len(spacing) != 3 or not all(math.isfinite(float(s)) and float(s) > 0 for s in spacing):
+        raise ValueError(f"spacing must be three finite positive voxel sizes (mm) along D, H, W, got {spacing}")
     has_p, has_g = bool(p.any()), bool(g.any())
     if not has_p and not has_g:
         return 0.0

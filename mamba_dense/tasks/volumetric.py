@@ -244,9 +244,14 @@ class VolumetricSegmentationTask(pl.LightningModule):
         return torch.stack([label == k for k in range(1, self.hparams.num_classes)])
 
     def prediction_masks(self, probs: torch.Tensor) -> torch.Tensor:
-        """(K, D, H, W) probabilities -> (S, D, H, W) bool."""
+        """(K, D, H, W) probabilities -> (S, D, H, W) bool.
+
+        With regions, the masks are those of the label map that ``to_labels`` paints (and the
+        predict step writes), as nnU-Net and the BraTS tools score the exported file: where the
+        sigmoid outputs are not nested (TC above 0.5 where WT is not), the raw ``probs > 0.5``
+        masks would score a different segmentation from the one saved."""
         if self.regions:
-            return probs > 0.5
+            return self.target_masks(self.to_labels(probs).long())
         classes = probs.argmax(0)
         return torch.stack([classes == k for k in range(1, self.hparams.num_classes)])
 
@@ -268,10 +273,10 @@ class VolumetricSegmentationTask(pl.LightningModule):
                                dim=1).float()
         return F.one_hot(label, self.hparams.num_classes).permute(0, 4, 1, 2, 3).float()
 
-    def _loss(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    def _loss(self, logits: torch.Tensor, label: torch.Tensor, stride: int = 1) -> torch.Tensor:
         logits = logits.float()
         if tuple(label.shape[1:]) != tuple(logits.shape[2:]):  # deep supervision: downsampled labels
-            label = _downsample_labels(label, tuple(logits.shape[2:]))
+            label = _downsample_labels(label, tuple(logits.shape[2:]), stride)
         target = self._targets(label)
         if self.regions:
             ce = F.binary_cross_entropy_with_logits(logits, target)
@@ -314,7 +319,8 @@ class VolumetricSegmentationTask(pl.LightningModule):
         image, label = batch["image"], batch["label"].long()
         out = self._train_forward(image)
         outs = out if isinstance(out, list) else [out]
-        loss = sum(w * self._loss(o, label) for w, o in zip(self.ds_weights(len(outs)), outs))
+        # deep supervision outputs, full resolution first, at strides 1, 2, 4
+        loss = sum(w * self._loss(o, label, 2**i) for i, (w, o) in enumerate(zip(self.ds_weights(len(outs)), outs)))
         self.log("train/loss", loss, prog_bar=True, batch_size=len(image))
         return loss
 
@@ -340,7 +346,9 @@ class VolumetricSegmentationTask(pl.LightningModule):
         probs = self.probabilities(logits[0])
         spacing = self._item(batch, "spacing")
         spacing = [float(s) for s in spacing] if spacing is not None else [1.0, 1.0, 1.0]
-        name = str(self._item(batch, "name", f"case_{len(self._rows[stage]):04d}"))
+        # without names, the case's index in the dataset (a rank's k-th case is case rank + k * world)
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+        name = str(self._item(batch, "name", f"case_{rank + self._seen * world:04d}"))
         hd95 = stage == "test" or self.val_hd95
         rows = score_case(name, self.prediction_masks(probs), self.target_masks(label), self.structure_names(),
                           spacing, hd95=hd95)
@@ -490,11 +498,17 @@ class VolumetricSegmentationTask(pl.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def _downsample_labels(label: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+def _downsample_labels(label: torch.Tensor, size: tuple[int, ...], stride: int | None = None) -> torch.Tensor:
     """(B, *S) labels -> (B, *size): every k-th voxel where ``size`` is ceil(S / k) (a stride-k
     output's voxel j sits on input voxel k * j: 9 -> 5 takes 0, 2, 4, 6, 8, where nearest
-    interpolation took 0, 1, 3, 5, 7), nearest interpolation otherwise."""
-    steps = [-(-s // o) for s, o in zip(label.shape[1:], size)]
+    interpolation took 0, 1, 3, 5, 7), nearest interpolation otherwise.
+
+    ``stride``: the output's known stride k (deep supervision: 2, 4). Without it k is inferred per
+    axis as ceil(S / size), which is ambiguous for short axes (9 -> 3 is stride 4, not 3)."""
+    if stride is not None:
+        steps = [stride] * len(size)
+    else:
+        steps = [-(-s // o) for s, o in zip(label.shape[1:], size)]
     if all(-(-s // k) == o for s, k, o in zip(label.shape[1:], steps, size)):
         return label[(slice(None), *(slice(None, None, k) for k in steps))]
     return F.interpolate(label[:, None].float(), size=size, mode="nearest")[:, 0].long()
@@ -533,6 +547,7 @@ def write_nifti_like(labels: torch.Tensor | np.ndarray, geom: dict[str, Any], pa
         header.set_data_dtype(np.uint8)
         header["cal_min"], header["cal_max"] = 0, float(out.max(initial=0))
         header["descrip"] = b"mamba-dense segmentation"
+        header.set_intent("none")  # a label map, whatever the source's intent (vector, ...)
         if not np.allclose(src.affine, affine, atol=1e-4):
             warnings.warn(f"{source}: affine differs from the batch geometry; writing the batch's", stacklevel=2)
     img = nib.Nifti1Image(out, affine, header=header)

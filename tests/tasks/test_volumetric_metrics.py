@@ -124,3 +124,6 @@ def test_score_summary_and_csv(tmp_path):
         score_case("x", torch.stack([a]), torch.stack([a, b]), ["organ"], (1, 1, 1))
     with pytest.raises(ValueError, match="spacing"):
         hausdorff_distance(a, b, (1.0, 0.0, 1.0))
+    for bad in (float("nan"), float("inf")):  # not a NaN distance that summaries would then skip
+        with pytest.raises(ValueError, match="finite positive"):
+            hausdorff_distance(a, b, (bad, 1.0, 1.0))

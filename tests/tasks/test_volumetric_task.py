@@ -325,6 +325,64 @@ def test_deep_supervision_labels_sit_on_the_strided_voxels():
     assert torch.equal(_downsample_labels(label, (3, 2, 2)), label[:, ::3, ::3, ::4])
     odd = _downsample_labels(label, (4, 6, 7))  # 9 -> 4 is no stride: nearest
     assert odd.shape == (1, 4, 6, 7) and torch.equal(odd[0, :, 0, 0], label[0, [0, 2, 4, 6], 0, 0])
+    # a known stride wins over the guess: 9 -> 3 is the stride-4 output (0, 4, 8), not every 3rd voxel
+    assert torch.equal(_downsample_labels(label, (3, 2, 2), stride=4), label[:, ::4, ::4, ::4])
+
+
+def test_deep_supervision_loss_takes_the_decoder_strides():
+    """The training loss gives the stride-4 output the labels at 0, 4, 8 of a 9-voxel axis."""
+    task = _task(2, patch_size=(9, 16, 16), deep_supervision=True)
+    task.train()
+    outs = task(torch.randn(1, 1, 9, 16, 16))
+    assert [tuple(o.shape[2:]) for o in outs] == [(9, 16, 16), (5, 8, 8), (3, 4, 4)]
+    label = torch.randint(0, 2, (1, 9, 16, 16))
+    seen = []
+    original = task._targets
+    task._targets = lambda lab: (seen.append(lab.clone()), original(lab))[1]
+    task.training_step({"image": torch.randn(1, 1, 9, 16, 16), "label": label}, 0)
+    assert [tuple(s.shape[1:]) for s in seen] == [(9, 16, 16), (5, 8, 8), (3, 4, 4)]
+    assert torch.equal(seen[1], label[:, ::2, ::2, ::2]) and torch.equal(seen[2], label[:, ::4, ::4, ::4])
+
+
+def test_region_scores_are_those_of_the_written_label_map():
+    """Sigmoid outputs that are not nested (TC or ET above 0.5 where WT is not): the scored WT mask
+    is the painted map's labels 1-3, as in the file that predict writes."""
+    task = _task(4, regions=[[1, 2, 3], [2, 3], [3]], region_names=["WT", "TC", "ET"], in_channels=4)
+    probs = torch.zeros(3, 1, 1, 3)
+    probs[:, 0, 0, 1] = torch.tensor([0.0, 0.9, 0.0])  # TC alone
+    probs[:, 0, 0, 2] = torch.tensor([0.0, 0.0, 0.9])  # ET alone
+    labels = task.to_labels(probs)
+    assert labels[0, 0].tolist() == [0, 2, 3]
+    masks = task.prediction_masks(probs)
+    assert torch.equal(masks, task.target_masks(labels.long()))
+    assert masks[0, 0, 0].tolist() == [False, True, True]  # WT holds both voxels
+
+
+def test_default_case_names_count_cases(tmp_path):
+    """Evaluation batches without a "name": case_0000, case_0001, ... whatever the number of structures."""
+    task = _task(4)
+    task.eval()
+    for _ in range(3):
+        batch = {"image": torch.randn(1, 1, 16, 16, 16), "label": torch.randint(0, 4, (1, 16, 16, 16))}
+        with torch.no_grad():
+            task._eval_step(batch, "val")
+    names = [r.case for r in task._rows["val"]]
+    assert sorted(set(names)) == ["case_0000", "case_0001", "case_0002"] and len(names) == 9
+
+
+def test_written_label_map_drops_the_source_intent(tmp_path):
+    from mamba_dense.tasks.volumetric import write_nifti_like
+
+    affine = np.diag([0.9, 0.9, 2.5, 1.0])
+    src = nib.Nifti1Image(np.random.default_rng(0).normal(size=(6, 5, 4, 3)).astype(np.float32), affine)
+    src.header.set_intent("vector")
+    nib.save(src, tmp_path / "src.nii.gz")
+    labels = np.random.default_rng(1).integers(0, 3, (4, 5, 6)).astype(np.uint8)  # (D, H, W) = (z, y, x)
+    geom = {"affine": affine, "common_shape": (4, 5, 6), "ornt": np.array([[0, 1], [1, 1], [2, 1]])}
+    path = write_nifti_like(labels, geom, str(tmp_path / "out.nii.gz"), source=str(tmp_path / "src.nii.gz"))
+    out = nib.load(path)
+    assert out.header.get_intent()[0] == "none" and out.get_data_dtype() == np.uint8
+    assert np.array_equal(np.asarray(out.dataobj), labels.transpose(2, 1, 0))
 
 
 def test_more_classes_than_a_uint8_label_map_holds():
