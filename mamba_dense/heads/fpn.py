@@ -2,7 +2,8 @@
 
 smp's decoder is the right one here: top-down FPN (1x1 laterals, nearest upsampling),
 per-level 3x3 conv + GroupNorm + ReLU + 2x upsampling to stride 4, summed. GroupNorm makes it
-batch-size independent. We only add the 1x1 classifier and a clear error for its size rule:
+batch-size independent. Its 2x bilinear upsampling uses align_corners=True; ours uses
+align_corners=False, as mmseg's and detectron2's semantic-FPN heads and every other resize here. We only add the 1x1 classifier and a clear error for its size rule:
 it upsamples by exactly 2 between levels, so the maps must halve exactly (the task pads inputs
 to a multiple of 32 for that).
 """
@@ -12,8 +13,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from segmentation_models_pytorch.decoders.fpn.decoder import FPNDecoder
+import torch.nn.functional as F
+from segmentation_models_pytorch.decoders.fpn.decoder import Conv3x3GNReLU, FPNDecoder
 from torch import nn
+
+from ._checks import check_feature_maps, check_positive
+
+
+class _Conv3x3GNReLU(Conv3x3GNReLU):
+    """smp's block (same parameters) with a half-pixel (align_corners=False) 2x upsampling."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block(x)
+        if self.upsample:
+            x = F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False)
+        return x
 
 
 class FPNHead(nn.Module):
@@ -48,6 +62,8 @@ class FPNHead(nn.Module):
         merge_policy: str = "add",
     ) -> None:
         super().__init__()
+        check_positive("FPNHead", num_classes=num_classes, pyramid_channels=pyramid_channels,
+                       segmentation_channels=segmentation_channels)
         if len(in_channels) != 4:
             raise ValueError(f"FPNHead expects 4 feature maps (strides 4/8/16/32), got in_channels={list(in_channels)}.")
         if segmentation_channels % 32:
@@ -62,9 +78,14 @@ class FPNHead(nn.Module):
             dropout=dropout,
             merge_policy=merge_policy,  # type: ignore[arg-type]
         )
+        self.in_channels = [int(c) for c in in_channels]
+        for m in self.decoder.modules():
+            if type(m) is Conv3x3GNReLU:
+                m.__class__ = _Conv3x3GNReLU
         self.classifier = nn.Conv2d(self.decoder.out_channels, num_classes, 1)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        check_feature_maps("FPNHead", features, self.in_channels)
         sizes = [tuple(f.shape[-2:]) for f in features]
         for (h, w), (h2, w2) in zip(sizes[:-1], sizes[1:]):
             if (h, w) != (2 * h2, 2 * w2):

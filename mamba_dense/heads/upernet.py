@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mamba_dense.layers.resize import resize_bilinear
+from ._checks import check_feature_maps, check_positive
 
 NORMS = ("batchnorm", "groupnorm", "layernorm", "none")
 
@@ -163,6 +164,9 @@ class UPerNetHead(nn.Module):
             raise ValueError(f"UPerNetHead needs at least 2 feature maps, got in_channels={list(in_channels)}.")
         if norm not in NORMS:
             raise ValueError(f"Unknown norm {norm!r}; expected one of {NORMS}.")
+        check_positive("UPerNetHead", num_classes=num_classes, channels=channels, pool_scales=list(pool_scales),
+                       in_channels=list(in_channels))
+        self.in_channels = [int(c) for c in in_channels]
         top = in_channels[-1]
         self.psp_branches = nn.ModuleList(
             nn.Sequential(AdaptiveAvgPool2d(s), ConvNormAct(top, channels, 1, norm, pooled=True)) for s in pool_scales
@@ -180,8 +184,7 @@ class UPerNetHead(nn.Module):
         return self.psp_bottleneck(torch.cat([x, *pooled], dim=1))
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        if len(features) != len(self.lateral_convs) + 1:
-            raise ValueError(f"UPerNetHead expects {len(self.lateral_convs) + 1} feature maps, got {len(features)}.")
+        check_feature_maps("UPerNetHead", features, self.in_channels)
         laterals = [conv(f) for conv, f in zip(self.lateral_convs, features[:-1])]
         laterals.append(self.psp(features[-1]))
         for i in range(len(laterals) - 1, 0, -1):  # top-down

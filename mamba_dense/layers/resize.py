@@ -67,7 +67,7 @@ def resize_bilinear(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     if (h, w) == (H, W):
         return x
     dt = x.dtype
-    if torch.is_autocast_enabled(x.device.type):
+    if torch.is_autocast_enabled(x.device.type) and x.dtype != torch.float64:  # autocast leaves fp64 alone
         dt = torch.get_autocast_dtype(x.device.type)
     ry = bilinear_matrix(H, h, dtype=dt, device=x.device) if h != H else None
     rx = bilinear_matrix(W, w, dtype=dt, device=x.device) if w != W else None

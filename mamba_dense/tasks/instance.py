@@ -118,6 +118,12 @@ class InstanceSegmentationTask(pl.LightningModule):
         )
         if grad_checkpointing:
             body.set_grad_checkpointing(True)
+        moved = {"min_size": "resize_min_size", "max_size": "resize_max_size", "image_mean": "image_mean",
+                 "image_std": "image_std"}
+        clash = sorted(set(maskrcnn_kwargs or {}) & set(moved))
+        if clash:
+            raise ValueError(f"maskrcnn_kwargs {clash}: the task sets torchvision's resize and normalization itself; "
+                             f"give them as the task's {[moved[k] for k in clash]} instead.")
         backbone = EncoderFPN(body, body.channels, fpn_channels)
         try:
             self.model = build_mask_rcnn(backbone, num_classes, **(maskrcnn_kwargs or {}))
@@ -176,8 +182,18 @@ class InstanceSegmentationTask(pl.LightningModule):
                 "if the datamodule already normalizes, set image_mean: [0, 0, 0] and image_std: [1, 1, 1]."
             )
 
-    def _train_target(self, target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _train_target(self, target: dict[str, torch.Tensor], image: torch.Tensor) -> dict[str, torch.Tensor]:
         boxes = target["boxes"].float()
+        masks = target["masks"]
+        if boxes.dim() != 2 or boxes.shape[-1] != 4:
+            raise ValueError(f"target boxes must be (N, 4) (x1, y1, x2, y2) in pixels, got shape {tuple(boxes.shape)}.")
+        if masks.dim() != 3 or masks.shape[0] != boxes.shape[0] or tuple(masks.shape[-2:]) != tuple(image.shape[-2:]):
+            raise ValueError(
+                f"target masks must be (N, H, W) with one mask per box at the image's size: boxes {tuple(boxes.shape)}, "
+                f"image {tuple(image.shape)}, masks {tuple(masks.shape)}; resize masks with their image."
+            )
+        # 0/1, bool, 0/255 and soft masks alike: torchvision's mask loss wants 0/1 uint8
+        masks = masks >= 0.5 if masks.is_floating_point() else masks != 0
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         if "iscrowd" in target:
             keep &= torch.as_tensor(target["iscrowd"], device=boxes.device) == 0
@@ -187,7 +203,7 @@ class InstanceSegmentationTask(pl.LightningModule):
                 f"target labels must lie in 1..num_classes={self.hparams.num_classes} (0 is torchvision's background); "
                 f"got {sorted(set(labels.tolist()))[:10]}."
             )
-        return {"boxes": boxes[keep], "labels": labels, "masks": target["masks"][keep].to(torch.uint8)}
+        return {"boxes": boxes[keep], "labels": labels, "masks": masks[keep].to(torch.uint8)}
 
     # ------------------------------------------------------------------ steps
 
@@ -195,7 +211,7 @@ class InstanceSegmentationTask(pl.LightningModule):
         images, targets = batch
         if batch_idx == 0:
             self._check_images(images)
-        losses = self.model(list(images), [self._train_target(t) for t in targets])
+        losses = self.model(list(images), [self._train_target(t, im) for t, im in zip(targets, images)])
         loss = sum(losses.values())
         for name, value in losses.items():
             self.log(f"train/{name}", value, batch_size=len(images))

@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from lightning.pytorch.plugins.layer_sync import TorchSyncBatchNorm
 from torch import Tensor, nn
 from torch.nn.modules._functions import SyncBatchNorm as _TorchSyncBatchNormFunction
 
-__all__ = ["SyncBatchNorm", "NoHostSyncBatchNorm"]
+from ..heads.upernet import PooledBatchNorm2d
+
+__all__ = ["SyncBatchNorm", "PooledSyncBatchNorm", "NoHostSyncBatchNorm"]
 
 
 class _SyncBatchNormFunction(_TorchSyncBatchNormFunction):
@@ -69,11 +72,16 @@ class SyncBatchNorm(nn.SyncBatchNorm):
     training (eval, one process, one rank, CPU) it is PyTorch's forward.
     """
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _sync_group(self) -> object | None:
+        """The process group a training forward synchronizes over, or None (one process / rank)."""
         group = self.process_group
         if group is None and dist.is_available() and dist.is_initialized():
             group = dist.group.WORLD
-        if not (self.training and group is not None and x.is_cuda and dist.get_world_size(group) > 1):
+        return group if self.training and group is not None and dist.get_world_size(group) > 1 else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        group = self._sync_group()
+        if group is None or not x.is_cuda:
             return super().forward(x)
         self._check_input_dim(x)
         self._check_non_zero_input_channels(x)
@@ -95,8 +103,20 @@ class NoHostSyncBatchNorm(TorchSyncBatchNorm):
     Lightning's, which handles any ``torch.nn.SyncBatchNorm``)."""
 
     def apply(self, model: nn.Module) -> nn.Module:
+        pooled = {name for name, m in model.named_modules() if isinstance(m, PooledBatchNorm2d)}
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        for m in model.modules():
-            if type(m) is nn.SyncBatchNorm:
-                m.__class__ = SyncBatchNorm  # same attributes; only forward differs
+        for name, m in model.named_modules():
+            if type(m) is nn.SyncBatchNorm:  # same attributes; only forward differs
+                m.__class__ = PooledSyncBatchNorm if name in pooled else SyncBatchNorm
         return model
+
+
+class PooledSyncBatchNorm(SyncBatchNorm):
+    """:class:`SyncBatchNorm` made from a ``PooledBatchNorm2d`` (UPerNet's 1x1 PSP branch): a training batch
+    with one value per channel that is not synchronized across processes (one device, batch 1) is
+    normalized with the running statistics, as ``PooledBatchNorm2d`` does, instead of failing."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and x.dim() == 4 and x.shape[0] * x.shape[2] * x.shape[3] == 1 and self._sync_group() is None:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)

@@ -95,6 +95,57 @@ def test_mask_rcnn_train_and_eval_keep_sizes():
     assert out[0]["masks"].shape[-2:] == (64, 80)
 
 
+def test_mask_rcnn_recipe_defaults_and_fp32_detections_under_autocast():
+    enc = timm.create_model("vmamba_tiny", features_only=True, dims=16, depths=(1, 1, 1, 1))
+    model = build_mask_rcnn(EncoderFPN(enc, enc.feature_info.channels(), 32), num_classes=3)
+    assert model.rpn._post_nms_top_n["training"] == 1000 and model.rpn._post_nms_top_n["testing"] == 1000
+    small = dict(SMALL_RCNN, box_score_thresh=0.0)
+    model = build_mask_rcnn(EncoderFPN(enc, enc.feature_info.channels(), 32), num_classes=3, **small).eval()
+    torch.manual_seed(0)
+    image = torch.rand(3, 64, 1344)  # boxes past 1024 px: bf16 holds them on an 8 px grid
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        det = model([image])[0]
+    assert det["boxes"].dtype == torch.float32 and det["scores"].dtype == torch.float32
+    x = det["boxes"][:, [0, 2]].flatten()
+    assert len(x) and not bool((x[x > 1024] % 8 == 0).all())
+    with pytest.raises(ValueError, match="4 maps.*encoder_out_indices"):
+        EncoderFPN(enc, enc.feature_info.channels()[1:], 32)
+    with pytest.raises(ValueError, match="num_classes"):
+        build_mask_rcnn(EncoderFPN(enc, enc.feature_info.channels(), 32), num_classes=0)
+
+
+def test_heads_name_bad_feature_maps_and_arguments():
+    maps = features(1)
+    for head in (FPNHead(CHANNELS, 5, pyramid_channels=32, segmentation_channels=32), UPerNetHead(CHANNELS, 5, channels=32)):
+        name = type(head).__name__
+        with pytest.raises(ValueError, match=f"{name} expects 4 feature maps"):
+            head(maps[:3])
+        with pytest.raises(ValueError, match=f"{name} was built for maps of channels"):
+            head([*maps[:3], torch.randn(1, 96, 2, 2)])
+    with pytest.raises(ValueError, match="FPNHead expects 4"):
+        FPNHead(CHANNELS, 5, pyramid_channels=32, segmentation_channels=32)([*maps, maps[-1]])
+    for kw in (dict(num_classes=0), dict(channels=0), dict(pool_scales=[0])):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            UPerNetHead(CHANNELS, **{"num_classes": 5, **kw})
+
+
+def test_fpn_head_upsamples_with_half_pixel_centres(monkeypatch):
+    """smp's per-level branches upsample with align_corners=True; ours as mmseg / detectron2 (False)."""
+    import torch.nn.functional as F
+
+    calls = []
+    real = F.interpolate
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("mode"), kwargs.get("align_corners")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "interpolate", spy)
+    FPNHead(CHANNELS, 3, pyramid_channels=32, segmentation_channels=32).eval()(features(1))
+    bilinear = [c for c in calls if c[0] == "bilinear"]
+    assert len(bilinear) == 6 and all(a is False for _, a in bilinear)
+
+
 def test_make_transform_resizes_once():
     t = make_transform(32, 64).eval()
     batch, _ = t([torch.rand(3, 64, 128)])

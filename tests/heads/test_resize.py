@@ -60,3 +60,12 @@ def test_matrices_first_built_in_inference_mode_still_train():
     x = torch.randn(1, 2, 7, 9, requires_grad=True)
     resize_bilinear(x, (13, 11)).square().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_fp64_under_autocast_stays_fp64():
+    """Autocast leaves fp64 alone; the matrices were built in the autocast dtype (a matmul dtype error)."""
+    x = torch.randn(1, 2, 5, 7, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = resize_bilinear(x, (9, 4))
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, F.interpolate(x, (9, 4), mode="bilinear", align_corners=False), rtol=1e-5, atol=1e-6)

@@ -66,6 +66,22 @@ def test_input_checks(tiny_encoder, small_rcnn):
     loss = task.training_step(([torch.rand(3, 64, 64)], [crowd]), 1)
     loss.backward()
     assert torch.isfinite(loss)
+    good = dict(target, labels=torch.tensor([1]))
+    with pytest.raises(ValueError, match=r"masks must be \(N, H, W\).*image \(3, 64, 64\), masks \(1, 32, 32\)"):
+        task.training_step(([torch.rand(3, 64, 64)], [dict(good, masks=mask[:, :32, :32])]), 1)
+    with pytest.raises(ValueError, match=r"boxes must be \(N, 4\)"):
+        task.training_step(([torch.rand(3, 64, 64)], [dict(good, boxes=torch.zeros(4))]), 1)
+    # 0/255 and soft masks reach torchvision's mask loss as 0/1
+    ref = task._train_target(good, torch.rand(3, 64, 64))["masks"]
+    assert ref.dtype == torch.uint8 and int(ref.max()) == 1
+    for variant in (mask * 255, mask.float() * 0.9, mask.bool()):
+        assert torch.equal(task._train_target(dict(good, masks=variant), torch.rand(3, 64, 64))["masks"], ref)
+
+
+def test_resize_arguments_in_maskrcnn_kwargs_are_refused(tiny_encoder, small_rcnn):
+    """They used to be accepted and then replaced by the task's own transform, silently."""
+    with pytest.raises(ValueError, match=r"\['max_size', 'min_size'\].*resize_max_size', 'resize_min_size'"):
+        _task(tiny_encoder, dict(small_rcnn, min_size=64, max_size=96))
 
 
 def test_max_steps_only_and_predict_without_targets(tmp_path, tiny_encoder, small_rcnn):

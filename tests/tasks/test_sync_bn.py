@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mamba_dense.heads.upernet import PooledBatchNorm2d
-from mamba_dense.tasks.sync_bn import NoHostSyncBatchNorm, SyncBatchNorm, _SyncBatchNormFunction
+from mamba_dense.tasks.sync_bn import NoHostSyncBatchNorm, PooledSyncBatchNorm, SyncBatchNorm, _SyncBatchNormFunction
 
 
 def test_plugin_converts_every_batch_norm_and_reverts():
@@ -25,13 +25,18 @@ def test_plugin_converts_every_batch_norm_and_reverts():
     plugin = NoHostSyncBatchNorm()
     conv = plugin.apply(model)
     bns = [m for m in conv.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    assert len(bns) == 3 and all(type(m) is SyncBatchNorm for m in bns)
+    # the pooled norm (UPerNet's 1x1 PSP branch) keeps its one-value fallback
+    assert [type(m) for m in bns] == [SyncBatchNorm, PooledSyncBatchNorm, SyncBatchNorm]
     assert all(torch.equal(v, conv.state_dict()[k]) for k, v in ref.items())
     # outside distributed training it is PyTorch's batch norm (CPU, no process group)
     x = torch.randn(2, 3, 8, 8) * 2 + 3
     conv.train()
     y = conv[:4](x)
     assert torch.isfinite(y).all() and y.shape == (2, 4, 6, 6)
+    one = torch.randn(1, 4, 1, 1)  # one value per channel, not synchronized: running statistics, not an error
+    expect = F.batch_norm(one, conv[3].running_mean, conv[3].running_var, conv[3].weight, conv[3].bias, False, 0.0,
+                          conv[3].eps)
+    assert torch.equal(conv[3](one), expect)
     back = plugin.revert(conv)
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in back.modules())
     assert set(back.state_dict()) == set(ref)
