@@ -29,7 +29,9 @@ exceptions are by design and are listed in the returned :class:`LoadReport`:
 - *ignored*: tensors of modules the encoder was built without or pruned away (the classifier
   ``head``, final ``norm``, Mamba(R)'s ``neck``/``norm_neck`` of a headless or ``features_only``
   encoder, blocks/stages after the last requested feature), the decoder of a whole segmentor
-  checkpoint, and anything matching the caller's ``ignore`` patterns.
+  checkpoint, and anything matching the caller's ``ignore`` patterns;
+- *adapted*: the first conv of an encoder built with another number of input channels
+  (``in_chans``), fitted as timm's loader fits it (``adapt_input_conv``).
 
 Everything else raises :class:`CheckpointMismatchError`, naming the keys.
 
@@ -88,19 +90,23 @@ class LoadReport:
             (kept at init).
         ignored: file tensors (our names after conversion; raw names for a segmentor's decoder)
             the encoder has no place for by design.
+        adapted: loaded tensors changed to fit: the first conv of an encoder with another number of
+            input channels (timm's ``adapt_input_conv``: summed for 1 channel, else repeated and scaled).
     """
 
     loaded: list[str] = field(default_factory=list)
     initialized: list[str] = field(default_factory=list)
     ignored: list[str] = field(default_factory=list)
+    adapted: list[str] = field(default_factory=list)
 
     def __repr__(self) -> str:
         def short(xs: list[str]) -> str:
             return repr(xs) if len(xs) <= 4 else f"[{len(xs)} keys: {', '.join(map(repr, xs[:3]))}, ...]"
 
+        adapted = f", adapted={short(self.adapted)}" if self.adapted else ""
         return (
             f"LoadReport(loaded={short(self.loaded)}, initialized={short(self.initialized)}, "
-            f"ignored={short(self.ignored)})"
+            f"ignored={short(self.ignored)}{adapted})"
         )
 
 
@@ -219,6 +225,22 @@ def _filter_for(enc: nn.Module) -> Callable[[dict[str, torch.Tensor]], dict[str,
     return dict
 
 
+def checkpoint_mapping(checkpoint: Any, path: str | os.PathLike | None = None) -> Mapping[str, Any]:
+    """What ``torch.load`` returned, as the mapping the converters read: a whole pickled module
+    (``torch.save(model)``) gives its state dict; anything else that is not a dict raises
+    CheckpointMismatchError naming the file."""
+    if isinstance(checkpoint, nn.Module):
+        return checkpoint.state_dict()
+    if not isinstance(checkpoint, Mapping):
+        where = f"{os.fspath(path)}: " if path is not None else ""
+        raise CheckpointMismatchError(
+            f"{where}the file holds a {type(checkpoint).__name__}, not a state dict (a dict of tensors, or a training "
+            "checkpoint with one under 'model' / 'state_dict'). Fix: save model.state_dict() (torch.save(model."
+            "state_dict(), path)) and load that file"
+        )
+    return checkpoint
+
+
 def convert_state_dict(model: nn.Module, checkpoint: Mapping[str, Any], path: str | os.PathLike | None = None,
                        ) -> tuple[dict[str, torch.Tensor], list[str]]:
     """Official (or our own) checkpoint contents -> tensors under ``model``'s names.
@@ -235,7 +257,7 @@ def convert_state_dict(model: nn.Module, checkpoint: Mapping[str, Any], path: st
     from mamba_dense.encoders._builder import unwrap_checkpoint
 
     enc = _encoder_of(model)
-    sd, left_out = unwrap_checkpoint(checkpoint)
+    sd, left_out = unwrap_checkpoint(checkpoint_mapping(checkpoint, path))
     if any(k.startswith("vit.") for k in sd):  # SegMamba's whole model: encoder under "vit."
         left_out += sorted(k for k in sd if not k.startswith("vit."))
         sd = {k: v for k, v in sd.items() if k.startswith("vit.")}
@@ -338,7 +360,9 @@ def load_encoder_weights(
     """
     enc = _encoder_of(model)
     converted, left_out = convert_state_dict(enc, read_checkpoint(path, weights_only), path)
+    adapted = _adapt_first_conv(enc, converted)
     report, to_load = _match(enc, converted, left_out, path, ignore)
+    report.adapted = adapted
     result = enc.load_state_dict(to_load, strict=False)
     # NOTE: BatchNorm fills a missing num_batches_tracked itself, so it is not in missing_keys.
     assert not result.unexpected_keys and set(result.missing_keys) <= set(report.initialized), result
@@ -346,6 +370,25 @@ def load_encoder_weights(
     report.initialized.sort()
     report.ignored.sort()
     return report
+
+
+def _adapt_first_conv(enc: nn.Module, converted: dict[str, torch.Tensor]) -> list[str]:
+    """Fit the file's first conv (``pretrained_cfg["first_conv"]``) to an encoder built with another number of
+    input channels, in place, as timm's loader does (``timm.models.adapt_input_conv``); the adapted keys."""
+    from timm.models import adapt_input_conv
+
+    cfg = getattr(enc, "pretrained_cfg", None) or {}
+    first = cfg.get("first_conv")
+    own = enc.state_dict()
+    out = []
+    for name in (first,) if isinstance(first, str) else (first or ()):
+        key = f"{name}.weight"
+        w, mine = converted.get(key), own.get(key)
+        if (w is not None and mine is not None and w.dim() == mine.dim() == 4 and w.shape[1] != mine.shape[1]
+                and w.shape[0] == mine.shape[0] and w.shape[2:] == mine.shape[2:]):
+            converted[key] = adapt_input_conv(int(mine.shape[1]), w)
+            out.append(key)
+    return out
 
 
 def checked_filter(path: str | os.PathLike) -> Callable[[Mapping[str, Any], nn.Module], dict[str, torch.Tensor]]:
@@ -365,6 +408,12 @@ def checked_filter(path: str | os.PathLike) -> Callable[[Mapping[str, Any], nn.M
         names = [n for v in names for n in ((v,) if isinstance(v, str) else (v or ()))]
         adapt = [f"{n}.{p}" for n in names for p in ("weight", "bias")]
         converted, left_out = convert_state_dict(model, state_dict, path)
+        # NOTE: timm drops the classifier when the model's class count differs from the cfg's; the cfg (the
+        # model's own dict, which timm's loader reads after this filter) then states the file's count, so a
+        # head of the model's size loads and another is dropped.
+        heads = [converted[f"{c}.weight"] for c in (cfg.get("classifier"),) if isinstance(c, str) and f"{c}.weight" in converted]
+        if heads and isinstance(cfg, dict) and heads[0].dim() >= 1:
+            cfg["num_classes"] = int(heads[0].shape[0])
         report, to_load = _match(_encoder_of(model), converted, left_out, path, adapt=adapt, skip_hint=(
             "load the file with mamba_dense.convert.load_encoder_weights(model, path, ignore=[...])"))
         own = model.state_dict()

@@ -18,7 +18,7 @@ import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import build_model_with_cfg
 
-__all__ = ["encoder_cfg", "build_encoder", "pretrained_filter", "unwrap_checkpoint"]
+__all__ = ["encoder_cfg", "build_encoder", "pretrained_filter", "forget_loaded_state", "unwrap_checkpoint"]
 
 
 def encoder_cfg(**kwargs: Any) -> dict[str, Any]:
@@ -51,22 +51,29 @@ def build_encoder(
     ``pretrained=True`` needs a local file (no downloads): ``pretrained_cfg_overlay=dict(file=path)``;
     it loads as strictly as ``mamba_dense.convert.load_encoder_weights`` (:func:`pretrained_filter`).
     """
-    return build_model_with_cfg(
+    filter_fn = pretrained_filter(variant, pretrained, kwargs, pretrained_filter_fn)
+    model = build_model_with_cfg(
         model_cls,
         variant,
         pretrained,
-        pretrained_filter_fn=pretrained_filter(variant, pretrained, kwargs, pretrained_filter_fn),
+        pretrained_filter_fn=filter_fn,
         feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
         **kwargs,
     )
+    return forget_loaded_state(model)
 
 
-def pretrained_filter(variant: str, pretrained: bool, kwargs: Mapping[str, Any], family_filter: Callable | None):
+def pretrained_filter(variant: str, pretrained: bool, kwargs: dict[str, Any], family_filter: Callable | None):
     """The ``pretrained_filter_fn`` for timm: with ``pretrained=True``, the file named in the cfg
     (never a download; ValueError without one) loads through ``convert.checked_filter``, which
     converts with the family's filter and raises ``CheckpointMismatchError`` naming the file for a
     checkpoint that does not fit (timm itself loads features-only models with strict=False and
-    only logs the keys it could not place)."""
+    only logs the keys it could not place).
+
+    The file is read here with ``convert.read_checkpoint`` (the reader of ``load_encoder_weights``: its
+    errors, its handling of pickled training configs, the same entry of a file with ``model`` and
+    ``model_ema``) and handed to timm as the cfg's ``state_dict`` (``kwargs["pretrained_cfg_overlay"]``
+    is replaced); :func:`forget_loaded_state` drops it from the built model's cfg."""
     if not pretrained:
         return family_filter
     cfgs = (kwargs.get("pretrained_cfg_overlay") or {}, kwargs.get("pretrained_cfg") or {})
@@ -79,9 +86,20 @@ def pretrained_filter(variant: str, pretrained: bool, kwargs: Mapping[str, Any],
             f"timm.create_model({variant!r}, pretrained=True, pretrained_cfg_overlay=dict(file='/path/ckpt.pth')) "
             "(smp: encoder_weights=True plus the same pretrained_cfg_overlay), or use pretrained=False"
         )
-    from mamba_dense.convert import checked_filter
+    from mamba_dense.convert import checked_filter, checkpoint_mapping, read_checkpoint
 
+    state = dict(checkpoint_mapping(read_checkpoint(file), file))
+    kwargs["pretrained_cfg_overlay"] = dict(kwargs.get("pretrained_cfg_overlay") or {}, file=str(file), state_dict=state)
     return checked_filter(file)
+
+
+def forget_loaded_state(model: nn.Module) -> nn.Module:
+    """Drop the checkpoint that :func:`pretrained_filter` put in the cfg (timm keeps the cfg on the model)."""
+    for m in model.modules():
+        cfg = m.__dict__.get("pretrained_cfg")
+        if isinstance(cfg, dict):
+            cfg.pop("state_dict", None)
+    return model
 
 
 _WRAPPER_KEYS = ("model", "state_dict", "module", "model_ema", "state_dict_ema")
@@ -108,6 +126,9 @@ def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> tuple[dict[str, torch.Te
     Raises:
         CheckpointMismatchError: a Lightning checkpoint with no encoder of a mamba-dense task in it.
     """
+    from mamba_dense.convert import checkpoint_mapping
+
+    checkpoint = checkpoint_mapping(checkpoint)
     sd: Mapping[str, Any] = checkpoint
     for key in _WRAPPER_KEYS:
         if isinstance(sd.get(key), Mapping):

@@ -67,7 +67,7 @@ from mamba_dense.kernels import routes as _routes
 from mamba_dense.layers.pyramid import SimplePyramid
 from mamba_dense.layers.seq_mixer import RouteMamba
 
-from ._builder import pretrained_filter
+from ._builder import forget_loaded_state, pretrained_filter
 from ._features import check_image_batch
 from ._registry import register_encoder
 
@@ -669,14 +669,14 @@ def _create_vim(variant: str, pretrained: bool = False, **kwargs: Any) -> Vim:
     else:
         default_out = tuple(dict.fromkeys(kwargs.get("pyramid_blocks") or _even_blocks(kwargs.get("depth", 24))))
     out_indices = kwargs.pop("out_indices", default_out)
-    return build_model_with_cfg(
+    return forget_loaded_state(build_model_with_cfg(
         Vim,
         variant,
         pretrained,
         pretrained_filter_fn=filter_fn,
         feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
         **kwargs,
-    )
+    ))
 
 
 # Vim: middle class token, no registers. Mamba(R): 12 registers, no class token.

@@ -301,3 +301,66 @@ def test_timm_and_smp_pretrained_files_load_strictly(tmp_path):
             timm.create_model("vmamba_tiny", features_only=True, **kw)
     with pytest.raises(CheckpointMismatchError, match="unrelated.pth"):
         create_smp_model("fpn", "vmamba_tiny", classes=3, checkpoint=str(unrelated), depths=DEPTHS, dims=C0)
+
+
+def test_timm_route_reads_files_like_load_encoder_weights(tmp_path):
+    """The timm / smp / torchvision route read the file with timm's own loader: a file pickling its training
+    config (as the official Vim and VMamba files) failed there with weights_only=True, and a file with "model"
+    and "model_ema" gave the EMA weights where load_encoder_weights gives "model". One reader now."""
+    from mamba_dense.integrations.timm import create_timm_model
+
+    sd = official.vssm(depths=DEPTHS, dims=C0)
+    path = _save(tmp_path, sd, args=argparse.Namespace(lr=1e-3))
+    with pytest.warns(UserWarning, match="weights_only=False"):
+        m = create_timm_model("vmamba_tiny", str(path), depths=DEPTHS, dims=C0, features_only=True)
+    torch.testing.assert_close(m.model.stem.norm1.weight, sd["patch_embed.2.weight"])
+    assert "state_dict" not in m.pretrained_cfg and "state_dict" not in m.model.pretrained_cfg  # not kept alive
+
+    ema = {k: v + 1 for k, v in sd.items()}
+    both = tmp_path / "both.pth"
+    torch.save({"model": sd, "model_ema": ema}, both)
+    t = create_timm_model("vmamba_tiny", str(both), depths=DEPTHS, dims=C0)
+    fresh = enc.create_encoder("vmamba_tiny", depths=DEPTHS, dims=C0)
+    load_encoder_weights(fresh, both)
+    torch.testing.assert_close(t.stem.norm1.weight, sd["patch_embed.2.weight"])
+    torch.testing.assert_close(fresh.stem.norm1.weight, sd["patch_embed.2.weight"])
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        create_timm_model("vmamba_tiny", str(tmp_path / "missing.pth"), depths=DEPTHS, dims=C0)
+
+
+def test_timm_route_keeps_a_classifier_of_the_models_size(tmp_path):
+    """A 10-class file into a 10-class model: timm compared 10 with the cfg's 1000 and dropped the head."""
+    from mamba_dense.integrations.timm import create_timm_model
+
+    src = enc.create_encoder("vmamba_tiny", depths=DEPTHS, dims=C0, num_classes=10)
+    path = tmp_path / "ten.pth"
+    torch.save(src.state_dict(), path)
+    m = create_timm_model("vmamba_tiny", str(path), depths=DEPTHS, dims=C0, num_classes=10)
+    torch.testing.assert_close(m.head.weight, src.head.weight)
+    torch.testing.assert_close(m.head.bias, src.head.bias)
+    other = create_timm_model("vmamba_tiny", str(path), depths=DEPTHS, dims=C0, num_classes=7)  # dropped
+    assert other.head.weight.shape[0] == 7
+
+
+def test_checkpoint_that_is_no_dict(tmp_path):
+    model = enc.create_encoder("vmamba_tiny", depths=DEPTHS, dims=C0)
+    whole = tmp_path / "whole.pth"
+    torch.save(enc.create_encoder("vmamba_tiny", depths=DEPTHS, dims=C0), whole)  # torch.save(model)
+    with pytest.warns(UserWarning, match="weights_only=False"):
+        assert load_encoder_weights(model, whole).loaded
+    for name, obj in (("tensor.pth", torch.randn(3)), ("list.pth", [torch.randn(3)])):
+        with pytest.raises(CheckpointMismatchError, match=re.escape(str(tmp_path / name)) + ".*not a state dict"):
+            torch.save(obj, tmp_path / name)
+            load_encoder_weights(model, tmp_path / name)
+
+
+def test_three_channel_weights_into_another_number_of_input_channels(tmp_path):
+    """load_encoder_weights (the tasks' encoder_weights) fits the stem as timm's loader does."""
+    sd = official.vssm(depths=DEPTHS, dims=C0)
+    path = _save(tmp_path, sd)
+    for chans in (1, 5):
+        model = enc.create_encoder("vmamba_tiny", depths=DEPTHS, dims=C0, in_chans=chans)
+        report = load_encoder_weights(model, path)
+        assert report.adapted == ["stem.conv1.weight"]
+        expect = timm.models.adapt_input_conv(chans, sd["patch_embed.0.weight"])
+        torch.testing.assert_close(model.stem.conv1.weight, expect)
