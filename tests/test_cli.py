@@ -174,7 +174,7 @@ def test_recipe_configs_parse(config):
         assert (hp.lr, hp.weight_decay, hp.num_classes, hp.drop_path_rate) == (1e-4, 0.05, 80, 0.2)
         assert total_batch == 16
         if config.endswith("_1x.yaml"):  # mmdet Swin 1x: single scale 1333x800
-            assert (cli.trainer.max_epochs, hp.lr_milestones) == (12, [8, 11])
+            assert (cli.trainer.max_epochs, hp.lr_milestones, hp.warmup_iters) == (12, [8, 11], 1000)
             assert tuple(cli.datamodule.train_scales) == (800,)
         else:  # VMamba ms_3x: 480..800 step 32
             assert (cli.trainer.max_epochs, hp.lr_milestones, hp.warmup_iters) == (36, [27, 33], 1000)
