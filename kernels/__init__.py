@@ -52,8 +52,22 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_TRITON_STATE = 1024
 
 
+def _dims(shape) -> str:
+    """``(2, 3)`` for a shape in an error message. While ``torch.compile`` traces, sizes may be symbolic and
+    Dynamo cannot turn them into text (the ValueError was lost behind its "tp_repr_impl not implemented"):
+    the message then says so instead of naming them."""
+    if _compiling():
+        return "(sizes not shown while torch.compile traces; call the function eagerly to see them)"
+    return "(" + ", ".join(str(int(s)) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def _n(v) -> str:
+    """A size in an error message (see _dims)."""
+    return "?" if _compiling() else str(int(v))
+
+
 def _shape(t) -> str:
-    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+    return _dims(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 _RANGE_CACHE: dict = {}
@@ -64,13 +78,17 @@ def _route_facts(route: torch.Tensor) -> tuple[int, int, int]:
     pointer, shape, device, version): models pass the same cached route tensors every step, so the
     device sync happens once, not per call. The cache holds the route weakly (routes.cache_put): a
     strong reference kept every route ever passed alive, on the GPU too, until 4096 had piled up."""
+    # NOTE: not cached where the version cannot see an edit: inference-mode tensors keep no version
+    # counter, and a CPU route may be edited through .numpy(); there the check is cheap (no device sync).
+    cacheable = route.device.type != "cpu" and routes.tensor_version(route) != -1
     key = routes.tensor_key(route)
-    hit = routes.cache_get(_RANGE_CACHE, key, route)
+    hit = routes.cache_get(_RANGE_CACHE, key, route) if cacheable else None
     if hit is None:
         rep = routes._repeats(route.sort(dim=1).values).any(1)
         first = torch.where(rep.any(), rep.to(torch.int64).argmax(), -1)
-        hit = routes.cache_put(_RANGE_CACHE, key, route, tuple(torch.stack([route.min(), route.max(), first]).tolist()),
-                               limit=4096)
+        hit = tuple(torch.stack([route.min(), route.max(), first]).tolist())
+        if cacheable:
+            routes.cache_put(_RANGE_CACHE, key, route, hit, limit=4096)
     return hit
 
 
@@ -109,14 +127,14 @@ def validate_inputs(x, dt, A, B, C, D, dt_bias, route, merge, out_dtype, check_v
     K = route.shape[0]
     if x.dim() == 4 and x.shape[2] != K:
         raise ValueError(
-            f"x of shape (batch, L, K, D) must have K = {K} (the number of routes), got {tuple(x.shape)}"
+            f"x of shape (batch, L, K, D) must have K = {_n(K)} (the number of routes), got {_dims(x.shape)}"
         )
     if not isinstance(A, torch.Tensor) or A.dim() != 3:
-        raise ValueError(f"A must be a tensor of shape (K, D, N) = ({K}, {Dm}, N), got {_shape(A)}")
+        raise ValueError(f"A must be a tensor of shape (K, D, N) = ({_n(K)}, {_n(Dm)}, N), got {_shape(A)}")
     if A.shape[0] != K and isinstance(dt, torch.Tensor) and dt.dim() == 4 and dt.shape[2] == A.shape[0]:
         raise ValueError(
-            f"route must have one row per route of the parameters: A {tuple(A.shape)} and dt {tuple(dt.shape)} "
-            f"have K = {A.shape[0]} routes, route {tuple(route.shape)} has {K} rows"
+            f"route must have one row per route of the parameters: A {_dims(A.shape)} and dt {_dims(dt.shape)} "
+            f"have K = {_n(A.shape[0])} routes, route {_dims(route.shape)} has {_n(K)} rows"
         )
     N = A.shape[2]
     need = {
@@ -131,7 +149,7 @@ def validate_inputs(x, dt, A, B, C, D, dt_bias, route, merge, out_dtype, check_v
         if t is None and name in ("D", "dt_bias"):
             continue
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape:
-            raise ValueError(f"{name} must have shape {desc} = {shape}, got {_shape(t)}")
+            raise ValueError(f"{name} must have shape {desc} = {_dims(shape)}, got {_shape(t)}")
     tensors = {"x": x, "dt": dt, "A": A, "B": B, "C": C, "D": D, "dt_bias": dt_bias, "route": route}
     for name, t in tensors.items():
         if t is None:
@@ -141,14 +159,14 @@ def validate_inputs(x, dt, A, B, C, D, dt_bias, route, merge, out_dtype, check_v
                 raise ValueError(f"route must have dtype torch.int64, got {t.dtype}")
         elif t.dtype not in _FLOAT_DTYPES:
             raise ValueError(
-                f"{name} (shape {tuple(t.shape)}) has unsupported dtype {t.dtype}; use float32, float16, bfloat16 "
+                f"{name} (shape {_dims(t.shape)}) has unsupported dtype {t.dtype}; use float32, float16, bfloat16 "
                 "or float64"
             )
         if not t.is_contiguous():
-            raise ValueError(f"{name} must be contiguous (got strides {t.stride()} for shape {tuple(t.shape)}); call .contiguous()")
+            raise ValueError(f"{name} must be contiguous (got strides {_dims(t.stride())} for shape {_dims(t.shape)}); call .contiguous()")
         if t.device != x.device:
             raise ValueError(
-                f"{name} (shape {tuple(t.shape)}) is on {t.device} but x is on {x.device}; all inputs must share one "
+                f"{name} (shape {_dims(t.shape)}) is on {t.device} but x is on {x.device}; all inputs must share one "
                 "device"
             )
     if merge not in ("sum", "none"):
@@ -157,7 +175,7 @@ def validate_inputs(x, dt, A, B, C, D, dt_bias, route, merge, out_dtype, check_v
         raise ValueError(f"out_dtype must be a floating dtype or None, got {out_dtype}")
     if route.numel() == 0 or x.numel() == 0 or N == 0:
         raise ValueError(
-            f"empty input: x {tuple(x.shape)}, route {tuple(route.shape)}, N = {N}; every dimension must be >= 1"
+            f"empty input: x {_dims(x.shape)}, route {_dims(route.shape)}, N = {_n(N)}; every dimension must be >= 1"
         )
     if check_values:
         check_route_values(route, L)
@@ -196,7 +214,8 @@ def selective_scan(
         x: (batch, L, D) tokens, channels-last; or (batch, L, K, D) for a different input per route
             (e.g. after a per-direction convolution, as in Vim and SegMamba); dx is then per route.
         dt: (batch, L, K, D) step sizes before bias/softplus, one per route.
-        A: (K, D, N) negative state matrices (diagonal).
+        A: (K, D, N) negative state matrices (diagonal). Used as given, not checked (a value check would
+            cost a device sync per call; the layers pass A = -exp(A_logs)): A >= 0 makes the state grow.
         B, C: (batch, L, K, N) input and output projections per route.
         D: optional (K, D) skip weights; dt_bias: optional (K, D).
         route: int64 (K, S); route k visits token ``route[k, s]`` at step s; -1 is a padding step
@@ -218,7 +237,7 @@ def selective_scan(
     if _use_triton(x):
         if A.shape[2] > MAX_TRITON_STATE:
             raise ValueError(
-                f"A has shape {tuple(A.shape)}: state size N = {A.shape[2]} is above the GPU kernels' limit of "
+                f"A has shape {_dims(A.shape)}: state size N = {_n(A.shape[2])} is above the GPU kernels' limit of "
                 f"{MAX_TRITON_STATE} (d_state; mamba_ssm's kernel stops at 256); use N <= {MAX_TRITON_STATE} (the CPU "
                 "reference has no limit)"
             )

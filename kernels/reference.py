@@ -76,7 +76,11 @@ def selective_scan_ref(
     out_dtype: torch.dtype | None = None,
     chunk: int = 8,
 ) -> torch.Tensor:
-    """Reference selective scan. Shapes as in :func:`mamba_dense.kernels.selective_scan`."""
+    """Reference selective scan. Shapes as in :func:`mamba_dense.kernels.selective_scan`.
+
+    No input checks (the tests call it on what they built): :func:`~mamba_dense.kernels.selective_scan`
+    validates its inputs and then runs this on the CPU. A route that visits a token twice is not refused
+    here; both visits' outputs are added at that token."""
     batch, L, Dm = x.shape[0], x.shape[1], x.shape[-1]
     K, S = route.shape
     N = A.shape[-1]

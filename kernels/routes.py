@@ -83,6 +83,12 @@ def _hashable(v):
     return tuple(_hashable(e) for e in v) if isinstance(v, (list, tuple)) else v
 
 
+def _typed(v):
+    """A cache key part with the types in it, so that 2.0 or True (equal to 2 and 1, with the same hash)
+    reach the builder and its argument checks instead of the route cached for 2 or 1."""
+    return tuple(_typed(e) for e in v) if isinstance(v, tuple) else (type(v).__name__, v)
+
+
 def cached_route(maxsize: int):
     """Cache a route builder's result per arguments (lists count as tuples), like functools.lru_cache,
     except that a cached route edited in place by a caller (its version moved) is rebuilt, not handed
@@ -95,7 +101,7 @@ def cached_route(maxsize: int):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             args, kwargs = _hashable(args), {k: _hashable(v) for k, v in kwargs.items()}
-            key = (args, tuple(sorted(kwargs.items())))
+            key = (_typed(args), tuple(sorted((k, _typed(v)) for k, v in kwargs.items())))
             hit = cache.get(key)
             if hit is None or tensor_version(hit[0]) != hit[1]:
                 if len(cache) >= maxsize:
@@ -198,6 +204,9 @@ def localmamba(h: int, w: int, directions: tuple[str, ...]) -> torch.Tensor:
     Windowed routes are longer than h*w when the grid is not a multiple of the window; all routes
     are padded with trailing ``-1`` steps to the longest one.
     """
+    if isinstance(directions, str) or not directions:
+        raise ValueError(f"directions must be a non-empty sequence of LocalMamba directions (e.g. ('h', 'v_flip', "
+                         f"'w7')), got {directions!r}")
     rs = [_localmamba_one(d, h, w) for d in directions]
     S = max(r.numel() for r in rs)
     rs = [torch.cat([r, torch.full((S - r.numel(),), -1, dtype=torch.long)]) for r in rs]
@@ -235,25 +244,40 @@ def segmamba3d(d: int, h: int, w: int) -> torch.Tensor:
     return stack(fwd, flip(fwd), g.permute(1, 2, 0).reshape(-1))
 
 
-def with_registers(route: torch.Tensor, num_tokens: int, num_registers: int) -> torch.Tensor:
+def with_registers(route: torch.Tensor, num_tokens: int, num_registers: int, placement: str = "even") -> torch.Tensor:
     """Splice register tokens into each route (Mamba(R)).
 
     Registers are tokens ``num_tokens .. num_tokens + R - 1`` (appended after the image tokens in
-    the token tensor). In every route, register ``r`` is visited right before step
-    ``round((r + 1) * S / (R + 1))``, i.e. evenly spaced through the sequence; none is at an end while
-    S / (R + 1) > 1/2 (e.g. R = 12 registers on a 1 x 1 last stage put some first and last).
+    the token tensor). In every route of S steps, register ``r`` is visited right before step
+    ``p_r``:
+
+    - ``placement="even"``: ``p_r = round((r + 1) * S / (R + 1))``, evenly spaced through the sequence;
+      none is at an end while S / (R + 1) > 1/2 (e.g. R = 12 registers on a 1 x 1 last stage put some
+      first and last);
+    - ``placement="mambar"``: ``p_r = (r + 1) * (S // (R + 1))``, the official Mamba(R) layout
+      (``get_cls_idx``): groups of S // (R + 1) tokens, each followed by a register, then the rest
+      (all registers first when S < R + 1).
+
     A flipped route is handled by splicing into the un-flipped order: use
     ``flip(with_registers(route, ...))`` when you want mirrored positions.
     """
     if route.dim() == 1:
-        return with_registers(route[None], num_tokens, num_registers)[0]
-    if num_registers < 0:
-        raise ValueError(f"num_registers must be >= 0, got {num_registers}")
+        return with_registers(route[None], num_tokens, num_registers, placement)[0]
+    if isinstance(num_registers, bool) or not isinstance(num_registers, int) or num_registers < 0:
+        raise ValueError(f"num_registers must be an int >= 0, got {num_registers!r}")
+    if placement not in ("even", "mambar"):
+        raise ValueError(f"placement must be 'even' or 'mambar', got {placement!r}")
+    if route.numel() and int(route.max()) >= num_tokens:
+        raise ValueError(f"route visits token {int(route.max())}, but num_tokens={num_tokens}: the registers "
+                         f"(tokens num_tokens ..) would repeat route tokens; pass the route's number of tokens")
     if num_registers == 0:
         return route
     K, S = route.shape
     R = num_registers
-    pos = [round((r + 1) * S / (R + 1)) for r in range(R)]
+    if placement == "even":
+        pos = [round((r + 1) * S / (R + 1)) for r in range(R)]
+    else:
+        pos = [(r + 1) * (S // (R + 1)) for r in range(R)]
     parts, prev = [], 0
     for r, p in enumerate(pos):
         parts.append(route[:, prev:p])
@@ -270,9 +294,8 @@ def inverse(route: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """
     if route.dim() == 1:
         return inverse(route[None], num_tokens)[0]
+    check_route(route, num_tokens)  # indices in [-1, num_tokens), no token visited twice
     K, S = route.shape
-    if route.numel() and int(route.max()) >= num_tokens:
-        raise ValueError(f"route visits token {int(route.max())}, outside the num_tokens={num_tokens} it was given")
     inv = torch.full((K, num_tokens), -1, dtype=torch.long, device=route.device)
     steps = torch.arange(S, device=route.device).expand(K, S)
     valid = route >= 0

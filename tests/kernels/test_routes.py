@@ -176,5 +176,36 @@ def test_vim_route_under_a_meta_default_device():
 
 
 def test_inverse_rejects_tokens_past_num_tokens():
-    with pytest.raises(ValueError, match="visits token 5, outside the num_tokens=4"):
+    with pytest.raises(ValueError, match=r"\[-1, L\) with L = 4 tokens, got values in \[0, 5\]"):
         routes.inverse(routes.raster(6), 4)
+    # it kept one of two visits and read -2 as a token (found by an exploratory run)
+    with pytest.raises(ValueError, match="at most once"):
+        routes.inverse(torch.tensor([[0, 1, 1]]), 3)
+    with pytest.raises(ValueError, match=r"got values in \[-2, 1\]"):
+        routes.inverse(torch.tensor([[0, -2, 1]]), 3)
+
+
+def test_builder_cache_does_not_hand_out_routes_for_equal_arguments_of_other_types():
+    """2.0 == 2 and True == 1 hash alike: after cross2d(2, 2) ran, cross2d(2.0, 2) got its route, unchecked."""
+    routes.cross2d(2, 2)
+    routes.cross2d(1, 1)
+    for bad in ((2.0, 2), (True, True)):
+        with pytest.raises(ValueError, match="positive ints"):
+            routes.cross2d(*bad)
+    with pytest.raises(ValueError, match="non-empty sequence of LocalMamba directions"):
+        routes.localmamba(4, 4, ())
+
+
+def test_registers_placement_and_checks():
+    r = routes.raster(196)
+    even = routes.with_registers(r, 196, 12).tolist()
+    official = routes.with_registers(r, 196, 12, placement="mambar").tolist()
+    group = 196 // 13  # Mamba(R)'s get_cls_idx: 15 tokens, a register, 15 tokens, ...
+    assert [official.index(196 + i) for i in range(12)] == [(i + 1) * group + i for i in range(12)]
+    assert [even.index(196 + i) for i in range(12)] == [round((i + 1) * 196 / 13) + i for i in range(12)]
+    with pytest.raises(ValueError, match="num_tokens=2"):  # registers 2, 3 would repeat route tokens
+        routes.with_registers(routes.raster(4), 2, 2)
+    with pytest.raises(ValueError, match="num_registers must be an int"):
+        routes.with_registers(r, 196, 2.0)
+    with pytest.raises(ValueError, match="placement"):
+        routes.with_registers(r, 196, 2, placement="middle")
