@@ -16,7 +16,8 @@ K = 2 routes through the tokens, run by ONE call of the shared scan operator.
 Token layout and routes. The token tensor is ``[image tokens (raster, M), cls (Vim only),
 registers (Mamba(R) only, R)]``; tokens are never physically reordered. The scan order is a route:
 Vim's middle class token is visited at step M // 2 of the forward route; registers are spliced in
-by ``routes.with_registers`` (evenly spaced, never at an end); the backward route is the forward
+by ``routes.with_registers`` where Mamba(R) puts them (register r after the first (r + 1) * (S // (R + 1))
+of the S other tokens); the backward route is the forward
 one reversed, so registers are met in mirrored positions, as in Mamba(R) where the backward scan
 is the flipped sequence. Mamba(R) "recycles" its registers at the end: the classifier reads the
 12 register outputs (each projected C -> C / register_reduce, concatenated, normalised); dense
@@ -33,9 +34,6 @@ multiple of 16, the position embedding (learned for the 14 x 14 grid of 224 px) 
 bicubically to the actual grid, and the level at stride s is cropped to ceil(H/s) x ceil(W/s).
 
 Deviations from the official code (see also the ``NOTE`` comments):
-- Registers sit at ``round((r + 1) * S / (R + 1))`` (``routes.with_registers``); Mamba(R) uses
-  ``(r + 1) * (S // (R + 1))``. For 196 tokens and 12 registers, registers 6..11 sit one step
-  later than in the official model.
 - Position embeddings are stored split: ``pos_embed`` (image grid), ``cls_pos_embed`` (Vim's
   middle token), ``reg_pos_embed`` (Mamba(R)); :func:`checkpoint_filter_fn` converts official
   checkpoints.
@@ -116,7 +114,8 @@ def vim_route(num_patches: int, cls_token: bool = True, num_registers: int = 0) 
     """Vim / Mamba(R) scan routes over the token layout ``[patches (M), cls?, registers (R)]``.
 
     Row 0 is the forward order: patches in raster order, the class token (token M) at step M // 2,
-    registers spliced in evenly by ``routes.with_registers``. Row 1 is row 0 reversed. With neither
+    registers spliced in by ``routes.with_registers(placement="mambar")``, the positions of the official
+    Mamba(R) (``get_cls_idx``). Row 1 is row 0 reversed. With neither
     class token nor registers this is ``routes.bidirectional(M)``.
 
     Returns:
@@ -133,7 +132,7 @@ def vim_route(num_patches: int, cls_token: bool = True, num_registers: int = 0) 
     if cls_token:
         half = num_patches // 2
         seq = torch.cat([seq[:half], torch.tensor([num_patches]), seq[half:]])
-    seq = _routes.with_registers(seq, num_patches + int(cls_token), num_registers)
+    seq = _routes.with_registers(seq, num_patches + int(cls_token), num_registers, placement="mambar")
     return _routes.stack(seq, _routes.flip(seq))
 
 

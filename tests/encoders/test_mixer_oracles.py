@@ -53,12 +53,13 @@ def scatter(y_seq: torch.Tensor, order: list[int], L: int) -> torch.Tensor:
     return out
 
 
-def splice(order: list[int], first: int, R: int) -> list[int]:
-    """Mamba(R)-style evenly spaced registers: register r before step round((r + 1) * S / (R + 1))."""
+def splice(order: list[int], first: int, R: int, official: bool = False) -> list[int]:
+    """Registers spliced into a sequence: register r before step round((r + 1) * S / (R + 1)) (evenly
+    spaced), or, ``official``, after each group of S // (R + 1) tokens (Mamba(R)'s get_cls_idx)."""
     S = len(order)
     out, prev = [], 0
     for r in range(R):
-        p = round((r + 1) * S / (R + 1))
+        p = (r + 1) * (S // (R + 1)) if official else round((r + 1) * S / (R + 1))
         out += order[prev:p] + [first + r]
         prev = p
     return out + order[prev:]
@@ -196,7 +197,7 @@ def test_vim_and_mambar_bidirectional_mixer(cls_token, R):
     fwd = list(range(M))
     if cls_token:  # Vim: the class token (token M) in the middle of the sequence
         fwd = fwd[: M // 2] + [M] + fwd[M // 2 :]
-    fwd = splice(fwd, M + int(cls_token), R)  # Mamba(R): registers evenly through the sequence
+    fwd = splice(fwd, M + int(cls_token), R, official=True)  # Mamba(R): a register after each group
     expect = _route_mamba_reference(m, x, [fwd, fwd[::-1]], divide=True)
     torch.testing.assert_close(m(x, vim_route(M, cls_token, R)), expect, rtol=1e-9, atol=1e-10)
 
