@@ -69,5 +69,13 @@ def test_checkpoint_of_another_architecture_lists_the_keys(demo_args, tmp_path):
     message = str(err.value)
     assert "'head': ('upernet', 'fpn')" in message
     assert "missing keys" in message and "unexpected keys" in message and "decode_head.psp_" in message
-    with pytest.raises(ValueError, match="reshaped"):  # same modules, other widths
+    with pytest.raises(ValueError, match="reshaped") as err:  # same modules, other widths
         SemanticSegmentationTask.load_from_checkpoint(ckpt, encoder_kwargs={"dims": 24, "depths": [1, 1, 1, 1]})
+    # the overrides are named (Lightning writes them into the checkpoint's hyper-parameters before the check)
+    assert "overridden in load_from_checkpoint: {'encoder_kwargs'" in str(err.value)
+    # strict=False leaves missing / unexpected keys to Lightning (it was refused before Lightning could load)
+    with pytest.raises(ValueError, match="missing keys.*aux_head"):
+        SemanticSegmentationTask.load_from_checkpoint(ckpt, aux_head=True)
+    with pytest.warns(UserWarning, match="not in the checkpoint"):
+        with_aux = SemanticSegmentationTask.load_from_checkpoint(ckpt, aux_head=True, strict=False)
+    assert with_aux.hparams.aux_head

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -54,8 +55,12 @@ class Encoder(nn.Module):
             kw["drop_path_rate"] = drop_path_rate
         if out_indices is not None:
             kw["out_indices"] = tuple(out_indices)
+        ours = name in list_encoders()
         try:
-            self.model = timm.create_model(name, **kw)
+            if weights is not None and not ours:  # timm's own model: timm's loader, checked (_timm_weights)
+                self.model = _timm_weights(name, kw, weights)
+            else:
+                self.model = timm.create_model(name, **kw)
         except TypeError as err:
             raise ValueError(f"Encoder {name!r} rejected its arguments {sorted(kwargs)}: {err}") from err
         reductions = list(self.model.feature_info.reduction())
@@ -72,7 +77,7 @@ class Encoder(nn.Module):
             self.select = list(range(len(reductions)))
         self.channels = [channels[i] for i in self.select]
         self.reductions = [reductions[i] for i in self.select]
-        if weights is not None:
+        if weights is not None and ours:
             load_encoder_weights(self.model, weights, name)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -94,6 +99,61 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         feats = self.model(x)
         return [feats[i] for i in self.select]
+
+
+def _timm_weights(name: str, kw: dict[str, Any], path: str) -> nn.Module:
+    """timm's own model (e.g. resnet18) built features-only with the weights of a local file, loaded by timm
+    (its filter, in_chans adaptation and classifier removal). The file is read with ``convert.read_checkpoint``
+    (clear errors), and the keys timm's loader only logs (it loads features-only models with strict=False)
+    are refused: a missing or unexpected key raises CheckpointMismatchError naming the file."""
+    import logging
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"encoder_weights={path!r} is not a file (weights load from a local path only).")
+    state: Any = convert.checkpoint_mapping(convert.read_checkpoint(path), path)
+    for key in ("state_dict", "model", "module"):  # training-checkpoint wrappers
+        if isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    records: dict[str, list[str]] = {"Missing keys": [], "Unexpected keys": []}
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            msg = record.getMessage()
+            for what in records:
+                if msg.startswith(what + " ("):
+                    records[what] += msg[len(what) + 2:].split(")", 1)[0].split(", ")
+
+    logger, handler = logging.getLogger("timm.models._builder"), _Keep(logging.INFO)
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(min(level or logging.INFO, logging.INFO))
+    try:
+        model = timm.create_model(name, **dict(kw, pretrained=True,
+                                               pretrained_cfg_overlay=dict(file=str(path), state_dict=state)))
+    except RuntimeError as err:  # load_state_dict's size mismatches
+        raise convert.CheckpointMismatchError(f"encoder_weights={path!r} does not fit timm's {name!r}: {err}") from err
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    # a features-only model's cfg names no classifier any more; the registered cfg does
+    head = timm.models.get_pretrained_cfg_value(name, "classifier") or ()
+    head = (head,) if isinstance(head, str) else tuple(head)
+    # the classifier is dropped by design (features-only)
+    records["Missing keys"] = [k for k in records["Missing keys"] if not k.startswith(tuple(f"{h}." for h in head))]
+    bad = {what: keys for what, keys in records.items() if keys}
+    if bad:
+        raise convert.CheckpointMismatchError(
+            f"encoder_weights={path!r} does not fit timm's {name!r}: "
+            + "; ".join(f"{len(v)} {k.lower()} {v[:8]}" for k, v in bad.items())
+            + ". Fix: pass a checkpoint of this timm model (its state_dict), or build it with the arguments the file "
+            "was trained with.")
+    for m in model.modules():  # the file's tensors are loaded: do not keep them in the cfg
+        cfg = m.__dict__.get("pretrained_cfg")
+        if isinstance(cfg, dict):
+            cfg.pop("state_dict", None)
+    return model
 
 
 def load_encoder_weights(model: nn.Module, path: str, name: str) -> convert.LoadReport:
@@ -118,18 +178,45 @@ def load_encoder_weights(model: nn.Module, path: str, name: str) -> convert.Load
         raise convert.CheckpointMismatchError(f"encoder_weights={path!r} (encoder {name!r}): {err}") from err
 
 
+# load_from_checkpoint's strict flag and hyper-parameter overrides, for check_checkpoint_fits (Lightning calls
+# on_load_checkpoint with neither, after it has written the overrides into the checkpoint's hyper-parameters)
+_LOADING: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("mamba_dense_loading", default=None)
+
+
+class CheckedCheckpointLoading:
+    """Mixin (before ``pl.LightningModule``) for tasks whose ``on_load_checkpoint`` calls
+    :func:`check_checkpoint_fits`: ``load_from_checkpoint`` tells it the ``strict`` flag and the overrides."""
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None,
+                             strict: bool | None = None, **kwargs: Any) -> Any:
+        overrides = {k: v for k, v in kwargs.items() if k != "weights_only"}
+        token = _LOADING.set({"strict": strict, "overrides": overrides})
+        try:
+            return super().load_from_checkpoint(  # type: ignore[misc]
+                checkpoint_path, map_location=map_location, hparams_file=hparams_file, strict=strict, **kwargs)
+        finally:
+            _LOADING.reset(token)
+
+
 def check_checkpoint_fits(module: nn.Module, checkpoint: dict[str, Any], settings: Sequence[str]) -> None:
     """Raise if a Lightning `checkpoint` holds another architecture than `module` (call from `on_load_checkpoint`).
 
     Lists the missing, unexpected and reshaped keys and, for the hyperparameters named in
-    `settings` (e.g. encoder, head), the checkpoint's values next to the model's.
+    `settings` (e.g. encoder, head), the checkpoint's values next to the model's, or the overrides given to
+    ``load_from_checkpoint``. A non-strict load (``load_from_checkpoint(..., strict=False)``, or
+    ``strict_loading = False``) only refuses reshaped keys, which no load can place.
     """
     state = checkpoint.get("state_dict")
     if not isinstance(state, dict):
         return
+    loading = _LOADING.get() or {}
+    strict = loading.get("strict")
+    if strict is None:
+        strict = getattr(module, "strict_loading", True)
     own = module.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state] if strict else []
+    unexpected = [k for k in state if k not in own] if strict else []
     reshaped = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
                 if k in state and hasattr(state[k], "shape") and tuple(state[k].shape) != tuple(v.shape)]
     if not (missing or unexpected or reshaped):
@@ -137,10 +224,13 @@ def check_checkpoint_fits(module: nn.Module, checkpoint: dict[str, Any], setting
     saved = checkpoint.get("hyper_parameters", {})
     ours = getattr(module, "hparams", {})
     differ = {k: (saved.get(k), ours.get(k)) for k in settings if saved.get(k) != ours.get(k)}
+    overrides = loading.get("overrides") or {}
     raise ValueError(
         f"The checkpoint holds another architecture than this {type(module).__name__}"
         + (f" (checkpoint vs model: {differ})" if differ else "")
+        + (f" (overridden in load_from_checkpoint: {overrides})" if overrides else "")
         + f": {len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}, "
         f"{len(reshaped)} reshaped {reshaped[:5]}. Build the model with the checkpoint's settings, e.g. "
-        f"{type(module).__name__}.load_from_checkpoint(path) without overrides."
+        f"{type(module).__name__}.load_from_checkpoint(path) without overrides"
+        + ("." if not strict else ", or pass strict=False to leave missing / unexpected keys out.")
     )

@@ -23,7 +23,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from mamba_dense.heads import EncoderFPN, build_mask_rcnn, make_transform
 
-from ._encoder import Encoder, check_checkpoint_fits
+from ._encoder import CheckedCheckpointLoading, Encoder, check_checkpoint_fits
 from ._optim import param_groups, warmup_step
 from .callbacks import is_sampler_padding, local_log_dir
 from .metrics import COCOEvaluator
@@ -39,7 +39,7 @@ def _gather(items: list) -> list:
     return [x for p in parts for x in p]
 
 
-class InstanceSegmentationTask(pl.LightningModule):
+class InstanceSegmentationTask(CheckedCheckpointLoading, pl.LightningModule):
     """Mask R-CNN (torchvision) with our encoder + FPN backbone; COCO box and mask AP via COCOeval.
 
     Batches are `(images, targets)`: a list of (3, H, W) float images in [0, 1] and a list of

@@ -20,7 +20,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 from mamba_dense.heads import FCNHead, FPNHead, UPerNetHead
 
-from ._encoder import Encoder, check_checkpoint_fits
+from ._encoder import CheckedCheckpointLoading, Encoder, check_checkpoint_fits
 from ._losses import cross_entropy
 from ._optim import param_groups, warmup_poly
 from ._upsample_ce import upsampled_cross_entropy
@@ -43,7 +43,7 @@ def _build(cls: type[nn.Module], what: str, *args: Any, **kwargs: Any) -> nn.Mod
         raise ValueError(f"{what}: {err}. {cls.__name__} accepts {accepted}.") from err
 
 
-class SemanticSegmentationTask(pl.LightningModule):
+class SemanticSegmentationTask(CheckedCheckpointLoading, pl.LightningModule):
     """Encoder + UPerNet or semantic-FPN decoder trained with cross-entropy (ADE20K recipe).
 
     Batches are dicts: "image" (B, 3, H, W) normalized float, "mask" (B, H, W) int64 with

@@ -126,3 +126,23 @@ def test_own_instance_and_volumetric_checkpoints_give_their_encoder(tmp_path, ti
         torch.testing.assert_close(p, q, msg=name)
     report = load_encoder_weights(_task3d().encoder, path)
     assert report.ignored and all(k.startswith("decoder.") for k in report.ignored)
+
+
+def test_timm_models_own_weights_through_the_task_encoder(tmp_path):
+    """Encoder("resnet18", weights=...) told the user that resnet18 is not a mamba-dense encoder, although the
+    docstring offers any timm model: timm's loader loads it now, with its logged key mismatches refused."""
+    import timm
+
+    from mamba_dense.convert import CheckpointMismatchError
+    from mamba_dense.tasks._encoder import Encoder
+
+    src = timm.create_model("resnet18")
+    path = tmp_path / "resnet18.pth"
+    torch.save(src.state_dict(), path)
+    enc = Encoder("resnet18", weights=str(path))
+    torch.testing.assert_close(enc.model.layer1[0].conv1.weight, src.layer1[0].conv1.weight)
+    assert "state_dict" not in enc.model.pretrained_cfg
+    other = tmp_path / "resnet34.pth"
+    torch.save(timm.create_model("resnet34").state_dict(), other)
+    with pytest.raises(CheckpointMismatchError, match=r"resnet34.pth.*does not fit timm's 'resnet18'.*unexpected keys"):
+        Encoder("resnet18", weights=str(other))
