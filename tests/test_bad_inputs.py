@@ -6,6 +6,7 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
+import torch
 
 from mamba_dense.cli import build_cli
 from mamba_dense.tasks import SemanticSegmentationTask
@@ -79,3 +80,23 @@ def test_checkpoint_of_another_architecture_lists_the_keys(demo_args, tmp_path):
     with pytest.warns(UserWarning, match="not in the checkpoint"):
         with_aux = SemanticSegmentationTask.load_from_checkpoint(ckpt, aux_head=True, strict=False)
     assert with_aux.hparams.aux_head
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="DDP accepts SyncBatchNorm on GPU modules only")
+def test_sync_batchnorm_on_one_process_at_batch_one(demo_args, monkeypatch):
+    """The ADE20K recipes set sync_batchnorm: on one device (DDP, world size 1) at batch 1, UPerNet's 1x1 PSP
+    map has one value per channel; its norm's fallback was lost in the SyncBatchNorm conversion, and the
+    step failed with "Expected more than 1 value per channel"."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+        monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
+    cli = build_cli(["fit", *demo_args, "--model.init_args.head_kwargs={channels: 16, norm: batchnorm}",
+                     "--data.init_args.batch_size=1", "--trainer.strategy=ddp", "--trainer.devices=1",
+                     "--trainer.sync_batchnorm=true", "--trainer.fast_dev_run=1", "--trainer.accelerator=gpu"])
+    from mamba_dense.tasks.sync_bn import PooledSyncBatchNorm
+
+    assert any(isinstance(m, PooledSyncBatchNorm) for m in cli.model.modules())
+    assert cli.trainer.state.finished

@@ -40,6 +40,12 @@ Deviations from the official code (see also the ``NOTE`` comments):
 - Stochastic depth is the usual per-block ``x + drop_path(mixer(norm(x)))``; Vim applies block
   i's drop path inside block i + 1 (same rates, shifted by one) and one more before the final norm.
 - The residual stream is kept in the activation dtype (Vim: ``residual_in_fp32=True``).
+- Training from scratch: every route's dt bias gets Mamba's init (softplus(bias) log-uniform in
+  [1e-3, 0.1]). In the official code only the forward ``dt_proj`` gets it; ``dt_proj_b`` is zeroed by
+  ``_init_weights`` (softplus 0.693), which looks accidental. Official checkpoints load either way.
+- Weight decay: the per-route biases (``conv1d_bias``, ``ssm.dt_projs_bias``, stacked (K, E)) are kept out
+  of it, as the official 1-D biases are under timm's rule; the tasks also keep ``A_log`` and ``D`` out
+  (Mamba's intent; Vim's timm optimizer decays them).
 - Dense features are block outputs (the residual stream). Vim's segmentation backbone returns the
   mixer output of the tapped block (``hidden_states`` of its fused add-norm blocks, without the
   residual), runs without the class token (``cls_token=False`` reproduces that) and uses

@@ -28,6 +28,8 @@ Deviations from the SegMamba release:
   1 x 1 x 1 map at stride 16 (a 16^3 input) is allowed; torch's InstanceNorm refuses it.
 - Odd sizes are padded before the 2^3 downsampling convs (the release needs multiples of 16).
 - Optional stochastic depth (``drop_path_rate``; the release has none).
+- Training from scratch: every route's dt bias gets Mamba's init (softplus(bias) log-uniform in
+  [1e-3, 0.1]); the release's ``dt_proj_b`` / ``dt_proj_s`` keep PyTorch's default Linear init.
 """
 
 from __future__ import annotations

@@ -157,6 +157,11 @@ class RouteMamba(nn.Module):
         self.act = nn.SiLU()
         self.ssm = SSMCore(E, num_routes, d_state=d_state, dt_rank=dt_rank, d_model=dim)
         self.out_proj = nn.Linear(E, dim, bias=bias)
+        # NOTE: one bias per route, stacked into (K, E): 1-D biases in the official Vim / Mamba(R) (conv1d(_b),
+        # dt_proj(_b)), which timm's optimizer rule keeps out of weight decay; tasks._optim reads this flag.
+        for p in (self.conv1d_bias, self.ssm.dt_projs_bias):
+            if p is not None:
+                p._no_weight_decay = True  # type: ignore[attr-defined]
         self.reset_conv_parameters()
 
     @torch.no_grad()

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from torch import nn
 
 # Leaf names (last component) and substrings of parameters that get no weight decay, besides
-# every 1-D parameter (norm weights, biases, Ds). A_logs: the SSM state matrices of VMamba.
+# every 1-D parameter (norm weights, biases, Ds) and every parameter flagged ``_no_weight_decay`` (Mamba's
+# convention). A_logs: the SSM state matrices of VMamba.
 NO_DECAY_LEAVES = {"A_logs", "A_log", "Ds", "D", "dt_bias", "cls_token", "registers", "register_tokens"}
 NO_DECAY_SUBSTRINGS = ("pos_embed", "absolute_pos_embed", "relative_position_bias_table")
 
@@ -40,6 +41,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             or leaf in NO_DECAY_LEAVES
             or any(s in name for s in NO_DECAY_SUBSTRINGS)
             or name in declared
+            or getattr(p, "_no_weight_decay", False)  # Mamba's flag (A_log, D; our per-route biases)
         ):
             no_decay.append(p)
         else:

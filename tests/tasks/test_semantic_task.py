@@ -149,6 +149,17 @@ def test_no_weight_decay_groups_and_schedule(tiny_encoder):
     assert f(50) == pytest.approx(0.5 * (1 - 1e-6) * 0.95 + 1e-6 * 0.95)
 
 
+def test_per_route_biases_of_vim_get_no_weight_decay():
+    """Vim's per-direction biases are stacked (K, E) here, 1-D in the official code (where timm's rule keeps
+    them out of weight decay); they were decayed with the weights."""
+    vim = timm.create_model("vim_tiny", embed_dim=32, depth=2, num_classes=0)
+    decay, no_decay = param_groups(vim, 0.05)
+    ids = {id(p) for p in no_decay["params"]}
+    names = {n for n, p in vim.named_parameters() if id(p) in ids}
+    assert {"blocks.0.mixer.conv1d_bias", "blocks.0.mixer.ssm.dt_projs_bias"} <= names
+    assert "blocks.0.mixer.conv1d_weight" not in names and "blocks.0.mixer.ssm.dt_projs_weight" not in names
+
+
 def test_encoder_weights_from_file(tmp_path, tiny_encoder):
     full = timm.create_model("vmamba_tiny", dims=16, depths=(1, 1, 1, 1))
     path = tmp_path / "vmamba.pth"
