@@ -93,10 +93,13 @@ def test_sync_batchnorm_on_one_process_at_batch_one(demo_args, monkeypatch):
         s.bind(("127.0.0.1", 0))
         monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
         monkeypatch.setenv("MASTER_PORT", str(s.getsockname()[1]))
+    from mamba_dense.tasks.sync_bn import PooledSyncBatchNorm
+
+    calls = []
+    forward = PooledSyncBatchNorm.forward
+    monkeypatch.setattr(PooledSyncBatchNorm, "forward", lambda self, x: (calls.append(tuple(x.shape)), forward(self, x))[1])
     cli = build_cli(["fit", *demo_args, "--model.init_args.head_kwargs={channels: 16, norm: batchnorm}",
                      "--data.init_args.batch_size=1", "--trainer.strategy=ddp", "--trainer.devices=1",
                      "--trainer.sync_batchnorm=true", "--trainer.fast_dev_run=1", "--trainer.accelerator=gpu"])
-    from mamba_dense.tasks.sync_bn import PooledSyncBatchNorm
-
-    assert any(isinstance(m, PooledSyncBatchNorm) for m in cli.model.modules())
-    assert cli.trainer.state.finished
+    assert cli.trainer.state.finished and cli.trainer.global_step == 1
+    assert (1, 16, 1, 1) in calls  # the pool-1 branch of one image went through the converted norm
