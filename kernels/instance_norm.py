@@ -479,7 +479,7 @@ def _use_triton(x: torch.Tensor) -> bool:
     ``MAMBA_DENSE_TRITON_CPU=1`` together with ``TRITON_INTERPRET=1`` runs the Triton kernels on
     CPU tensors through Triton's interpreter (used by the tests).
     """
-    return x.device.type == "cuda" or _triton_on_cpu(x)
+    return x.device.type in ("cuda", "meta") or _triton_on_cpu(x)  # meta: the op's fake (x's layout)
 
 
 def _reference(x, weight, bias, eps, act, slope):
@@ -530,10 +530,15 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
         ``torch.group_norm(x, C, weight, bias, eps)`` + activation; differentiable in x, weight, bias.
     """
     _validate(x, weight, bias, act)
-    if not _use_triton(x) or x.numel() == 0:
+    if x.numel() == 0:  # nothing to normalize (group_norm refuses C = 0 or an empty spatial size)
+        return x.clone()
+    if not _use_triton(x):
         return _reference(x, weight, bias, eps, act, negative_slope)
     return _fused(x, weight, bias, float(eps), act, float(negative_slope))
 
 
 def _fused(x, weight, bias, eps, act, slope):
+    # NOTE: the kernels read weight[c] / bias[c] at ptr + c: a strided or expanded parameter must be copied
+    weight = None if weight is None else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
     return _fwd_op(x, weight, bias, eps, act, slope)[0]

@@ -42,6 +42,7 @@ import triton.language as tl
 
 from . import _triton_on_cpu
 from ._launch import launch
+from .routes import _compiling
 from .triton_scan import _ct, _empty, on_device
 
 # Tokens and channels per program, one warp: the H100 sweep of session 10 (benchmarks/RESULTS.md) ran
@@ -287,6 +288,8 @@ def route_conv1d_fused(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     _validate(u, weight, bias, route, inv)
     if u.stride(-1) != 1:
         u = u.contiguous()
+    # NOTE: the kernels read bias[k, e] at ptr + k * E + e (weight is made contiguous in the ops)
+    bias = None if bias is None else bias.contiguous()
     return _fwd_op(u, weight, bias, route.contiguous(), inv.contiguous(), bool(act))
 
 
@@ -300,8 +303,14 @@ def _validate(u, weight, bias, route, inv) -> None:
     K = route.shape[0]
     need = {"weight": (weight, (K, E)), "bias": (bias, (K, E)), "inv": (inv, (K, L))}
     for name, (t, shape) in need.items():
-        if t is None:
+        if t is None and name == "bias":
             continue
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
+        if name == "inv" and t.dtype != torch.long:
+            raise ValueError(f"inv must be int64 (routes.inverse(route, L)), got {t.dtype}")
+        if name != "inv" and not t.is_floating_point():
+            raise ValueError(f"{name} must be a floating tensor, got {t.dtype}")
         got = tuple(t.shape[:2]) if name == "weight" else tuple(t.shape)
         if got != shape or (name == "weight" and t.dim() != 3):
             want = f"({K}, {E}, d_conv)" if name == "weight" else str(shape)
@@ -309,7 +318,16 @@ def _validate(u, weight, bias, route, inv) -> None:
                              f"got {tuple(t.shape)}")
         if t.device != u.device:
             raise ValueError(f"{name} is on {t.device} but u is on {u.device}")
-    if inv.dtype != torch.long:
-        raise ValueError(f"inv must be int64 (routes.inverse(route, L)), got {inv.dtype}")
     if route.device != u.device:
         raise ValueError(f"route is on {route.device} but u is on {u.device}")
+    if not _compiling():  # the kernels gather u through route and inv: indices past their ends read other memory
+        from . import check_route_values
+
+        try:
+            check_route_values(route, L)
+        except ValueError as err:
+            raise ValueError(f"route (over the L = {L} tokens of u): {err}") from None
+        try:
+            check_route_values(inv, route.shape[1])
+        except ValueError as err:
+            raise ValueError(f"inv is not routes.inverse(route, L) of this route: {err}") from None

@@ -229,3 +229,24 @@ def test_compiles_without_graph_break_and_matches_eager(small_tiles):
     torch.testing.assert_close(y, y2, rtol=1e-6, atol=1e-6)
     for a, b in zip(g, g2):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@needs_triton
+def test_strided_or_expanded_affine_parameters(small_tiles):
+    """The kernels read weight[c] / bias[c] at ptr + c: strided ([::2]) or expanded (stride 0) parameters
+    gave wrong numbers, and the expanded weight was read past its one-element storage."""
+    x, _, _ = _inputs((2, 3, 4, 5, 6), torch.float64, torch.contiguous_format)
+    t = torch.randn(6, dtype=torch.float64, device=DEVICE) + 1.0
+    for w, b in ((t[::2], t[1::2]), (torch.full((1,), 2.0, dtype=torch.float64, device=DEVICE).expand(3), None)):
+        assert not w.is_contiguous()
+        _check(x, w, b, "relu", 1e-12)
+
+
+def test_empty_inputs_and_meta_layout():
+    """group_norm refused C = 0 or an empty spatial size (x.numel() == 0 went to it); on the meta device the
+    channels-last layout was lost (meta went to group_norm, not to the op's fake)."""
+    for shape in ((0, 3, 4), (2, 0, 4), (2, 3, 0), (2, 3, 4, 0)):
+        assert instance_norm_act(torch.randn(shape)).shape == shape
+    x = torch.empty(2, 3, 4, 5, 6, device="meta").contiguous(memory_format=CL3D)
+    y = instance_norm_act(x, torch.ones(3, device="meta"), torch.zeros(3, device="meta"))
+    assert y.device.type == "meta" and y.is_contiguous(memory_format=CL3D)

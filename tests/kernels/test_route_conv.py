@@ -195,3 +195,28 @@ def test_route_plan_first_built_in_inference_mode_still_trains():
     x = torch.randn(1, 10, 8, device=DEVICE, requires_grad=True)
     m(x, route).square().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_strided_bias_and_indices_past_the_ends(monkeypatch):
+    """The kernels read bias[k, e] at ptr + k * E + e: a transposed bias gave wrong numbers (the weight was
+    made contiguous, the bias not). Route / inv indices past u were gathered from other memory, silently."""
+    route = _partial_routes(9)
+    inv = routes.inverse(route, 9)
+    u, w, b = _inputs(9, route.shape[0], 5, 3, torch.float64, seed=3)
+    strided = b.t().contiguous().t()  # same values, strides (1, K)
+    assert not strided.is_contiguous()
+    _check(u, w, strided, route, inv, True, 1e-12)
+    bad = route.clone()
+    bad[0, 0] = 9  # = L
+    with pytest.raises(ValueError, match=r"route \(over the L = 9 tokens of u\)"):
+        route_conv.route_conv1d_fused(u, w, b, bad, inv)
+    bad_inv = inv.clone()
+    bad_inv[0, 0] = route.shape[1]  # a step past the route
+    with pytest.raises(ValueError, match="inv is not routes.inverse"):
+        route_conv.route_conv1d_fused(u, w, b, route, bad_inv)
+    for name in ("weight", "inv"):
+        args = {**dict(u=u, weight=w, bias=b, route=route, inv=inv), name: None}
+        with pytest.raises(ValueError, match=f"{name} must be a tensor"):
+            route_conv.route_conv1d_fused(**args)
+    with pytest.raises(ValueError, match="weight must be a floating tensor"):
+        route_conv.route_conv1d_fused(u, w.long(), b, route, inv)
