@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from PIL import Image, ImageDraw
 
-from mamba_dense.datamodules._volume import restore_original_space
+from mamba_dense._geometry import restore_original_space
 from mamba_dense.encoders.volumetric import create_volumetric_encoder
 from mamba_dense.heads.unet3d import UNet3DDecoder
 
