@@ -30,7 +30,7 @@ def _loss_of(outputs: Any) -> torch.Tensor | None:
 
 
 def first_nonfinite(module: torch.nn.Module) -> list[str]:
-    """Names of the first non-finite parameter and of the first non-finite gradient (either may be absent)."""
+    """Names of the first non-finite parameter, gradient and floating buffer (any may be absent)."""
     found: dict[str, str] = {}
     for name, p in module.named_parameters():
         if "parameter" not in found and not torch.isfinite(p.detach()).all():
@@ -39,16 +39,28 @@ def first_nonfinite(module: torch.nn.Module) -> list[str]:
             found["gradient"] = f"gradient of {name}"
         if len(found) == 2:
             break
+    for name, b in module.named_buffers():
+        if b.is_floating_point() and not torch.isfinite(b).all():
+            found["buffer"] = f"buffer {name}"
+            break
     return list(found.values())
+
+
+def _running_stats(module: torch.nn.Module) -> list[torch.Tensor]:
+    """The buffers a training forward updates: batch norms' running statistics and counters."""
+    return [b for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+            for b in m.buffers(recurse=False)]
 
 
 class NonFiniteGuard(pl.Callback):
     """Stops training at the first NaN/inf training loss, after saving a checkpoint to debug from.
 
     The loss is checked before its backward pass (any rank, in distributed runs), so nothing of
-    the bad step has touched the weights yet. When it is NaN or inf the guard saves
-    `<log dir>/nonfinite-step<S>.ckpt` (the weights and optimizer state that gave this loss on
-    this batch), names the first non-finite parameter if one is, and raises a RuntimeError naming
+    the bad step has touched the weights yet; the batch norms' running statistics, which the bad
+    forward did update, are put back from a copy taken at the start of the step. When the loss is NaN
+    or inf the guard saves `<log dir>/nonfinite-step<S>.ckpt` (the weights, running statistics and
+    optimizer state that gave this loss on this batch), names the first non-finite parameter or
+    buffer if one is, and raises a RuntimeError naming
     the step, epoch, batch, offending tensors and checkpoint, with fixes to try. `mamba-dense`
     adds it to every run.
 
@@ -61,9 +73,17 @@ class NonFiniteGuard(pl.Callback):
         self._step = 0
         self._batch_idx = 0
         self.checkpoint_path: str | None = None
+        self._stats: list[torch.Tensor] = []
+        self._saved: list[torch.Tensor] = []
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._step, self._batch_idx = trainer.global_step, batch_idx
+        stats = _running_stats(pl_module)
+        if len(stats) != len(self._stats) or any(a is not b for a, b in zip(stats, self._stats)):
+            self._stats, self._saved = stats, [b.detach().clone() for b in stats]
+        elif stats:
+            with torch.no_grad():  # a device copy (kilobytes), no host sync
+                torch._foreach_copy_(self._saved, [b.detach() for b in stats])
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
         # NOTE: here, not in on_train_batch_end: by then the optimizer had applied the NaN step and
@@ -71,11 +91,15 @@ class NonFiniteGuard(pl.Callback):
         bad = not bool(torch.isfinite(loss.detach()).all())
         if not trainer.strategy.reduce_boolean_decision(bad, all=False):
             return
+        if self._stats and len(self._stats) == len(self._saved):
+            with torch.no_grad():  # the running statistics from before this step's forward
+                torch._foreach_copy_(self._stats, self._saved)
+        # what was non-finite before this step (the bad forward's own running-statistics updates are undone)
+        culprits = [f"loss = {loss.item()}" if bad else "loss on another rank"] + first_nonfinite(pl_module)
         root = trainer.log_dir or trainer.default_root_dir
         path = os.path.join(root, f"nonfinite-step{self._step}.ckpt")
         trainer.save_checkpoint(path)
         self.checkpoint_path = path
-        culprits = [f"loss = {loss.item()}" if bad else "loss on another rank"] + first_nonfinite(pl_module)
         raise RuntimeError(
             f"Non-finite training loss at global step {self._step} (epoch {trainer.current_epoch}, "
             f"batch {self._batch_idx}): {', '.join(culprits)}. Checkpoint of the weights before this step "

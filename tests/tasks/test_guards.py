@@ -59,6 +59,35 @@ def test_guard_stops_at_nan_step_with_diagnosis_and_checkpoint(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["nonfinite-step3.ckpt"]  # no temp files left
 
 
+class NaNInputAtStep(NaNAtStep):
+    """A batch norm before the layer; at `nan_step` a NaN input reaches it, so its forward updates the
+    running statistics with NaN before the loss is checked."""
+
+    def __init__(self, nan_step: int) -> None:
+        super().__init__(nan_step)
+        self.norm = torch.nn.BatchNorm1d(2)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        if self.global_step == self.nan_step:
+            x = x.clone()
+            x[0, 0] = float("nan")
+        return torch.nn.functional.mse_loss(self.layer(self.norm(x)), y)
+
+
+def test_guard_checkpoint_has_the_running_statistics_from_before_the_bad_forward(tmp_path):
+    """The debug checkpoint held NaN running means: the bad forward had updated them."""
+    data = DataLoader(TensorDataset(torch.randn(16, 2), torch.randn(16, 1)), batch_size=4)
+    guard, model = NonFiniteGuard(), NaNInputAtStep(nan_step=2)
+    with pytest.raises(RuntimeError, match="loss = nan"):
+        _trainer(tmp_path, callbacks=[guard]).fit(model, data)
+    ckpt = torch.load(guard.checkpoint_path, weights_only=False)
+    stats = {k: v for k, v in ckpt["state_dict"].items() if k.startswith("norm.")}
+    assert all(torch.isfinite(v.double()).all() for v in stats.values())
+    assert int(stats["norm.num_batches_tracked"]) == 2  # the two good steps, not the bad one
+    assert torch.isfinite(model.norm.running_mean).all()  # put back in the live model, then saved
+
+
 def test_guard_is_silent_on_finite_losses(tmp_path):
     data = DataLoader(TensorDataset(torch.randn(8, 2), torch.randn(8, 1)), batch_size=2)
     trainer = _trainer(tmp_path, callbacks=[NonFiniteGuard()])
