@@ -178,6 +178,19 @@ def load_encoder_weights(model: nn.Module, path: str, name: str) -> convert.Load
         raise convert.CheckpointMismatchError(f"encoder_weights={path!r} (encoder {name!r}): {err}") from err
 
 
+def check_ranges(**values: tuple[Any, float, float | None, bool]) -> None:
+    """``name=(value, low, high, low_inclusive)``: ValueError naming ``model.init_args.<name>`` unless
+    low <(=) value < high (high None: no upper bound); a value of None is left alone (the default)."""
+    for name, (v, lo, hi, inclusive) in values.items():
+        if v is None:
+            continue
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (v >= lo if inclusive else v > lo)
+        ok = ok and (hi is None or v < hi)
+        if not ok:
+            need = f"{'>=' if inclusive else '>'} {lo}" + (f" and < {hi}" if hi is not None else "")
+            raise ValueError(f"model.init_args.{name}={v!r}: must be a number {need}.")
+
+
 # load_from_checkpoint's strict flag and hyper-parameter overrides, for check_checkpoint_fits (Lightning calls
 # on_load_checkpoint with neither, after it has written the overrides into the checkpoint's hyper-parameters)
 _LOADING: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("mamba_dense_loading", default=None)

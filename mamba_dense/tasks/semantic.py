@@ -20,7 +20,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 from mamba_dense.heads import FCNHead, FPNHead, UPerNetHead
 
-from ._encoder import CheckedCheckpointLoading, Encoder, check_checkpoint_fits
+from ._encoder import CheckedCheckpointLoading, Encoder, check_checkpoint_fits, check_ranges
 from ._losses import cross_entropy
 from ._optim import param_groups, warmup_poly
 from ._upsample_ce import upsampled_cross_entropy
@@ -141,6 +141,9 @@ class SemanticSegmentationTask(CheckedCheckpointLoading, pl.LightningModule):
             raise ValueError(f"ignore_index={ignore_index} is a class index (num_classes={num_classes}); use 255.")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"class_names has {len(class_names)} names for num_classes={num_classes}.")
+        check_ranges(lr=(lr, 0.0, None, False), min_lr=(min_lr, 0.0, None, True),
+                     size_divisor=(size_divisor, 1, None, True), dice_weight=(dice_weight, 0.0, None, True),
+                     drop_path_rate=(drop_path_rate, 0.0, 1.0, True), aux_weight=(aux_weight, 0.0, None, True))
 
         self.encoder = Encoder(
             encoder,
@@ -408,7 +411,8 @@ class SemanticSegmentationTask(CheckedCheckpointLoading, pl.LightningModule):
             label_path = os.path.join(out_dir, "labels", f"{stem}.png")
             save_label_png(pred + offset, label_path, colors if offset == 0 else file_colors)
             rgb = to_uint8_image(image[0], *self._norm_stats())
-            save_rgb_png(overlay(rgb, pred, colors=colors), os.path.join(out_dir, "overlays", f"{stem}.png"))
+            save_rgb_png(overlay(rgb, pred, ignore_index=self.hparams.ignore_index, colors=colors),
+                         os.path.join(out_dir, "overlays", f"{stem}.png"))
             paths.append(label_path)
         return paths
 

@@ -36,18 +36,21 @@ def to_uint8_image(image: torch.Tensor, mean: Sequence[float] | None = IMAGENET_
     return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
 
 
-def _full_palette(colors: Sequence[Sequence[int]] | np.ndarray | None) -> np.ndarray:
-    """(256, 3) uint8: `colors` (e.g. a datamodule's class palette) completed by `palette()`."""
-    full = palette(256)
-    if colors is not None and len(colors):
-        c = np.asarray(colors, dtype=np.uint8).reshape(-1, 3)[:256]
+def _full_palette(colors: Sequence[Sequence[int]] | np.ndarray | None, n: int = 256) -> np.ndarray:
+    """(max(n, 256, len(colors)), 3) uint8: `colors` (e.g. a datamodule's class palette) completed by `palette()`."""
+    c = np.asarray(colors, dtype=np.uint8).reshape(-1, 3) if colors is not None and len(colors) else None
+    full = palette(max(n, 256, 0 if c is None else len(c)))
+    if c is not None:
         full[: len(c)] = c
     return full
 
 
 def colorize(labels: np.ndarray, ignore_index: int = 255, colors: Sequence[Sequence[int]] | None = None) -> np.ndarray:
-    """(H, W) int labels -> (H, W, 3) uint8 colors (class k -> colors[k]); ignore_index is black."""
-    out = _full_palette(colors)[np.clip(labels, 0, 255).astype(np.int64)]
+    """(H, W) int labels -> (H, W, 3) uint8 colors (class k -> colors[k], any number of classes); ignore_index
+    is black."""
+    labels = np.asarray(labels)
+    top = int(labels.max(initial=0)) + 1
+    out = _full_palette(colors, top)[np.clip(labels, 0, None).astype(np.int64)]
     out[labels == ignore_index] = 0
     return out
 
@@ -71,7 +74,7 @@ def save_label_png(labels: np.ndarray, path: str, colors: Sequence[Sequence[int]
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     if labels.max(initial=0) < 256:
         img = Image.fromarray(labels.astype(np.uint8), mode="P")
-        img.putpalette(_full_palette(colors).reshape(-1).tolist())
+        img.putpalette(_full_palette(colors)[:256].reshape(-1).tolist())
     else:
         img = Image.fromarray(labels.astype(np.uint16))
     img.save(path)

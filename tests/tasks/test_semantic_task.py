@@ -186,6 +186,23 @@ def test_bad_configuration_errors(tiny_encoder):
     task = SemanticSegmentationTask(num_classes=3, head="fpn", **tiny_encoder)
     with pytest.raises(ValueError, match="reduce_zero_label"):
         task.training_step({"image": torch.randn(1, 3, 32, 32), "mask": torch.full((1, 32, 32), 3)}, 0)
+    # these failed later with a bare ZeroDivisionError (lr, size_divisor) or inside timm (drop_path_rate)
+    for key, value, need in (("lr", 0.0, "> 0"), ("size_divisor", 0, ">= 1"), ("drop_path_rate", 1.5, "< 1"),
+                             ("dice_weight", -1.0, ">= 0")):
+        with pytest.raises(ValueError, match=f"model.init_args.{key}={value!r}: must be a number .*{need}"):
+            SemanticSegmentationTask(num_classes=3, head="fpn", **{**tiny_encoder, key: value})
+
+
+def test_overlay_colors_for_more_than_256_classes():
+    """Labels above 255 were clipped to one color, and a predicted 255 was drawn as ignored."""
+    from mamba_dense.tasks.visualize import colorize, overlay
+
+    labels = np.array([[1, 254, 255, 256, 299]])
+    colors = colorize(labels, ignore_index=-1)
+    assert len({tuple(c) for c in colors[0]}) == 5
+    image = np.full((1, 5, 3), 100, np.uint8)
+    drawn = overlay(image, labels, ignore_index=-1)
+    assert (drawn != image).any(-1).all()
 
 
 @pytest.mark.parametrize("fused, avg_non_ignore", [(False, True), (True, False)],
