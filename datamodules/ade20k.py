@@ -301,8 +301,8 @@ class ADE20KDataModule(L.LightningDataModule):
         "orig_size": (B,2)}`` (``size`` before padding, ``orig_size`` on disk).
 
     Example:
-        >>> dm = ADE20KDataModule("data/ade", crop_size=512, batch_size=16)
-        >>> dm.setup("fit"); batch = next(iter(dm.train_dataloader()))
+        >>> dm = ADE20KDataModule("data/ade", crop_size=512, batch_size=16)  # doctest: +SKIP
+        >>> dm.setup("fit"); batch = next(iter(dm.train_dataloader()))  # doctest: +SKIP
     """
 
     def __init__(

@@ -24,7 +24,7 @@ route carries the state that VMamba v2 spreads over four routes with d_state 1).
 224 x 224 against VMamba-T/S (FLOPs = matmul/conv multiply-adds from ``torch.utils.flop_counter``
 + the analytic scan cost 9 * L * D * N per route step, the fvcore convention of VMamba's 4.9G):
 T: params 30.06M vs 30.25M (-0.6%), 4.95G vs 4.88G (+1.5%); S: params 49.70M vs 50.15M (-0.9%),
-8.82G vs 8.67G (+1.7%). ``tests/encoders/test_himamba.py`` keeps both within 2%.
+8.81G vs 8.67G (+1.7%). ``tests/encoders/test_himamba.py`` keeps both within 2%.
 """
 
 from __future__ import annotations
