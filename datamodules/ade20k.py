@@ -240,13 +240,15 @@ def collate_segmentation(batch: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _resolve_root(root: Path) -> Path:
+def _resolve_root(root: Path, images_only: bool = False) -> Path:
+    """The folder holding images/ and annotations/ (or, with ``images_only`` for predict, images/ alone)."""
     for cand in (root / "ADEChallengeData2016", root):
-        if (cand / "images").is_dir() and (cand / "annotations").is_dir():
+        if (cand / "images").is_dir() and ((cand / "annotations").is_dir() or images_only):
             return cand
     raise FileNotFoundError(
         f"{root}: no ADE20K layout found (looked for ADEChallengeData2016/{{images,annotations}} and "
-        f"{{images,annotations}}). Fix: point `root` at the folder that holds them"
+        f"{{images,annotations}}; predict needs images/<test split> only). Fix: point `root` at the folder that "
+        "holds them"
     )
 
 
@@ -392,7 +394,7 @@ class ADE20KDataModule(L.LightningDataModule):
         return A.Compose([RescaleToFit(self.scale), A.Normalize(mean=self.mean, std=self.std, max_pixel_value=255.0)])
 
     def _dataset(self, split: str) -> SegmentationFolder:
-        base = _resolve_root(self.root)
+        base = _resolve_root(self.root, images_only=split == "predict")
         sub = self.splits["test" if split == "predict" else split]
         train = split == "train"
         # predict reads the test split's images, with or without labels (ADE20K's test release has none)

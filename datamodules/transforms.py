@@ -75,9 +75,11 @@ class RescaleToFit(_ScaleTransform):
 
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         h, w = params["shape"][:2]
-        ratio = 1.0 if self.ratio_range is None else self.py_random.uniform(*self.ratio_range)
         long_edge, short_edge = self.scale
-        return {"factor": ratio * min(long_edge / max(h, w), short_edge / min(h, w))}
+        if self.ratio_range is not None:  # mmcv's RandomResize: the scaled bound in whole pixels first
+            ratio = self.py_random.uniform(*self.ratio_range)
+            long_edge, short_edge = int(long_edge * ratio), int(short_edge * ratio)
+        return {"factor": min(long_edge / max(h, w), short_edge / min(h, w))}
 
 
 class ResizeShortestEdge(_ScaleTransform):
@@ -186,7 +188,8 @@ class PhotoMetricDistortion(A.ImageOnlyTransform):
             "contrast_first": coin(),
             "contrast": r.uniform(*self.contrast_range) if coin() else None,
             "saturation": r.uniform(*self.saturation_range) if coin() else None,
-            "hue": r.randint(-self.hue_delta, self.hue_delta) if coin() else None,
+            # numpy's randint(-d, d) in mmseg: the upper end is excluded
+            "hue": r.randint(-self.hue_delta, self.hue_delta - 1) if coin() else None,
         }
 
     def apply(self, img: np.ndarray, brightness: float | None = None, contrast_first: bool = True,

@@ -27,6 +27,29 @@ def test_rescale_to_fit_matches_mmseg():
         assert 256 <= out["image"].shape[0] <= 1024 and out["mask"].shape == out["image"].shape[:2]
 
 
+def test_random_rescale_rounds_the_scaled_bound_first(monkeypatch):
+    """mmcv's RandomResize scales (2048, 512) by the ratio and rounds it down to whole pixels before the
+    keep-ratio resize: 683 x 512 at ratio 1.7666 is 1206 x 904 (the unrounded factor gave 1207 x 905)."""
+    t = RescaleToFit((2048, 512), (0.5, 2.0))
+    monkeypatch.setattr(t.py_random, "uniform", lambda a, b: 1.7666)
+    params = t.get_params_dependent_on_data({"shape": (512, 683, 3)}, {})
+    long_edge, short_edge = int(2048 * 1.7666), int(512 * 1.7666)
+    assert params["factor"] == min(long_edge / 683, short_edge / 512)
+    assert (int(512 * params["factor"] + 0.5), int(683 * params["factor"] + 0.5)) == (904, 1206)
+
+
+def test_photometric_hue_shift_excludes_the_upper_end():
+    """mmseg draws np.random.randint(-18, 18): -18..17."""
+    t = PhotoMetricDistortion()
+    hues = set()
+    for seed in range(400):
+        t.set_random_seed(seed)
+        h = t.get_params()["hue"]
+        if h is not None:
+            hues.add(h)
+    assert min(hues) == -18 and max(hues) == 17
+
+
 def test_resize_shortest_edge():
     t = A.Compose([ResizeShortestEdge((640, 800), 1333)], seed=0)
     sizes = {t(image=np.zeros((480, 640, 3), np.uint8))["image"].shape[0] for _ in range(30)}

@@ -124,3 +124,5 @@ def test_predict_on_images_without_labels(tmp_path, tiny_encoder):
     assert sorted(p.stem for p in (tmp_path / "pred" / "labels").iterdir()) == names
     with pytest.raises(FileNotFoundError, match=r"annotations/validation: split folder not found.*Fix"):
         dm.setup("test")  # scoring still needs the labels
+    shutil.rmtree(src / "annotations")  # no annotations folder at all: predict still reads the images
+    assert len(_predict(_task(tmp_path, tiny_encoder), tmp_path, datamodule=_dm(tmp_path / "ade"))) == 3
