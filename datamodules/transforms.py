@@ -189,7 +189,7 @@ class PhotoMetricDistortion(A.ImageOnlyTransform):
             "contrast": r.uniform(*self.contrast_range) if coin() else None,
             "saturation": r.uniform(*self.saturation_range) if coin() else None,
             # numpy's randint(-d, d) in mmseg: the upper end is excluded
-            "hue": r.randint(-self.hue_delta, self.hue_delta - 1) if coin() else None,
+            "hue": (r.randint(-self.hue_delta, self.hue_delta - 1) if self.hue_delta > 0 else 0) if coin() else None,
         }
 
     def apply(self, img: np.ndarray, brightness: float | None = None, contrast_first: bool = True,

@@ -530,9 +530,13 @@ def instance_norm_act(x: torch.Tensor, weight: torch.Tensor | None = None, bias:
         ``torch.group_norm(x, C, weight, bias, eps)`` + activation; differentiable in x, weight, bias.
     """
     _validate(x, weight, bias, act)
-    if x.numel() == 0:  # nothing to normalize (group_norm refuses C = 0 or an empty spatial size)
-        return x.clone()
-    if not _use_triton(x):
+    if x.numel() == 0 and x.shape[0] > 0:  # C = 0 or an empty spatial size, which group_norm refuses
+        y = x.clone()
+        for p in (weight, bias):  # zero gradients for them, as group_norm gives (DDP: no unused parameter)
+            if p is not None:
+                y = y + p.sum().to(y.dtype) * 0
+        return y
+    if not _use_triton(x) or x.numel() == 0:  # an empty batch: group_norm (its gradients are zeros)
         return _reference(x, weight, bias, eps, act, negative_slope)
     return _fused(x, weight, bias, float(eps), act, float(negative_slope))
 

@@ -384,11 +384,17 @@ def _adapt_first_conv(enc: nn.Module, converted: dict[str, torch.Tensor]) -> lis
     for name in (first,) if isinstance(first, str) else (first or ()):
         key = f"{name}.weight"
         w, mine = converted.get(key), own.get(key)
-        if (w is not None and mine is not None and w.dim() == mine.dim() == 4 and w.shape[1] != mine.shape[1]
-                and w.shape[0] == mine.shape[0] and w.shape[2:] == mine.shape[2:]):
+        # NOTE: 3-channel (RGB) files only, as timm's loader; other mismatches stay shape errors (_match)
+        if (w is not None and mine is not None and w.dim() == mine.dim() == 4 and w.shape[1] == 3
+                and mine.shape[1] != 3 and w.shape[0] == mine.shape[0] and w.shape[2:] == mine.shape[2:]):
             converted[key] = adapt_input_conv(int(mine.shape[1]), w)
             out.append(key)
     return out
+
+
+# What timm's cfg holds instead of a checkpoint's tensors (encoders._builder.pretrained_filter): the filter
+# reads the named file itself
+FILE_PLACEHOLDER = "__mamba_dense_checkpoint_file__"
 
 
 def checked_filter(path: str | os.PathLike) -> Callable[[Mapping[str, Any], nn.Module], dict[str, torch.Tensor]]:
@@ -403,6 +409,8 @@ def checked_filter(path: str | os.PathLike) -> Callable[[Mapping[str, Any], nn.M
     """
 
     def fn(state_dict: Mapping[str, Any], model: nn.Module) -> dict[str, torch.Tensor]:
+        if isinstance(state_dict, Mapping) and FILE_PLACEHOLDER in state_dict:
+            state_dict = read_checkpoint(path)
         cfg = getattr(model, "pretrained_cfg", None) or {}
         names = [cfg.get("first_conv"), cfg.get("classifier")]
         names = [n for v in names for n in ((v,) if isinstance(v, str) else (v or ()))]

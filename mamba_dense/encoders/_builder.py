@@ -11,6 +11,7 @@ reporting path for any encoder.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Mapping
 
 import torch
@@ -70,10 +71,10 @@ def pretrained_filter(variant: str, pretrained: bool, kwargs: dict[str, Any], fa
     checkpoint that does not fit (timm itself loads features-only models with strict=False and
     only logs the keys it could not place).
 
-    The file is read here with ``convert.read_checkpoint`` (the reader of ``load_encoder_weights``: its
-    errors, its handling of pickled training configs, the same entry of a file with ``model`` and
-    ``model_ema``) and handed to timm as the cfg's ``state_dict`` (``kwargs["pretrained_cfg_overlay"]``
-    is replaced); :func:`forget_loaded_state` drops it from the built model's cfg."""
+    The file is read by the filter with ``convert.read_checkpoint`` (the reader of ``load_encoder_weights``:
+    its errors, its handling of pickled training configs, the same entry of a file with ``model`` and
+    ``model_ema``), not by timm's loader: the cfg's ``state_dict`` (``kwargs["pretrained_cfg_overlay"]`` is
+    replaced) is a placeholder naming the file; :func:`forget_loaded_state` drops it from the built model's cfg."""
     if not pretrained:
         return family_filter
     cfgs = (kwargs.get("pretrained_cfg_overlay") or {}, kwargs.get("pretrained_cfg") or {})
@@ -86,10 +87,14 @@ def pretrained_filter(variant: str, pretrained: bool, kwargs: dict[str, Any], fa
             f"timm.create_model({variant!r}, pretrained=True, pretrained_cfg_overlay=dict(file='/path/ckpt.pth')) "
             "(smp: encoder_weights=True plus the same pretrained_cfg_overlay), or use pretrained=False"
         )
-    from mamba_dense.convert import checked_filter, checkpoint_mapping, read_checkpoint
+    from mamba_dense.convert import FILE_PLACEHOLDER, checked_filter
 
-    state = dict(checkpoint_mapping(read_checkpoint(file), file))
-    kwargs["pretrained_cfg_overlay"] = dict(kwargs.get("pretrained_cfg_overlay") or {}, file=str(file), state_dict=state)
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"{file!r} is not a file; weights load from a local checkpoint path only")
+    # NOTE: timm deep-copies its cfg (dataclasses.asdict), so the cfg gets a placeholder, not the tensors;
+    # checked_filter reads the file itself
+    overlay = dict(kwargs.get("pretrained_cfg_overlay") or {}, file=str(file), state_dict={FILE_PLACEHOLDER: str(file)})
+    kwargs["pretrained_cfg_overlay"] = overlay
     return checked_filter(file)
 
 

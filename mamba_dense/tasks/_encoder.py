@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import contextvars
 import os
+import pickle
 from collections.abc import Sequence
 from typing import Any
 
 import timm
 import torch
+from lightning.pytorch.utilities.model_helpers import _restricted_classmethod
 from torch import nn
 
 import mamba_dense.encoders  # noqa: F401  (registers vmamba_tiny, localvmamba_tiny, ... in timm)
@@ -103,19 +105,13 @@ class Encoder(nn.Module):
 
 def _timm_weights(name: str, kw: dict[str, Any], path: str) -> nn.Module:
     """timm's own model (e.g. resnet18) built features-only with the weights of a local file, loaded by timm
-    (its filter, in_chans adaptation and classifier removal). The file is read with ``convert.read_checkpoint``
-    (clear errors), and the keys timm's loader only logs (it loads features-only models with strict=False)
-    are refused: a missing or unexpected key raises CheckpointMismatchError naming the file."""
+    (its reader, filter, in_chans adaptation and classifier removal). The keys that timm's loader only logs
+    (it loads features-only models with strict=False) are refused: a missing or unexpected key raises
+    CheckpointMismatchError naming the file, as does a file timm cannot read."""
     import logging
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"encoder_weights={path!r} is not a file (weights load from a local path only).")
-    state: Any = convert.checkpoint_mapping(convert.read_checkpoint(path), path)
-    for key in ("state_dict", "model", "module"):  # training-checkpoint wrappers
-        if isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    state = {k.removeprefix("module."): v for k, v in state.items() if isinstance(v, torch.Tensor)}
     records: dict[str, list[str]] = {"Missing keys": [], "Unexpected keys": []}
 
     class _Keep(logging.Handler):
@@ -125,18 +121,28 @@ def _timm_weights(name: str, kw: dict[str, Any], path: str) -> nn.Module:
                 if msg.startswith(what + " ("):
                     records[what] += msg[len(what) + 2:].split(")", 1)[0].split(", ")
 
+    # NOTE: timm logs the keys at INFO; they are kept here and not passed on to the application's handlers
+    # (not thread-safe: the logger is shared)
     logger, handler = logging.getLogger("timm.models._builder"), _Keep(logging.INFO)
-    level = logger.level
+    level, propagate = logger.level, logger.propagate
     logger.addHandler(handler)
-    logger.setLevel(min(level or logging.INFO, logging.INFO))
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
     try:
-        model = timm.create_model(name, **dict(kw, pretrained=True,
-                                               pretrained_cfg_overlay=dict(file=str(path), state_dict=state)))
-    except RuntimeError as err:  # load_state_dict's size mismatches
-        raise convert.CheckpointMismatchError(f"encoder_weights={path!r} does not fit timm's {name!r}: {err}") from err
+        model = timm.create_model(name, **dict(kw, pretrained=True, pretrained_cfg_overlay=dict(file=str(path))))
+    except Exception as err:  # noqa: BLE001  (timm's reader and load_state_dict: named below)
+        clear = convert.unreadable_error(path, err)
+        if clear is not None:
+            raise clear from err
+        if isinstance(err, (RuntimeError, pickle.UnpicklingError)):
+            raise convert.CheckpointMismatchError(
+                f"encoder_weights={path!r} could not be loaded into timm's {name!r}: {err}. Fix: pass a state_dict "
+                f"of this timm model saved with torch.save(model.state_dict(), path).") from err
+        raise
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+        logger.propagate = propagate
     # a features-only model's cfg names no classifier any more; the registered cfg does
     head = timm.models.get_pretrained_cfg_value(name, "classifier") or ()
     head = (head,) if isinstance(head, str) else tuple(head)
@@ -149,10 +155,6 @@ def _timm_weights(name: str, kw: dict[str, Any], path: str) -> nn.Module:
             + "; ".join(f"{len(v)} {k.lower()} {v[:8]}" for k, v in bad.items())
             + ". Fix: pass a checkpoint of this timm model (its state_dict), or build it with the arguments the file "
             "was trained with.")
-    for m in model.modules():  # the file's tensors are loaded: do not keep them in the cfg
-        cfg = m.__dict__.get("pretrained_cfg")
-        if isinstance(cfg, dict):
-            cfg.pop("state_dict", None)
     return model
 
 
@@ -200,7 +202,7 @@ class CheckedCheckpointLoading:
     """Mixin (before ``pl.LightningModule``) for tasks whose ``on_load_checkpoint`` calls
     :func:`check_checkpoint_fits`: ``load_from_checkpoint`` tells it the ``strict`` flag and the overrides."""
 
-    @classmethod
+    @_restricted_classmethod  # as Lightning's: calling it on an instance is an error, not a silent new model
     def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None,
                              strict: bool | None = None, **kwargs: Any) -> Any:
         overrides = {k: v for k, v in kwargs.items() if k != "weights_only"}

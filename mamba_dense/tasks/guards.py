@@ -46,10 +46,9 @@ def first_nonfinite(module: torch.nn.Module) -> list[str]:
     return list(found.values())
 
 
-def _running_stats(module: torch.nn.Module) -> list[torch.Tensor]:
-    """The buffers a training forward updates: batch norms' running statistics and counters."""
-    return [b for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
-            for b in m.buffers(recurse=False)]
+def _norms(module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules whose buffers a training forward updates: batch norms (running statistics, counters)."""
+    return [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
 
 
 class NonFiniteGuard(pl.Callback):
@@ -73,12 +72,16 @@ class NonFiniteGuard(pl.Callback):
         self._step = 0
         self._batch_idx = 0
         self.checkpoint_path: str | None = None
+        self._owner: pl.LightningModule | None = None
+        self._norm_modules: list[torch.nn.Module] = []
         self._stats: list[torch.Tensor] = []
         self._saved: list[torch.Tensor] = []
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._step, self._batch_idx = trainer.global_step, batch_idx
-        stats = _running_stats(pl_module)
+        if self._owner is not pl_module:  # the module walk once per model, not per step
+            self._owner, self._norm_modules = pl_module, _norms(pl_module)
+        stats = [b for m in self._norm_modules for b in m.buffers(recurse=False)]
         if len(stats) != len(self._stats) or any(a is not b for a, b in zip(stats, self._stats)):
             self._stats, self._saved = stats, [b.detach().clone() for b in stats]
         elif stats:

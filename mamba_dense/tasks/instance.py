@@ -192,8 +192,6 @@ class InstanceSegmentationTask(CheckedCheckpointLoading, pl.LightningModule):
                 f"target masks must be (N, H, W) with one mask per box at the image's size: boxes {tuple(boxes.shape)}, "
                 f"image {tuple(image.shape)}, masks {tuple(masks.shape)}; resize masks with their image."
             )
-        # 0/1, bool, 0/255 and soft masks alike: torchvision's mask loss wants 0/1 uint8
-        masks = masks >= 0.5 if masks.is_floating_point() else masks != 0
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         if "iscrowd" in target:
             keep &= torch.as_tensor(target["iscrowd"], device=boxes.device) == 0
@@ -203,7 +201,15 @@ class InstanceSegmentationTask(CheckedCheckpointLoading, pl.LightningModule):
                 f"target labels must lie in 1..num_classes={self.hparams.num_classes} (0 is torchvision's background); "
                 f"got {sorted(set(labels.tolist()))[:10]}."
             )
-        return {"boxes": boxes[keep], "labels": labels, "masks": masks[keep].to(torch.uint8)}
+        masks = masks[keep]  # (indexing first: one copy of the kept masks)
+        # 0/1, bool, 0/255 and soft masks alike: torchvision's mask loss wants 0/1 uint8
+        if masks.is_floating_point():
+            masks = (masks >= 0.5).to(torch.uint8)
+        elif masks.dtype == torch.uint8:
+            masks = masks.clamp_(max=1)
+        else:
+            masks = (masks != 0).to(torch.uint8)
+        return {"boxes": boxes[keep], "labels": labels, "masks": masks}
 
     # ------------------------------------------------------------------ steps
 

@@ -49,8 +49,9 @@ def colorize(labels: np.ndarray, ignore_index: int = 255, colors: Sequence[Seque
     """(H, W) int labels -> (H, W, 3) uint8 colors (class k -> colors[k], any number of classes); ignore_index
     is black."""
     labels = np.asarray(labels)
-    top = int(labels.max(initial=0)) + 1
-    out = _full_palette(colors, top)[np.clip(labels, 0, None).astype(np.int64)]
+    top = int(labels[labels != ignore_index].max(initial=0)) + 1  # a large ignore_index needs no colour
+    pal = _full_palette(colors, top)
+    out = pal[np.clip(labels, 0, len(pal) - 1).astype(np.int64)]  # (ignored labels are blacked out below)
     out[labels == ignore_index] = 0
     return out
 

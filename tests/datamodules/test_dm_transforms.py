@@ -48,6 +48,10 @@ def test_photometric_hue_shift_excludes_the_upper_end():
         if h is not None:
             hues.add(h)
     assert min(hues) == -18 and max(hues) == 17
+    zero = PhotoMetricDistortion(hue_delta=0)  # an empty range for randint(0, -1)
+    for seed in range(20):
+        zero.set_random_seed(seed)
+        assert zero.get_params()["hue"] in (None, 0)
 
 
 def test_resize_shortest_edge():

@@ -364,3 +364,22 @@ def test_three_channel_weights_into_another_number_of_input_channels(tmp_path):
         assert report.adapted == ["stem.conv1.weight"]
         expect = timm.models.adapt_input_conv(chans, sd["patch_embed.0.weight"])
         torch.testing.assert_close(model.stem.conv1.weight, expect)
+    # other channel counts in the file stay a shape mismatch naming the key (timm's helper raised bare errors)
+    four = tmp_path / "four.pth"
+    src = enc.create_encoder("vmamba_tiny", depths=DEPTHS, dims=C0, in_chans=4)
+    torch.save(src.state_dict(), four)
+    for chans in (1, 2):
+        with pytest.raises(CheckpointMismatchError, match=r"stem.conv1.weight: file \(\d+, 4, 3, 3\)"):
+            load_encoder_weights(enc.create_encoder("vmamba_tiny", depths=DEPTHS, dims=C0, in_chans=chans), four)
+
+
+def test_timm_route_does_not_copy_the_checkpoint(tmp_path, monkeypatch):
+    """timm deep-copies its cfg: a checkpoint put there was copied once (twice features-only) per build."""
+    from mamba_dense.integrations.timm import create_timm_model
+
+    path = _save(tmp_path, official.vssm(depths=DEPTHS, dims=C0))
+    copies = []
+    deepcopy = torch.Tensor.__deepcopy__
+    monkeypatch.setattr(torch.Tensor, "__deepcopy__", lambda self, memo: (copies.append(1), deepcopy(self, memo))[1])
+    m = create_timm_model("vmamba_tiny", str(path), depths=DEPTHS, dims=C0, features_only=True)
+    assert not copies and m.model.stem.norm1.weight.abs().sum() > 0

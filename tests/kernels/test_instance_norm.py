@@ -247,6 +247,10 @@ def test_empty_inputs_and_meta_layout():
     channels-last layout was lost (meta went to group_norm, not to the op's fake)."""
     for shape in ((0, 3, 4), (2, 0, 4), (2, 3, 0), (2, 3, 4, 0)):
         assert instance_norm_act(torch.randn(shape)).shape == shape
+    for shape in ((0, 3, 4), (2, 3, 0)):  # zero gradients for the affine parameters, not None
+        w, b = torch.ones(3, requires_grad=True), torch.zeros(3, requires_grad=True)
+        instance_norm_act(torch.randn(shape, requires_grad=True), w, b).sum().backward()
+        assert torch.equal(w.grad, torch.zeros(3)) and torch.equal(b.grad, torch.zeros(3))
     x = torch.empty(2, 3, 4, 5, 6, device="meta").contiguous(memory_format=CL3D)
     y = instance_norm_act(x, torch.ones(3, device="meta"), torch.zeros(3, device="meta"))
     assert y.device.type == "meta" and y.is_contiguous(memory_format=CL3D)
