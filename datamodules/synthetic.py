@@ -24,6 +24,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ._common import DataError
+
 __all__ = ["SHAPE_CLASSES", "write_ade20k_like", "write_coco_like", "write_msd_like"]
 
 SHAPE_CLASSES: tuple[str, ...] = ("circle", "square", "triangle", "star")
@@ -37,6 +39,8 @@ def _atomic_write(root: Path, params: dict[str, Any], fill: Callable[[Path], Non
     parameters) with other parameters raises instead of being reused: a 4-image quick run's folder
     silently became the full demo's training set."""
     root = Path(root).expanduser()
+    if root.is_dir() and not any(root.iterdir()):  # an empty folder (made beforehand): written into, not reused
+        root.rmdir()
     if root.exists():
         marker = root / MARKER
         if marker.is_file():
@@ -48,7 +52,7 @@ def _atomic_write(root: Path, params: dict[str, Any], fill: Callable[[Path], Non
             if isinstance(stored, dict) and stored != want:
                 diff = {k: (stored.get(k), want.get(k)) for k in sorted(set(stored) | set(want))
                         if stored.get(k) != want.get(k)}
-                raise ValueError(
+                raise DataError(
                     f"{root} holds a synthetic dataset written with other settings (setting: (in the folder, "
                     f"asked for)): {diff}. Fix: delete {root} to write it anew, or give another root"
                 )

@@ -13,6 +13,7 @@ their short names. Imports come from `lightning.pytorch` only.
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
 from collections.abc import Sequence
@@ -28,13 +29,14 @@ import mamba_dense.datamodules  # noqa: F401  (classes imported here resolve by 
 import mamba_dense.tasks  # noqa: F401
 from mamba_dense.convert import CheckpointMismatchError, CorruptCheckpointError, read_checkpoint, unreadable_error
 from mamba_dense.datamodules._common import DataError
+from mamba_dense.tasks._encoder import ConfigError
 from mamba_dense.tasks.guards import (
     AtomicCheckpointIO,
     CheckpointNotFoundError,
     NonFiniteGuard,
     OutOfMemoryGuard,
 )
-from mamba_dense.tasks.resume import ExactResume, find_last_checkpoint
+from mamba_dense.tasks.resume import ExactResume, find_last_checkpoint, newest_last_checkpoint
 from mamba_dense.tasks.sync_bn import NoHostSyncBatchNorm
 
 mamba_dense.datamodules.load_all()
@@ -81,9 +83,18 @@ class MambaDenseCLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         """LightningCLI reads the hyperparameters of `--ckpt_path` while parsing (and Lightning loads it
         again later); a missing or unreadable file stops here with the path and the fix, instead of a
-        late FileNotFoundError or torch's "PytorchStreamReader failed" without a file name."""
+        late FileNotFoundError or torch's "PytorchStreamReader failed" without a file name.
+
+        `last` / `best` are resolved here, from the configured log folders, so that the model is built from
+        that checkpoint's saved hyperparameters as for an explicit path (resolved after the model was built,
+        a run whose fit had other model arguments on the command line failed the architecture check)."""
         sub = self.config.get("subcommand")
         ckpt = self.config[sub].get("ckpt_path") if sub else None
+        if ckpt in ("last", "best"):
+            path = _resolve_keyword(ckpt, self.config[sub].get("trainer"))
+            if path is not None:
+                rank_zero_info(f"{sub} with the {ckpt} checkpoint: {path}")
+                self.config[sub]["ckpt_path"] = ckpt = path
         if isinstance(ckpt, str) and ckpt not in _CKPT_KEYWORDS and not ckpt.startswith("registry"):
             if "://" not in ckpt and not os.path.isfile(ckpt):
                 raise CheckpointNotFoundError(
@@ -93,6 +104,7 @@ class MambaDenseCLI(LightningCLI):
                 )
         model = self.config[sub].get("model") if sub else None
         given = dict(model.get("init_args") or {}) if model is not None else {}
+        configured = model.get("class_path") if model is not None else None
         try:
             super()._parse_ckpt_path()
         except Exception as err:
@@ -101,6 +113,13 @@ class MambaDenseCLI(LightningCLI):
                 raise
             raise clear from err
         model = self.config[sub].get("model") if sub else None
+        saved = model.get("class_path") if model is not None else None
+        # LightningCLI would build the checkpoint's class (dotted paths may differ: compare the class names)
+        if configured and saved and str(saved).rsplit(".", 1)[-1] != str(configured).rsplit(".", 1)[-1]:
+            raise CheckpointMismatchError(
+                f"--ckpt_path {ckpt} holds a {saved.rsplit('.', 1)[-1]} but the config builds a "
+                f"{configured.rsplit('.', 1)[-1]} ({configured}). Fix: give the config this checkpoint was trained "
+                "with, or a checkpoint of this config's task")
         _warn_overridden(given, model, ckpt)
         init = model.get("init_args") if model is not None else None
         if isinstance(ckpt, str) and os.path.isfile(ckpt) and init is not None and init.get("encoder_weights"):
@@ -145,6 +164,40 @@ class MambaDenseCLI(LightningCLI):
         config["ckpt_path"] = path
 
     before_validate = before_test = before_predict = _evaluate_keyword
+
+
+def _configured_checkpoint_dirs(trainer_cfg: Any) -> list[str]:
+    """Where the configured run's checkpoints go, from the trainer config alone (no Trainer yet, and no
+    fast_dev_run DummyLogger): each ModelCheckpoint's `dirpath`, and the first logger's version folders
+    `<save_dir>/<name>/*/checkpoints` (Lightning's default logger: `<default_root_dir>/lightning_logs`), or
+    `<default_root_dir>/checkpoints` without a logger."""
+    def get(ns: Any, key: str, default: Any = None) -> Any:
+        return ns.get(key, default) if hasattr(ns, "get") else default
+
+    root = os.fspath(get(trainer_cfg, "default_root_dir") or os.getcwd())
+    dirs = []
+    callbacks = get(trainer_cfg, "callbacks") or []
+    for cb in callbacks if isinstance(callbacks, (list, tuple)) else [callbacks]:
+        if str(get(cb, "class_path", "")).endswith("ModelCheckpoint") and get(get(cb, "init_args"), "dirpath"):
+            dirs.append(os.fspath(get(get(cb, "init_args"), "dirpath")))
+    logger = get(trainer_cfg, "logger")
+    logger = logger[0] if isinstance(logger, (list, tuple)) and logger else logger
+    if logger is False or (isinstance(logger, (list, tuple)) and not logger):
+        dirs.append(os.path.join(root, "checkpoints"))
+        return dirs
+    args = get(logger, "init_args")
+    save_dir = os.fspath(get(args, "save_dir") or root)
+    name = get(args, "name", "lightning_logs") if args is not None else "lightning_logs"
+    parts = [glob.escape(save_dir)] + ([glob.escape(str(name))] if name else [])
+    return dirs + glob.glob(os.path.join(*parts, "*", "checkpoints"))
+
+
+def _resolve_keyword(keyword: str, trainer_cfg: Any) -> str | None:
+    """`last`: the newest last*.ckpt of the configured log folders; `best`: the best checkpoint it recorded."""
+    last = newest_last_checkpoint(_configured_checkpoint_dirs(trainer_cfg))
+    if last is None or keyword == "last":
+        return last
+    return _best_recorded_in(last)
 
 
 def _best_recorded_in(last: str) -> str | None:
@@ -192,7 +245,9 @@ def _plain(v: Any) -> Any:
 _CKPT_KEYWORDS = ("last", "best", "hpc")
 # Bad input whose message names the file, the field and the fix: the console script prints the message
 # alone (no traceback); build_cli (in-process use) raises them.
-_USER_ERRORS = (DataError, CheckpointMismatchError, CheckpointNotFoundError, CorruptCheckpointError)
+# FileNotFoundError: a data root or file that is not there (the datamodules' messages name it and the fix)
+_USER_ERRORS = (DataError, CheckpointMismatchError, CheckpointNotFoundError, CorruptCheckpointError, ConfigError,
+                FileNotFoundError)
 
 
 def build_cli(args: Sequence[str] | None = None, run: bool = True) -> MambaDenseCLI:

@@ -86,6 +86,23 @@ def test_fit_then_predict_from_checkpoint(shapes_args, tmp_path):
     assert best and os.path.basename(best).startswith("best-")
     cli = build_cli(["test", *shapes_args, "--ckpt_path=best", "--trainer.limit_test_batches=1"])
     assert os.path.samefile(cli.trainer.ckpt_path, best)
+    # `last` / `best` build the model from the checkpoint's hyperparameters, as an explicit path: without the
+    # fit's head_kwargs on the command line the architecture check used to stop the run
+    other = [a for a in shapes_args if "head_kwargs" not in a]
+    with pytest.warns(UserWarning, match=r"model arguments are not used: head_kwargs"):
+        cli = build_cli(["test", *other, "--ckpt_path=last", "--trainer.limit_test_batches=1"])
+    assert cli.trainer.ckpt_path == ckpt and cli.model.hparams.head_kwargs["channels"] == 16
+    # under fast_dev_run (a DummyLogger) the run's folders were not searched
+    cli = build_cli(["validate", *shapes_args, "--ckpt_path=last", "--trainer.fast_dev_run=1"])
+    assert cli.trainer.ckpt_path == ckpt
+    # a checkpoint of another task: LightningCLI built the checkpoint's class, which then failed elsewhere
+    from mamba_dense.convert import CheckpointMismatchError
+
+    coco = [a for a in shapes_args if not a.startswith(("--model.init_args.head_kwargs", "--data."))]
+    coco[coco.index(DEMO)] = str(CONFIGS / "demo" / "coco_shapes.yaml")
+    with pytest.raises(CheckpointMismatchError, match=r"holds a SemanticSegmentationTask but the config builds an? "
+                                                      r"InstanceSegmentationTask.*Fix"):
+        build_cli(["test", *coco, f"--data.init_args.root={tmp_path / 'coco'}", f"--ckpt_path={ckpt}"])
 
 
 def test_bad_config_values_give_clear_errors(shapes_args):

@@ -1,5 +1,6 @@
 """LightningModules for dense prediction, their inference helpers, metrics and callbacks."""
 
+from ._encoder import ConfigError
 from .callbacks import OverlayLogger
 from .guards import AtomicCheckpointIO, NonFiniteGuard, OutOfMemoryGuard
 from .inference import sliding_window_inference
@@ -12,6 +13,7 @@ from .volumetric import VolumetricSegmentationTask
 __all__ = [
     "AtomicCheckpointIO",
     "COCOEvaluator",
+    "ConfigError",
     "ExactResume",
     "InstanceSegmentationTask",
     "NonFiniteGuard",

@@ -180,6 +180,11 @@ def load_encoder_weights(model: nn.Module, path: str, name: str) -> convert.Load
         raise convert.CheckpointMismatchError(f"encoder_weights={path!r} (encoder {name!r}): {err}") from err
 
 
+class ConfigError(ValueError):
+    """A task setting that cannot work, or that disagrees with the datamodule: the message names the key and
+    the fix (the `mamba-dense` command prints it without a traceback)."""
+
+
 def check_ranges(**values: tuple[Any, float, float | None, bool]) -> None:
     """``name=(value, low, high, low_inclusive)``: ValueError naming ``model.init_args.<name>`` unless
     low <(=) value < high (high None: no upper bound); a value of None is left alone (the default)."""
@@ -190,7 +195,7 @@ def check_ranges(**values: tuple[Any, float, float | None, bool]) -> None:
         ok = ok and (hi is None or v < hi)
         if not ok:
             need = f"{'>=' if inclusive else '>'} {lo}" + (f" and < {hi}" if hi is not None else "")
-            raise ValueError(f"model.init_args.{name}={v!r}: must be a number {need}.")
+            raise ConfigError(f"model.init_args.{name}={v!r}: must be a number {need}.")
 
 
 # load_from_checkpoint's strict flag and hyper-parameter overrides, for check_checkpoint_fits (Lightning calls
@@ -240,7 +245,7 @@ def check_checkpoint_fits(module: nn.Module, checkpoint: dict[str, Any], setting
     ours = getattr(module, "hparams", {})
     differ = {k: (saved.get(k), ours.get(k)) for k in settings if saved.get(k) != ours.get(k)}
     overrides = loading.get("overrides") or {}
-    raise ValueError(
+    raise convert.CheckpointMismatchError(
         f"The checkpoint holds another architecture than this {type(module).__name__}"
         + (f" (checkpoint vs model: {differ})" if differ else "")
         + (f" (overridden in load_from_checkpoint: {overrides})" if overrides else "")

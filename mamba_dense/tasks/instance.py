@@ -23,7 +23,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from mamba_dense.heads import EncoderFPN, build_mask_rcnn, make_transform
 
-from ._encoder import CheckedCheckpointLoading, Encoder, check_checkpoint_fits
+from ._encoder import CheckedCheckpointLoading, ConfigError, Encoder, check_checkpoint_fits
 from ._optim import param_groups, warmup_step
 from .callbacks import is_sampler_padding, local_log_dir
 from .metrics import COCOEvaluator
@@ -162,7 +162,7 @@ class InstanceSegmentationTask(CheckedCheckpointLoading, pl.LightningModule):
             return
         dm_classes = getattr(dm, "num_classes", None)
         if isinstance(dm_classes, int) and dm_classes != self.hparams.num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"model.num_classes={self.hparams.num_classes} but the datamodule has {dm_classes} categories; "
                 "set model num_classes to the number of categories (background excluded)."
             )

@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import os
 import random
+from collections.abc import Iterable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -125,6 +126,11 @@ def find_last_checkpoint(trainer: pl.Trainer) -> str | None:
             folders.update(glob.glob(os.path.join(*runs, "*", "checkpoints")))
         else:
             folders.add(os.path.join(trainer.default_root_dir, "checkpoints"))
-    found = [p for d in folders for p in glob.glob(os.path.join(glob.escape(d), "last*.ckpt"))
+    return newest_last_checkpoint(folders)
+
+
+def newest_last_checkpoint(folders: Iterable[str]) -> str | None:
+    """Newest `last.ckpt` / `last-<n>.ckpt` (by modification time) in these folders, or None."""
+    found = [p for d in set(folders) for p in glob.glob(os.path.join(glob.escape(d), "last*.ckpt"))
              if os.path.basename(p) == "last.ckpt" or os.path.basename(p)[len("last"):][:1] == "-"]
     return max(found, key=os.path.getmtime) if found else None

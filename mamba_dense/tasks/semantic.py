@@ -20,7 +20,7 @@ from torchmetrics.classification import MulticlassJaccardIndex
 
 from mamba_dense.heads import FCNHead, FPNHead, UPerNetHead
 
-from ._encoder import CheckedCheckpointLoading, Encoder, check_checkpoint_fits, check_ranges
+from ._encoder import CheckedCheckpointLoading, ConfigError, Encoder, check_checkpoint_fits, check_ranges
 from ._losses import cross_entropy
 from ._optim import param_groups, warmup_poly
 from ._upsample_ce import upsampled_cross_entropy
@@ -444,7 +444,7 @@ class SemanticSegmentationTask(CheckedCheckpointLoading, pl.LightningModule):
         dm = self.trainer.datamodule if self._trainer is not None else None
         dm_classes = getattr(dm, "num_classes", None)
         if isinstance(dm_classes, int) and dm_classes != self.hparams.num_classes:
-            raise ValueError(
+            raise ConfigError(
                 f"model.num_classes={self.hparams.num_classes} but the datamodule has num_classes={dm_classes}; "
                 "set both to the same value."
             )

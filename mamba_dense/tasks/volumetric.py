@@ -21,7 +21,7 @@ from mamba_dense._geometry import restore_original_space
 from mamba_dense.encoders.volumetric import create_volumetric_encoder
 from mamba_dense.heads.unet3d import UNet3DDecoder
 
-from ._encoder import load_encoder_weights
+from ._encoder import ConfigError, load_encoder_weights
 from .callbacks import is_sampler_padding, local_log_dir
 from ._losses import cross_entropy
 from ._optim import param_groups, warmup_poly
@@ -471,7 +471,7 @@ class VolumetricSegmentationTask(pl.LightningModule):
         for attr, mine in (("num_classes", hp.num_classes), ("in_channels", hp.in_channels)):
             theirs = getattr(dm, attr, None)
             if isinstance(theirs, int) and theirs != mine:
-                raise ValueError(f"model.{attr}={mine} but the datamodule has {attr}={theirs}; set both to the "
+                raise ConfigError(f"model.{attr}={mine} but the datamodule has {attr}={theirs}; set both to the "
                                  "same value (dataset.json 'labels' / 'modality')")
         dm_patch = getattr(dm, "patch_size", None)
         if dm_patch is not None and tuple(dm_patch) != tuple(hp.patch_size):

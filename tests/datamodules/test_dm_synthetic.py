@@ -42,6 +42,10 @@ def test_deterministic_and_write_once(tmp_path, snap):
         write_ade20k_like(tmp_path / "a", num_train=5, num_val=1, seed=9)
     assert snap(tmp_path / "a") == before
     assert json.loads((a / synthetic.MARKER).read_text())["seed"] == 5
+    # an empty folder made beforehand is written into (it was taken for a written dataset, then a missing file)
+    (tmp_path / "empty").mkdir()
+    d = write_ade20k_like(tmp_path / "empty", num_train=2, num_val=1, seed=5)
+    assert (d / rel).read_bytes() == (a / rel).read_bytes()
 
 
 def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
