@@ -261,10 +261,14 @@ def convert_state_dict(model: nn.Module, checkpoint: Mapping[str, Any], path: st
     if any(k.startswith("vit.") for k in sd):  # SegMamba's whole model: encoder under "vit."
         left_out += sorted(k for k in sd if not k.startswith("vit."))
         sd = {k: v for k, v in sd.items() if k.startswith("vit.")}
+    where = f"{path}: " if path is not None else ""
     try:
         return _filter_for(enc)(sd), left_out
+    except CheckpointMismatchError:
+        raise
+    except ValueError as err:  # a family filter's own message (e.g. SegMamba's missing scan directions)
+        raise CheckpointMismatchError(f"{where}{err}") from None
     except KeyError as err:  # a tensor the family's conversion needs (e.g. Vim's pos_embed)
-        where = f"{path}: " if path is not None else ""
         found = f"{len(sd)} tensors, e.g. {sorted(sd)[:4]}" if sd else "no tensors"
         raise CheckpointMismatchError(
             f"{where}not a {type(enc).__name__} checkpoint: it lacks {err.args[0]!r}, which the conversion needs "

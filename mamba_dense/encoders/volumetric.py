@@ -506,7 +506,13 @@ def segmamba_checkpoint_filter(state_dict: dict[str, torch.Tensor]) -> dict[str,
     ``A_log``/``A_b_log``/``A_s_log``) into the route-indexed RouteMamba parameters. A state dict
     already in our naming passes through.
     """
-    sd = state_dict.get("model", state_dict.get("state_dict", state_dict))
+    sd = state_dict
+    for key in ("model", "state_dict", "module"):  # training-checkpoint wrappers
+        if isinstance(sd.get(key), dict):
+            sd = sd[key]
+            break
+    # the release's trainer saves a DistributedDataParallel model: "module." before every key
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
     if any(k.endswith("mamba.conv1d_weight") for k in sd):  # already ours
         return dict(sd)
     if any(k.startswith("vit.") for k in sd):
@@ -524,6 +530,14 @@ def segmamba_checkpoint_filter(state_dict: dict[str, torch.Tensor]) -> dict[str,
         else:
             out[k] = v
     for p, m in mixers.items():
+        need = [f"{n}{s}.{w}" for n in ("conv1d", "dt_proj") for s in sufs for w in ("weight", "bias")]
+        missing = [k for k in ("in_proj.weight", "out_proj.weight", *need, "A_log", "A_b_log", "A_s_log", "D", "D_b", "D_s",
+                               *(f"x_proj{s}.weight" for s in sufs)) if k not in m]
+        if missing:
+            raise ValueError(
+                f"segmamba_checkpoint_filter: {p.rstrip('.')} lacks {missing[:6]}: not a SegMamba checkpoint with the three "
+                "scan directions of the release (forward, backward '_b', inter-slice '_s'). Fix: pass the official "
+                "SegMamba checkpoint (model_segmamba, mamba 'v3')")
         out[p + "in_proj.weight"] = m["in_proj.weight"]
         out[p + "out_proj.weight"] = m["out_proj.weight"]
         out[p + "conv1d_weight"] = torch.stack([m[f"conv1d{s}.weight"][:, 0] for s in sufs])

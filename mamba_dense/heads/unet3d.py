@@ -133,6 +133,13 @@ class UNet3DDecoder(nn.Module):
     def forward(self, image: torch.Tensor, feats: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         if len(feats) != 4:
             raise ValueError(f"expected 4 encoder maps, got {len(feats)}")
+        if image.dim() != 5:
+            raise ValueError(f"image must be (B, C, D, H, W), got shape {tuple(image.shape)}")
+        want = [(image.shape[0], *(-(-s // 2 ** (i + 1)) for s in image.shape[2:])) for i in range(4)]
+        got = [(f.shape[0], *f.shape[2:]) if f.dim() == 5 else tuple(f.shape) for f in feats]
+        if got != want:  # features of another volume (or batch) would be cropped to fit, silently
+            raise ValueError(f"encoder maps (batch, D, H, W) {got} do not belong to the image {tuple(image.shape)}: "
+                             f"strides 2, 4, 8, 16 need {want}; pass the maps the encoder made from this image")
         skips = [self.stem(image), *(blk(f) for blk, f in zip(self.skips, feats[:3]))]  # strides 1, 2, 4, 8
         x = self.bottleneck(feats[3])
         outs = []

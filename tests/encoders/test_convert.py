@@ -138,6 +138,18 @@ def test_segmamba_whole_model_file(tmp_path):
     report.ignored = []
     _assert_everything_loaded(report, model, sd)
     torch.testing.assert_close(model.stages[1][1].mamba.ssm.A_logs[2], sd["stages.1.1.mamba.A_s_log"])
+    # the release's trainer saves a DistributedDataParallel model ("module." keys), as {"module": ...} too:
+    # the filter that segmamba_tiny(pretrained=True)'s message recommends returned them untouched
+    from mamba_dense.encoders.volumetric import segmamba_checkpoint_filter
+
+    ddp = {"module." + k: v for k, v in whole.items()}
+    for ckpt in (ddp, {"module": whole}):
+        fresh = enc.create_encoder("segmamba_tiny", **kw)
+        missing, unexpected = fresh.load_state_dict(segmamba_checkpoint_filter(ckpt), strict=False)
+        assert not missing and not unexpected  # (the whole model's decoder left out)
+    older = {k: v for k, v in whole.items() if "_s." not in k and not k.endswith("_s_log") and not k.endswith("D_s")}
+    with pytest.raises(CheckpointMismatchError, match=r"lacks \[.*conv1d_s.weight.*three scan directions"):
+        load_encoder_weights(model, _save(tmp_path, older))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -246,3 +246,20 @@ def test_segmamba_with_unet3d_decoder_compiles_as_one_graph(monkeypatch):
     torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-6)
     for a, b in zip(g, g2):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_unet3d_decoder_refuses_maps_of_another_volume():
+    """Maps of a 16^3 volume with an 8^3 image were cropped to fit and gave an 8^3 output, silently."""
+    from mamba_dense.heads.unet3d import UNet3DDecoder
+
+    torch.manual_seed(0)
+    enc = SegMambaEncoder(in_chans=1, dims=(4, 8, 8, 8), depths=(1, 1, 1, 1), d_state=2)
+    dec = UNet3DDecoder(enc.dims, num_classes=2, in_channels=1, decoder_channels=(4, 4, 8, 8))
+    big, small = torch.randn(1, 1, 16, 16, 16), torch.randn(1, 1, 8, 8, 8)
+    with torch.no_grad():
+        feats = enc(big)
+        assert dec(big, feats).shape == (1, 2, 16, 16, 16)
+        with pytest.raises(ValueError, match=r"do not belong to the image \(1, 1, 8, 8, 8\)"):
+            dec(small, feats)
+        with pytest.raises(ValueError, match=r"image must be \(B, C, D, H, W\)"):
+            dec(big[0], feats)
