@@ -316,10 +316,15 @@ class _Volumetric(nn.Module):
         """
         if output_fmt not in ("NCDHW", "NDHWC"):
             raise ValueError(f"output_fmt must be 'NCDHW' or 'NDHWC', got {output_fmt!r}")
-        if x.dim() != 5 or x.shape[1] != self.in_chans:
+        if x.dim() != 5:
+            raise ValueError(
+                f"expected a volume batch (B, {self.in_chans}, D, H, W), got {tuple(x.shape)}"
+                + ("; add the batch dimension (x[None])" if x.dim() == 4 else "")
+            )
+        if x.shape[1] != self.in_chans:
             raise ValueError(
                 f"expected a volume batch (B, {self.in_chans}, D, H, W), got {tuple(x.shape)}; build the encoder "
-                f"with in_chans={x.shape[1] if x.dim() == 5 else '?'} for other channel counts"
+                f"with in_chans={x.shape[1]} for other channel counts"
             )
         if min(x.shape[0], *x.shape[2:]) < 1:
             raise ValueError(
