@@ -289,7 +289,9 @@ class SemanticSegmentationTask(CheckedCheckpointLoading, pl.LightningModule):
                                                 avg_non_ignore=self.hparams.avg_non_ignore))
             preds.append(pred[0])
         if losses:
-            self.log(f"{prefix}/loss", torch.stack(losses).mean(), batch_size=len(images))
+            # weighted by the images that have a loss (not the unlabelled ones, nor the sampler's repeats), so the
+            # epoch mean does not depend on the evaluation batch size
+            self.log(f"{prefix}/loss", torch.stack(losses).mean(), batch_size=len(losses))
         return {"preds": preds}
 
     def on_validation_epoch_start(self) -> None:

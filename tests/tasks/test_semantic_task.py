@@ -284,3 +284,26 @@ def test_task_and_datamodule_settings_of_one_name_do_not_stop_a_logged_run(tmp_p
                          enable_checkpointing=False, logger=CSVLogger(str(tmp_path / "logs")))
     trainer.fit(task, dm)
     assert trainer.global_step == 1
+
+
+def test_validation_loss_does_not_depend_on_the_evaluation_batch_size(tmp_path, tiny_encoder):
+    """An image with no labelled pixel has no loss but was counted in the batch's weight: the epoch's val/loss
+    changed with the evaluation batch size (mIoU did not)."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(1)
+    items = []
+    for i in range(4):
+        mask = torch.randint(0, 3, (32, 32))
+        if i == 0:
+            mask[:] = 255
+        items.append({"image": torch.randn(3, 32, 32), "mask": mask, "name": f"im{i}", "size": torch.tensor([32, 32])})
+    task = SemanticSegmentationTask(num_classes=3, head="fpn", **tiny_encoder)
+    losses = []
+    for batch_size in (1, 2):
+        trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             enable_checkpointing=False, default_root_dir=tmp_path)
+        loader = DataLoader(items, batch_size=batch_size, collate_fn=collate_segmentation)
+        losses.append(trainer.validate(task, loader, verbose=False)[0]["val/loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
