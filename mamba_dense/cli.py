@@ -93,7 +93,8 @@ class MambaDenseCLI(LightningCLI):
         if ckpt in ("last", "best"):
             path = _resolve_keyword(ckpt, self.config[sub].get("trainer"))
             if path is not None:
-                rank_zero_info(f"{sub} with the {ckpt} checkpoint: {path}")
+                rank_zero_info(f"Resuming from the newest last checkpoint: {path}" if (sub, ckpt) == ("fit", "last")
+                               else f"{sub} with the {ckpt} checkpoint: {path}")
                 self.config[sub]["ckpt_path"] = ckpt = path
         if isinstance(ckpt, str) and ckpt not in _CKPT_KEYWORDS and not ckpt.startswith("registry"):
             if "://" not in ckpt and not os.path.isfile(ckpt):
