@@ -23,3 +23,28 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import contextlib  # noqa: E402
+import tempfile  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def exclusive_gpu_memory():
+    """One test at a time among those that need tens of GiB of GPU memory, across the xdist workers (a file
+    lock): two of them side by side ran an 80 GiB GPU out of memory, and then every other worker's CUDA calls
+    failed too (H100 host, `-n 8`). Frees the cached blocks afterwards for the other workers."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    import fcntl
+
+    with open(os.path.join(tempfile.gettempdir(), "mamba_dense_tests_gpu_memory.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                torch.cuda.empty_cache()
+            fcntl.flock(lock, fcntl.LOCK_UN)

@@ -17,7 +17,8 @@ import torch
 from mamba_dense.kernels import routes, selective_scan
 
 BIG = torch.cuda.is_available() and torch.cuda.get_device_properties(0).total_memory >= 60 * 2**30
-pytestmark = pytest.mark.skipif(not BIG, reason="needs a GPU with >= 60 GB (5.4 GB inputs past 2^31 elements)")
+pytestmark = [pytest.mark.skipif(not BIG, reason="needs a GPU with >= 60 GB (5.4 GB inputs past 2^31 elements)"),
+              pytest.mark.usefixtures("exclusive_gpu_memory")]  # tests/conftest.py: one such test at a time
 
 
 def _rel(a, b):

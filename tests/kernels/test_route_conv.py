@@ -201,7 +201,8 @@ def test_strided_bias_and_indices_past_the_ends(monkeypatch):
     """The kernels read bias[k, e] at ptr + k * E + e: a transposed bias gave wrong numbers (the weight was
     made contiguous, the bias not). Route / inv indices past u were gathered from other memory, silently."""
     route = _partial_routes(9)
-    inv = routes.inverse(route, 9)
+    inv = routes.inverse(route, 9).to(DEVICE)
+    route = route.to(DEVICE)
     u, w, b = _inputs(9, route.shape[0], 5, 3, torch.float64, seed=3)
     strided = b.t().contiguous().t()  # same values, strides (1, K)
     assert not strided.is_contiguous()
