@@ -98,8 +98,12 @@ def test_sync_batchnorm_on_one_process_at_batch_one(demo_args, monkeypatch):
     calls = []
     forward = PooledSyncBatchNorm.forward
     monkeypatch.setattr(PooledSyncBatchNorm, "forward", lambda self, x: (calls.append(tuple(x.shape)), forward(self, x))[1])
-    cli = build_cli(["fit", *demo_args, "--model.init_args.head_kwargs={channels: 16, norm: batchnorm}",
-                     "--data.init_args.batch_size=1", "--trainer.strategy=ddp", "--trainer.devices=1",
-                     "--trainer.sync_batchnorm=true", "--trainer.fast_dev_run=1", "--trainer.accelerator=gpu"])
+    try:
+        cli = build_cli(["fit", *demo_args, "--model.init_args.head_kwargs={channels: 16, norm: batchnorm}",
+                         "--data.init_args.batch_size=1", "--trainer.strategy=ddp", "--trainer.devices=1",
+                         "--trainer.sync_batchnorm=true", "--trainer.fast_dev_run=1", "--trainer.accelerator=gpu"])
+    finally:  # Lightning leaves the NCCL process group: later CPU tests in this worker would all-gather through it
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     assert cli.trainer.state.finished and cli.trainer.global_step == 1
     assert (1, 16, 1, 1) in calls  # the pool-1 branch of one image went through the converted norm
