@@ -169,25 +169,33 @@ class MambaDenseCLI(LightningCLI):
 
 def _configured_checkpoint_dirs(trainer_cfg: Any) -> list[str]:
     """Where the configured run's checkpoints go, from the trainer config alone (no Trainer yet, and no
-    fast_dev_run DummyLogger): each ModelCheckpoint's `dirpath`, and the first logger's version folders
-    `<save_dir>/<name>/*/checkpoints` (Lightning's default logger: `<default_root_dir>/lightning_logs`), or
-    `<default_root_dir>/checkpoints` without a logger."""
+    fast_dev_run DummyLogger), as `find_last_checkpoint` finds them on a Trainer: per ModelCheckpoint its
+    `dirpath`, else the first logger's version folders `<save_dir>/<name>/*/checkpoints` (Lightning's default
+    logger: `<default_root_dir>/lightning_logs`), or `<default_root_dir>/checkpoints` without a logger; with no
+    ModelCheckpoint configured, Lightning's default one (none with `enable_checkpointing: false`)."""
     def get(ns: Any, key: str, default: Any = None) -> Any:
         return ns.get(key, default) if hasattr(ns, "get") else default
 
-    root = os.fspath(get(trainer_cfg, "default_root_dir") or os.getcwd())
-    dirs = []
+    def path(p: Any) -> str:
+        return os.path.expanduser(os.fspath(p))
+
+    root = path(get(trainer_cfg, "default_root_dir") or os.getcwd())
     callbacks = get(trainer_cfg, "callbacks") or []
-    for cb in callbacks if isinstance(callbacks, (list, tuple)) else [callbacks]:
-        if str(get(cb, "class_path", "")).endswith("ModelCheckpoint") and get(get(cb, "init_args"), "dirpath"):
-            dirs.append(os.fspath(get(get(cb, "init_args"), "dirpath")))
+    callbacks = callbacks if isinstance(callbacks, (list, tuple)) else [callbacks]
+    checkpoints = [get(cb, "init_args") for cb in callbacks if str(get(cb, "class_path", "")).endswith("ModelCheckpoint")]
+    if not checkpoints:
+        if get(trainer_cfg, "enable_checkpointing") is False:
+            return []
+        checkpoints = [None]  # Lightning's default ModelCheckpoint: no dirpath
+    dirs = [path(get(args, "dirpath")) for args in checkpoints if get(args, "dirpath")]
+    if all(get(args, "dirpath") for args in checkpoints):
+        return dirs
     logger = get(trainer_cfg, "logger")
     logger = logger[0] if isinstance(logger, (list, tuple)) and logger else logger
     if logger is False or (isinstance(logger, (list, tuple)) and not logger):
-        dirs.append(os.path.join(root, "checkpoints"))
-        return dirs
+        return dirs + [os.path.join(root, "checkpoints")]
     args = get(logger, "init_args")
-    save_dir = os.fspath(get(args, "save_dir") or root)
+    save_dir = path(get(args, "save_dir") or root)
     name = get(args, "name", "lightning_logs") if args is not None else "lightning_logs"
     parts = [glob.escape(save_dir)] + ([glob.escape(str(name))] if name else [])
     return dirs + glob.glob(os.path.join(*parts, "*", "checkpoints"))

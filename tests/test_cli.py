@@ -216,3 +216,25 @@ def test_console_script_is_declared():
 
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "mamba-dense"]
     assert script.value == "mamba_dense.cli:main"
+
+
+def test_checkpoint_keyword_folders_follow_the_trainer_config(tmp_path):
+    """`last` is resolved from the config before the Trainer exists: the folders must be those Lightning's
+    ModelCheckpoints use (a checkpoint's own dirpath, not a newer stale run under default_root_dir; none with
+    enable_checkpointing false)."""
+    from mamba_dense.cli import _resolve_keyword
+
+    stale = tmp_path / "runs" / "lightning_logs" / "version_0" / "checkpoints"
+    stale.mkdir(parents=True)
+    own = tmp_path / "ck"
+    own.mkdir()
+    (own / "last.ckpt").write_bytes(b"own")
+    (stale / "last.ckpt").write_bytes(b"stale")
+    os.utime(own / "last.ckpt", (1, 1))  # the stale one is newer
+    mc = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"dirpath": str(own)}}
+    cfg = {"default_root_dir": str(tmp_path / "runs"), "callbacks": [mc]}
+    assert _resolve_keyword("last", cfg) == str(own / "last.ckpt")
+    assert _resolve_keyword("last", {**cfg, "logger": False}) == str(own / "last.ckpt")
+    plain = {"default_root_dir": str(tmp_path / "runs")}
+    assert _resolve_keyword("last", plain) == str(stale / "last.ckpt")  # Lightning's default ModelCheckpoint
+    assert _resolve_keyword("last", {**plain, "enable_checkpointing": False}) is None
