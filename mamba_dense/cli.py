@@ -36,7 +36,7 @@ from mamba_dense.tasks.guards import (
     NonFiniteGuard,
     OutOfMemoryGuard,
 )
-from mamba_dense.tasks.resume import ExactResume, find_last_checkpoint, newest_last_checkpoint
+from mamba_dense.tasks.resume import ExactResume, newest_last_checkpoint
 from mamba_dense.tasks.sync_bn import NoHostSyncBatchNorm
 
 mamba_dense.datamodules.load_all()
@@ -51,7 +51,7 @@ class MambaDenseCLI(LightningCLI):
     `fit --ckpt_path last` resumes from the newest `last*.ckpt` of any earlier run in the same log
     folder (Lightning alone looks only in the new run's empty version folder); validate / test /
     predict with `--ckpt_path last` evaluate that checkpoint (`best`: the best one it recorded), or
-    stop when there is none."""
+    stop when there is none (`_parse_ckpt_path`)."""
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = self._get(self.config_init, "trainer", default={})
@@ -91,11 +91,14 @@ class MambaDenseCLI(LightningCLI):
         sub = self.config.get("subcommand")
         ckpt = self.config[sub].get("ckpt_path") if sub else None
         if ckpt in ("last", "best"):
-            path = _resolve_keyword(ckpt, self.config[sub].get("trainer"))
+            trainer_cfg = self.config[sub].get("trainer")
+            path = _resolve_keyword(ckpt, trainer_cfg)
             if path is not None:
                 rank_zero_info(f"Resuming from the newest last checkpoint: {path}" if (sub, ckpt) == ("fit", "last")
                                else f"{sub} with the {ckpt} checkpoint: {path}")
                 self.config[sub]["ckpt_path"] = ckpt = path
+            elif sub != "fit":  # (fit with no earlier run: Lightning warns and starts fresh)
+                _keyword_not_found(sub, ckpt, trainer_cfg)
         if isinstance(ckpt, str) and ckpt not in _CKPT_KEYWORDS and not ckpt.startswith("registry"):
             if "://" not in ckpt and not os.path.isfile(ckpt):
                 raise CheckpointNotFoundError(
@@ -129,42 +132,6 @@ class MambaDenseCLI(LightningCLI):
             rank_zero_info(f"--ckpt_path {ckpt}: encoder_weights={init['encoder_weights']!r} is not loaded "
                            "(the checkpoint replaces every weight)")
             init["encoder_weights"] = None
-
-    def before_fit(self) -> None:
-        config = self.config_init[self.subcommand]
-        if config.get("ckpt_path") == "last":
-            path = find_last_checkpoint(self.trainer)
-            if path is not None:
-                rank_zero_info(f"Resuming from the newest last checkpoint: {path}")
-                config["ckpt_path"] = path
-
-    def _evaluate_keyword(self) -> None:
-        """`--ckpt_path last` / `best` for validate / test / predict: the newest `last*.ckpt` of the log
-        folder's runs, or the best checkpoint its ModelCheckpoint recorded. NOTE: Lightning alone
-        finds no `last` in a new process and goes on with the untrained weights (a warning only),
-        and refuses `best` (known only to the process that ran fit)."""
-        config = self.config_init[self.subcommand]
-        keyword = config.get("ckpt_path")
-        if keyword not in ("last", "best"):
-            return
-        last = find_last_checkpoint(self.trainer)
-        fix = ("Fix: give the checkpoint's path, e.g. runs/<name>/lightning_logs/version_<n>/checkpoints/last.ckpt, "
-               "or the same trainer.default_root_dir as the fit run")
-        if last is None:
-            raise CheckpointNotFoundError(
-                f"--ckpt_path {keyword}: no last*.ckpt in the runs under {self.trainer.default_root_dir}, so "
-                f"`{self.subcommand}` would use untrained weights. {fix}"
-            )
-        path = last if keyword == "last" else _best_recorded_in(last)
-        if path is None:
-            raise CheckpointNotFoundError(
-                f"--ckpt_path best: {last} records no best checkpoint that still exists (a ModelCheckpoint with a "
-                f"`monitor` writes one). {fix}"
-            )
-        rank_zero_info(f"{self.subcommand} with the {keyword} checkpoint: {path}")
-        config["ckpt_path"] = path
-
-    before_validate = before_test = before_predict = _evaluate_keyword
 
 
 def _configured_checkpoint_dirs(trainer_cfg: Any) -> list[str]:
@@ -207,6 +174,25 @@ def _resolve_keyword(keyword: str, trainer_cfg: Any) -> str | None:
     if last is None or keyword == "last":
         return last
     return _best_recorded_in(last)
+
+
+def _keyword_not_found(sub: str, keyword: str, trainer_cfg: Any) -> None:
+    """Raise CheckpointNotFoundError for validate / test / predict `--ckpt_path last|best` that name no file.
+    NOTE: Lightning alone finds no `last` in a new process and goes on with the untrained weights (a warning
+    only), and refuses `best` (known only to the process that ran fit)."""
+    root = os.path.expanduser(os.fspath(trainer_cfg.get("default_root_dir") or os.getcwd()))
+    fix = ("Fix: give the checkpoint's path, e.g. runs/<name>/lightning_logs/version_<n>/checkpoints/last.ckpt, "
+           "or the same trainer.default_root_dir as the fit run")
+    last = newest_last_checkpoint(_configured_checkpoint_dirs(trainer_cfg))
+    if last is None:
+        raise CheckpointNotFoundError(
+            f"--ckpt_path {keyword}: no last*.ckpt in the runs under {root}, so `{sub}` would use untrained "
+            f"weights. {fix}"
+        )
+    raise CheckpointNotFoundError(
+        f"--ckpt_path best: {last} records no best checkpoint that still exists (a ModelCheckpoint with a "
+        f"`monitor` writes one). {fix}"
+    )
 
 
 def _best_recorded_in(last: str) -> str | None:

@@ -114,6 +114,17 @@ _WRAPPER_KEYS = ("model", "state_dict", "module", "model_ema", "state_dict_ema")
 _TASK_ENCODERS = ("encoder.model.model.", "model.backbone.body.model.model.", "encoder.")
 
 
+def checkpoint_tensors(checkpoint: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of a training checkpoint: its first ``_WRAPPER_KEYS`` entry that holds a dict (or the
+    checkpoint itself), with DDP's ``module.`` prefix removed."""
+    sd: Mapping[str, Any] = checkpoint
+    for key in _WRAPPER_KEYS:
+        if isinstance(sd.get(key), Mapping):
+            sd = sd[key]
+            break
+    return {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+
+
 def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], list[str]]:
     """The tensors of a training checkpoint, with wrappers and framework prefixes removed.
 
@@ -134,12 +145,7 @@ def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> tuple[dict[str, torch.Te
     from mamba_dense.convert import checkpoint_mapping
 
     checkpoint = checkpoint_mapping(checkpoint)
-    sd: Mapping[str, Any] = checkpoint
-    for key in _WRAPPER_KEYS:
-        if isinstance(sd.get(key), Mapping):
-            sd = sd[key]
-            break
-    tensors = {k.removeprefix("module."): v for k, v in sd.items() if isinstance(v, torch.Tensor)}
+    tensors = checkpoint_tensors(checkpoint)
     lightning = "pytorch-lightning_version" in checkpoint
     task = next((p for p in _TASK_ENCODERS if any(k.startswith(p) for k in tensors)), None)
     if task is not None and (lightning or task != "encoder."):  # else an encoder saved under "encoder."

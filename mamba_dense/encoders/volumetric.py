@@ -47,6 +47,7 @@ from mamba_dense.layers.block import VSSBlock
 from mamba_dense.layers.seq_mixer import RouteMamba
 from mamba_dense.layers.ssm import SSMCore
 
+from ._builder import checkpoint_tensors
 from ._registry import register_encoder
 
 __all__ = [
@@ -511,13 +512,8 @@ def segmamba_checkpoint_filter(state_dict: dict[str, torch.Tensor]) -> dict[str,
     ``A_log``/``A_b_log``/``A_s_log``) into the route-indexed RouteMamba parameters. A state dict
     already in our naming passes through.
     """
-    sd = state_dict
-    for key in ("model", "state_dict", "module"):  # training-checkpoint wrappers
-        if isinstance(sd.get(key), dict):
-            sd = sd[key]
-            break
-    # the release's trainer saves a DistributedDataParallel model: "module." before every key
-    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    # (the release's trainer saves a DistributedDataParallel model: "module." before every key)
+    sd = checkpoint_tensors(state_dict)
     if any(k.endswith("mamba.conv1d_weight") for k in sd):  # already ours
         return dict(sd)
     if any(k.startswith("vit.") for k in sd):

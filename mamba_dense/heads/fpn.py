@@ -3,7 +3,8 @@
 smp's decoder is the right one here: top-down FPN (1x1 laterals, nearest upsampling),
 per-level 3x3 conv + GroupNorm + ReLU + 2x upsampling to stride 4, summed. GroupNorm makes it
 batch-size independent. Its 2x bilinear upsampling uses align_corners=True; ours uses
-align_corners=False, as mmseg's and detectron2's semantic-FPN heads and every other resize here. We only add the 1x1 classifier and a clear error for its size rule:
+align_corners=False, as mmseg's and detectron2's semantic-FPN heads and every other resize here.
+We only add the 1x1 classifier and a clear error for its size rule:
 it upsamples by exactly 2 between levels, so the maps must halve exactly (the task pads inputs
 to a multiple of 32 for that).
 """

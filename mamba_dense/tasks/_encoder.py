@@ -103,6 +103,14 @@ class Encoder(nn.Module):
         return [feats[i] for i in self.select]
 
 
+def _check_weights_file(path: str) -> None:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"encoder_weights={path!r} is not a file (weights load from a local path only). "
+            "To evaluate a trained checkpoint without the pretraining file, set encoder_weights: null."
+        )
+
+
 def _timm_weights(name: str, kw: dict[str, Any], path: str) -> nn.Module:
     """timm's own model (e.g. resnet18) built features-only with the weights of a local file, loaded by timm
     (its reader, filter, in_chans adaptation and classifier removal). The keys that timm's loader only logs
@@ -110,8 +118,7 @@ def _timm_weights(name: str, kw: dict[str, Any], path: str) -> nn.Module:
     CheckpointMismatchError naming the file, as does a file timm cannot read."""
     import logging
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"encoder_weights={path!r} is not a file (weights load from a local path only).")
+    _check_weights_file(path)
     records: dict[str, list[str]] = {"Missing keys": [], "Unexpected keys": []}
 
     class _Keep(logging.Handler):
@@ -167,11 +174,7 @@ def load_encoder_weights(model: nn.Module, path: str, name: str) -> convert.Load
     config pickled next to the tensors loaded with a warning. A file that is not a checkpoint, a
     truncated one, or one that does not fit raises an error naming the file and the fix.
     """
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"encoder_weights={path!r} is not a file (weights load from a local path only). "
-            "To evaluate a trained checkpoint without the pretraining file, set encoder_weights: null."
-        )
+    _check_weights_file(path)
     try:
         return convert.load_encoder_weights(model, path)
     except convert.CheckpointMismatchError as err:
